@@ -1,0 +1,149 @@
+"""The catalog: one SQLite file per study (``catalog.db``) with tables ``trials``, ``epochs`` and
+``models``, written with sqlite-utils so it can be queried with ``sqlite-utils`` or datasette.
+
+Each write is one transaction, so a kill at any moment leaves the previous good state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from .space import PARAM_NAMES
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value else None
+
+
+class Catalog:
+    """Append-only record of every trial, epoch and exported model of the studies it holds."""
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        if path is None:
+            self.db = sqlite_utils.Database(memory=True)
+        else:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite_utils.Database(path)
+            self.db.enable_wal()
+        self._create_tables()
+
+    def _create_tables(self) -> None:
+        params = {name: (str if name in ("backbone", "augmentation", "unfreeze") else float) for name in PARAM_NAMES}
+        self.db["trials"].create(
+            {
+                "study": str,
+                "number": int,
+                "state": str,
+                "value": float,
+                **params,
+                "params": str,
+                "duration_s": float,
+                "epochs_run": int,
+                "images_per_s": float,
+                "device": str,
+                "fail_reason": str,
+                "started": str,
+                "finished": str,
+            },
+            pk=("study", "number"),
+            if_not_exists=True,
+        )
+        self.db["epochs"].create(
+            {
+                "study": str,
+                "trial": int,
+                "epoch": int,
+                "train_loss": float,
+                "val_accuracy": float,
+                "val_balanced_accuracy": float,
+                "val_macro_f1": float,
+                "lr": float,
+                "seconds": float,
+                "images_per_s": float,
+            },
+            pk=("study", "trial", "epoch"),
+            if_not_exists=True,
+        )
+        self.db["models"].create(
+            {
+                "id": int,
+                "study": str,
+                "trial": int,
+                "path": str,
+                "backbone": str,
+                "params": str,
+                "data_fingerprint": str,
+                "val_accuracy": float,
+                "test_accuracy": float,
+                "test_balanced_accuracy": float,
+                "test_macro_f1": float,
+                "metrics": str,
+                "sha256": str,
+                "created": str,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+
+    def record_epoch(self, study: str, trial: int, epoch: int, metrics: dict[str, Any]) -> None:
+        row = {"study": study, "trial": trial, "epoch": epoch}
+        for key in ("train_loss", "lr", "seconds", "images_per_s"):
+            row[key] = metrics.get(key)
+        for key, value in (metrics.get("val") or {}).items():
+            row[f"val_{key}"] = value
+        self.db["epochs"].upsert(row, pk=("study", "trial", "epoch"), alter=True)
+
+    def record_trial(self, study: str, trial: Any) -> None:
+        """Record an Optuna FrozenTrial (any state)."""
+        attrs = trial.user_attrs
+        duration = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete and trial.datetime_start else None
+        row = {
+            "study": study,
+            "number": trial.number,
+            "state": trial.state.name,
+            "value": trial.value if trial.values else None,
+            **{k: trial.params.get(k) for k in PARAM_NAMES},
+            "params": json.dumps(trial.params, sort_keys=True),
+            "duration_s": duration,
+            "epochs_run": attrs.get("epochs_run"),
+            "images_per_s": attrs.get("images_per_s"),
+            "device": attrs.get("device"),
+            "fail_reason": attrs.get("fail_reason"),
+            "started": _iso(trial.datetime_start),
+            "finished": _iso(trial.datetime_complete),
+        }
+        self.db["trials"].upsert(row, pk=("study", "number"), alter=True)
+
+    def record_model(
+        self,
+        study: str,
+        trial: int,
+        path: Path,
+        backbone: str,
+        params: dict[str, Any],
+        data_fingerprint: str,
+        metrics: dict[str, Any],
+        sha256: str,
+    ) -> int:
+        test = metrics.get("test", {})
+        row = {
+            "study": study,
+            "trial": trial,
+            "path": str(path),
+            "backbone": backbone,
+            "params": json.dumps(params, sort_keys=True),
+            "data_fingerprint": data_fingerprint,
+            "val_accuracy": (metrics.get("val") or {}).get("accuracy"),
+            "test_accuracy": test.get("accuracy"),
+            "test_balanced_accuracy": test.get("balanced_accuracy"),
+            "test_macro_f1": test.get("macro_f1"),
+            "metrics": json.dumps(metrics, sort_keys=True),
+            "sha256": sha256,
+            "created": _iso(dt.datetime.now(dt.timezone.utc)),
+        }
+        return self.db["models"].insert(row, alter=True).last_pk

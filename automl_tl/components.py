@@ -1,0 +1,215 @@
+"""The contracts a plugin implements: Backbone, AugmentationPolicy, UnfreezeStrategy, DatasetSource.
+
+Every built-in component is an instance of one of these classes registered through a hook
+(see :mod:`automl_tl.hookspecs`), exactly as a third-party plugin registers its own.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+#: Parameter names of one layer group; a backbone's groups are ordered input -> output.
+LayerGroup = list[str]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a model expects as input: (channels, height, width), per-channel mean and std."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class Backbone(ABC):
+    """A pretrained (or scratch) feature extractor with a fresh classification head.
+
+    Subclasses set :attr:`name` and implement :meth:`create`; the other methods have defaults
+    that work for timm models and for any ``nn.Module`` whose last child is the classifier.
+    """
+
+    name: str = ""
+    #: Short human description shown by ``automl-tl plugins``.
+    description: str = ""
+
+    @abstractmethod
+    def create(self, num_classes: int, weights: str = "none", image_size: int | None = None) -> nn.Module:
+        """Build the model with a new ``num_classes`` head.
+
+        Args:
+            num_classes: size of the new classification head.
+            weights: ``"none"`` (random init), ``"timm"`` / ``"timm:TAG"`` (hub weights) or a
+                path to a ``.safetensors`` / torch checkpoint file.
+            image_size: the study's square input size, for models that need to know it.
+        """
+
+    def head_parameters(self, model: nn.Module) -> list[str]:
+        """Names of the classifier head's parameters (always trainable)."""
+        classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+        if classifier is None:
+            classifier = list(model.children())[-1]
+        ids = {id(p) for p in classifier.parameters()}
+        return [n for n, p in model.named_parameters() if id(p) in ids]
+
+    def layer_groups(self, model: nn.Module) -> list[LayerGroup]:
+        """Body parameter groups ordered input -> output, the head excluded.
+
+        Default: timm's ``group_matcher(coarse=True)`` where the model has one, else one group
+        per top-level child module.
+        """
+        head = set(self.head_parameters(model))
+        groups: list[LayerGroup]
+        if hasattr(model, "group_matcher"):
+            from timm.models import group_parameters
+
+            grouped = group_parameters(model, model.group_matcher(coarse=True))
+            groups = [list(names) for _, names in sorted(grouped.items())]
+        else:
+            groups = []
+            for child_name, child in model.named_children():
+                groups.append([f"{child_name}.{n}" for n, _ in child.named_parameters()])
+        groups = [[n for n in g if n not in head] for g in groups]
+        return [g for g in groups if g]
+
+    def data_config(self, model: nn.Module) -> DataConfig:
+        """Input size, mean and std the backbone's weights were trained with."""
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        return DataConfig(
+            input_size=tuple(cfg.get("input_size", (3, 224, 224))),
+            mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+            std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        )
+
+    def export(
+        self,
+        model: nn.Module,
+        directory: Path,
+        label_names: list[str],
+        data_config: DataConfig,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Write the model so it can be loaded again (``model.safetensors`` + ``config.json``).
+
+        The default writes timm's own format for timm models (``timm.create_model(
+        "local-dir:DIR", pretrained=True)`` loads it); other models get the same files with
+        ``"architecture"`` set to this backbone's name, loadable through
+        :func:`automl_tl.load_model` when the plugin is installed.
+        """
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        data = {
+            "input_size": list(data_config.input_size),
+            "mean": list(data_config.mean),
+            "std": list(data_config.std),
+        }
+        if getattr(model, "pretrained_cfg", None) is not None:
+            from timm.models import save_for_hf
+
+            save_for_hf(
+                model,
+                str(directory),
+                model_config={"label_names": list(label_names)},
+                safe_serialization=True,
+                data_config=data,
+            )
+            config = json.loads((directory / "config.json").read_text())
+        else:
+            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, str(directory / "model.safetensors"))
+            config = {
+                "architecture": self.name,
+                "num_classes": len(label_names),
+                "label_names": list(label_names),
+                "pretrained_cfg": {**data, "num_classes": len(label_names)},
+            }
+        config["automl_tl"] = {"backbone": self.name, **(extra or {})}
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+
+class AugmentationPolicy(ABC):
+    """A family of training-time augmentations with one strength knob.
+
+    ``build(strength, image_size)`` returns an ``nn.Module`` that maps a float batch
+    ``(B, 3, H, W)`` in ``[0, 1]`` on the training device to a batch of the same shape.
+    Strength 0.0 is the identity, 1.0 the strongest sensible setting. Randomness comes from
+    torch's global generator, so the same seed gives the same augmentation.
+    """
+
+    name: str = ""
+    description: str = ""
+
+    @abstractmethod
+    def build(self, strength: float, image_size: int) -> nn.Module:
+        """Return the augmentation module for ``strength`` in [0, 1]."""
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters that share one learning rate: ``lr = base_lr * lr_scale``."""
+
+    names: list[str]
+    lr_scale: float = 1.0
+
+
+class UnfreezeStrategy(ABC):
+    """Which layer groups train, when, and at which learning rate.
+
+    ``depth`` is the number of body groups counted from the top (0 = linear probe, i.e. head
+    only; ``len(groups)`` = full fine-tune). Strategies are stateless: the host asks them for
+    the optimizer's parameter groups once and for the trainable set at every epoch, sets
+    ``requires_grad`` accordingly and keeps BatchNorm statistics of frozen layers frozen.
+    """
+
+    name: str = ""
+    description: str = ""
+
+    @abstractmethod
+    def param_groups(self, groups: list[LayerGroup], head: list[str], depth: int) -> list[ParamGroup]:
+        """Every parameter that trains at some epoch, grouped by learning-rate scale."""
+
+    def trainable(
+        self, epoch: int, epochs: int, groups: list[LayerGroup], head: list[str], depth: int
+    ) -> set[str]:
+        """Names of the parameters that train during ``epoch`` (0-based). Default: all of them."""
+        return {n for g in self.param_groups(groups, head, depth) for n in g.names}
+
+
+@dataclass
+class Record:
+    """One labelled image: a file path or a decoded array, its class name, and its split if fixed."""
+
+    image: str | Path | np.ndarray
+    label: str
+    split: str | None = None  # "train" | "val" | "test" | None (split by the study)
+
+
+@dataclass
+class Dataset:
+    """What a DatasetSource returns: its records and, optionally, a fixed class order."""
+
+    records: list[Record]
+    class_names: list[str] | None = None
+    #: Files that could not be listed or read, as (path, reason); reported, never silently used.
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+class DatasetSource(ABC):
+    """A kind of labelled image dataset, named in the study as ``name`` or ``name:ARGUMENT``."""
+
+    name: str = ""
+    description: str = ""
+    #: True when the source needs an argument after the colon (a path, say).
+    needs_argument: bool = False
+
+    @abstractmethod
+    def load(self, argument: str | None, base_dir: Path) -> Dataset:
+        """List the records; relative paths in ``argument`` are resolved against ``base_dir``."""
+

@@ -1,0 +1,251 @@
+"""The study file (TOML): schema, defaults, and validation with messages a user can act on.
+
+Relative paths in the file (``folder:PATH``, ``csv:PATH``, weight files, plugin files,
+``output``) are resolved against the study file's folder, so a study file and its data can be
+moved together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+SAMPLERS = ("tpe", "gp", "random")
+PRUNERS = ("hyperband", "median", "none")
+
+
+def _choices(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+@dataclass
+class DataSection:
+    source: str = "digits"
+    image_size: int = field(default=32, metadata={"min": 8, "max": 1024})
+    val_fraction: float = field(default=0.2, metadata={"min": 0.01, "max": 0.9})
+    test_fraction: float = field(default=0.2, metadata={"min": 0.01, "max": 0.9})
+    seed: int = 0
+    on_bad_image: str = field(default="error", metadata=_choices("error", "skip"))
+
+
+@dataclass
+class SearchSection:
+    n_trials: int = field(default=20, metadata={"min": 1})
+    timeout: float | None = field(default=None, metadata={"min": 1})
+    metric: str = field(default="accuracy", metadata=_choices(*METRICS))
+    sampler: str = field(default="tpe", metadata=_choices(*SAMPLERS))
+    pruner: str = field(default="hyperband", metadata=_choices(*PRUNERS))
+    storage: str = ""
+    output: str = ""
+    backbones: list[str] = field(
+        default_factory=lambda: ["test_resnet", "test_efficientnet", "test_convnext"],
+        metadata={"nonempty": True},
+    )
+    augmentations: list[str] = field(
+        default_factory=lambda: ["none", "flip_crop", "randaugment", "trivialaugment"],
+        metadata={"nonempty": True},
+    )
+    unfreeze: list[str] = field(
+        default_factory=lambda: ["top_k", "gradual", "lp_ft", "layer_decay"],
+        metadata={"nonempty": True},
+    )
+    lr: list[float] = field(default_factory=lambda: [1e-4, 1e-2], metadata={"range": "log"})
+    weight_decay: list[float] = field(default_factory=lambda: [1e-6, 1e-2], metadata={"range": "log"})
+    epochs: int = field(default=5, metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 1})
+    device: str = "auto"
+    max_consecutive_failures: int = field(default=5, metadata={"min": 1})
+    heartbeat_interval: int = field(default=60, metadata={"min": 1})
+
+
+@dataclass
+class RetrainSection:
+    on: str = field(default="train+val", metadata=_choices("train+val", "train"))
+
+
+@dataclass
+class StudyConfig:
+    """A validated study file. Build it with :func:`load_config` or :func:`config_from_dict`."""
+
+    name: str
+    plugins: list[str] = field(default_factory=list)
+    data: DataSection = field(default_factory=DataSection)
+    search: SearchSection = field(default_factory=SearchSection)
+    retrain: RetrainSection = field(default_factory=RetrainSection)
+    #: per-backbone weight source; "default" applies to backbones not named
+    weights: dict[str, str] = field(default_factory=lambda: {"default": "none"})
+    #: the study file, or None for a config built in code
+    path: Path | None = None
+    base_dir: Path = field(default_factory=Path.cwd)
+
+    @property
+    def output_dir(self) -> Path:
+        """Where the study's files go: ``[search] output`` or ``<study file folder>/<name>``."""
+        if self.search.output:
+            out = Path(self.search.output).expanduser()
+            return out if out.is_absolute() else self.base_dir / out
+        return self.base_dir / self.name
+
+    @property
+    def storage_url(self) -> str:
+        """The Optuna storage URL; default SQLite in the output folder."""
+        return self.search.storage or f"sqlite:///{self.output_dir / 'optuna.db'}"
+
+    def weights_for(self, backbone: str) -> str:
+        """The weight source for ``backbone``; file paths resolved against the study folder."""
+        value = self.weights.get(backbone, self.weights.get("default", "none"))
+        if value in ("none", "timm") or value.startswith("timm:"):
+            return value
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else self.base_dir / path)
+
+
+_SECTIONS = {"data": DataSection, "search": SearchSection, "retrain": RetrainSection}
+_TOP_LEVEL = ("name", "plugins", "data", "search", "retrain", "weights")
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
+    hint = str(f.type)
+    meta = f.metadata
+    if value is None and "None" in hint:
+        return None
+    if hint.startswith("list["):
+        item = float if "float" in hint else str
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {_type_name(value)} {value!r}")
+        for v in value:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) if item is float else isinstance(v, str)
+            if not ok:
+                raise ConfigError(f"{key} must hold {'numbers' if item is float else 'strings'}, got {v!r}")
+        if meta.get("nonempty") and not value:
+            raise ConfigError(f"{key} is empty; list at least one name")
+        if meta.get("range"):
+            if len(value) != 2:
+                raise ConfigError(f"{key} must be a range [low, high], got {value!r}")
+            low, high = float(value[0]), float(value[1])
+            if low > high:
+                raise ConfigError(f"{key} = {value!r}: low > high; write [{value[1]}, {value[0]}]")
+            if meta["range"] == "log" and low <= 0:
+                raise ConfigError(f"{key} = {value!r} is searched on a log scale; both ends must be > 0")
+            return [low, high]
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{key} lists a name twice: {value!r}")
+        return list(value)
+    if hint.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {_type_name(value)} {value!r}")
+    elif hint.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key} must be a number, got {_type_name(value)} {value!r}")
+        value = float(value)
+    elif hint.startswith("str"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {_type_name(value)} {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(
+            f"{key} = {value!r} is not allowed{did_you_mean(value, meta['choices'])}; "
+            f"choose one of: {', '.join(meta['choices'])}"
+        )
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{key} = {value!r} is too small; it must be at least {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{key} = {value!r} is too large; it must be at most {meta['max']}")
+    return value
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table, got {_type_name(raw)}")
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown key {key!r} in [{name}]{did_you_mean(key, known)}; "
+                f"allowed: {', '.join(known)}"
+            )
+        values[key] = _check_value(f"[{name}] {key}", known[key], value)
+    return cls(**values)
+
+
+def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConfig:
+    """Validate a parsed study file; raises ConfigError naming the first bad key."""
+    for key in raw:
+        if key not in _TOP_LEVEL:
+            raise ConfigError(
+                f"unknown top-level key {key!r}{did_you_mean(key, _TOP_LEVEL)}; "
+                f"allowed: {', '.join(_TOP_LEVEL)}"
+            )
+    base_dir = path.parent.resolve() if path else Path.cwd()
+    name = raw.get("name", path.stem if path else None)
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError("name must be a non-empty string (it names the study and its output folder)")
+    if any(c in name for c in "/\\") or name in (".", ".."):
+        raise ConfigError(f"name {name!r} must not contain path separators")
+    plugins = raw.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"plugins must be a list of module names or .py paths, got {plugins!r}")
+    weights = raw.get("weights", {})
+    if not isinstance(weights, dict) or not all(isinstance(v, str) for v in weights.values()):
+        raise ConfigError('[weights] must map backbone names to "none", "timm", "timm:TAG" or a file path')
+    sections = {k: _section(k, cls, raw.get(k, {})) for k, cls in _SECTIONS.items()}
+    config = StudyConfig(
+        name=name,
+        plugins=list(plugins),
+        weights={"default": "none", **weights},
+        path=path,
+        base_dir=base_dir,
+        **sections,
+    )
+    for backbone, value in config.weights.items():
+        if backbone != "default" and backbone not in config.search.backbones:
+            raise ConfigError(
+                f"[weights] names backbone {backbone!r}, which is not in [search] backbones"
+                f"{did_you_mean(backbone, config.search.backbones)}; searched: "
+                f"{', '.join(config.search.backbones)}"
+            )
+        resolved = config.weights_for(backbone)
+        if resolved not in ("none", "timm") and not resolved.startswith("timm:"):
+            if not Path(resolved).is_file():
+                raise ConfigError(
+                    f"[weights] {backbone} = {value!r}: file {resolved} does not exist; "
+                    'use "none", "timm", "timm:TAG" or the path to a weights file'
+                )
+    return config
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Read and validate a study file; ``overrides`` are ``"section.key": value`` pairs."""
+    path = Path(path)
+    if path.is_dir() and (path.parent / f"{path.name}.toml").is_file():
+        path = path.parent / f"{path.name}.toml"  # accept the output folder for the study file
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist; pass a .toml file such as studies/digits.toml")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        raw.setdefault(section, {})[key] = value
+    return config_from_dict(raw, path.resolve())

@@ -1,0 +1,1 @@
+"""Built-in components, registered exactly like third-party plugins."""

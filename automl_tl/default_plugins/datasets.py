@@ -1,0 +1,149 @@
+"""Dataset sources: the embedded ``digits``, ``folder:PATH`` and ``csv:PATH``."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from automl_tl import hookimpl
+from automl_tl.components import Dataset, DatasetSource, Record
+from automl_tl.errors import DataError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SPLITS = ("train", "val", "test")
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".") or path.name == "__MACOSX"
+
+
+def _resolve(argument: str | None, base_dir: Path, what: str) -> Path:
+    if not argument:
+        raise DataError(f"{what} needs a path: write it as '{what}:PATH'")
+    path = Path(argument).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    if not path.exists():
+        raise DataError(f"{what} path {path} does not exist; fix [data] source")
+    return path
+
+
+class Digits(DatasetSource):
+    """scikit-learn's 1,797 handwritten digits (8×8 grayscale), shipped with the package."""
+
+    name = "digits"
+    description = "scikit-learn's handwritten digits (embedded, no download)"
+
+    def load(self, argument, base_dir):
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)
+        classes = [str(c) for c in range(10)]
+        if argument:  # "digits:0-4" keeps a subset of classes, e.g. for a source task
+            classes = _digit_subset(argument)
+        keep = set(classes)
+        records = [
+            Record(image=img, label=str(int(t)))
+            for img, t in zip(images, bunch.target)
+            if str(int(t)) in keep
+        ]
+        return Dataset(records=records, class_names=classes)
+
+
+def _digit_subset(argument: str) -> list[str]:
+    try:
+        if "-" in argument:
+            lo, hi = (int(v) for v in argument.split("-"))
+            digits = list(range(lo, hi + 1))
+        else:
+            digits = [int(v) for v in argument.split(",")]
+    except ValueError:
+        digits = []
+    if not digits or any(d < 0 or d > 9 for d in digits):
+        raise DataError(f"digits:{argument} is not a digit range; write e.g. 'digits:0-4' or 'digits:5,7'")
+    return [str(d) for d in digits]
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files under ``folder``, recursively, skipping hidden files and folders."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(_hidden(Path(part)) for part in p.relative_to(folder).parts)
+    )
+
+
+class Folder(DatasetSource):
+    """``root/<class>/*.png|jpg|…``, or ``root/{train,val,test}/<class>/…`` with fixed splits."""
+
+    name = "folder"
+    description = "image folder: one folder per class, optional train/ val/ test/"
+    needs_argument = True
+
+    def load(self, argument, base_dir):
+        root = _resolve(argument, base_dir, "folder")
+        if not root.is_dir():
+            raise DataError(f"folder {root} is not a directory")
+        records: list[Record] = []
+        split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
+        if split_dirs:
+            if not (root / "train").is_dir():
+                raise DataError(f"{root} has {', '.join(d.name for d in split_dirs)}/ but no train/ folder")
+            for split_dir in split_dirs:
+                for cls in _class_folders(split_dir):
+                    records += [Record(str(p), cls.name, split_dir.name) for p in _images_in(cls)]
+        else:
+            for cls in _class_folders(root):
+                records += [Record(str(p), cls.name) for p in _images_in(cls)]
+        if not records:
+            raise DataError(
+                f"no images found under {root}; expected {root}/<class>/*.png|jpg|… "
+                "or train/ val/ test/ subfolders holding class folders"
+            )
+        return Dataset(records=records)
+
+
+class CsvManifest(DatasetSource):
+    """A CSV with columns ``path,label`` (and optionally ``split``); paths relative to the CSV."""
+
+    name = "csv"
+    description = "CSV manifest with columns path,label[,split]"
+    needs_argument = True
+
+    def load(self, argument, base_dir):
+        path = _resolve(argument, base_dir, "csv")
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip() for c in reader.fieldnames or []]
+            if "path" not in fields or "label" not in fields:
+                raise DataError(f"{path} must have a header with columns path,label (found {fields})")
+            records = []
+            for line_no, row in enumerate(reader, start=2):
+                row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+                if not row.get("path") or not row.get("label"):
+                    raise DataError(f"{path}:{line_no}: empty path or label")
+                split = row.get("split") or None
+                if split is not None and split not in SPLITS:
+                    raise DataError(f"{path}:{line_no}: split {split!r} is not one of train, val, test")
+                image = Path(row["path"]).expanduser()
+                if not image.is_absolute():
+                    image = path.parent / image
+                records.append(Record(str(image), row["label"], split))
+        if not records:
+            raise DataError(f"{path} lists no images")
+        return Dataset(records=records)
+
+
+@hookimpl(trylast=True)
+def register_datasets(register):
+    for source in (Digits(), Folder(), CsvManifest()):
+        register(source)

@@ -1,0 +1,101 @@
+"""Augmentation policies built from Kornia ops; they run on the training device.
+
+How ``strength`` s in [0, 1] maps onto Kornia's own scales (s = 0 is always the identity):
+
+=============== =====================================================================
+policy          mapping
+=============== =====================================================================
+none            identity at every strength
+flip_crop       RandomResizedCrop scale = (1 - 0.6 s, 1), ratio = (1 - 0.25 s, 1 + 0.25 s);
+                RandomHorizontalFlip p = 0.5 s
+color           ColorJitter brightness = contrast = saturation = 0.4 s, hue = 0.1 s
+                (p = 1), RandomGrayscale p = 0.2 s
+randaugment     RandAugment n = 2, m = round(20 s) clipped to [1, 29] on Kornia's (0, 30)
+                magnitude scale (s = 0.5 gives m = 10, near the paper's ImageNet m = 9)
+trivialaugment  TrivialAugment (magnitude drawn per batch by the method itself) applied to
+                each image with probability s
+autoaugment     AutoAugment ImageNet policy applied to each image with probability s
+=============== =====================================================================
+"""
+
+from __future__ import annotations
+
+import kornia.augmentation as K
+import torch
+from kornia.augmentation.auto import AutoAugment, RandAugment, TrivialAugment
+from torch import nn
+
+from automl_tl import hookimpl
+from automl_tl.components import AugmentationPolicy
+
+
+class ApplyToFraction(nn.Module):
+    """Apply ``op`` to each image of the batch independently with probability ``p``."""
+
+    def __init__(self, op: nn.Module, p: float) -> None:
+        super().__init__()
+        self.op, self.p = op, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p >= 1.0:
+            return self.op(x)
+        mask = torch.rand(x.shape[0], device=x.device) < self.p
+        if not bool(mask.any()):
+            return x
+        out = x.clone()
+        out[mask] = self.op(x[mask]).to(x.dtype)
+        return out
+
+
+class _Policy(AugmentationPolicy):
+    def __init__(self, name: str, description: str, builder) -> None:
+        self.name, self.description, self._builder = name, description, builder
+
+    def build(self, strength: float, image_size: int) -> nn.Module:
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if strength == 0.0:
+            return nn.Identity()
+        return self._builder(float(strength), int(image_size))
+
+
+def _flip_crop(s: float, size: int) -> nn.Module:
+    return nn.Sequential(
+        K.RandomResizedCrop((size, size), scale=(1.0 - 0.6 * s, 1.0), ratio=(1 - 0.25 * s, 1 + 0.25 * s)),
+        K.RandomHorizontalFlip(p=0.5 * s),
+    )
+
+
+def _color(s: float, size: int) -> nn.Module:
+    return nn.Sequential(
+        K.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s, p=1.0),
+        K.RandomGrayscale(p=0.2 * s),
+    )
+
+
+def _randaugment(s: float, size: int) -> nn.Module:
+    return RandAugment(n=2, m=min(29, max(1, round(20 * s))))
+
+
+POLICIES = [
+    _Policy("none", "no augmentation", lambda s, size: nn.Identity()),
+    _Policy("flip_crop", "random resized crop and horizontal flip (geometric)", _flip_crop),
+    _Policy("color", "colour jitter and random grayscale (photometric)", _color),
+    _Policy("randaugment", "RandAugment, 2 ops at magnitude 20·s of 30", _randaugment),
+    _Policy(
+        "trivialaugment",
+        "TrivialAugment applied to a fraction s of images",
+        lambda s, size: ApplyToFraction(TrivialAugment(), s),
+    ),
+    _Policy(
+        "autoaugment",
+        "AutoAugment (ImageNet policy) applied to a fraction s of images",
+        lambda s, size: ApplyToFraction(AutoAugment("imagenet"), s),
+    ),
+]
+
+
+@hookimpl(trylast=True)
+def register_augmentation_policies(register):
+    for policy in POLICIES:
+        register(policy)

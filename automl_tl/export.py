@@ -1,0 +1,205 @@
+"""Retrained model -> files timm loads on its own; loading them back; predicting.
+
+``<dir>/model.safetensors`` + ``<dir>/config.json`` (timm's format: ``architecture``,
+``num_classes``, ``label_names``, ``pretrained_cfg`` with mean/std/input_size) +
+``<dir>/metrics.json``. ``timm.create_model("local-dir:<dir>", pretrained=True)`` loads the
+model with no automl-tl installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .components import Backbone, DataConfig
+from .errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def export_model(
+    model: nn.Module,
+    backbone: Backbone,
+    directory: Path,
+    label_names: list[str],
+    data_config: DataConfig,
+    metrics: dict[str, Any],
+) -> str:
+    """Write the model into ``directory`` atomically (a new folder swapped in); return its sha256."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        backbone.export(model.cpu().float().eval(), staging, label_names, data_config, {"study_metrics": "metrics.json"})
+        write_json_atomic(staging / "metrics.json", metrics)
+        digest = sha256_file(staging / "model.safetensors")
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(staging, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return digest
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@dataclass
+class LoadedModel:
+    """An exported model with its preprocessing: ``predict(images)`` takes paths, PIL images or tensors."""
+
+    model: nn.Module
+    label_names: list[str]
+    data_config: DataConfig
+    device: torch.device
+
+    @property
+    def image_size(self) -> int:
+        return int(self.data_config.input_size[-1])
+
+    def preprocess(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
+        """Paths / PIL images / uint8 or [0, 1] float tensors -> a normalized float batch."""
+        from PIL import Image
+
+        from .data import decode_image
+
+        if isinstance(images, torch.Tensor):
+            x = images if images.ndim == 4 else images.unsqueeze(0)
+            x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+            if x.shape[-2:] != (self.image_size, self.image_size):
+                x = torch.nn.functional.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", antialias=True).clamp(0, 1)
+        else:
+            arrays = []
+            for image in images:
+                if isinstance(image, Image.Image):
+                    import numpy as np
+
+                    image = np.asarray(image.convert("RGB"))
+                arrays.append(torch.from_numpy(decode_image(image, self.image_size)))
+            x = torch.stack(arrays).float().div(255.0)
+        mean = torch.tensor(self.data_config.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.data_config.std).view(1, -1, 1, 1)
+        return ((x - mean) / std).to(self.device)
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[Any] | torch.Tensor, top_k: int = 1) -> list[list[tuple[str, float]]]:
+        """Top-k (label, probability) per image."""
+        probs = self.model(self.preprocess(images)).float().softmax(-1).cpu()
+        k = min(top_k, probs.shape[1])
+        values, indices = probs.topk(k, dim=1)
+        return [
+            [(self.label_names[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist())]
+            for vs, ix in zip(values, indices)
+        ]
+
+
+def load_model(directory: str | Path, device: str = "cpu", registry=None) -> LoadedModel:
+    """Load an exported model (timm format) and its preprocessing.
+
+    Example:
+        >>> m = load_model("studies/digits/best")            # doctest: +SKIP
+        >>> m.predict(["a.png", "b.png"], top_k=3)           # doctest: +SKIP
+    """
+    import timm
+
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file() or not (directory / "model.safetensors").is_file():
+        raise UserError(
+            f"{directory} is not an exported model (needs config.json and model.safetensors); "
+            "run `automl-tl search` or `automl-tl retrain` first"
+        )
+    config = json.loads(config_path.read_text())
+    architecture = config.get("architecture", "")
+    label_names = config.get("label_names") or config.get("pretrained_cfg", {}).get("label_names")
+    cfg = config.get("pretrained_cfg", {})
+    data_config = DataConfig(tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]))
+    if timm.is_model(architecture):
+        model = timm.create_model(f"local-dir:{directory}", pretrained=True)
+    else:
+        from safetensors.torch import load_file
+
+        if registry is None:
+            from .plugins import get_plugin_manager
+            from .registry import Registry
+
+            registry = Registry.from_plugin_manager(get_plugin_manager()[0])
+        backbone = config.get("automl_tl", {}).get("backbone", architecture)
+        model = registry.get("backbones", backbone).create(len(label_names), weights="none", image_size=data_config.input_size[-1])
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    device_t = torch.device(device)
+    return LoadedModel(model.to(device_t).eval(), list(label_names), data_config, device_t)
+
+
+def find_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand folders (recursively) into image files; files are taken as given."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(
+                f for f in p.rglob("*")
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise UserError(f"{p} does not exist; give image files or folders")
+    if not found:
+        raise UserError("no images found in " + ", ".join(map(str, paths)))
+    return found
+
+
+def predict_paths(model: LoadedModel, paths: Iterable[str | Path], top_k: int = 1, batch_size: int = 64) -> list[dict[str, Any]]:
+    """One row per image: path, label, score (and the top-k list)."""
+    from .data import decode_image
+
+    rows = []
+    files = find_images(paths)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        arrays, ok = [], []
+        for f in chunk:
+            try:
+                arrays.append(torch.from_numpy(decode_image(f, model.image_size)))
+                ok.append(f)
+            except Exception as exc:  # one bad file must not stop the others
+                rows.append({"path": str(f), "label": None, "score": None, "error": f"{type(exc).__name__}: {exc}"})
+        if not arrays:
+            continue
+        preds = model.predict(torch.stack(arrays), top_k=top_k)
+        for f, top in zip(ok, preds):
+            row = {"path": str(f), "label": top[0][0], "score": round(top[0][1], 6)}
+            if top_k > 1:
+                row["top_k"] = [{"label": label, "score": round(p, 6)} for label, p in top]
+            rows.append(row)
+    return rows

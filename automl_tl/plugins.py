@@ -1,0 +1,137 @@
+"""The one plugin manager: default plugins, entry points, then explicit modules or files.
+
+Loading order (later plugins see earlier ones, names must stay unique across all of them):
+
+1. the default plugins in :mod:`automl_tl.default_plugins`;
+2. the ``automl_tl`` entry-point group, restricted by ``AUTOML_TL_LOAD_PLUGINS``
+   (a comma-separated list of plugin names; empty loads none; unset loads all);
+3. the study file's ``plugins = [...]`` and each ``--plugin MODULE_OR_FILE``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+
+DEFAULT_PLUGINS = (
+    "automl_tl.default_plugins.timm_backbones",
+    "automl_tl.default_plugins.kornia_policies",
+    "automl_tl.default_plugins.unfreeze",
+    "automl_tl.default_plugins.datasets",
+)
+
+ENTRY_POINT_GROUP = "automl_tl"
+LOAD_PLUGINS_ENV = "AUTOML_TL_LOAD_PLUGINS"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Where a loaded plugin came from: ``default``, ``entry point``, ``module`` or ``file``."""
+
+    name: str
+    source: str
+    version: str | None = None
+    location: str | None = None
+
+
+def _import_file(path: Path):
+    module_name = f"automl_tl_plugin_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"cannot import plugin file {path}: not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _describe_import_failure(what: str, exc: BaseException) -> PluginError:
+    return PluginError(
+        f"plugin {what} failed to import: {type(exc).__name__}: {exc}. "
+        "Fix or remove it (study file `plugins = [...]`, --plugin, or uninstall its package)."
+    )
+
+
+def load_plugin(pm: pluggy.PluginManager, spec: str, base_dir: Path | None = None) -> PluginInfo:
+    """Register a plugin given as a module name or a path to a ``.py`` file."""
+    looks_like_file = spec.endswith(".py") or os.sep in spec or "/" in spec
+    if looks_like_file:
+        path = Path(spec).expanduser()
+        if not path.is_absolute() and base_dir is not None and not path.exists():
+            path = base_dir / path
+        if not path.is_file():
+            raise PluginError(f"plugin file {spec} does not exist; give a module name or a .py path")
+        try:
+            module = _import_file(path.resolve())
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise _describe_import_failure(str(path), exc) from exc
+        info = PluginInfo(name=path.stem, source="file", location=str(path.resolve()))
+    else:
+        try:
+            module = importlib.import_module(spec)
+        except Exception as exc:
+            raise _describe_import_failure(spec, exc) from exc
+        info = PluginInfo(name=spec, source="module", location=getattr(module, "__file__", None))
+    if pm.get_plugin(info.name) is None and not pm.is_registered(module):
+        pm.register(module, name=info.name)
+    return info
+
+
+def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
+    return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+def get_plugin_manager(
+    extra: Iterable[str] = (), base_dir: Path | None = None
+) -> tuple[pluggy.PluginManager, dict[str, PluginInfo]]:
+    """Build the plugin manager and return it with where each plugin came from."""
+    pm = pluggy.PluginManager("automl_tl")
+    pm.add_hookspecs(hookspecs)
+    infos: dict[str, PluginInfo] = {}
+
+    for name in DEFAULT_PLUGINS:
+        module = importlib.import_module(name)
+        pm.register(module, name=name)
+        infos[name] = PluginInfo(name=name, source="default", location=module.__file__)
+
+    allowed = os.environ.get(LOAD_PLUGINS_ENV)
+    allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    for ep in _entry_points():
+        if allowed_names is not None and ep.name not in allowed_names:
+            continue
+        try:
+            module = ep.load()
+        except Exception as exc:
+            raise _describe_import_failure(f"{ep.name!r} (entry point {ep.value})", exc) from exc
+        if pm.get_plugin(ep.name) is None:
+            pm.register(module, name=ep.name)
+        dist = ep.dist
+        infos[ep.name] = PluginInfo(
+            name=ep.name,
+            source="entry point",
+            version=dist.version if dist else None,
+            location=dist.name if dist else ep.value,
+        )
+
+    for spec in extra:
+        info = load_plugin(pm, spec, base_dir)
+        infos[info.name] = info
+
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"{exc}. Hook names are listed in docs/writing-plugins.md.") from exc
+    return pm, infos

@@ -1,0 +1,428 @@
+"""Create or resume the Optuna study, run trials, retrain the winner, and summarize.
+
+Optuna's storage is the single source of truth: the budget (``n_trials``) counts finished
+trials (COMPLETE or PRUNED) already in the storage, so re-running the same command resumes
+and never re-runs a completed trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pluggy
+from optuna.trial import TrialState
+
+from .catalog import Catalog
+from .config import StudyConfig
+from .data import Splits, prepare_data
+from .errors import DataError, UserError
+from .export import export_model, write_json_atomic
+from .registry import Registry
+from .space import choice_from_params, suggest
+from .train import EpochResult, evaluate, fit, resolve_device
+
+log = logging.getLogger("automl_tl")
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class TrialFailed(Exception):
+    """A trial failed for a reason recorded in its ``fail_reason`` attribute; the study goes on."""
+
+
+class TooManyFailures(UserError):
+    """Several trials in a row failed; the search stops and shows the common reason."""
+
+
+# ---------------------------------------------------------------------------------------------
+# storage, sampler, pruner
+
+
+def redact(url: str) -> str:
+    """A storage URL with its password hidden, for logs and messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
+def make_storage(config: StudyConfig) -> optuna.storages.BaseStorage:
+    url = config.storage_url
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+    except Exception as exc:
+        raise UserError(f"cannot open storage {redact(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+
+
+def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+    seed = config.data.seed
+    name = config.search.sampler
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=_startup_trials(config))
+    return optuna.samplers.TPESampler(
+        multivariate=True,
+        group=True,
+        constant_liar=True,
+        seed=seed,
+        n_startup_trials=_startup_trials(config),
+    )
+
+
+def _startup_trials(config: StudyConfig) -> int:
+    # Optuna's default (10) would make a 20-trial study half random; a third is enough.
+    return max(4, min(10, config.search.n_trials // 3))
+
+
+def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    name, epochs = config.search.pruner, config.search.epochs
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
+    storage = make_storage(config)
+    if create:
+        return optuna.create_study(
+            study_name=config.name,
+            storage=storage,
+            sampler=make_sampler(config),
+            pruner=make_pruner(config),
+            direction="maximize",
+            load_if_exists=True,
+        )
+    try:
+        return optuna.load_study(study_name=config.name, storage=storage, sampler=make_sampler(config), pruner=make_pruner(config))
+    except KeyError as exc:
+        raise UserError(
+            f"no study named {config.name!r} in {redact(config.storage_url)}; run `automl-tl search` first"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# data, checked against the study
+
+
+def load_splits(config: StudyConfig, registry: Registry) -> Splits:
+    d = config.data
+    return prepare_data(
+        registry,
+        d.source,
+        image_size=d.image_size,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        seed=d.seed,
+        base_dir=config.base_dir,
+        cache_dir=config.output_dir / "cache",
+        on_bad_image=d.on_bad_image,
+    )
+
+
+def check_data(study: optuna.Study, splits: Splits) -> None:
+    """Store the data identity on a new study; refuse data that differs from a stored one."""
+    summary = splits.summary()
+    stored = study.user_attrs.get("data")
+    if stored is None:
+        study.set_user_attr("data", summary)
+        return
+    changes = []
+    if stored["classes"] != summary["classes"]:
+        changes.append(f"classes {stored['classes']} -> {summary['classes']}")
+    if stored["sizes"] != summary["sizes"]:
+        changes.append(f"split sizes {stored['sizes']} -> {summary['sizes']}")
+    if stored["fingerprint"] != summary["fingerprint"] and not changes:
+        changes.append("file names, sizes or labels changed")
+    if stored["split_hash"] != summary["split_hash"] and not changes:
+        changes.append("the train/val/test assignment changed (seed or fractions)")
+    if changes:
+        raise DataError(
+            f"the data no longer matches study {study.study_name!r}: " + "; ".join(changes)
+            + ". Restore the original data, or give the study a new name to start over."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# the search
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return f"out of memory: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _describe(params: dict[str, Any]) -> str:
+    aug = params.get("augmentation", "?")
+    if "aug_strength" in params:
+        aug += f"({params['aug_strength']:.2f})"
+    return (
+        f"{params.get('backbone', '?')} {aug} {params.get('unfreeze', '?')}"
+        f"(depth {params.get('unfreeze_depth', 0):.2f}) lr={params.get('lr', 0):.1e}"
+    )
+
+
+@dataclass
+class SearchOutcome:
+    study: optuna.Study
+    finished: int
+    ran: int
+    best: dict[str, Any] | None
+    model_dir: Path | None = None
+    metrics: dict[str, Any] | None = None
+
+
+class _Search:
+    def __init__(self, config: StudyConfig, registry: Registry, pm: pluggy.PluginManager, splits: Splits, device) -> None:
+        self.config, self.registry, self.hook, self.splits = config, registry, pm.hook, splits
+        self.device = resolve_device(device)
+        self.catalog = Catalog(config.output_dir / "catalog.db")
+        self.metric = config.search.metric
+        self.consecutive_failures: list[str] = []
+        self.stopped_for: str | None = None
+        self.ran = 0
+
+    def objective(self, trial: optuna.Trial) -> float:
+        name = self.config.name
+        choice = suggest(trial, self.config)
+        trial.set_user_attr("device", str(self.device))
+        self.hook.trial_started(study_name=name, trial_number=trial.number, params=dict(trial.params))
+
+        def on_epoch(r: EpochResult) -> None:
+            metrics = {"train_loss": r.train_loss, "lr": r.lr, "seconds": r.seconds, "images_per_s": r.images_per_s, "val": r.val}
+            self.catalog.record_epoch(name, trial.number, r.epoch, metrics)
+            self.hook.epoch_finished(study_name=name, trial_number=trial.number, epoch=r.epoch, metrics=metrics)
+            trial.set_user_attr("epochs_run", r.epoch + 1)
+            trial.report(r.val[self.metric], r.epoch + 1)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {r.epoch + 1}")
+
+        try:
+            result = fit(choice, self.splits, self.registry, device=self.device, seed=self.config.data.seed + trial.number, on_epoch=on_epoch)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
+        except Exception as exc:
+            reason = _reason(exc)
+            trial.set_user_attr("fail_reason", reason)
+            log.debug("trial %d failed", trial.number, exc_info=True)
+            raise TrialFailed(reason) from exc
+        val = {k: v for k, v in result.val.items()}
+        trial.set_user_attr("seconds", round(result.seconds, 3))
+        trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
+        trial.set_user_attr("val_metrics", val)
+        return float(val[self.metric])
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.ran += 1
+        name = self.config.name
+        self.catalog.record_trial(name, trial)
+        self.hook.trial_finished(
+            study_name=name, trial_number=trial.number, state=trial.state.name,
+            value=trial.value if trial.values else None, attrs=dict(trial.user_attrs),
+        )
+        try:
+            best = study.best_trial
+            best_text = f"best {best.value:.4f} (#{best.number})"
+        except ValueError:
+            best_text = "no complete trial yet"
+        if trial.state == TrialState.COMPLETE:
+            outcome = f"{self.metric}={trial.value:.4f}"
+        elif trial.state == TrialState.PRUNED:
+            outcome = f"pruned at epoch {trial.user_attrs.get('epochs_run', '?')}"
+        else:
+            outcome = f"failed: {trial.user_attrs.get('fail_reason', 'unknown')}"
+        duration = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else 0.0
+        log.info("trial %3d %-8s %s  %s  %.1fs  %s", trial.number, trial.state.name, outcome, _describe(trial.params), duration, best_text)
+        if trial.state == TrialState.FAIL:
+            self.consecutive_failures.append(trial.user_attrs.get("fail_reason", "unknown"))
+            limit = self.config.search.max_consecutive_failures
+            if len(self.consecutive_failures) >= limit:
+                from collections import Counter
+
+                common, count = Counter(self.consecutive_failures).most_common(1)[0]
+                self.stopped_for = f"{len(self.consecutive_failures)} trials in a row failed ({count} with: {common})"
+                study.stop()
+        else:
+            self.consecutive_failures.clear()
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def search(
+    config: StudyConfig,
+    registry: Registry,
+    pm: pluggy.PluginManager,
+    *,
+    device: str = "auto",
+    retrain_best: bool = True,
+) -> SearchOutcome:
+    """Run (or resume) the study until ``n_trials`` trials have finished; then retrain the best."""
+    check_names(config, registry)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    splits = load_splits(config, registry)
+    study = open_study(config)
+    check_data(study, splits)
+    runner = _Search(config, registry, pm, splits, device)
+    already = count_finished(study)
+    budget = config.search.n_trials
+    log.info(
+        "study %r: %d classes, %d/%d/%d train/val/test images, %d of %d trials already finished, storage %s",
+        config.name, len(splits.class_names), len(splits.train), len(splits.val), len(splits.test),
+        already, budget, redact(config.storage_url),
+    )
+    if already < budget:
+        study.optimize(
+            runner.objective,
+            n_trials=None,
+            timeout=config.search.timeout,
+            catch=(TrialFailed,),
+            callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), runner.after_trial],
+            gc_after_trial=False,
+        )
+    best = best_summary(study)
+    pm.hook.study_finished(study_name=config.name, best=best)
+    if runner.stopped_for:
+        raise TooManyFailures(
+            f"search stopped: {runner.stopped_for}. Completed trials are kept; fix the cause and run "
+            "the same command again to resume (raise [search] max_consecutive_failures to tolerate more)."
+        )
+    outcome = SearchOutcome(study, count_finished(study), runner.ran, best)
+    if retrain_best and best is not None:
+        outcome.model_dir, outcome.metrics = retrain(config, registry, device=device, study=study, splits=splits)
+    return outcome
+
+
+def best_summary(study: optuna.Study) -> dict[str, Any] | None:
+    try:
+        t = study.best_trial
+    except ValueError:
+        return None
+    return {"number": t.number, "value": t.value, "params": dict(t.params)}
+
+
+def check_names(config: StudyConfig, registry: Registry) -> None:
+    """Every backbone, policy, strategy and the dataset are known before anything runs."""
+    from .data import parse_source
+
+    s = config.search
+    for kind, names in (("backbones", s.backbones), ("augmentation_policies", s.augmentations), ("unfreeze_strategies", s.unfreeze)):
+        for name in names:
+            registry.get(kind, name)
+    registry.get("datasets", parse_source(config.data.source)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# retrain and export
+
+
+def retrain(
+    config: StudyConfig,
+    registry: Registry,
+    *,
+    trial_number: int | None = None,
+    device: str = "auto",
+    study: optuna.Study | None = None,
+    splits: Splits | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Train a finished trial's configuration afresh (from its weights, not the trial's
+    checkpoint) on ``[retrain] on``, evaluate on test, export, and add it to the catalog."""
+    study = study or open_study(config, create=False)
+    if splits is None:
+        splits = load_splits(config, registry)
+        check_data(study, splits)
+    if trial_number is None:
+        try:
+            trial = study.best_trial
+        except ValueError as exc:
+            raise UserError(f"study {config.name!r} has no complete trial to retrain yet") from exc
+        directory = config.output_dir / "best"
+    else:
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        if trial_number not in trials or not trials[trial_number].params:
+            raise UserError(f"study {config.name!r} has no trial {trial_number}; see `automl-tl report`")
+        trial = trials[trial_number]
+        directory = config.output_dir / "models" / f"trial-{trial_number}"
+    choice = choice_from_params(trial.params, config)
+    device_t = resolve_device(device)
+    on = config.retrain.on
+    log.info("retraining trial %d on %s: %s", trial.number, on, _describe(trial.params))
+    started = time.perf_counter()
+    result = fit(choice, splits, registry, device=device_t, seed=config.data.seed + trial.number, train_on=on, evaluate_on=None)
+    num_classes = len(splits.class_names)
+    test = evaluate(result.model, splits.test, num_classes, result.data_config, device_t)
+    if on == "train":
+        val = evaluate(result.model, splits.val, num_classes, result.data_config, device_t)
+    else:
+        val = dict(trial.user_attrs.get("val_metrics") or {})
+    metrics = {
+        "study": config.name,
+        "trial": trial.number,
+        "metric": config.search.metric,
+        "params": dict(trial.params),
+        "retrained_on": on,
+        "epochs": choice.epochs,
+        "seconds": round(time.perf_counter() - started, 3),
+        "val": val,
+        "test": test,
+        "data": splits.summary(),
+    }
+    digest = export_model(result.model, result.backbone, directory, splits.class_names, result.data_config, metrics)
+    Catalog(config.output_dir / "catalog.db").record_model(
+        config.name, trial.number, directory, choice.backbone, dict(trial.params), splits.fingerprint, metrics, digest
+    )
+    log.info("test %s %.4f; model written to %s", config.search.metric, test[config.search.metric], directory)
+    return directory, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def report(config: StudyConfig) -> dict[str, Any]:
+    """The leaderboard of every trial as plain data (``automl-tl report --format json``)."""
+    study = open_study(config, create=False)
+    trials = []
+    for t in study.get_trials(deepcopy=False):
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        value = t.value if t.values else None
+        if value is not None and not math.isfinite(value):
+            value = None
+        trials.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": value,
+                "params": dict(t.params),
+                "duration_s": round(duration, 3) if duration is not None else None,
+                "epochs_run": t.user_attrs.get("epochs_run"),
+                "fail_reason": t.user_attrs.get("fail_reason"),
+            }
+        )
+    out = {"study": config.name, "metric": config.search.metric, "best": best_summary(study), "trials": trials}
+    metrics_path = config.output_dir / "best" / "metrics.json"
+    if metrics_path.is_file():
+        import json
+
+        m = json.loads(metrics_path.read_text())
+        out["best_model"] = {"path": str(metrics_path.parent), "trial": m.get("trial"), "test": {k: v for k, v in m.get("test", {}).items() if k != "confusion_matrix"}}
+    return out
+
