@@ -33,7 +33,10 @@ class Catalog:
         self._create_tables()
 
     def _create_tables(self) -> None:
-        params = {name: (str if name in ("backbone", "augmentation", "unfreeze") else float) for name in PARAM_NAMES}
+        params = {
+            name: (str if name in ("backbone", "augmentation", "unfreeze") else float)
+            for name in PARAM_NAMES
+        }
         self.db["trials"].create(
             {
                 "study": str,
@@ -101,7 +104,11 @@ class Catalog:
     def record_trial(self, study: str, trial: Any) -> None:
         """Record an Optuna FrozenTrial (any state)."""
         attrs = trial.user_attrs
-        duration = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete and trial.datetime_start else None
+        duration = (
+            (trial.datetime_complete - trial.datetime_start).total_seconds()
+            if trial.datetime_complete and trial.datetime_start
+            else None
+        )
         row = {
             "study": study,
             "number": trial.number,

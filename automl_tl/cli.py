@@ -10,7 +10,6 @@ import logging
 import sys
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -39,7 +38,9 @@ def _load(args: argparse.Namespace, **overrides: Any):
     from .registry import Registry
 
     config = load_config(args.study, overrides)
-    pm, infos = get_plugin_manager([*config.plugins, *getattr(args, "plugin", [])], base_dir=config.base_dir)
+    pm, infos = get_plugin_manager(
+        [*config.plugins, *getattr(args, "plugin", [])], base_dir=config.base_dir
+    )
     return config, pm, Registry.from_plugin_manager(pm)
 
 
@@ -61,12 +62,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     if outcome.best is None:
         print(f"study {config.name}: no trial completed")
         return 1
-    print(f"study {config.name}: {outcome.finished} trials finished ({outcome.ran} run now); best trial "
-          f"#{outcome.best['number']} val {config.search.metric} {outcome.best['value']:.4f}")
+    print(
+        f"study {config.name}: {outcome.finished} trials finished ({outcome.ran} run now); best trial "
+        f"#{outcome.best['number']} val {config.search.metric} {outcome.best['value']:.4f}"
+    )
     if outcome.metrics:
         test = outcome.metrics["test"]
-        print(f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
-              f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {outcome.model_dir}")
+        print(
+            f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
+            f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {outcome.model_dir}"
+        )
     return 0
 
 
@@ -74,9 +79,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from .study import retrain
 
     config, pm, registry = _load(args, **_overrides(args))
-    directory, metrics = retrain(config, registry, trial_number=args.trial, device=args.device or config.search.device)
+    directory, metrics = retrain(
+        config, registry, trial_number=args.trial, device=args.device or config.search.device
+    )
     test = metrics["test"]
-    print(f"trial {metrics['trial']} retrained on {metrics['retrained_on']}: test accuracy {test['accuracy']:.4f} -> {directory}")
+    print(
+        f"trial {metrics['trial']} retrained on {metrics['retrained_on']}: test accuracy {test['accuracy']:.4f} -> {directory}"
+    )
     return 0
 
 
@@ -107,8 +116,26 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for t in sorted(data["trials"], key=lambda t: (t["value"] is None, -(t["value"] or 0))):
-        rows.append({"trial": t["number"], "state": t["state"], config.search.metric: t["value"], **{k: t["params"].get(k) for k in PARAM_NAMES}, "epochs": t["epochs_run"], "seconds": t["duration_s"], "fail_reason": t["fail_reason"]})
-    columns = ["trial", "state", config.search.metric, *PARAM_NAMES, "epochs", "seconds", "fail_reason"]
+        rows.append(
+            {
+                "trial": t["number"],
+                "state": t["state"],
+                config.search.metric: t["value"],
+                **{k: t["params"].get(k) for k in PARAM_NAMES},
+                "epochs": t["epochs_run"],
+                "seconds": t["duration_s"],
+                "fail_reason": t["fail_reason"],
+            }
+        )
+    columns = [
+        "trial",
+        "state",
+        config.search.metric,
+        *PARAM_NAMES,
+        "epochs",
+        "seconds",
+        "fail_reason",
+    ]
     if args.format == "csv":
         sys.stdout.write(_csv(rows, columns))
         return 0
@@ -116,7 +143,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(_table(rows, columns))
     if data.get("best_model"):
         bm = data["best_model"]
-        print(f"\nbest model (trial {bm['trial']}): test " + ", ".join(f"{k} {v:.4f}" for k, v in bm["test"].items()) + f" -> {bm['path']}")
+        print(
+            f"\nbest model (trial {bm['trial']}): test "
+            + ", ".join(f"{k} {v:.4f}" for k, v in bm["test"].items())
+            + f" -> {bm['path']}"
+        )
     return 0
 
 
@@ -128,7 +159,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(rows, indent=2))
     elif args.format == "csv":
-        sys.stdout.write(_csv(rows, ["path", "label", "score"] + (["error"] if any("error" in r for r in rows) else [])))
+        sys.stdout.write(
+            _csv(
+                rows,
+                ["path", "label", "score"] + (["error"] if any("error" in r for r in rows) else []),
+            )
+        )
     else:
         print(_table(rows, ["path", "label", "score"]))
     return 0 if all(r.get("label") is not None for r in rows) else 1
@@ -140,9 +176,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
     pm, infos = get_plugin_manager(args.plugin)
     registry = Registry.from_plugin_manager(pm)
-    data = {kind: [{"name": n, "plugin": registry.plugin_of(kind, n)} for n in registry.names(kind)] for kind in KINDS}
+    data = {
+        kind: [{"name": n, "plugin": registry.plugin_of(kind, n)} for n in registry.names(kind)]
+        for kind in KINDS
+    }
     if args.format == "json":
-        data["plugins"] = [{"name": i.name, "source": i.source, "version": i.version, "location": i.location} for i in infos.values()]
+        data["plugins"] = [
+            {"name": i.name, "source": i.source, "version": i.version, "location": i.location}
+            for i in infos.values()
+        ]
         print(json.dumps(data, indent=2))
         return 0
     for info in infos.values():
@@ -153,14 +195,22 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             if not count:
                 continue
             names = [e["name"] for e in data[kind] if e["plugin"] == info.name]
-            shown = ", ".join(names) if len(names) <= 12 else ", ".join(names[:6]) + f", … ({count} in all)"
+            shown = (
+                ", ".join(names)
+                if len(names) <= 12
+                else ", ".join(names[:6]) + f", … ({count} in all)"
+            )
             print(f"  {kind.replace('_', ' ')}: {shown}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="automl-tl", description="Automated transfer learning for image classification.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__import__('automl_tl').__version__}")
+    parser = argparse.ArgumentParser(
+        prog="automl-tl", description="Automated transfer learning for image classification."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__import__('automl_tl').__version__}"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, study: bool = True) -> None:
@@ -171,16 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="search, then retrain and export the best configuration")
     common(p)
-    p.add_argument("--n-trials", type=int, help="override [search] n_trials (finished trials in the study)")
+    p.add_argument(
+        "--n-trials", type=int, help="override [search] n_trials (finished trials in the study)"
+    )
     p.add_argument("--timeout", type=float, help="override [search] timeout, seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: SQLite in the study folder)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default [search] device: auto)")
     p.add_argument("--seed", type=int, help="override [data] seed")
-    p.add_argument("--plugin", action="append", default=[], help="extra plugin module or .py file (repeatable)")
-    p.add_argument("--no-retrain", action="store_true", help="leave the retrain to `automl-tl retrain`")
+    p.add_argument(
+        "--plugin", action="append", default=[], help="extra plugin module or .py file (repeatable)"
+    )
+    p.add_argument(
+        "--no-retrain", action="store_true", help="leave the retrain to `automl-tl retrain`"
+    )
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("retrain", help="retrain the best (or --trial N) configuration and export it")
+    p = sub.add_parser(
+        "retrain", help="retrain the best (or --trial N) configuration and export it"
+    )
     common(p)
     p.add_argument("--trial", type=int, help="trial number (default: the best)")
     p.add_argument("--storage")
@@ -221,7 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted; completed trials are kept — run the same command again to resume", file=sys.stderr)
+        print(
+            "interrupted; completed trials are kept — run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -40,7 +40,9 @@ class Backbone(ABC):
     description: str = ""
 
     @abstractmethod
-    def create(self, num_classes: int, weights: str = "none", image_size: int | None = None) -> nn.Module:
+    def create(
+        self, num_classes: int, weights: str = "none", image_size: int | None = None
+    ) -> nn.Module:
         """Build the model with a new ``num_classes`` head.
 
         Args:
@@ -172,7 +174,9 @@ class UnfreezeStrategy(ABC):
     description: str = ""
 
     @abstractmethod
-    def param_groups(self, groups: list[LayerGroup], head: list[str], depth: int) -> list[ParamGroup]:
+    def param_groups(
+        self, groups: list[LayerGroup], head: list[str], depth: int
+    ) -> list[ParamGroup]:
         """Every parameter that trains at some epoch, grouped by learning-rate scale."""
 
     def trainable(
@@ -212,4 +216,3 @@ class DatasetSource(ABC):
     @abstractmethod
     def load(self, argument: str | None, base_dir: Path) -> Dataset:
         """List the records; relative paths in ``argument`` are resolved against ``base_dir``."""
-

@@ -62,7 +62,9 @@ class SearchSection:
         metadata={"nonempty": True},
     )
     lr: list[float] = field(default_factory=lambda: [1e-4, 1e-2], metadata={"range": "log"})
-    weight_decay: list[float] = field(default_factory=lambda: [1e-6, 1e-2], metadata={"range": "log"})
+    weight_decay: list[float] = field(
+        default_factory=lambda: [1e-6, 1e-2], metadata={"range": "log"}
+    )
     epochs: int = field(default=5, metadata={"min": 1})
     batch_size: int = field(default=64, metadata={"min": 1})
     device: str = "auto"
@@ -117,9 +119,13 @@ _TOP_LEVEL = ("name", "plugins", "data", "search", "retrain", "weights")
 
 
 def _type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+    }.get(type(value), type(value).__name__)
 
 
 def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
@@ -132,9 +138,15 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {_type_name(value)} {value!r}")
         for v in value:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) if item is float else isinstance(v, str)
+            ok = (
+                isinstance(v, (int, float)) and not isinstance(v, bool)
+                if item is float
+                else isinstance(v, str)
+            )
             if not ok:
-                raise ConfigError(f"{key} must hold {'numbers' if item is float else 'strings'}, got {v!r}")
+                raise ConfigError(
+                    f"{key} must hold {'numbers' if item is float else 'strings'}, got {v!r}"
+                )
         if meta.get("nonempty") and not value:
             raise ConfigError(f"{key} is empty; list at least one name")
         if meta.get("range"):
@@ -144,7 +156,9 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
             if low > high:
                 raise ConfigError(f"{key} = {value!r}: low > high; write [{value[1]}, {value[0]}]")
             if meta["range"] == "log" and low <= 0:
-                raise ConfigError(f"{key} = {value!r} is searched on a log scale; both ends must be > 0")
+                raise ConfigError(
+                    f"{key} = {value!r} is searched on a log scale; both ends must be > 0"
+                )
             return [low, high]
         if len(set(value)) != len(value):
             raise ConfigError(f"{key} lists a name twice: {value!r}")
@@ -153,12 +167,15 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer, got {_type_name(value)} {value!r}")
     elif hint.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+        ):
             raise ConfigError(f"{key} must be a number, got {_type_name(value)} {value!r}")
         value = float(value)
-    elif hint.startswith("str"):
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {_type_name(value)} {value!r}")
+    elif hint.startswith("str") and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {_type_name(value)} {value!r}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(
             f"{key} = {value!r} is not allowed{did_you_mean(value, meta['choices'])}; "
@@ -197,7 +214,9 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
     base_dir = path.parent.resolve() if path else Path.cwd()
     name = raw.get("name", path.stem if path else None)
     if not isinstance(name, str) or not name.strip():
-        raise ConfigError("name must be a non-empty string (it names the study and its output folder)")
+        raise ConfigError(
+            "name must be a non-empty string (it names the study and its output folder)"
+        )
     if any(c in name for c in "/\\") or name in (".", ".."):
         raise ConfigError(f"name {name!r} must not contain path separators")
     plugins = raw.get("plugins", [])
@@ -205,7 +224,9 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
         raise ConfigError(f"plugins must be a list of module names or .py paths, got {plugins!r}")
     weights = raw.get("weights", {})
     if not isinstance(weights, dict) or not all(isinstance(v, str) for v in weights.values()):
-        raise ConfigError('[weights] must map backbone names to "none", "timm", "timm:TAG" or a file path')
+        raise ConfigError(
+            '[weights] must map backbone names to "none", "timm", "timm:TAG" or a file path'
+        )
     sections = {k: _section(k, cls, raw.get(k, {})) for k, cls in _SECTIONS.items()}
     config = StudyConfig(
         name=name,
@@ -238,7 +259,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
     if path.is_dir() and (path.parent / f"{path.name}.toml").is_file():
         path = path.parent / f"{path.name}.toml"  # accept the output folder for the study file
     if not path.is_file():
-        raise ConfigError(f"study file {path} does not exist; pass a .toml file such as studies/digits.toml")
+        raise ConfigError(
+            f"study file {path} does not exist; pass a .toml file such as studies/digits.toml"
+        )
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

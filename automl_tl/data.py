@@ -189,7 +189,9 @@ def _local_cache_key(records: list[Record], image_size: int) -> str:
     return h.hexdigest()[:20]
 
 
-def _stratified(indices: np.ndarray, labels: np.ndarray, fraction: float, rng) -> tuple[np.ndarray, np.ndarray]:
+def _stratified(
+    indices: np.ndarray, labels: np.ndarray, fraction: float, rng
+) -> tuple[np.ndarray, np.ndarray]:
     """Split ``indices`` into (rest, taken) with ``fraction`` of each class taken (at least one)."""
     taken, rest = [], []
     for cls in np.unique(labels[indices]):
@@ -202,11 +204,18 @@ def _stratified(indices: np.ndarray, labels: np.ndarray, fraction: float, rng) -
 
 
 def assign_splits(
-    records: list[Record], class_names: list[str], val_fraction: float, test_fraction: float, seed: int
+    records: list[Record],
+    class_names: list[str],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
 ) -> dict[str, np.ndarray]:
     """Indices of train / val / test: the source's own splits where it has them, else stratified."""
     labels = np.array([class_names.index(r.label) for r in records])
-    fixed = {s: np.array([i for i, r in enumerate(records) if r.split == s], dtype=np.int64) for s in SPLIT_NAMES}
+    fixed = {
+        s: np.array([i for i, r in enumerate(records) if r.split == s], dtype=np.int64)
+        for s in SPLIT_NAMES
+    }
     unassigned = np.array([i for i, r in enumerate(records) if r.split is None], dtype=np.int64)
     rng = np.random.default_rng(seed)
     pool = np.sort(np.concatenate([fixed["train"], unassigned]))
@@ -251,12 +260,21 @@ def _build_cache(records: list[Record], image_size: int, path: Path) -> list[tup
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     bad: list[tuple[int, str]] = []
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(records), 3, image_size, image_size))
+    arr = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np.uint8, shape=(len(records), 3, image_size, image_size)
+    )
     try:
-        for i, record in enumerate(tqdm(records, desc="decoding images", unit="img", disable=None, leave=False)):
+        for i, record in enumerate(
+            tqdm(records, desc="decoding images", unit="img", disable=None, leave=False)
+        ):
             try:
                 arr[i] = decode_image(record.image, image_size)
-            except (OSError, ValueError, SyntaxError, DataError) as exc:  # PIL's errors for bad files
+            except (
+                OSError,
+                ValueError,
+                SyntaxError,
+                DataError,
+            ) as exc:  # PIL's errors for bad files
                 bad.append((i, f"{type(exc).__name__}: {exc}"))
         arr.flush()
         del arr
@@ -271,7 +289,9 @@ def _build_cache(records: list[Record], image_size: int, path: Path) -> list[tup
     return [tuple(b) for b in bad]
 
 
-def decoded_images(records: list[Record], image_size: int, cache_dir: Path | None) -> tuple[np.ndarray, list[tuple[int, str]]]:
+def decoded_images(
+    records: list[Record], image_size: int, cache_dir: Path | None
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """All records decoded at ``image_size`` (memory-mapped from the cache when there is one)."""
     if cache_dir is None:
         bad, out = [], np.zeros((len(records), 3, image_size, image_size), np.uint8)
@@ -326,16 +346,20 @@ def prepare_data(
     present = Counter(r.label for r in records)
     empty = [c for c in class_names if present[c] == 0]
     if empty:
-        raise DataError(f"class(es) {empty} have no usable images; add images or remove the class folder")
+        raise DataError(
+            f"class(es) {empty} have no usable images; add images or remove the class folder"
+        )
     train_labels = {r.label for r in records if r.split in (None, "train")}
     only_eval = sorted(set(present) - train_labels)
     if only_eval:
-        raise DataError(f"class(es) {only_eval} appear only in val/test, never in train; add training images")
+        raise DataError(
+            f"class(es) {only_eval} appear only in val/test, never in train; add training images"
+        )
     counts = sorted(present.values())
     if counts[-1] >= 10 * counts[0]:
         warnings.warn(
             f"severe class imbalance: {dict(sorted(present.items()))}; consider "
-            "metric = \"balanced_accuracy\" or \"macro_f1\"",
+            'metric = "balanced_accuracy" or "macro_f1"',
             stacklevel=2,
         )
     indices = assign_splits(records, class_names, val_fraction, test_fraction, seed)

@@ -57,7 +57,13 @@ def export_model(
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
-        backbone.export(model.cpu().float().eval(), staging, label_names, data_config, {"study_metrics": "metrics.json"})
+        backbone.export(
+            model.cpu().float().eval(),
+            staging,
+            label_names,
+            data_config,
+            {"study_metrics": "metrics.json"},
+        )
         write_json_atomic(staging / "metrics.json", metrics)
         digest = sha256_file(staging / "model.safetensors")
         old = None
@@ -96,7 +102,9 @@ class LoadedModel:
             x = images if images.ndim == 4 else images.unsqueeze(0)
             x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
             if x.shape[-2:] != (self.image_size, self.image_size):
-                x = torch.nn.functional.interpolate(x, size=(self.image_size,) * 2, mode="bicubic", antialias=True).clamp(0, 1)
+                x = torch.nn.functional.interpolate(
+                    x, size=(self.image_size,) * 2, mode="bicubic", antialias=True
+                ).clamp(0, 1)
         else:
             arrays = []
             for image in images:
@@ -111,7 +119,9 @@ class LoadedModel:
         return ((x - mean) / std).to(self.device)
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[Any] | torch.Tensor, top_k: int = 1) -> list[list[tuple[str, float]]]:
+    def predict(
+        self, images: Sequence[Any] | torch.Tensor, top_k: int = 1
+    ) -> list[list[tuple[str, float]]]:
         """Top-k (label, probability) per image."""
         probs = self.model(self.preprocess(images)).float().softmax(-1).cpu()
         k = min(top_k, probs.shape[1])
@@ -154,7 +164,9 @@ def load_model(directory: str | Path, device: str = "cpu", registry=None) -> Loa
 
             registry = Registry.from_plugin_manager(get_plugin_manager()[0])
         backbone = config.get("automl_tl", {}).get("backbone", architecture)
-        model = registry.get("backbones", backbone).create(len(label_names), weights="none", image_size=data_config.input_size[-1])
+        model = registry.get("backbones", backbone).create(
+            len(label_names), weights="none", image_size=data_config.input_size[-1]
+        )
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
     device_t = torch.device(device)
     return LoadedModel(model.to(device_t).eval(), list(label_names), data_config, device_t)
@@ -166,8 +178,10 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             found += sorted(
-                f for f in p.rglob("*")
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in IMAGE_SUFFIXES
                 and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
         elif p.is_file():
@@ -179,7 +193,9 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
-def predict_paths(model: LoadedModel, paths: Iterable[str | Path], top_k: int = 1, batch_size: int = 64) -> list[dict[str, Any]]:
+def predict_paths(
+    model: LoadedModel, paths: Iterable[str | Path], top_k: int = 1, batch_size: int = 64
+) -> list[dict[str, Any]]:
     """One row per image: path, label, score (and the top-k list)."""
     from .data import decode_image
 
@@ -193,7 +209,14 @@ def predict_paths(model: LoadedModel, paths: Iterable[str | Path], top_k: int = 
                 arrays.append(torch.from_numpy(decode_image(f, model.image_size)))
                 ok.append(f)
             except Exception as exc:  # one bad file must not stop the others
-                rows.append({"path": str(f), "label": None, "score": None, "error": f"{type(exc).__name__}: {exc}"})
+                rows.append(
+                    {
+                        "path": str(f),
+                        "label": None,
+                        "score": None,
+                        "error": f"{type(exc).__name__}: {exc}",
+                    }
+                )
         if not arrays:
             continue
         preds = model.predict(torch.stack(arrays), top_k=top_k)

@@ -39,7 +39,9 @@ def trial_started(study_name: str, trial_number: int, params: dict[str, Any]) ->
 
 
 @hookspec
-def epoch_finished(study_name: str, trial_number: int, epoch: int, metrics: dict[str, float]) -> None:
+def epoch_finished(
+    study_name: str, trial_number: int, epoch: int, metrics: dict[str, float]
+) -> None:
     """A trial finished an epoch (0-based); metrics hold train_loss, val scores, lr, seconds."""
 
 

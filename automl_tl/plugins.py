@@ -71,7 +71,9 @@ def load_plugin(pm: pluggy.PluginManager, spec: str, base_dir: Path | None = Non
         if not path.is_absolute() and base_dir is not None and not path.exists():
             path = base_dir / path
         if not path.is_file():
-            raise PluginError(f"plugin file {spec} does not exist; give a module name or a .py path")
+            raise PluginError(
+                f"plugin file {spec} does not exist; give a module name or a .py path"
+            )
         try:
             module = _import_file(path.resolve())
         except PluginError:
@@ -86,8 +88,15 @@ def load_plugin(pm: pluggy.PluginManager, spec: str, base_dir: Path | None = Non
             raise _describe_import_failure(spec, exc) from exc
         info = PluginInfo(name=spec, source="module", location=getattr(module, "__file__", None))
     if pm.get_plugin(info.name) is None and not pm.is_registered(module):
-        pm.register(module, name=info.name)
+        _register(pm, module, info.name)
     return info
+
+
+def _register(pm: pluggy.PluginManager, module, name: str) -> None:
+    try:
+        pm.register(module, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {name!r} does not match the hook specifications: {exc}") from exc
 
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
@@ -108,7 +117,9 @@ def get_plugin_manager(
         infos[name] = PluginInfo(name=name, source="default", location=module.__file__)
 
     allowed = os.environ.get(LOAD_PLUGINS_ENV)
-    allowed_names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    allowed_names = (
+        None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    )
     for ep in _entry_points():
         if allowed_names is not None and ep.name not in allowed_names:
             continue
@@ -117,7 +128,7 @@ def get_plugin_manager(
         except Exception as exc:
             raise _describe_import_failure(f"{ep.name!r} (entry point {ep.value})", exc) from exc
         if pm.get_plugin(ep.name) is None:
-            pm.register(module, name=ep.name)
+            _register(pm, module, ep.name)
         dist = ep.dist
         infos[ep.name] = PluginInfo(
             name=ep.name,

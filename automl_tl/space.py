@@ -15,7 +15,15 @@ import optuna
 from .config import StudyConfig
 from .train import Choice
 
-PARAM_NAMES = ("backbone", "augmentation", "aug_strength", "unfreeze", "unfreeze_depth", "lr", "weight_decay")
+PARAM_NAMES = (
+    "backbone",
+    "augmentation",
+    "aug_strength",
+    "unfreeze",
+    "unfreeze_depth",
+    "lr",
+    "weight_decay",
+)
 
 
 def suggest(trial: optuna.Trial, config: StudyConfig) -> Choice:
@@ -27,7 +35,9 @@ def suggest(trial: optuna.Trial, config: StudyConfig) -> Choice:
     unfreeze = trial.suggest_categorical("unfreeze", s.unfreeze)
     depth = trial.suggest_float("unfreeze_depth", 0.0, 1.0)
     lr = trial.suggest_float("lr", s.lr[0], s.lr[1], log=True)
-    weight_decay = trial.suggest_float("weight_decay", s.weight_decay[0], s.weight_decay[1], log=True)
+    weight_decay = trial.suggest_float(
+        "weight_decay", s.weight_decay[0], s.weight_decay[1], log=True
+    )
     return Choice(
         backbone=backbone,
         weights=config.weights_for(backbone),

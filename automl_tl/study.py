@@ -22,7 +22,7 @@ from .catalog import Catalog
 from .config import StudyConfig
 from .data import Splits, prepare_data
 from .errors import DataError, UserError
-from .export import export_model, write_json_atomic
+from .export import export_model
 from .registry import Registry
 from .space import choice_from_params, suggest
 from .train import EpochResult, evaluate, fit, resolve_device
@@ -59,9 +59,13 @@ def make_storage(config: StudyConfig) -> optuna.storages.BaseStorage:
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None
+        )
     except Exception as exc:
-        raise UserError(f"cannot open storage {redact(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise UserError(
+            f"cannot open storage {redact(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from exc
 
 
 def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -88,7 +92,9 @@ def _startup_trials(config: StudyConfig) -> int:
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
     name, epochs = config.search.pruner, config.search.epochs
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=epochs, reduction_factor=3
+        )
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
     return optuna.pruners.NopPruner()
@@ -106,7 +112,12 @@ def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
             load_if_exists=True,
         )
     try:
-        return optuna.load_study(study_name=config.name, storage=storage, sampler=make_sampler(config), pruner=make_pruner(config))
+        return optuna.load_study(
+            study_name=config.name,
+            storage=storage,
+            sampler=make_sampler(config),
+            pruner=make_pruner(config),
+        )
     except KeyError as exc:
         raise UserError(
             f"no study named {config.name!r} in {redact(config.storage_url)}; run `automl-tl search` first"
@@ -150,7 +161,8 @@ def check_data(study: optuna.Study, splits: Splits) -> None:
         changes.append("the train/val/test assignment changed (seed or fractions)")
     if changes:
         raise DataError(
-            f"the data no longer matches study {study.study_name!r}: " + "; ".join(changes)
+            f"the data no longer matches study {study.study_name!r}: "
+            + "; ".join(changes)
             + ". Restore the original data, or give the study a new name to start over."
         )
 
@@ -187,7 +199,14 @@ class SearchOutcome:
 
 
 class _Search:
-    def __init__(self, config: StudyConfig, registry: Registry, pm: pluggy.PluginManager, splits: Splits, device) -> None:
+    def __init__(
+        self,
+        config: StudyConfig,
+        registry: Registry,
+        pm: pluggy.PluginManager,
+        splits: Splits,
+        device,
+    ) -> None:
         self.config, self.registry, self.hook, self.splits = config, registry, pm.hook, splits
         self.device = resolve_device(device)
         self.catalog = Catalog(config.output_dir / "catalog.db")
@@ -200,19 +219,36 @@ class _Search:
         name = self.config.name
         choice = suggest(trial, self.config)
         trial.set_user_attr("device", str(self.device))
-        self.hook.trial_started(study_name=name, trial_number=trial.number, params=dict(trial.params))
+        self.hook.trial_started(
+            study_name=name, trial_number=trial.number, params=dict(trial.params)
+        )
 
         def on_epoch(r: EpochResult) -> None:
-            metrics = {"train_loss": r.train_loss, "lr": r.lr, "seconds": r.seconds, "images_per_s": r.images_per_s, "val": r.val}
+            metrics = {
+                "train_loss": r.train_loss,
+                "lr": r.lr,
+                "seconds": r.seconds,
+                "images_per_s": r.images_per_s,
+                "val": r.val,
+            }
             self.catalog.record_epoch(name, trial.number, r.epoch, metrics)
-            self.hook.epoch_finished(study_name=name, trial_number=trial.number, epoch=r.epoch, metrics=metrics)
+            self.hook.epoch_finished(
+                study_name=name, trial_number=trial.number, epoch=r.epoch, metrics=metrics
+            )
             trial.set_user_attr("epochs_run", r.epoch + 1)
             trial.report(r.val[self.metric], r.epoch + 1)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {r.epoch + 1}")
 
         try:
-            result = fit(choice, self.splits, self.registry, device=self.device, seed=self.config.data.seed + trial.number, on_epoch=on_epoch)
+            result = fit(
+                choice,
+                self.splits,
+                self.registry,
+                device=self.device,
+                seed=self.config.data.seed + trial.number,
+                on_epoch=on_epoch,
+            )
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
@@ -234,8 +270,11 @@ class _Search:
         name = self.config.name
         self.catalog.record_trial(name, trial)
         self.hook.trial_finished(
-            study_name=name, trial_number=trial.number, state=trial.state.name,
-            value=trial.value if trial.values else None, attrs=dict(trial.user_attrs),
+            study_name=name,
+            trial_number=trial.number,
+            state=trial.state.name,
+            value=trial.value if trial.values else None,
+            attrs=dict(trial.user_attrs),
         )
         try:
             best = study.best_trial
@@ -248,8 +287,20 @@ class _Search:
             outcome = f"pruned at epoch {trial.user_attrs.get('epochs_run', '?')}"
         else:
             outcome = f"failed: {trial.user_attrs.get('fail_reason', 'unknown')}"
-        duration = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else 0.0
-        log.info("trial %3d %-8s %s  %s  %.1fs  %s", trial.number, trial.state.name, outcome, _describe(trial.params), duration, best_text)
+        duration = (
+            (trial.datetime_complete - trial.datetime_start).total_seconds()
+            if trial.datetime_complete
+            else 0.0
+        )
+        log.info(
+            "trial %3d %-8s %s  %s  %.1fs  %s",
+            trial.number,
+            trial.state.name,
+            outcome,
+            _describe(trial.params),
+            duration,
+            best_text,
+        )
         if trial.state == TrialState.FAIL:
             self.consecutive_failures.append(trial.user_attrs.get("fail_reason", "unknown"))
             limit = self.config.search.max_consecutive_failures
@@ -286,8 +337,14 @@ def search(
     budget = config.search.n_trials
     log.info(
         "study %r: %d classes, %d/%d/%d train/val/test images, %d of %d trials already finished, storage %s",
-        config.name, len(splits.class_names), len(splits.train), len(splits.val), len(splits.test),
-        already, budget, redact(config.storage_url),
+        config.name,
+        len(splits.class_names),
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
+        already,
+        budget,
+        redact(config.storage_url),
     )
     if already < budget:
         study.optimize(
@@ -307,7 +364,9 @@ def search(
         )
     outcome = SearchOutcome(study, count_finished(study), runner.ran, best)
     if retrain_best and best is not None:
-        outcome.model_dir, outcome.metrics = retrain(config, registry, device=device, study=study, splits=splits)
+        outcome.model_dir, outcome.metrics = retrain(
+            config, registry, device=device, study=study, splits=splits
+        )
     return outcome
 
 
@@ -324,7 +383,11 @@ def check_names(config: StudyConfig, registry: Registry) -> None:
     from .data import parse_source
 
     s = config.search
-    for kind, names in (("backbones", s.backbones), ("augmentation_policies", s.augmentations), ("unfreeze_strategies", s.unfreeze)):
+    for kind, names in (
+        ("backbones", s.backbones),
+        ("augmentation_policies", s.augmentations),
+        ("unfreeze_strategies", s.unfreeze),
+    ):
         for name in names:
             registry.get(kind, name)
     registry.get("datasets", parse_source(config.data.source)[0])
@@ -358,7 +421,9 @@ def retrain(
     else:
         trials = {t.number: t for t in study.get_trials(deepcopy=False)}
         if trial_number not in trials or not trials[trial_number].params:
-            raise UserError(f"study {config.name!r} has no trial {trial_number}; see `automl-tl report`")
+            raise UserError(
+                f"study {config.name!r} has no trial {trial_number}; see `automl-tl report`"
+            )
         trial = trials[trial_number]
         directory = config.output_dir / "models" / f"trial-{trial_number}"
     choice = choice_from_params(trial.params, config)
@@ -366,7 +431,15 @@ def retrain(
     on = config.retrain.on
     log.info("retraining trial %d on %s: %s", trial.number, on, _describe(trial.params))
     started = time.perf_counter()
-    result = fit(choice, splits, registry, device=device_t, seed=config.data.seed + trial.number, train_on=on, evaluate_on=None)
+    result = fit(
+        choice,
+        splits,
+        registry,
+        device=device_t,
+        seed=config.data.seed + trial.number,
+        train_on=on,
+        evaluate_on=None,
+    )
     num_classes = len(splits.class_names)
     test = evaluate(result.model, splits.test, num_classes, result.data_config, device_t)
     if on == "train":
@@ -385,11 +458,25 @@ def retrain(
         "test": test,
         "data": splits.summary(),
     }
-    digest = export_model(result.model, result.backbone, directory, splits.class_names, result.data_config, metrics)
-    Catalog(config.output_dir / "catalog.db").record_model(
-        config.name, trial.number, directory, choice.backbone, dict(trial.params), splits.fingerprint, metrics, digest
+    digest = export_model(
+        result.model, result.backbone, directory, splits.class_names, result.data_config, metrics
     )
-    log.info("test %s %.4f; model written to %s", config.search.metric, test[config.search.metric], directory)
+    Catalog(config.output_dir / "catalog.db").record_model(
+        config.name,
+        trial.number,
+        directory,
+        choice.backbone,
+        dict(trial.params),
+        splits.fingerprint,
+        metrics,
+        digest,
+    )
+    log.info(
+        "test %s %.4f; model written to %s",
+        config.search.metric,
+        test[config.search.metric],
+        directory,
+    )
     return directory, metrics
 
 
@@ -402,7 +489,11 @@ def report(config: StudyConfig) -> dict[str, Any]:
     study = open_study(config, create=False)
     trials = []
     for t in study.get_trials(deepcopy=False):
-        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        duration = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None
+        )
         value = t.value if t.values else None
         if value is not None and not math.isfinite(value):
             value = None
@@ -417,12 +508,20 @@ def report(config: StudyConfig) -> dict[str, Any]:
                 "fail_reason": t.user_attrs.get("fail_reason"),
             }
         )
-    out = {"study": config.name, "metric": config.search.metric, "best": best_summary(study), "trials": trials}
+    out = {
+        "study": config.name,
+        "metric": config.search.metric,
+        "best": best_summary(study),
+        "trials": trials,
+    }
     metrics_path = config.output_dir / "best" / "metrics.json"
     if metrics_path.is_file():
         import json
 
         m = json.loads(metrics_path.read_text())
-        out["best_model"] = {"path": str(metrics_path.parent), "trial": m.get("trial"), "test": {k: v for k, v in m.get("test", {}).items() if k != "confusion_matrix"}}
+        out["best_model"] = {
+            "path": str(metrics_path.parent),
+            "trial": m.get("trial"),
+            "test": {k: v for k, v in m.get("test", {}).items() if k != "confusion_matrix"},
+        }
     return out
-

@@ -94,7 +94,11 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, Any]:
     predicted = cm.sum(0)
     recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
     precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-12), torch.zeros_like(tp))
+    f1 = torch.where(
+        precision + recall > 0,
+        2 * precision * recall / (precision + recall).clamp(min=1e-12),
+        torch.zeros_like(tp),
+    )
     present = support > 0
     return {
         "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
@@ -131,7 +135,9 @@ def evaluate(
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = model(x).argmax(1)
-        confusion += torch.bincount(yb * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
+        confusion += torch.bincount(yb * num_classes + pred, minlength=num_classes**2).view(
+            num_classes, num_classes
+        )
     return classification_metrics(confusion.cpu())
 
 
@@ -147,7 +153,9 @@ def set_trainable(model: nn.Module, trainable: set[str]) -> None:
                 module.eval()
 
 
-def _optimizer(model: nn.Module, strategy: UnfreezeStrategy, groups, head, depth: int, choice: Choice):
+def _optimizer(
+    model: nn.Module, strategy: UnfreezeStrategy, groups, head, depth: int, choice: Choice
+):
     named = dict(model.named_parameters())
     param_groups = []
     for group in strategy.param_groups(groups, head, depth):
@@ -189,7 +197,9 @@ def fit(
 
     model = backbone.create(num_classes, weights=choice.weights, image_size=data.image_size)
     data_config = backbone.data_config(model)
-    data_config = DataConfig((3, data.image_size, data.image_size), data_config.mean, data_config.std)
+    data_config = DataConfig(
+        (3, data.image_size, data.image_size), data_config.mean, data_config.std
+    )
     groups = backbone.layer_groups(model)
     head = backbone.head_parameters(model)
     depth = depth_to_groups(choice.unfreeze_depth, len(groups))
@@ -203,7 +213,9 @@ def fit(
     optimizer = _optimizer(model, strategy, groups, head, depth, choice)
 
     train = data.part(train_on)
-    steps_per_epoch = max(1, len(train) // choice.batch_size + (len(train) % choice.batch_size >= 2))
+    steps_per_epoch = max(
+        1, len(train) // choice.batch_size + (len(train) % choice.batch_size >= 2)
+    )
     total_steps = steps_per_epoch * choice.epochs
     warmup = min(steps_per_epoch, max(1, total_steps // 10))
 
@@ -224,7 +236,9 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         seen = 0
         lr_now = optimizer.param_groups[0]["lr"]
-        for xb, yb in batches(train, choice.batch_size, device=device, shuffle=True, generator=generator, min_batch=2):
+        for xb, yb in batches(
+            train, choice.batch_size, device=device, shuffle=True, generator=generator, min_batch=2
+        ):
             x = xb.float().div_(255.0)
             with torch.no_grad():
                 x = augment(x)

@@ -65,7 +65,9 @@ def load_weights(model: nn.Module, path: str | Path, head: list[str]) -> None:
         if is_head and (key not in own or own[key].shape != state[key].shape):
             dropped.append(key)
             del state[key]
-    missing = [k for k in own if k not in state and not (k in head_keys or k.startswith(head_prefixes))]
+    missing = [
+        k for k in own if k not in state and not (k in head_keys or k.startswith(head_prefixes))
+    ]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
     if missing or unexpected or mismatched:
@@ -75,10 +77,14 @@ def load_weights(model: nn.Module, path: str | Path, head: list[str]) -> None:
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:10]}{' …' if len(unexpected) > 10 else ''}")
         if mismatched:
-            shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:5]]
+            shapes = [
+                f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in mismatched[:5]
+            ]
             parts.append("shape mismatches " + "; ".join(shapes))
         raise UserError(
-            f"weights file {path} does not fit {type(model).__name__}: " + ", ".join(parts)
+            f"weights file {path} does not fit {type(model).__name__}: "
+            + ", ".join(parts)
             + ". Point [weights] at a file saved from the same architecture."
         )
     model.load_state_dict(state, strict=False)

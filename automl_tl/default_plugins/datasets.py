@@ -63,7 +63,9 @@ def _digit_subset(argument: str) -> list[str]:
     except ValueError:
         digits = []
     if not digits or any(d < 0 or d > 9 for d in digits):
-        raise DataError(f"digits:{argument} is not a digit range; write e.g. 'digits:0-4' or 'digits:5,7'")
+        raise DataError(
+            f"digits:{argument} is not a digit range; write e.g. 'digits:0-4' or 'digits:5,7'"
+        )
     return [str(d) for d in digits]
 
 
@@ -97,7 +99,9 @@ class Folder(DatasetSource):
         split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
         if split_dirs:
             if not (root / "train").is_dir():
-                raise DataError(f"{root} has {', '.join(d.name for d in split_dirs)}/ but no train/ folder")
+                raise DataError(
+                    f"{root} has {', '.join(d.name for d in split_dirs)}/ but no train/ folder"
+                )
             for split_dir in split_dirs:
                 for cls in _class_folders(split_dir):
                     records += [Record(str(p), cls.name, split_dir.name) for p in _images_in(cls)]
@@ -125,7 +129,9 @@ class CsvManifest(DatasetSource):
             reader = csv.DictReader(f)
             fields = [c.strip() for c in reader.fieldnames or []]
             if "path" not in fields or "label" not in fields:
-                raise DataError(f"{path} must have a header with columns path,label (found {fields})")
+                raise DataError(
+                    f"{path} must have a header with columns path,label (found {fields})"
+                )
             records = []
             for line_no, row in enumerate(reader, start=2):
                 row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
@@ -133,7 +139,9 @@ class CsvManifest(DatasetSource):
                     raise DataError(f"{path}:{line_no}: empty path or label")
                 split = row.get("split") or None
                 if split is not None and split not in SPLITS:
-                    raise DataError(f"{path}:{line_no}: split {split!r} is not one of train, val, test")
+                    raise DataError(
+                        f"{path}:{line_no}: split {split!r} is not one of train, val, test"
+                    )
                 image = Path(row["path"]).expanduser()
                 if not image.is_absolute():
                     image = path.parent / image

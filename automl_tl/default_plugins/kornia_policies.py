@@ -61,7 +61,9 @@ class _Policy(AugmentationPolicy):
 
 def _flip_crop(s: float, size: int) -> nn.Module:
     return nn.Sequential(
-        K.RandomResizedCrop((size, size), scale=(1.0 - 0.6 * s, 1.0), ratio=(1 - 0.25 * s, 1 + 0.25 * s)),
+        K.RandomResizedCrop(
+            (size, size), scale=(1.0 - 0.6 * s, 1.0), ratio=(1 - 0.25 * s, 1 + 0.25 * s)
+        ),
         K.RandomHorizontalFlip(p=0.5 * s),
     )
 

@@ -40,7 +40,9 @@ class TimmBackbone(Backbone):
                 pass
         return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes)
 
-    def create(self, num_classes: int, weights: str = "none", image_size: int | None = None) -> nn.Module:
+    def create(
+        self, num_classes: int, weights: str = "none", image_size: int | None = None
+    ) -> nn.Module:
         if weights in ("none", "", None):
             return self._create(num_classes, False, self.name, image_size)
         if weights == "timm" or weights.startswith("timm:"):

@@ -1,8 +1,9 @@
 """Unfreeze strategies. ``depth`` = number of body layer groups trained, counted from the top.
 
 - ``top_k``: the top ``depth`` groups and the head train from the first epoch.
-- ``gradual``: the head alone first, then one more group per epoch, up to ``depth``
-  (ULMFiT-style gradual unfreezing).
+- ``gradual``: the head alone in the first epoch, then groups unfreeze top-down, spread
+  evenly so that all ``depth`` groups train in the last epoch (one more per epoch when
+  there are enough epochs; ULMFiT-style gradual unfreezing).
 - ``lp_ft``: a linear probe for the first half of the epochs, then the top ``depth`` groups
   are fine-tuned too (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features").
 - ``layer_decay``: the top ``depth`` groups train, the learning rate shrinking by
@@ -12,6 +13,8 @@ Depth 0 is a linear probe for every strategy.
 """
 
 from __future__ import annotations
+
+import math
 
 from automl_tl import hookimpl
 from automl_tl.components import LayerGroup, ParamGroup, UnfreezeStrategy
@@ -36,10 +39,11 @@ class TopK(UnfreezeStrategy):
 
 class Gradual(TopK):
     name = "gradual"
-    description = "head first, then one more group per epoch up to k"
+    description = "head first, then unfreeze top-down until k groups train in the last epoch"
 
     def trainable(self, epoch, epochs, groups, head, depth):
-        return set(head) | set(_flat(_top(groups, min(epoch, depth))))
+        unfrozen = math.ceil(depth * epoch / max(1, epochs - 1))
+        return set(head) | set(_flat(_top(groups, unfrozen)))
 
 
 class LinearProbeThenFineTune(TopK):
