@@ -244,12 +244,12 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
                 f"{', '.join(config.search.backbones)}"
             )
         resolved = config.weights_for(backbone)
-        if resolved not in ("none", "timm") and not resolved.startswith("timm:"):
-            if not Path(resolved).is_file():
-                raise ConfigError(
-                    f"[weights] {backbone} = {value!r}: file {resolved} does not exist; "
-                    'use "none", "timm", "timm:TAG" or the path to a weights file'
-                )
+        is_file_source = resolved not in ("none", "timm") and not resolved.startswith("timm:")
+        if is_file_source and not Path(resolved).is_file():
+            raise ConfigError(
+                f"[weights] {backbone} = {value!r}: file {resolved} does not exist; "
+                'use "none", "timm", "timm:TAG" or the path to a weights file'
+            )
     return config
 
 

@@ -328,6 +328,7 @@ def search(
 ) -> SearchOutcome:
     """Run (or resume) the study until ``n_trials`` trials have finished; then retrain the best."""
     check_names(config, registry)
+    check_backbones_run(config, registry)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     splits = load_splits(config, registry)
     study = open_study(config)
@@ -391,6 +392,25 @@ def check_names(config: StudyConfig, registry: Registry) -> None:
         for name in names:
             registry.get(kind, name)
     registry.get("datasets", parse_source(config.data.source)[0])
+
+
+def check_backbones_run(config: StudyConfig, registry: Registry) -> None:
+    """Each backbone takes a batch at the study's image size (before hours of failed trials)."""
+    import torch
+
+    size = config.data.image_size
+    for name in config.search.backbones:
+        try:
+            model = (
+                registry.get("backbones", name).create(2, weights="none", image_size=size).eval()
+            )
+            with torch.no_grad():
+                model(torch.zeros(2, 3, size, size))
+        except Exception as exc:
+            raise UserError(
+                f"backbone {name!r} cannot run at [data] image_size = {size}: {_reason(exc)}. "
+                "Raise image_size or remove the backbone from [search] backbones."
+            ) from exc
 
 
 # ---------------------------------------------------------------------------------------------

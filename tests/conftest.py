@@ -38,7 +38,7 @@ def write_study(folder: Path, body: str, name: str = "tiny") -> Path:
 TINY_STUDY = """
 [data]
 source = "digits"
-image_size = 16
+image_size = 32
 seed = 0
 
 [search]
