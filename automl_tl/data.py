@@ -1,44 +1,165 @@
-"""Dataset sources -> decoded uint8 cache -> stratified, seeded splits -> batches on the device.
+"""Dataset sources -> checks -> decoded uint8 cache -> stratified, seeded splits -> batches.
 
 Images are decoded once, at the study's image size, into ``<output>/cache/images-<key>.npy``
-(``(N, 3, S, S)`` uint8, written to a temporary file and renamed, so an interrupted build is
-never used). Every trial and every worker on the node reads that file.
+(``(N, 3, S, S)`` uint8) plus a ``.json`` sidecar that lists the unreadable files. The build
+writes a temporary file and renames it, under a lock, so an interrupted build is never used
+and the workers of one node decode the data once between them. Every trial and every worker
+reads that file memory-mapped: splits up to :func:`in_memory_limit` bytes are copied into RAM
+(fast shuffling), larger ones stay mapped and each batch reads just its rows, so a dataset
+larger than RAM still trains.
+
+Before anything trains, the data is checked: unreadable files are listed by path
+(``[data] on_bad_image``), and class problems (one class, an empty class, a class only in
+val/test, too few images to split, severe imbalance) are errors or warnings.
+:func:`check_source` runs every check without stopping at the first problem
+(``automl-tl check-data``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import socket
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .components import Dataset, Record
-from .errors import DataError
+from .errors import DataError, did_you_mean
 from .registry import Registry
 
-CACHE_VERSION = 1
+log = logging.getLogger("automl_tl")
+
+CACHE_VERSION = 2
 SPLIT_NAMES = ("train", "val", "test")
-#: RGBA / LA / palette-with-transparency images are composited on this background.
+#: RGBA / LA / palette-with-transparency images are composited on this background (white).
 ALPHA_BACKGROUND = (255, 255, 255)
+#: Image modes decoded to RGB; others (LAB, HSV, …) would need colour management: bad files.
+SUPPORTED_MODES = frozenset(
+    {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr", "I", "F"}
+    | {"I;16", "I;16B", "I;16L", "I;16N"}
+)
+#: A class with this many times the images of the smallest class triggers a warning.
+IMBALANCE_RATIO = 10
+#: Environment variable: the largest split (in MB of decoded images) copied into RAM.
+IN_MEMORY_ENV = "AUTOML_TL_IN_MEMORY_MB"
+
+
+def in_memory_limit() -> int:
+    """Bytes of decoded images a split may take in RAM; larger splits stay memory-mapped.
+
+    ``AUTOML_TL_IN_MEMORY_MB`` if set, else 2 GiB or a quarter of physical memory,
+    whichever is smaller.
+    """
+    raw = os.environ.get(IN_MEMORY_ENV)
+    if raw:
+        try:
+            return int(float(raw) * 1024**2)
+        except ValueError:
+            raise DataError(f"{IN_MEMORY_ENV}={raw!r} is not a number of megabytes") from None
+    limit = 2 * 1024**3
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        limit = min(limit, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
+    return limit
+
+
+# ---------------------------------------------------------------------------------------------
+# splits
+
+
+def _read_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` read in file order (one sequential read where the rows are a range)."""
+    if len(rows) == 0:
+        return np.empty((0, *array.shape[1:]), dtype=array.dtype)
+    first, last = int(rows[0]), int(rows[-1])
+    if last - first == len(rows) - 1 and np.all(np.diff(rows) == 1):
+        return np.array(array[first : last + 1])
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+    out[order] = array[rows[order]]
+    return out
+
+
+class CachedImages:
+    """Rows of the memory-mapped decoded cache, read only when indexed.
+
+    Stands in for the ``(N, 3, S, S)`` uint8 tensor of a split too large for RAM: ``len``,
+    ``shape``, ``dtype`` and indexing (an int, a slice, an index tensor or array) work as on
+    the tensor and return a uint8 tensor holding just those rows.
+    """
+
+    dtype = torch.uint8
+    device = torch.device("cpu")
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray) -> None:
+        self.array = array
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.array.shape[1:]))
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.rows) * int(np.prod(self.array.shape[1:]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        rows = self.rows[index]
+        if np.ndim(rows) == 0:
+            return torch.from_numpy(np.array(self.array[int(rows)]))
+        return torch.from_numpy(_read_rows(self.array, rows))
+
+    def numpy(self) -> np.ndarray:
+        """Every row, read into RAM."""
+        return _read_rows(self.array, self.rows)
+
+    def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Every row as a tensor (read into RAM first), like ``Tensor.to``."""
+        return torch.from_numpy(self.numpy()).to(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"CachedImages(shape={tuple(self.shape)}, memory-mapped)"
+
+
+def _concat(a: torch.Tensor | CachedImages, b: torch.Tensor | CachedImages):
+    if isinstance(a, CachedImages) and isinstance(b, CachedImages) and a.array is b.array:
+        return CachedImages(a.array, np.concatenate([a.rows, b.rows]))
+    as_tensor = [x if isinstance(x, torch.Tensor) else x.to("cpu") for x in (a, b)]
+    return torch.cat(as_tensor)
 
 
 @dataclass
 class Split:
-    """Images ``x`` (N, 3, S, S) uint8 and labels ``y`` (N,) int64 of one split."""
+    """Images ``x`` (N, 3, S, S) uint8 and labels ``y`` (N,) int64 of one split.
 
-    x: torch.Tensor
+    ``x`` is a tensor in RAM, or :class:`CachedImages` (memory-mapped) for a split larger
+    than :func:`in_memory_limit`; both index the same way.
+    """
+
+    x: torch.Tensor | CachedImages
     y: torch.Tensor
     names: list[str] = field(default_factory=list)  # file path or "#index" per image
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.x, torch.Tensor)
 
 
 @dataclass
@@ -52,25 +173,68 @@ class Splits:
     image_size: int
     fingerprint: str  # identity of the records (location independent)
     split_hash: str  # identity of the train/val/test assignment
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    class_hashes: dict[str, str] = field(default_factory=dict)  # per-class identity
 
     def part(self, name: str) -> Split:
         """``"train"``, ``"val"``, ``"test"`` or ``"train+val"``."""
         if name == "train+val":
             return Split(
-                torch.cat([self.train.x, self.val.x]),
+                _concat(self.train.x, self.val.x),
                 torch.cat([self.train.y, self.val.y]),
                 self.train.names + self.val.names,
             )
         return getattr(self, name)
 
     def summary(self) -> dict:
+        """What the study stores to recognise its data (see :func:`describe_changes`)."""
+        counts = {}
+        for s in SPLIT_NAMES:
+            per_class = torch.bincount(getattr(self, s).y, minlength=len(self.class_names))
+            counts[s] = {c: int(n) for c, n in zip(self.class_names, per_class.tolist())}
         return {
             "classes": self.class_names,
             "sizes": {s: len(getattr(self, s)) for s in SPLIT_NAMES},
+            "counts": counts,
+            "class_hashes": self.class_hashes,
             "fingerprint": self.fingerprint,
             "split_hash": self.split_hash,
         }
+
+
+def describe_changes(stored: dict, current: dict) -> list[str]:
+    """What differs between the data a study was created with and the data found now."""
+    changes = []
+    old_classes, new_classes = stored.get("classes", []), current.get("classes", [])
+    if old_classes != new_classes:
+        gone = [c for c in old_classes if c not in new_classes]
+        new = [c for c in new_classes if c not in old_classes]
+        parts = [f"removed {gone}" if gone else "", f"added {new}" if new else ""]
+        changes.append(
+            "classes "
+            + (", ".join(p for p in parts if p) or "reordered")
+            + f" ({old_classes} -> {new_classes})"
+        )
+    old_counts, new_counts = stored.get("counts"), current.get("counts")
+    if old_counts and new_counts and not changes:
+        for split in SPLIT_NAMES:
+            for cls in new_classes:
+                a, b = old_counts.get(split, {}).get(cls, 0), new_counts[split].get(cls, 0)
+                if a != b:
+                    changes.append(f"{split}/{cls}: {a} -> {b} images")
+    elif stored.get("sizes") != current.get("sizes") and not changes:
+        changes.append(f"split sizes {stored.get('sizes')} -> {current.get('sizes')}")
+    if stored.get("fingerprint") != current.get("fingerprint") and not changes:
+        old_h, new_h = stored.get("class_hashes") or {}, current.get("class_hashes") or {}
+        touched = [c for c in new_classes if old_h and old_h.get(c) != new_h.get(c)]
+        changes.append(
+            f"files renamed, resized or relabelled in class(es) {touched}"
+            if touched
+            else "file names, sizes or labels changed"
+        )
+    if stored.get("split_hash") != current.get("split_hash") and not changes:
+        changes.append("the train/val/test assignment changed ([data] seed or fractions)")
+    return changes
 
 
 def parse_source(source: str) -> tuple[str, str | None]:
@@ -98,19 +262,30 @@ def _to_8bit(img):
     arr = np.asarray(img)
     if img.mode.startswith("I;16") or (arr.dtype == np.uint16):
         arr = arr.astype(np.float64) / 65535.0
+    elif img.mode == "F" and arr.size and float(np.nanmax(arr)) <= 1.0:
+        arr = arr.astype(np.float64)  # float images in [0, 1]
     elif img.mode in ("I", "F"):
         arr = arr.astype(np.float64)
-        hi = arr.max()
+        hi = arr.max() if arr.size else 0
         # 32-bit containers usually hold 16-bit data (PNG loads 16-bit as "I").
         arr = arr / (65535.0 if hi > 255 else 255.0)
+    arr = np.nan_to_num(arr, nan=0.0)
     return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), mode="L")
 
 
-def decode_image(image: str | Path | np.ndarray, size: int) -> np.ndarray:
+def decode_image(
+    image: str | Path | np.ndarray, size: int, *, info: dict[str, Any] | None = None
+) -> np.ndarray:
     """Decode one image to ``(3, size, size)`` uint8 RGB.
 
-    Applies EXIF orientation; converts grayscale, palette, CMYK and 16-bit images; composites
-    transparency on :data:`ALPHA_BACKGROUND`; resizes (bicubic, antialiased) to a square.
+    Applies EXIF orientation; converts grayscale, palette, CMYK and 16-bit images (by their
+    real range, so a 16-bit image does not come out white); composites transparency on
+    :data:`ALPHA_BACKGROUND`; resizes (bicubic, antialiased) to a square. Large JPEGs are
+    decoded at a reduced scale first (never below ``size``). ``info``, when given, receives
+    the file's ``format``, ``mode`` and ``size`` (width, height).
+
+    Raises whatever PIL raises for an unreadable file, and :class:`DataError` for an
+    unsupported mode.
     """
     from PIL import Image, ImageOps
 
@@ -119,12 +294,20 @@ def decode_image(image: str | Path | np.ndarray, size: int) -> np.ndarray:
         if arr.dtype != np.uint8:
             raise DataError(f"in-memory image has dtype {arr.dtype}; expected uint8")
         img = Image.fromarray(arr if arr.ndim == 2 or arr.shape[-1] in (3, 4) else arr.squeeze())
+        if info is not None:
+            info.update(format="array", mode=img.mode, size=img.size)
     else:
         with Image.open(image) as opened:
+            if info is not None:
+                info.update(format=opened.format, mode=opened.mode, size=opened.size)
+            if opened.format == "JPEG":
+                opened.draft(None, (size, size))  # DCT scaling: a 24 MP photo decodes fast
             opened.load()
             img = ImageOps.exif_transpose(opened) or opened
             img = img.copy()
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode not in SUPPORTED_MODES:
+        raise DataError(f"unsupported image mode {img.mode!r}")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         img = _to_8bit(img)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -139,8 +322,71 @@ def decode_image(image: str | Path | np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
+def bad_image_reason(exc: BaseException, image: str | Path | np.ndarray) -> str:
+    """A short, stable reason why ``image`` could not be decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(image, np.ndarray):
+        try:
+            if os.path.getsize(image) == 0:
+                return "empty file (0 bytes)"
+        except OSError:
+            return "file not found"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (no image format recognises it)"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"image too large ({text})"
+    if isinstance(exc, EOFError) or "truncated" in text.lower():
+        return "truncated image"
+    if isinstance(exc, DataError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _decode_into(
+    records: list[Record],
+    image_size: int,
+    out: np.ndarray | None,
+    infos: list[dict] | None = None,
+    desc: str = "decoding images",
+) -> list[tuple[int, str]]:
+    """Decode every record into ``out[i]`` (or only check it when ``out`` is None)."""
+    from tqdm.auto import tqdm
+
+    bad: list[tuple[int, str]] = []
+    bar = tqdm(
+        records,
+        desc=desc,
+        unit="img",
+        disable=None,
+        leave=False,
+        mininterval=0.5,
+        dynamic_ncols=True,
+    )
+    for i, record in enumerate(bar):
+        info: dict[str, Any] = {}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning, EXIF warnings
+                decoded = decode_image(record.image, image_size, info=info)
+        except MemoryError:
+            raise
+        except Exception as exc:  # any decoder error means this one file is unusable
+            bad.append((i, bad_image_reason(exc, record.image)))
+        else:
+            if out is not None:
+                out[i] = decoded
+        if infos is not None:
+            infos.append(info)
+    bar.close()
+    return bad
+
+
 # ---------------------------------------------------------------------------------------------
-# fingerprints and splits
+# fingerprints
 
 
 def _record_identity(record: Record, root: str | None) -> str:
@@ -168,13 +414,24 @@ def _common_root(records: list[Record]) -> str | None:
 def fingerprint(records: list[Record]) -> str:
     """A location-independent hash of the records: relative path, size, label, fixed split.
 
-    Copies of the same dataset on different nodes have the same fingerprint.
+    Copies of the same dataset on different nodes have the same fingerprint (modification
+    times differ between copies, so they are left out here; the local cache key has them).
     """
     root = _common_root(records)
     h = hashlib.sha256()
     for r in records:
         h.update(f"{_record_identity(r, root)}|{r.label}|{r.split or ''}\n".encode())
     return h.hexdigest()
+
+
+def _class_hashes(records: list[Record]) -> dict[str, str]:
+    """A short fingerprint per class, so a changed dataset can say which classes changed."""
+    root = _common_root(records)
+    hashes: dict[str, Any] = {}
+    for r in records:
+        h = hashes.setdefault(r.label, hashlib.sha256())
+        h.update(f"{_record_identity(r, root)}|{r.split or ''}\n".encode())
+    return {label: h.hexdigest()[:12] for label, h in sorted(hashes.items())}
 
 
 def _local_cache_key(records: list[Record], image_size: int) -> str:
@@ -187,6 +444,98 @@ def _local_cache_key(records: list[Record], image_size: int) -> str:
             except OSError:
                 h.update(b"missing")
     return h.hexdigest()[:20]
+
+
+# ---------------------------------------------------------------------------------------------
+# class checks and splits
+
+
+def _split_shortfall(records: list[Record], class_names: list[str]) -> str | None:
+    """Why the records cannot be split (a class too small for train + val + test), or None."""
+    fixed = {s for s in SPLIT_NAMES if any(r.split == s for r in records)}
+    need = 1 + ("val" not in fixed) + ("test" not in fixed)
+    counts = Counter(r.label for r in records if r.split in (None, "train"))
+    small = {c: counts[c] for c in class_names if 0 < counts[c] < need}
+    if not small:
+        return None
+    return (
+        "too few images to split: "
+        + ", ".join(f"class {k!r} has {v}" for k, v in sorted(small.items()))
+        + f"; each class needs at least {need} (train"
+        + (", val" if "val" not in fixed else "")
+        + (", test" if "test" not in fixed else "")
+        + "). Add images or remove the class."
+    )
+
+
+def check_classes(
+    records: list[Record], class_names: list[str], source: str
+) -> tuple[list[str], list[str]]:
+    """Errors and warnings about the classes of ``records`` (the readable images).
+
+    Errors: labels outside the class list, fewer than 2 classes, a class with no images
+    (an empty class folder), a class that appears only in val/test (often a folder spelled
+    differently there), a class too small to split. Warnings: a class missing from a fixed
+    val/ or test/ folder, severe imbalance.
+    """
+    errors: list[str] = []
+    warns: list[str] = []
+    labels = {r.label for r in records}
+    unknown = sorted(labels - set(class_names))
+    if unknown:
+        errors.append(f"labels {unknown} are not in the source's class list {class_names}")
+    if len(class_names) < 2:
+        errors.append(
+            f"{source} has {len(class_names)} class"
+            + (f" ({class_names[0]!r})" if class_names else "")
+            + "; a classifier needs at least 2"
+        )
+    per_split: dict[str | None, Counter] = {}
+    for r in records:
+        per_split.setdefault(r.split, Counter())[r.label] += 1
+    total = Counter(r.label for r in records)
+    fixed = [s for s in SPLIT_NAMES if s in per_split]
+    empty = [c for c in class_names if total[c] == 0]
+    if empty:
+        errors.append(
+            f"class(es) {empty} have no usable images (an empty class folder, or every image "
+            "in it unreadable); add images or remove the class"
+        )
+    train_pool = per_split.get("train", Counter()) + per_split.get(None, Counter())
+    train_classes = [c for c in class_names if train_pool[c]]
+    for cls in class_names:
+        if total[cls] and not train_pool[cls]:
+            where = ", ".join(f"{s}/ ({per_split[s][cls]})" for s in fixed if per_split[s][cls])
+            same = [c for c in train_classes if c.lower() == cls.lower()]
+            hint = f" (train/ has {same[0]!r})" if same else did_you_mean(cls, train_classes)
+            errors.append(
+                f"class {cls!r} appears only in {where}, never in train/{hint}; "
+                "train/, val/ and test/ must use the same class folder names"
+            )
+    folded: dict[str, list[str]] = {}
+    for cls in train_classes:
+        folded.setdefault(cls.strip().lower(), []).append(cls)
+    for same in folded.values():
+        if len(same) > 1:
+            warns.append(f"class names {same} differ only in case or spaces; they are separate")
+    for split in ("val", "test"):
+        if split in per_split:
+            missing = [c for c in train_classes if not per_split[split][c]]
+            if missing:
+                warns.append(
+                    f"class(es) {missing} have no images in {split}/; they are not scored there"
+                )
+    if not errors:
+        shortfall = _split_shortfall(records, class_names)
+        if shortfall:
+            errors.append(shortfall)
+    present = {c: total[c] for c in class_names if total[c]}
+    if len(present) >= 2 and max(present.values()) >= IMBALANCE_RATIO * min(present.values()):
+        warns.append(
+            f"severe class imbalance: {present} (images per class); consider "
+            '[search] metric = "balanced_accuracy" or "macro_f1"'
+        )
+    return errors, warns
 
 
 def _stratified(
@@ -219,18 +568,9 @@ def assign_splits(
     unassigned = np.array([i for i, r in enumerate(records) if r.split is None], dtype=np.int64)
     rng = np.random.default_rng(seed)
     pool = np.sort(np.concatenate([fixed["train"], unassigned]))
-    counts = Counter(labels[pool].tolist())
-    need = 1 + (len(fixed["val"]) == 0) + (len(fixed["test"]) == 0)
-    small = {class_names[c]: n for c, n in counts.items() if n < need}
-    if small:
-        raise DataError(
-            "too few images to split: "
-            + ", ".join(f"class {k!r} has {v}" for k, v in sorted(small.items()))
-            + f"; each class needs at least {need} (train"
-            + (", val" if not len(fixed["val"]) else "")
-            + (", test" if not len(fixed["test"]) else "")
-            + "). Add images or remove the class."
-        )
+    shortfall = _split_shortfall(records, class_names)
+    if shortfall:
+        raise DataError(shortfall)
     out = dict(fixed)
     if len(fixed["test"]) == 0:
         pool, out["test"] = _stratified(pool, labels, test_fraction, rng)
@@ -239,6 +579,33 @@ def assign_splits(
         frac = val_fraction / max(1e-9, 1.0 - (test_fraction if len(fixed["test"]) == 0 else 0.0))
         pool, out["val"] = _stratified(pool, labels, min(frac, 0.9), rng)
     out["train"] = pool
+    return out
+
+
+def limit_per_class(
+    splits: dict[str, np.ndarray], labels: np.ndarray, max_per_class: int, seed: int
+) -> dict[str, np.ndarray]:
+    """At most ``max_per_class`` images per class in train + val together (a few-label task).
+
+    Each class keeps its train : val proportion (at least one of each); test is untouched.
+    The images kept are a seeded sample, the same on every worker.
+    """
+    rng = np.random.default_rng([seed, max_per_class])
+    out = dict(splits)
+    kept: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    for cls in np.unique(labels[np.concatenate([splits["train"], splits["val"]])]):
+        members = {s: splits[s][labels[splits[s]] == cls] for s in ("train", "val")}
+        n_train, n_val = len(members["train"]), len(members["val"])
+        if n_train + n_val <= max_per_class:
+            k_val = n_val
+        else:
+            k_val = int(round(max_per_class * n_val / (n_train + n_val)))
+            k_val = min(n_val, max(1 if n_val else 0, k_val), max_per_class - 1)
+        k = {"val": k_val, "train": min(n_train, max_per_class - k_val)}
+        for s in ("train", "val"):
+            kept[s].append(np.sort(rng.permutation(members[s])[: k[s]]))
+    for s in ("train", "val"):
+        out[s] = np.sort(np.concatenate(kept[s])) if kept[s] else splits[s]
     return out
 
 
@@ -253,61 +620,134 @@ def _split_hash(splits: dict[str, np.ndarray]) -> str:
 # the decoded cache
 
 
-def _build_cache(records: list[Record], image_size: int, path: Path) -> list[tuple[int, str]]:
-    """Decode every record into ``path`` (atomically); return (index, reason) for bad images."""
-    from tqdm.auto import tqdm
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    bad: list[tuple[int, str]] = []
-    arr = np.lib.format.open_memmap(
-        tmp, mode="w+", dtype=np.uint8, shape=(len(records), 3, image_size, image_size)
-    )
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One process of this node at a time (flock, released even when the holder is killed)."""
     try:
-        for i, record in enumerate(
-            tqdm(records, desc="decoding images", unit="img", disable=None, leave=False)
-        ):
-            try:
-                arr[i] = decode_image(record.image, image_size)
-            except (
-                OSError,
-                ValueError,
-                SyntaxError,
-                DataError,
-            ) as exc:  # PIL's errors for bad files
-                bad.append((i, f"{type(exc).__name__}: {exc}"))
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock, the rename still keeps it safe
+        yield
+        return
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish decoding the image cache")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of this cache left by killed builds on this host (never used, only removed)."""
+    host = socket.gethostname()
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(f"{prefix}*.tmp"):
+        owner = tmp.name[len(prefix) :].rsplit(".", 2)[0]  # "<host>.<pid>"
+        tmp_host, _, pid = owner.rpartition(".")
+        if tmp_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _open_cache(path: Path, n: int, image_size: int) -> tuple[np.ndarray, list] | None:
+    """The finished cache at ``path``, or None when there is none (or it is not this one)."""
+    meta_path = path.with_suffix(".json")
+    if not (path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        images = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if meta.get("version") != CACHE_VERSION or images.shape != (n, 3, image_size, image_size):
+        return None
+    return images, [tuple(b) for b in meta["bad"]]
+
+
+def _build_cache(records: list[Record], image_size: int, path: Path) -> list[tuple[int, str]]:
+    """Decode every record into ``path`` atomically; return (index, reason) for bad images.
+
+    The images go to ``.<name>.<host>.<pid>.tmp`` and the sidecar to its own temporary file;
+    both are renamed into place only after the last image is written and flushed, the
+    sidecar first: a reader needs both, so a kill at any moment leaves no usable half cache.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    stem = f".{path.name}.{socket.gethostname()}.{os.getpid()}"
+    tmp = path.with_name(f"{stem}.npy.tmp")
+    meta_tmp = path.with_name(f"{stem}.json.tmp")
+    log.info("decoding %d images at %d px into %s", len(records), image_size, path.parent)
+    try:
+        arr = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(records), 3, image_size, image_size)
+        )
+        bad = _decode_into(records, image_size, arr)
         arr.flush()
         del arr
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         meta = {"version": CACHE_VERSION, "bad": bad, "n": len(records)}
-        meta_tmp = tmp.with_suffix(".json.tmp")
         meta_tmp.write_text(json.dumps(meta))
         os.replace(meta_tmp, path.with_suffix(".json"))
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+        meta_tmp.unlink(missing_ok=True)
     return [tuple(b) for b in bad]
 
 
 def decoded_images(
     records: list[Record], image_size: int, cache_dir: Path | None
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """All records decoded at ``image_size`` (memory-mapped from the cache when there is one)."""
+    """All records decoded at ``image_size`` and the (index, reason) of the unreadable ones.
+
+    With ``cache_dir`` the result is the memory-mapped cache, built once per node.
+    """
     if cache_dir is None:
-        bad, out = [], np.zeros((len(records), 3, image_size, image_size), np.uint8)
-        for i, r in enumerate(records):
-            try:
-                out[i] = decode_image(r.image, image_size)
-            except (OSError, ValueError, SyntaxError, DataError) as exc:
-                bad.append((i, f"{type(exc).__name__}: {exc}"))
-        return out, bad
-    path = cache_dir / f"images-{_local_cache_key(records, image_size)}.npy"
-    meta_path = path.with_suffix(".json")
-    if path.exists() and meta_path.exists():
-        bad = [tuple(b) for b in json.loads(meta_path.read_text())["bad"]]
-    else:
-        bad = _build_cache(records, image_size, path)
-    return np.load(path, mmap_mode="r"), bad
+        out = np.zeros((len(records), 3, image_size, image_size), np.uint8)
+        return out, _decode_into(records, image_size, out)
+    path = Path(cache_dir) / f"images-{_local_cache_key(records, image_size)}.npy"
+    found = _open_cache(path, len(records), image_size)
+    if found is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(path.with_name(f".{path.stem}.lock")):
+            found = _open_cache(path, len(records), image_size)  # another worker built it
+            if found is None:
+                _build_cache(records, image_size, path)
+                found = _open_cache(path, len(records), image_size)
+    if found is None:  # pragma: no cover - the build just wrote it
+        raise DataError(f"the image cache {path} could not be read back after building it")
+    return found
+
+
+def _bad_images_error(source: str, problems: list[tuple[str, str]]) -> DataError:
+    listing = "\n".join(f"  {p}: {why}" for p, why in problems[:50])
+    more = f"\n  … and {len(problems) - 50} more" if len(problems) > 50 else ""
+    return DataError(
+        f"{len(problems)} unreadable image(s) in {source}:\n{listing}{more}\n"
+        'Fix or remove them, or set [data] on_bad_image = "skip" to leave them out.'
+    )
+
+
+def _classes_error(source: str, errors: list[str]) -> DataError:
+    if len(errors) == 1:
+        return DataError(errors[0])
+    return DataError(
+        f"{len(errors)} problems with the classes of {source}:\n"
+        + "\n".join(f"  - {e}" for e in errors)
+    )
 
 
 def prepare_data(
@@ -321,55 +761,50 @@ def prepare_data(
     base_dir: Path | None = None,
     cache_dir: Path | None = None,
     on_bad_image: str = "error",
+    max_per_class: int | None = None,
 ) -> Splits:
-    """Load a dataset source, decode it once, and split it (stratified, seeded)."""
-    dataset = load_dataset(registry, source, base_dir or Path.cwd())
-    records = dataset.records
-    images, bad = decoded_images(records, image_size, cache_dir)
-    problems = list(dataset.problems) + [(str(records[i].image), why) for i, why in bad]
-    if problems and on_bad_image == "error":
-        listing = "\n".join(f"  {p}: {why}" for p, why in problems[:50])
-        more = f"\n  … and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise DataError(
-            f"{len(problems)} unreadable image(s) in {source}:\n{listing}{more}\n"
-            'Fix or remove them, or set [data] on_bad_image = "skip" to leave them out.'
-        )
-    bad_idx = {i for i, _ in bad}
-    keep = [i for i in range(len(records)) if i not in bad_idx]
-    records = [records[i] for i in keep]
-    class_names = dataset.class_names or sorted({r.label for r in records})
-    unknown = sorted({r.label for r in records} - set(class_names))
-    if unknown:
-        raise DataError(f"labels {unknown} are not in the source's class list {class_names}")
-    if len(class_names) < 2:
-        raise DataError(f"{source} has {len(class_names)} class; a classifier needs at least 2")
-    present = Counter(r.label for r in records)
-    empty = [c for c in class_names if present[c] == 0]
-    if empty:
-        raise DataError(
-            f"class(es) {empty} have no usable images; add images or remove the class folder"
-        )
-    train_labels = {r.label for r in records if r.split in (None, "train")}
-    only_eval = sorted(set(present) - train_labels)
-    if only_eval:
-        raise DataError(
-            f"class(es) {only_eval} appear only in val/test, never in train; add training images"
-        )
-    counts = sorted(present.values())
-    if counts[-1] >= 10 * counts[0]:
-        warnings.warn(
-            f"severe class imbalance: {dict(sorted(present.items()))}; consider "
-            'metric = "balanced_accuracy" or "macro_f1"',
-            stacklevel=2,
-        )
-    indices = assign_splits(records, class_names, val_fraction, test_fraction, seed)
-    labels = torch.tensor([class_names.index(r.label) for r in records], dtype=torch.int64)
+    """Load a dataset source, check it, decode it once, and split it (stratified, seeded).
 
+    Raises :class:`DataError` listing every unreadable file (unless ``on_bad_image="skip"``,
+    which leaves them out and lists them in ``Splits.skipped``) and every class problem;
+    warns about class imbalance and classes missing from a fixed val/ or test/ split.
+    ``max_per_class`` keeps at most that many images per class in train + val together
+    (:func:`limit_per_class`); test keeps all of its images.
+    """
+    dataset = load_dataset(registry, source, base_dir or Path.cwd())
+    all_records = dataset.records
+    images, bad = decoded_images(all_records, image_size, cache_dir)
+    problems = list(dataset.problems) + [(str(all_records[i].image), why) for i, why in bad]
+    if problems and on_bad_image == "error":
+        raise _bad_images_error(source, problems)
+    bad_idx = {i for i, _ in bad}
+    keep = [i for i in range(len(all_records)) if i not in bad_idx]
+    records = [all_records[i] for i in keep]
+    class_names = list(dataset.class_names or sorted({r.label for r in records}))
+    errors, warns = check_classes(records, class_names, source)
+    if errors:
+        raise _classes_error(source, errors)
+    for message in warns:
+        warnings.warn(message, stacklevel=2)
+    indices = assign_splits(records, class_names, val_fraction, test_fraction, seed)
+    if max_per_class is not None:
+        label_ids = np.array([class_names.index(r.label) for r in records], dtype=np.int64)
+        indices = limit_per_class(indices, label_ids, max_per_class, seed)
+    labels = torch.tensor([class_names.index(r.label) for r in records], dtype=torch.int64)
     keep_rows = np.asarray(keep, dtype=np.int64)
+    per_image = 3 * image_size * image_size
+    mapped = isinstance(images, np.memmap) and len(keep_rows) * per_image > in_memory_limit()
+    if mapped:
+        log.info(
+            "decoded images (%.1f GB) stay memory-mapped; each batch reads its rows",
+            len(keep_rows) * per_image / 1e9,
+        )
 
     def make(idx: np.ndarray) -> Split:
         rows = keep_rows[idx]  # idx is sorted, so rows are too: a sequential read of the cache
-        if len(rows):
+        if mapped:
+            x: torch.Tensor | CachedImages = CachedImages(images, rows)
+        elif len(rows):
             x = torch.from_numpy(np.ascontiguousarray(images[rows]))
         else:
             x = torch.zeros((0, 3, image_size, image_size), dtype=torch.uint8)
@@ -380,14 +815,15 @@ def prepare_data(
         return Split(x, labels[torch.from_numpy(idx)], names)
 
     return Splits(
-        class_names=list(class_names),
+        class_names=class_names,
         train=make(indices["train"]),
         val=make(indices["val"]),
         test=make(indices["test"]),
         image_size=image_size,
         fingerprint=fingerprint(records),
         split_hash=_split_hash(indices),
-        skipped=[(str(dataset.records[i].image), why) for i, why in bad],
+        skipped=problems,
+        class_hashes=_class_hashes(records),
     )
 
 
@@ -418,3 +854,180 @@ def batches(
         elif xb.device != device:
             xb, yb = xb.to(device), yb.to(device)
         yield xb, yb
+
+
+# ---------------------------------------------------------------------------------------------
+# automl-tl check-data
+
+
+@dataclass
+class DataCheck:
+    """Everything :func:`check_source` found; ``usable`` when the data works as it is."""
+
+    source: str
+    class_names: list[str]
+    counts: dict[str, dict[str, int]]  # split -> class -> readable images
+    split_kind: str  # "fixed" (the source's own), "stratified", "mixed" or "not split"
+    files: int
+    bad: list[tuple[str, str]]
+    modes: dict[str, int]
+    formats: dict[str, int]
+    sizes: dict[str, str]  # smallest / median / largest as "WxH"
+    errors: list[str]
+    warnings: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def usable(self) -> bool:
+        return not self.errors and not self.bad
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "usable": self.usable,
+            "files": self.files,
+            "classes": self.class_names,
+            "split": self.split_kind,
+            "settings": self.settings,
+            "counts": self.counts,
+            "sizes": self.sizes,
+            "modes": self.modes,
+            "formats": self.formats,
+            "bad_files": [{"path": p, "reason": r} for p, r in self.bad],
+            "errors": self.errors,
+            "warnings": self.warnings,
+        }
+
+    def format_text(self) -> str:
+        from tabulate import tabulate
+
+        lines = [
+            f"{self.source}: {self.files} image files, {len(self.bad)} unreadable, "
+            f"{len(self.class_names)} classes"
+        ]
+        s = self.settings
+        if self.split_kind == "stratified":
+            lines.append(
+                f"split: stratified, seed {s.get('seed')} (val {s.get('val_fraction')}, "
+                f"test {s.get('test_fraction')})"
+            )
+        else:
+            lines.append(f"split: {self.split_kind}")
+        if self.class_names:
+            columns = [c for c in (*SPLIT_NAMES, "unsplit") if c in self.counts]
+            rows = [
+                [cls, *(self.counts[c].get(cls, 0) for c in columns)]
+                + [sum(self.counts[c].get(cls, 0) for c in columns)]
+                for cls in self.class_names
+            ]
+            rows.append(["(all)", *(sum(r[i + 1] for r in rows) for i in range(len(columns) + 1))])
+            lines += ["", tabulate(rows, headers=["class", *columns, "total"]), ""]
+        if self.sizes:
+            lines.append(
+                f"image sizes (w x h): smallest {self.sizes['smallest']}, median "
+                f"{self.sizes['median']}, largest {self.sizes['largest']}"
+            )
+        if self.modes:
+            lines.append("modes: " + ", ".join(f"{k} {v}" for k, v in self.modes.items()))
+        if self.formats:
+            lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in self.formats.items()))
+        if self.bad:
+            lines.append(f"unreadable files ({len(self.bad)}):")
+            lines += [f"  {p}: {why}" for p, why in self.bad]
+        if self.warnings:
+            lines.append("warnings:")
+            lines += [f"  - {w}" for w in self.warnings]
+        if self.errors:
+            lines.append("errors:")
+            lines += [f"  - {e}" for e in self.errors]
+        if self.usable:
+            lines.append("usable as is")
+        else:
+            why = []
+            if self.bad:
+                why.append(
+                    f"{len(self.bad)} unreadable file(s): fix or remove them, or set [data] "
+                    'on_bad_image = "skip" to leave them out'
+                )
+            if self.errors:
+                why.append(f"{len(self.errors)} error(s) above")
+            lines.append("NOT usable as is: " + "; ".join(why))
+        return "\n".join(lines)
+
+
+def check_source(
+    registry: Registry,
+    source: str,
+    *,
+    image_size: int = 32,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    base_dir: Path | None = None,
+) -> DataCheck:
+    """Run every data check on ``source`` without training or writing anything.
+
+    Every file is decoded (and discarded) to find the unreadable ones; the class checks run on
+    the readable ones, and the split is the one a study with these settings would use.
+    Raises :class:`DataError` only when the source cannot be listed at all.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = load_dataset(registry, source, base_dir or Path.cwd())
+    warns = [str(w.message) for w in caught]
+    records = dataset.records
+    infos: list[dict] = []
+    bad_idx = _decode_into(records, image_size, None, infos, desc="checking images")
+    bad = list(dataset.problems) + [(str(records[i].image), why) for i, why in bad_idx]
+    skip = {i for i, _ in bad_idx}
+    good = [r for i, r in enumerate(records) if i not in skip]
+    class_names = list(dataset.class_names or sorted({r.label for r in good}))
+    errors, class_warns = check_classes(good, class_names, source)
+    warns += class_warns
+    fixed = {r.split for r in good}
+    counts: dict[str, dict[str, int]] = {}
+    split_kind = "not split"
+    if not errors:
+        indices = assign_splits(good, class_names, val_fraction, test_fraction, seed)
+        for name in SPLIT_NAMES:
+            counts[name] = dict(Counter(good[i].label for i in indices[name].tolist()))
+        split_kind = (
+            "fixed by the source"
+            if fixed >= {"train", "val", "test"} and None not in fixed
+            else ("stratified" if fixed <= {None} else "mixed: fixed where given, stratified")
+        )
+    else:
+        for r in good:
+            counts.setdefault(r.split or "unsplit", Counter())[r.label] += 1
+        counts = {k: dict(v) for k, v in counts.items()}
+    readable = [info for i, info in enumerate(infos) if i not in skip and info.get("size")]
+    sizes: dict[str, str] = {}
+    if readable:
+        by_area = sorted(readable, key=lambda info: info["size"][0] * info["size"][1])
+        as_text = [f"{info['size'][0]}x{info['size'][1]}" for info in by_area]
+        sizes = {
+            "smallest": as_text[0],
+            "median": as_text[len(as_text) // 2],
+            "largest": as_text[-1],
+        }
+    modes = Counter(info.get("mode") for info in infos if info.get("mode"))
+    formats = Counter(info.get("format") for info in infos if info.get("format"))
+    return DataCheck(
+        source=source,
+        class_names=class_names,
+        counts=counts,
+        split_kind=split_kind,
+        files=len(records) + len(dataset.problems),
+        bad=bad,
+        modes=dict(modes.most_common()),
+        formats=dict(formats.most_common()),
+        sizes=sizes,
+        errors=errors,
+        warnings=warns,
+        settings={
+            "image_size": image_size,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+        },
+    )

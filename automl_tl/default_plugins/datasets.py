@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ SPLITS = ("train", "val", "test")
 
 
 def _hidden(path: Path) -> bool:
-    return path.name.startswith(".") or path.name == "__MACOSX"
+    """Dot files and folders (.ipynb_checkpoints, .DS_Store, ._x.jpg) and OS litter."""
+    return path.name.startswith(".") or path.name in ("__MACOSX", "@eaDir", "Thumbs.db")
 
 
 def _resolve(argument: str | None, base_dir: Path, what: str) -> Path:
@@ -73,15 +75,22 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p))
 
 
+def _files_in(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under ``folder``, recursively, hidden ones left out.
+
+    Image files are recognised by extension, case-insensitively (``.JPG``, ``.Png``).
+    """
+    images, others = [], []
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or any(_hidden(Path(part)) for part in p.relative_to(folder).parts):
+            continue
+        (images if p.suffix.lower() in IMAGE_SUFFIXES else others).append(p)
+    return images, others
+
+
 def _images_in(folder: Path) -> list[Path]:
     """Image files under ``folder``, recursively, skipping hidden files and folders."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(_hidden(Path(part)) for part in p.relative_to(folder).parts)
-    )
+    return _files_in(folder)[0]
 
 
 class Folder(DatasetSource):
@@ -92,28 +101,50 @@ class Folder(DatasetSource):
     needs_argument = True
 
     def load(self, argument, base_dir):
+        """Records of every image; the class map is every class folder name, sorted, shared
+        by train/ val/ test/ (an empty class folder stays in it, so the checks name it)."""
         root = _resolve(argument, base_dir, "folder")
         if not root.is_dir():
             raise DataError(f"folder {root} is not a directory")
         records: list[Record] = []
+        classes: set[str] = set()
+        ignored: list[Path] = []
         split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
         if split_dirs:
             if not (root / "train").is_dir():
                 raise DataError(
                     f"{root} has {', '.join(d.name for d in split_dirs)}/ but no train/ folder"
                 )
-            for split_dir in split_dirs:
-                for cls in _class_folders(split_dir):
-                    records += [Record(str(p), cls.name, split_dir.name) for p in _images_in(cls)]
+            extra = [p.name for p in _class_folders(root) if p.name not in SPLITS]
+            if extra:
+                warnings.warn(
+                    f"{root} has train/ val/ test/ folders, so its other folders {extra} are "
+                    "ignored; move them into train/ (or remove them)",
+                    stacklevel=2,
+                )
+            groups = [(d, cls) for d in split_dirs for cls in _class_folders(d)]
         else:
-            for cls in _class_folders(root):
-                records += [Record(str(p), cls.name) for p in _images_in(cls)]
+            groups = [(None, cls) for cls in _class_folders(root)]
+        for split_dir, cls in groups:
+            images, others = _files_in(cls)
+            classes.add(cls.name)
+            split = split_dir.name if split_dir is not None else None
+            records += [Record(str(p), cls.name, split) for p in images]
+            ignored += others
+        if ignored:
+            shown = ", ".join(str(p.relative_to(root)) for p in ignored[:5])
+            more = f", … ({len(ignored)} in all)" if len(ignored) > 5 else ""
+            warnings.warn(
+                f"ignored {len(ignored)} file(s) without an image extension "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}): {shown}{more}",
+                stacklevel=2,
+            )
         if not records:
             raise DataError(
                 f"no images found under {root}; expected {root}/<class>/*.png|jpg|… "
                 "or train/ val/ test/ subfolders holding class folders"
             )
-        return Dataset(records=records)
+        return Dataset(records=records, class_names=sorted(classes))
 
 
 class CsvManifest(DatasetSource):
