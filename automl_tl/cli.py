@@ -111,6 +111,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     config = load_config(args.study, {"search.storage": args.storage})
     data = report(config)
+    if not args.no_files:  # plots + index.html in <output>/report/; stdout stays the data
+        from .report import write_report_files
+
+        data["report"] = write_report_files(config, data, args.plugin, args.device or "cpu")
     if args.format == "json":
         print(json.dumps(data, indent=2))
         return 0
@@ -247,10 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", action="append", default=[])
     p.set_defaults(func=cmd_retrain)
 
-    p = sub.add_parser("report", help="leaderboard of every trial")
+    p = sub.add_parser(
+        "report", help="leaderboard of every trial; plots and index.html in <output>/report/"
+    )
     common(p)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--storage")
+    p.add_argument(
+        "--no-files", action="store_true", help="print only; don't write <output>/report/"
+    )
+    p.add_argument("--device", help="where the best model predicts the test split (cpu)")
+    p.add_argument("--plugin", action="append", default=[])
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("predict", help="predict labels of images with an exported model")

@@ -1,0 +1,772 @@
+"""The study report: plots of the search, the best model's mistakes, and one page that shows them.
+
+``automl-tl report STUDY`` writes ``<output>/report/`` (``studies/<name>/report/``):
+
+============================ ==================================================================
+file                         what it shows
+============================ ==================================================================
+optimization_history.png     every complete trial's validation score in trial order and the
+                             best-so-far line (Optuna's ``plot_optimization_history``)
+param_importances.png        how much each searched parameter explains the validation score
+                             (Optuna's ``plot_param_importances``, PED-ANOVA)
+validation_curves.png        the validation score after every epoch, one line per trial,
+                             coloured by backbone; pruned trials dashed (Optuna's
+                             ``plot_intermediate_values``, recoloured)
+accuracy_vs_time.png         validation score against the trial's wall-clock time, one colour
+                             per backbone (pruned trials at their last reported score)
+depth_vs_strength.png        unfreeze depth against augmentation strength, coloured by the
+                             validation score, one marker per augmentation policy
+confusion_matrix.png         the exported best model on the test split: true class (rows)
+                             against predicted class (columns)
+misclassified.png            the test images the best model gets wrong, most confident first,
+                             with the true and the predicted class
+index.html                   all of the above with the leaderboard and the best model's test
+                             metrics in one self-contained file (images embedded)
+manifest.json                which files were written, which were skipped and why
+============================ ==================================================================
+
+A plot that cannot be drawn yet (no complete trial, too few for importances, no exported
+model) is skipped with the reason, shown in ``index.html`` and ``manifest.json``. The report is
+rebuilt only when the study or the best model changed since it was written.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import html
+import json
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .config import StudyConfig
+from .registry import Registry
+
+#: Bump when the report's content changes, so existing reports are rebuilt.
+REPORT_VERSION = 1
+MAX_MISCLASSIFIED = 32
+
+
+class Skipped(Exception):
+    """A figure that cannot be drawn; the message says why (shown in the report)."""
+
+
+@dataclass
+class ReportFile:
+    """One file of the report and whether it was written (else the reason it was skipped)."""
+
+    file: str
+    title: str
+    description: str
+    written: bool = False
+    reason: str | None = None
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` wrote: the folder, its ``index.html`` and every figure."""
+
+    directory: Path
+    index: Path
+    files: list[ReportFile]
+    rebuilt: bool = True
+
+    @property
+    def written(self) -> list[ReportFile]:
+        return [f for f in self.files if f.written]
+
+    @property
+    def skipped(self) -> list[ReportFile]:
+        return [f for f in self.files if not f.written]
+
+
+@dataclass
+class _Context:
+    config: StudyConfig
+    registry: Registry | None
+    study: optuna.Study
+    trials: list[FrozenTrial]
+    data: dict[str, Any]
+    device: str = "cpu"
+    _predictions: Any = field(default=None, repr=False)
+
+    @property
+    def metric(self) -> str:
+        return self.config.search.metric
+
+    def colors(self) -> dict[str, Any]:
+        """One colour per backbone, the same in every figure."""
+        import matplotlib
+
+        names = sorted({t.params["backbone"] for t in self.trials if "backbone" in t.params})
+        cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+        return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+    def complete(self) -> list[FrozenTrial]:
+        return [t for t in self.trials if t.state == TrialState.COMPLETE and t.values]
+
+    def predictions(self) -> _Predictions:
+        if self._predictions is None:
+            self._predictions = _predict_test(self)
+        if isinstance(self._predictions, Skipped):
+            raise self._predictions
+        return self._predictions
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def _last_score(trial: FrozenTrial) -> float | None:
+    if trial.state == TrialState.COMPLETE and trial.values:
+        return float(trial.value)
+    if trial.intermediate_values:
+        return float(trial.intermediate_values[max(trial.intermediate_values)])
+    return None
+
+
+def _duration(trial: FrozenTrial) -> float | None:
+    if trial.datetime_complete and trial.datetime_start:
+        return (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return None
+
+
+def _optimization_history(ctx: _Context):
+    from optuna.visualization.matplotlib import plot_optimization_history
+
+    if not ctx.complete():
+        raise Skipped("no trial has completed yet")
+    ax = plot_optimization_history(ctx.study, target_name=f"validation {ctx.metric}")
+    ax.set_title(f"Optimization history: validation {ctx.metric} per trial")
+    return ax.figure
+
+
+def _param_importances(ctx: _Context):
+    from optuna.importance import PedAnovaImportanceEvaluator
+    from optuna.visualization.matplotlib import plot_param_importances
+
+    if len(ctx.complete()) < 2:
+        raise Skipped(f"needs at least 2 complete trials, the study has {len(ctx.complete())}")
+    try:
+        ax = plot_param_importances(
+            ctx.study,
+            evaluator=PedAnovaImportanceEvaluator(),
+            target_name=f"validation {ctx.metric}",
+        )
+    except (RuntimeError, ValueError) as exc:  # e.g. every trial has the same parameters
+        raise Skipped(f"Optuna cannot compute importances yet: {exc}") from exc
+    ax.set_title(f"Parameter importances for validation {ctx.metric} (PED-ANOVA)")
+    return ax.figure
+
+
+def _validation_curves(ctx: _Context):
+    import matplotlib.lines as mlines
+    from matplotlib.ticker import MaxNLocator
+    from optuna.visualization.matplotlib import plot_intermediate_values
+
+    reported = [t for t in ctx.trials if t.intermediate_values]
+    if not reported:
+        raise Skipped("no trial has reported a validation score yet")
+    ax = plot_intermediate_values(ctx.study)
+    colors = ctx.colors()
+    trials = {t.number: t for t in ctx.trials}
+    for line in ax.get_lines():
+        label = line.get_label()
+        if not label.startswith("Trial"):
+            continue
+        trial = trials.get(int(label[len("Trial") :]))
+        if trial is None:
+            continue
+        line.set_color(colors.get(trial.params.get("backbone"), "grey"))
+        if trial.state == TrialState.PRUNED:
+            line.set_linestyle("--")
+    legend = ax.get_legend()
+    if legend is not None:
+        legend.remove()
+    handles = [mlines.Line2D([], [], color=c, marker=".", label=b) for b, c in colors.items()]
+    handles.append(mlines.Line2D([], [], color="grey", linestyle="--", label="pruned"))
+    ax.legend(handles=handles, bbox_to_anchor=(1.02, 1), loc="upper left", fontsize="small")
+    ax.set_title(f"Validation {ctx.metric} per epoch, one line per trial")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {ctx.metric}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return ax.figure
+
+
+def _accuracy_vs_time(ctx: _Context):
+    import matplotlib.pyplot as plt
+
+    points = [
+        (t, _duration(t), _last_score(t))
+        for t in ctx.trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    ]
+    points = [(t, d, s) for t, d, s in points if d is not None and s is not None]
+    if not points:
+        raise Skipped("no trial has finished with a score yet")
+    fig, ax = plt.subplots(figsize=(7, 4.5), tight_layout=True)
+    for backbone, color in ctx.colors().items():
+        for state, marker in ((TrialState.COMPLETE, "o"), (TrialState.PRUNED, "x")):
+            xs = [
+                d for t, d, _ in points if t.params.get("backbone") == backbone and t.state == state
+            ]
+            ys = [
+                s for t, _, s in points if t.params.get("backbone") == backbone and t.state == state
+            ]
+            if xs:
+                label = backbone if state == TrialState.COMPLETE else f"{backbone} (pruned)"
+                ax.scatter(xs, ys, color=color, marker=marker, s=40, label=label)
+    best = ctx.data.get("best")
+    if best:
+        t = next((t for t, _, _ in points if t.number == best["number"]), None)
+        if t is not None:
+            ax.scatter(
+                [_duration(t)], [best["value"]], s=220, facecolors="none", edgecolors="black"
+            )
+            ax.annotate(
+                f"best #{t.number}",
+                (_duration(t), best["value"]),
+                xytext=(8, -12),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("trial time (s)")
+    ax.set_ylabel(f"validation {ctx.metric}")
+    ax.set_title(f"Validation {ctx.metric} vs. trial time, per backbone")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+    return fig
+
+
+def _depth_vs_strength(ctx: _Context):
+    import matplotlib.pyplot as plt
+
+    finished = [
+        t
+        for t in ctx.trials
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "unfreeze_depth" in t.params
+    ]
+    if not finished:
+        raise Skipped("no trial has finished yet")
+    markers = "osD^vP*Xh<>"
+    policies = sorted({t.params.get("augmentation", "?") for t in finished})
+    fig, ax = plt.subplots(figsize=(7, 4.5), tight_layout=True)
+    complete = [t for t in finished if t.state == TrialState.COMPLETE]
+    values = [float(t.value) for t in complete]
+    vmin, vmax = (min(values), max(values)) if values else (0.0, 1.0)
+    mappable = None
+    for i, policy in enumerate(policies):
+        mine = [t for t in complete if t.params.get("augmentation") == policy]
+        if mine:
+            mappable = ax.scatter(
+                [float(t.params.get("aug_strength", 0.0)) for t in mine],
+                [float(t.params["unfreeze_depth"]) for t in mine],
+                c=[float(t.value) for t in mine],
+                cmap="viridis",
+                vmin=vmin,
+                vmax=vmax if vmax > vmin else vmin + 1e-9,
+                marker=markers[i % len(markers)],
+                s=60,
+                edgecolors="black",
+                linewidths=0.5,
+                label=policy,
+            )
+        pruned = [
+            t
+            for t in finished
+            if t.state == TrialState.PRUNED and t.params.get("augmentation") == policy
+        ]
+        if pruned:
+            ax.scatter(
+                [float(t.params.get("aug_strength", 0.0)) for t in pruned],
+                [float(t.params["unfreeze_depth"]) for t in pruned],
+                marker=markers[i % len(markers)],
+                s=40,
+                facecolors="none",
+                edgecolors="grey",
+                label=f"{policy} (pruned)",
+            )
+    if mappable is not None:
+        fig.colorbar(mappable, ax=ax, label=f"validation {ctx.metric}")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("augmentation strength (0 = none)")
+    ax.set_ylabel("unfreeze depth (fraction of layer groups)")
+    ax.set_title("Unfreeze depth × augmentation strength")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.25, 1))
+    return fig
+
+
+@dataclass
+class _Predictions:
+    class_names: list[str]
+    images: Any  # (N, 3, S, S) uint8 tensor of the test split
+    names: list[str]
+    truth: list[int]
+    predicted: list[int]
+    confidence: list[float]
+    trial: int | None
+
+
+def _predict_test(ctx: _Context) -> _Predictions | Skipped:
+    """The exported best model's predictions on the study's test split (or why there are none)."""
+    import torch
+
+    from .errors import UserError
+    from .export import load_model
+    from .study import load_splits
+
+    best_dir = ctx.config.output_dir / "best"
+    metrics_path = best_dir / "metrics.json"
+    if not metrics_path.is_file():
+        return Skipped(
+            f"no exported best model in {best_dir}; run `automl-tl search` (without "
+            "--no-retrain) or `automl-tl retrain`"
+        )
+    if ctx.registry is None:
+        return Skipped("the plugins were not loaded, so the model cannot be rebuilt")
+    metrics = json.loads(metrics_path.read_text())
+    try:
+        splits = load_splits(ctx.config, ctx.registry)
+        model = load_model(best_dir, device=ctx.device, registry=ctx.registry)
+    except UserError as exc:
+        return Skipped(f"cannot evaluate the best model: {exc}")
+    trained_on = metrics.get("data") or {}
+    if trained_on.get("split_hash") and trained_on["split_hash"] != splits.split_hash:
+        return Skipped(
+            "the data changed since the best model was trained (its test split differs); "
+            "retrain it with `automl-tl retrain`"
+        )
+    if list(model.label_names) != list(splits.class_names):
+        return Skipped(
+            f"the model's classes {model.label_names} differ from the data's {splits.class_names}"
+        )
+    test = splits.test
+    if len(test) == 0:
+        return Skipped("the test split is empty")
+    predicted: list[int] = []
+    confidence: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(test), 256):
+            x = model.preprocess(test.x[start : start + 256])
+            probs = model.model(x).float().softmax(-1).cpu()
+            p, i = probs.max(1)
+            predicted += i.tolist()
+            confidence += p.tolist()
+    return _Predictions(
+        class_names=list(splits.class_names),
+        images=test.x,
+        names=list(test.names),
+        truth=test.y.tolist(),
+        predicted=predicted,
+        confidence=confidence,
+        trial=metrics.get("trial"),
+    )
+
+
+def _confusion_matrix(ctx: _Context):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pred = ctx.predictions()
+    n = len(pred.class_names)
+    cm = np.zeros((n, n), dtype=np.int64)
+    for t, p in zip(pred.truth, pred.predicted):
+        cm[t, p] += 1
+    accuracy = float(np.trace(cm)) / max(1, int(cm.sum()))
+    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = min(14.0, max(4.5, 0.45 * n + 2.5))
+    fig, ax = plt.subplots(figsize=(size + 1, size), tight_layout=True)
+    image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="fraction of the true class")
+    labels = [c if len(c) <= 14 else c[:13] + "…" for c in pred.class_names]
+    ax.set_xticks(range(n), labels, rotation=90 if n > 6 else 0)
+    ax.set_yticks(range(n), labels)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        str(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if rows[i, j] > 0.5 else "black",
+                    )
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    trial = f"trial {pred.trial}, " if pred.trial is not None else ""
+    ax.set_title(
+        f"Best model ({trial}exported) on test: {len(pred.truth)} images, accuracy {accuracy:.4f}"
+    )
+    return fig
+
+
+def _misclassified(ctx: _Context):
+    import matplotlib.pyplot as plt
+
+    pred = ctx.predictions()
+    wrong = [i for i, (t, p) in enumerate(zip(pred.truth, pred.predicted)) if t != p]
+    if not wrong:
+        raise Skipped(f"the best model classifies all {len(pred.truth)} test images correctly")
+    wrong.sort(key=lambda i: -pred.confidence[i])
+    shown = wrong[:MAX_MISCLASSIFIED]
+    cols = min(8, len(shown))
+    rows = (len(shown) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.2 * rows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, shown):
+        ax.imshow(pred.images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        true, guess = pred.class_names[pred.truth[i]], pred.class_names[pred.predicted[i]]
+        ax.set_title(f"{true} → {guess} ({pred.confidence[i]:.2f})", fontsize=8, color="darkred")
+        name = pred.names[i]
+        caption = f"test #{i}" if name.startswith("#") else os.path.basename(name)
+        ax.text(
+            0.5,
+            -0.08,
+            caption if len(caption) <= 22 else caption[:21] + "…",
+            transform=ax.transAxes,
+            ha="center",
+            va="top",
+            fontsize=7,
+        )
+    fig.suptitle(
+        f"{len(wrong)} of {len(pred.truth)} test images misclassified"
+        + (f" (the {len(shown)} most confident shown)" if len(wrong) > len(shown) else "")
+        + ": true → predicted (confidence)"
+    )
+    fig.tight_layout()
+    return fig
+
+
+FIGURES: list[tuple[str, str, str, Callable[[_Context], Any]]] = [
+    (
+        "optimization_history.png",
+        "Optimization history",
+        "Each dot is a complete trial's validation score in the order the trials ran; the line is "
+        "the best score so far. A line that stops rising means more trials are unlikely to help.",
+        _optimization_history,
+    ),
+    (
+        "param_importances.png",
+        "Parameter importances",
+        "How much of the variation in the validation score each searched parameter explains "
+        "(Optuna's PED-ANOVA over the complete trials). Parameters near zero barely matter for "
+        "this data; with few trials the estimate is rough.",
+        _param_importances,
+    ),
+    (
+        "validation_curves.png",
+        "Validation curves",
+        "The validation score after every epoch, one line per trial, coloured by backbone. "
+        "Dashed lines are trials the pruner stopped early.",
+        _validation_curves,
+    ),
+    (
+        "accuracy_vs_time.png",
+        "Score vs. trial time",
+        "Each trial's validation score against its wall-clock time, one colour per backbone "
+        "(crosses: pruned trials at their last score). Up and to the left is cheap and good.",
+        _accuracy_vs_time,
+    ),
+    (
+        "depth_vs_strength.png",
+        "Unfreeze depth × augmentation strength",
+        "Each finished trial placed by how much of the backbone it trained (0 = linear probe, "
+        "1 = full fine-tune) and how strong its augmentation was (0 = none), coloured by "
+        "validation score; the marker shape is the augmentation policy.",
+        _depth_vs_strength,
+    ),
+    (
+        "confusion_matrix.png",
+        "Confusion matrix of the best model",
+        "The exported best model on the test split: rows are true classes, columns predicted "
+        "ones; the numbers are image counts and the colour the fraction of the true class.",
+        _confusion_matrix,
+    ),
+    (
+        "misclassified.png",
+        "Misclassified test images",
+        "The test images the best model gets wrong, most confident mistakes first, titled "
+        "true → predicted class (confidence) with the file name below.",
+        _misclassified,
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+
+
+def _state_key(ctx: _Context) -> str:
+    """Changes whenever a trial, the best model or the report's own format changes."""
+    h = hashlib.sha256(f"v{REPORT_VERSION}|{ctx.metric}".encode())
+    for t in ctx.trials:
+        h.update(
+            json.dumps(
+                [
+                    t.number,
+                    t.state.name,
+                    t.values,
+                    t.params,
+                    sorted(t.intermediate_values.items()),
+                    t.datetime_complete.isoformat() if t.datetime_complete else None,
+                ],
+                default=str,
+            ).encode()
+        )
+    best_model = ctx.config.output_dir / "best" / "model.safetensors"
+    if best_model.is_file():
+        stat = best_model.stat()
+        h.update(f"{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _fmt(value: Any, key: str = "") -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if key in ("lr", "weight_decay"):
+            return f"{value:.2e}"
+        if key in ("aug_strength", "unfreeze_depth"):
+            return f"{value:.2f}"
+        if key == "seconds":
+            return f"{value:.1f}"
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _leaderboard_html(data: dict[str, Any]) -> str:
+    from .space import PARAM_NAMES
+
+    metric = data["metric"]
+    used = [k for k in PARAM_NAMES if any(t["params"].get(k) is not None for t in data["trials"])]
+    columns = ["trial", "state", metric, *used, "epochs", "seconds", "fail_reason"]
+    best = (data.get("best") or {}).get("number")
+    trials = sorted(data["trials"], key=lambda t: (t["value"] is None, -(t["value"] or 0)))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    rows = []
+    for t in trials:
+        values = {
+            "trial": t["number"],
+            "state": t["state"],
+            metric: t["value"],
+            **{k: t["params"].get(k) for k in used},
+            "epochs": t.get("epochs_run"),
+            "seconds": t.get("duration_s"),
+            "fail_reason": t.get("fail_reason"),
+        }
+        cells = "".join(f"<td>{html.escape(_fmt(values[c], c))}</td>" for c in columns)
+        css = ' class="best"' if t["number"] == best else f' class="{t["state"].lower()}"'
+        rows.append(f"<tr{css}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
+       max-width: 1200px; padding: 0 1rem; color: #222; }
+h1 { margin-bottom: 0.2rem; } .muted { color: #666; }
+figure { margin: 2rem 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { color: #444; max-width: 60rem; }
+.skipped { color: #8a5a00; background: #fff6e0; padding: 0.5rem 1rem; border-radius: 4px; }
+table { border-collapse: collapse; font-size: 0.85rem; width: 100%; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.5rem; text-align: left; }
+th { background: #f3f3f3; position: sticky; top: 0; }
+tr.best { background: #e5f5e0; font-weight: 600; } tr.pruned { color: #777; }
+tr.fail { color: #a33; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 0.2rem 1rem; }
+dt { font-weight: 600; }
+nav a { margin-right: 1rem; }
+"""
+
+
+def _summary_html(ctx: _Context) -> str:
+    data = ctx.data
+    counts: dict[str, int] = {}
+    for t in data["trials"]:
+        counts[t["state"]] = counts.get(t["state"], 0) + 1
+    items = [
+        ("metric", f"validation {data['metric']}"),
+        ("trials", ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none"),
+    ]
+    stored = ctx.study.user_attrs.get("data") or {}
+    if stored:
+        sizes = stored.get("sizes", {})
+        items.append(
+            (
+                "data",
+                f"{len(stored.get('classes', []))} classes, "
+                + " / ".join(f"{sizes.get(s, 0)} {s}" for s in ("train", "val", "test"))
+                + f" images ({ctx.config.data.source}, {ctx.config.data.image_size} px)",
+            )
+        )
+    best = data.get("best")
+    if best:
+        params = ", ".join(f"{k}={_fmt(v, k)}" for k, v in best["params"].items())
+        items.append(("best trial", f"#{best['number']}: {best['value']:.4f} ({params})"))
+    model = data.get("best_model")
+    if model:
+        test = ", ".join(f"{k} {v:.4f}" for k, v in model["test"].items())
+        items.append(("best model", f"trial {model['trial']}, test {test} — {model['path']}"))
+    return (
+        "<dl>"
+        + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
+        + "</dl>"
+    )
+
+
+def _page(ctx: _Context, files: list[ReportFile], directory: Path) -> str:
+    data = ctx.data
+    sections = []
+    for f in files:
+        anchor = f.file.rsplit(".", 1)[0]
+        if f.written:
+            encoded = base64.b64encode((directory / f.file).read_bytes()).decode("ascii")
+            body = (
+                f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(f.title)}">'
+                f"<figcaption>{html.escape(f.description)} "
+                f'<span class="muted">({html.escape(f.file)})</span></figcaption>'
+            )
+        else:
+            body = f'<p class="skipped">Not drawn: {html.escape(f.reason or "")}</p>'
+        sections.append(f'<figure id="{anchor}"><h2>{html.escape(f.title)}</h2>{body}</figure>')
+    nav = "".join(
+        f'<a href="#{f.file.rsplit(".", 1)[0]}">{html.escape(f.title)}</a>' for f in files
+    )
+    generated = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    title = f"automl-tl report: {data['study']}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title><style>{_CSS}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="muted">generated {html.escape(generated)} by automl-tl report</p>
+{_summary_html(ctx)}
+<nav><a href="#leaderboard">Leaderboard</a>{nav}</nav>
+<h2 id="leaderboard">Leaderboard</h2>
+{_leaderboard_html(data)}
+{"".join(sections)}
+</body></html>
+"""
+
+
+def build_report(
+    config: StudyConfig,
+    registry: Registry | None,
+    data: dict[str, Any] | None = None,
+    *,
+    directory: Path | None = None,
+    device: str = "cpu",
+    force: bool = False,
+) -> Report:
+    """Write the report folder (default ``<output>/report/``) and return what it holds.
+
+    Args:
+        config: the study.
+        registry: the loaded plugins (to rebuild the best model and reload the data); with
+            None the confusion matrix and the misclassified images are skipped.
+        data: :func:`automl_tl.study.report`'s leaderboard, when the caller has it already.
+        directory: where to write, instead of ``<output>/report/``.
+        device: where the best model predicts the test split.
+        force: rebuild even when nothing changed since the last report.
+
+    Example:
+        >>> from automl_tl import load_config, registry_for           # doctest: +SKIP
+        >>> config = load_config("studies/digits.toml")               # doctest: +SKIP
+        >>> build_report(config, registry_for(config.plugins)).index  # doctest: +SKIP
+        PosixPath('studies/digits/report/index.html')
+    """
+    import matplotlib.pyplot as plt
+
+    from .study import open_study
+    from .study import report as leaderboard
+
+    data = data if data is not None else leaderboard(config)
+    study = open_study(config, create=False)
+    ctx = _Context(config, registry, study, study.get_trials(deepcopy=False), data, device)
+    directory = Path(directory) if directory else config.output_dir / "report"
+    manifest_path = directory / "manifest.json"
+    key = _state_key(ctx)
+    if not force and manifest_path.is_file() and (directory / "index.html").is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files = [ReportFile(**f) for f in manifest["files"]]
+        except (ValueError, KeyError, TypeError):
+            manifest, files = {}, []
+        complete = files and all((directory / f.file).is_file() for f in files if f.written)
+        if manifest.get("state") == key and complete:
+            return Report(directory, directory / "index.html", files, rebuilt=False)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, title, description, draw in FIGURES:
+        entry = ReportFile(name, title, description)
+        # Optuna's plots switch to the ggplot style (keep it local) and warn about small samples
+        # (the report says so in words)
+        with plt.rc_context(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                fig = draw(ctx)
+            except Skipped as exc:
+                entry.reason = str(exc)
+                (directory / name).unlink(missing_ok=True)
+            else:
+                fig.savefig(directory / name, dpi=110, bbox_inches="tight")
+                plt.close(fig)
+                entry.written = True
+        files.append(entry)
+    plt.close("all")
+    index = directory / "index.html"
+    _write_atomic(index, _page(ctx, files, directory))
+    manifest = {
+        "study": config.name,
+        "state": key,
+        "generated": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "files": [asdict(f) for f in files],
+    }
+    _write_atomic(manifest_path, json.dumps(manifest, indent=2))
+    return Report(directory, index, files)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report_files(
+    config: StudyConfig, data: dict[str, Any], plugins: list[str] = (), device: str = "cpu"
+) -> dict[str, Any]:
+    """``automl-tl report``'s part: build the report, say on stderr where it is, return its
+    manifest (added to ``--format json`` as ``"report"``)."""
+    import sys
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # the command line never opens a window
+
+    from .plugins import get_plugin_manager
+
+    pm, _ = get_plugin_manager([*config.plugins, *plugins], base_dir=config.base_dir)
+    built = build_report(config, Registry.from_plugin_manager(pm), data, device=device)
+    state = "written" if built.rebuilt else "up to date"
+    print(f"report {state}: {built.index} ({len(built.written)} figures)", file=sys.stderr)
+    for f in built.skipped:
+        print(f"  not drawn: {f.file}: {f.reason}", file=sys.stderr)
+    return {
+        "directory": str(built.directory),
+        "index": str(built.index),
+        "files": [asdict(f) for f in built.files],
+    }

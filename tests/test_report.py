@@ -1,0 +1,248 @@
+"""`automl-tl report` writes <output>/report/: PNG plots, the best model's mistakes, index.html.
+
+The study is made by hand (trials added to Optuna, an untrained model exported), so these
+tests check the report, not the training, in a few seconds.
+"""
+
+import base64
+import datetime as dt
+import io
+import json
+import re
+
+import matplotlib
+import optuna
+import pytest
+import torch
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
+from PIL import Image
+
+from automl_tl import load_config
+from automl_tl.export import export_model
+from automl_tl.report import FIGURES, build_report
+from automl_tl.study import load_splits, open_study
+from automl_tl.train import evaluate
+
+from .conftest import run_cli, write_study
+
+matplotlib.use("Agg")
+
+STUDY = """
+[data]
+source = "digits:0-2"
+image_size = 16
+seed = 0
+
+[search]
+n_trials = 6
+backbones = ["test_resnet", "test_convnext"]
+augmentations = ["none", "flip_crop"]
+unfreeze = ["top_k", "layer_decay"]
+epochs = 3
+pruner = "none"
+"""
+
+DISTRIBUTIONS = {
+    "backbone": CategoricalDistribution(["test_resnet", "test_convnext"]),
+    "augmentation": CategoricalDistribution(["none", "flip_crop"]),
+    "aug_strength": FloatDistribution(0.0, 1.0),
+    "unfreeze": CategoricalDistribution(["top_k", "layer_decay"]),
+    "unfreeze_depth": FloatDistribution(0.0, 1.0),
+    "lr": FloatDistribution(1e-4, 1e-2, log=True),
+    "weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
+}
+
+
+def _add_trial(study, number, state, backbone, augmentation, depth, curve, seconds, **attrs):
+    params = {
+        "backbone": backbone,
+        "augmentation": augmentation,
+        "unfreeze": "top_k" if number % 2 else "layer_decay",
+        "unfreeze_depth": depth,
+        "lr": 10 ** (-2.0 - number / 4),
+        "weight_decay": 1e-4,
+    }
+    if augmentation != "none":
+        params["aug_strength"] = 0.2 + 0.1 * number
+    trial = optuna.trial.create_trial(
+        state=state,
+        value=curve[-1] if state == TrialState.COMPLETE else None,
+        params=params,
+        distributions={k: DISTRIBUTIONS[k] for k in params},
+        intermediate_values={i + 1: v for i, v in enumerate(curve)},
+        user_attrs={"epochs_run": len(curve), **attrs},
+    )
+    trial.datetime_start = dt.datetime(2025, 1, 1, 12, 0, number)
+    trial.datetime_complete = trial.datetime_start + dt.timedelta(seconds=seconds)
+    study.add_trial(trial)
+
+
+def _make_study(folder, registry, *, with_model=True, trials=True):
+    path = write_study(folder, STUDY)
+    config = load_config(path)
+    splits = load_splits(config, registry)
+    study = open_study(config)
+    study.set_user_attr("data", splits.summary())
+    if trials:
+        _add_trial(study, 0, TrialState.COMPLETE, "test_resnet", "none", 0.5, [0.5, 0.7, 0.8], 9)
+        _add_trial(
+            study, 1, TrialState.COMPLETE, "test_convnext", "flip_crop", 1.0, [0.6, 0.9, 0.95], 14
+        )
+        _add_trial(study, 2, TrialState.PRUNED, "test_resnet", "flip_crop", 0.2, [0.3], 3)
+        _add_trial(
+            study,
+            3,
+            TrialState.FAIL,
+            "test_convnext",
+            "none",
+            0.7,
+            [],
+            1,
+            fail_reason="out of memory",
+        )
+        _add_trial(study, 4, TrialState.COMPLETE, "test_convnext", "none", 0.0, [0.4, 0.5, 0.6], 5)
+    if with_model:
+        backbone = registry.get("backbones", "test_resnet")
+        torch.manual_seed(0)
+        model = backbone.create(len(splits.class_names), image_size=16)
+        cfg = backbone.data_config(model)
+        from automl_tl import DataConfig
+
+        cfg = DataConfig((3, 16, 16), cfg.mean, cfg.std)
+        test = evaluate(model, splits.test, len(splits.class_names), cfg, torch.device("cpu"))
+        metrics = {"trial": 1, "test": test, "data": splits.summary()}
+        export_model(model, backbone, config.output_dir / "best", splits.class_names, cfg, metrics)
+    return config, splits
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, registry):
+    folder = tmp_path_factory.mktemp("report")
+    config, splits = _make_study(folder, registry)
+    return config, splits, build_report(config, registry)
+
+
+def _embedded_images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+
+
+def test_every_figure_is_written_as_a_png(made):
+    config, _, report = made
+    assert report.directory == config.output_dir / "report"
+    assert [f.file for f in report.files] == [name for name, *_ in FIGURES]
+    assert [f.file for f in report.skipped] == []
+    for f in report.files:
+        with Image.open(report.directory / f.file) as image:
+            assert image.format == "PNG"
+            assert image.width > 300 and image.height > 200
+
+
+def test_index_html_is_self_contained_and_holds_the_leaderboard(made):
+    _, _, report = made
+    page = report.index.read_text()
+    images = _embedded_images(page)
+    assert len(images) == len(FIGURES)
+    # the embedded images are the PNG files, byte for byte, in the order of FIGURES
+    assert images == [(report.directory / f.file).read_bytes() for f in report.files]
+    # nothing is fetched from elsewhere: no external scripts, styles or images
+    assert not re.search(r'<(script|link)\b|src="(?!data:)|url\(', page)
+    rows = re.findall(r'<tr class="(\w+)"><td>(\d+)</td><td>(\w+)</td>', page)
+    assert {int(n): (css, state) for css, n, state in rows} == {
+        1: ("best", "COMPLETE"),
+        0: ("complete", "COMPLETE"),
+        4: ("complete", "COMPLETE"),
+        2: ("pruned", "PRUNED"),
+        3: ("fail", "FAIL"),
+    }
+    assert [int(n) for _, n, _ in rows[:3]] == [1, 0, 4]  # best first
+    assert "out of memory" in page
+    assert "#1: 0.9500" in page  # the best trial in the summary
+    for _, title, description, _ in FIGURES:
+        assert title.replace("×", "&#215;") in page or title in page
+        assert description.split(" ")[0] in page
+
+
+def test_confusion_matrix_and_misclassified_use_the_exported_model(made, registry):
+    """The report's predictions are the model's own: same counts as evaluate() on test."""
+    from automl_tl.report import _Context, _predict_test
+
+    config, splits, _ = made
+    study = open_study(config, create=False)
+    ctx = _Context(config, registry, study, study.get_trials(), {"metric": "accuracy"})
+    pred = _predict_test(ctx)
+    assert len(pred.truth) == len(splits.test)
+    n = len(splits.class_names)
+    confusion = torch.zeros(n, n, dtype=torch.int64)
+    for t, p in zip(pred.truth, pred.predicted):
+        confusion[t, p] += 1
+    metrics = json.loads((config.output_dir / "best" / "metrics.json").read_text())
+    assert confusion.tolist() == metrics["test"]["confusion_matrix"]
+    assert all(0.0 < c <= 1.0 for c in pred.confidence)
+
+
+def test_report_is_rebuilt_only_when_the_study_changed(made):
+    config, _, first = made
+    again = build_report(config, None)
+    assert not again.rebuilt
+    assert [f.file for f in again.written] == [f.file for f in first.written]
+    study = open_study(config, create=False)
+    _add_trial(study, 5, TrialState.COMPLETE, "test_resnet", "flip_crop", 0.9, [0.1, 0.2], 4)
+    rebuilt = build_report(config, None)  # without plugins the model figures are skipped
+    assert rebuilt.rebuilt
+    skipped = {f.file: f.reason for f in rebuilt.skipped}
+    assert set(skipped) == {"confusion_matrix.png", "misclassified.png"}
+    assert not (rebuilt.directory / "misclassified.png").exists()
+    manifest = json.loads((rebuilt.directory / "manifest.json").read_text())
+    assert {f["file"]: f["reason"] for f in manifest["files"] if not f["written"]} == skipped
+
+
+def test_a_study_with_nothing_finished_says_why_each_figure_is_missing(tmp_path, registry):
+    config, _ = _make_study(tmp_path, registry, with_model=False, trials=False)
+    study = open_study(config, create=False)
+    _add_trial(study, 0, TrialState.FAIL, "test_resnet", "none", 0.5, [], 1, fail_reason="boom")
+    report = build_report(config, registry)
+    reasons = {f.file: f.reason for f in report.skipped}
+    assert set(reasons) == {name for name, *_ in FIGURES}
+    assert reasons["optimization_history.png"] == "no trial has completed yet"
+    assert "needs at least 2 complete trials" in reasons["param_importances.png"]
+    assert "no exported best model" in reasons["confusion_matrix.png"]
+    page = report.index.read_text()
+    assert page.count('class="skipped"') == len(FIGURES)
+    assert "run `automl-tl search`" in page
+    assert not list(report.directory.glob("*.png"))
+
+
+def test_model_figures_are_skipped_when_the_data_changed(tmp_path, registry):
+    config, _ = _make_study(tmp_path, registry)
+    metrics_path = config.output_dir / "best" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["data"]["split_hash"] = "something-else"
+    metrics_path.write_text(json.dumps(metrics))
+    report = build_report(config, registry)
+    reasons = {f.file: f.reason for f in report.skipped}
+    assert set(reasons) == {"confusion_matrix.png", "misclassified.png"}
+    assert "the data changed since the best model was trained" in reasons["misclassified.png"]
+
+
+def test_report_command_writes_the_folder_and_keeps_stdout_for_data(tmp_path, registry):
+    config, _ = _make_study(tmp_path, registry)
+    study_file = str(config.path)
+    result = run_cli("report", study_file, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)  # stdout is only the JSON
+    assert data["report"]["index"] == str(config.output_dir / "report" / "index.html")
+    assert [f["file"] for f in data["report"]["files"] if f["written"]] == [
+        name for name, *_ in FIGURES
+    ]
+    assert f"report written: {config.output_dir / 'report' / 'index.html'}" in result.stderr
+    image = Image.open(
+        io.BytesIO((config.output_dir / "report" / "misclassified.png").read_bytes())
+    )
+    assert image.width > 300
+
+    (config.output_dir / "report" / "index.html").unlink()
+    quiet = run_cli("report", study_file, "--no-files", "--format", "csv")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.startswith("trial,state,accuracy")
+    assert not (config.output_dir / "report" / "index.html").exists()
