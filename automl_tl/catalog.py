@@ -34,7 +34,7 @@ class Catalog:
 
     def _create_tables(self) -> None:
         params = {
-            name: (str if name in ("backbone", "augmentation", "unfreeze") else float)
+            name: (str if name in ("backbone", "weights", "augmentation", "unfreeze") else float)
             for name in PARAM_NAMES
         }
         self.db["trials"].create(
@@ -92,6 +92,35 @@ class Catalog:
             pk="id",
             if_not_exists=True,
         )
+        self.db["skipped_images"].create(
+            {"study": str, "path": str, "reason": str},
+            pk=("study", "path"),
+            if_not_exists=True,
+        )
+
+    def record_skipped(self, study: str, skipped: list[tuple[str, str]]) -> None:
+        """Replace the study's list of images left out (``[data] on_bad_image = "skip"``)."""
+        with self.db.conn:  # one transaction: the old list or the new one, never half
+            self.db.execute("delete from skipped_images where study = ?", [study])
+            if skipped:
+                self.db["skipped_images"].insert_all(
+                    ({"study": study, "path": p, "reason": r} for p, r in skipped),
+                    pk=("study", "path"),
+                    replace=True,
+                )
+
+    def skipped(self, study: str) -> list[dict[str, str]]:
+        return [
+            {"path": row["path"], "reason": row["reason"]}
+            for row in self.db["skipped_images"].rows_where("study = ?", [study], order_by="path")
+        ]
+
+    def trial_states(self, study: str) -> dict[int, str]:
+        """Trial number -> state as recorded here (to find trials the storage has and this lacks)."""
+        return {
+            row["number"]: row["state"]
+            for row in self.db["trials"].rows_where("study = ?", [study], select="number, state")
+        }
 
     def record_epoch(self, study: str, trial: int, epoch: int, metrics: dict[str, Any]) -> None:
         row = {"study": study, "trial": trial, "epoch": epoch}

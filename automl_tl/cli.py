@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -17,9 +18,24 @@ from .errors import UserError
 log = logging.getLogger("automl_tl")
 
 
+_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s:/@]*:)[^\s@/]+@")
+
+
+def scrub(text: str) -> str:
+    """Hide the password of every URL in ``text``: ``postgresql://user:***@host/db``."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+class _ScrubPasswords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = scrub(record.getMessage()), None
+        return True
+
+
 def _setup_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_ScrubPasswords())
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger("automl_tl")
     root.handlers[:] = [handler]
@@ -58,7 +74,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     config, pm, registry = _load(args, **_overrides(args))
     device = args.device or config.search.device
-    outcome = search(config, registry, pm, device=device, retrain_best=not args.no_retrain)
+    if args.workers != 1:
+        return _search_with_workers(args, config, registry, device)
+    from .progress import show_progress
+
+    with show_progress(config, args.verbosity, pm=pm):  # live lines on a terminal
+        outcome = search(config, registry, pm, device=device, retrain_best=not args.no_retrain)
     if outcome.best is None:
         print(f"study {config.name}: no trial completed")
         return 1
@@ -73,6 +94,50 @@ def cmd_search(args: argparse.Namespace) -> int:
             f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {outcome.model_dir}"
         )
     return 0
+
+
+def _search_with_workers(args: argparse.Namespace, config, registry, device: str) -> int:
+    """``search --workers N``: N local worker processes on one study (see automl_tl.workers)."""
+    from .study import best_summary, count_finished
+    from .workers import retrain_once, run_workers, storage_for_workers
+
+    config.search.storage = storage_for_workers(config, args.workers)
+
+    def child_args(slot) -> list[str]:
+        argv = ["search", str(config.path), "--workers", "1", "--no-retrain"]
+        argv += ["--storage", config.search.storage, "--device", "cuda" if slot.gpu else "cpu"]
+        for flag, value in (("--n-trials", args.n_trials), ("--timeout", args.timeout)):
+            argv += [flag, str(value)] if value is not None else []
+        argv += ["--seed", str(args.seed)] if args.seed is not None else []
+        for plugin in args.plugin:
+            argv += ["--plugin", plugin]
+        return argv + ({-1: ["-q"], 0: []}.get(args.verbosity, ["-v"]))
+
+    from .progress import show_progress
+
+    with show_progress(config, args.verbosity, workers=args.workers):  # one line per worker
+        result = run_workers(config, registry, args.workers, device=device, child_args=child_args)
+    for w in result.workers:
+        print(f"worker {w.slot.index} ({w.slot.label}, pid {w.pid}): {w.describe()}")
+    finished, best = count_finished(result.study), best_summary(result.study)
+    if best is None:
+        print(f"study {config.name}: no trial completed")
+        return 1
+    budget = config.search.n_trials
+    print(
+        f"study {config.name}: {finished} of {budget} trials finished, {args.workers} workers; best "
+        f"trial #{best['number']} val {config.search.metric} {best['value']:.4f}"
+    )
+    if not args.no_retrain and (finished >= budget or not result.failed):
+        retrained = retrain_once(config, registry, result.study, result.splits, device=device)
+        if retrained is not None:
+            directory, metrics = retrained
+            test = metrics["test"]
+            print(
+                f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
+                f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {directory}"
+            )
+    return 1 if result.failed else 0
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -145,6 +210,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 0
     print(f"study {data['study']} ({len(rows)} trials, metric {data['metric']})")
     print(_table(rows, columns))
+    skipped = data.get("skipped_images") or []
+    if skipped:
+        shown = ", ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5])
+        more = f", … ({len(skipped)} in all)" if len(skipped) > 5 else ""
+        print(
+            f'\nskipped {len(skipped)} unreadable image(s) (on_bad_image = "skip"): {shown}{more}'
+        )
     if data.get("best_model"):
         bm = data["best_model"]
         print(
@@ -172,6 +244,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         print(_table(rows, ["path", "label", "score"]))
     return 0 if all(r.get("label") is not None for r in rows) else 1
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .config import config_from_dict, load_config
+    from .data import check_source
+    from .plugins import get_plugin_manager
+    from .registry import Registry
+
+    overrides = {
+        "data.image_size": args.image_size,
+        "data.seed": args.seed,
+        "data.val_fraction": args.val_fraction,
+        "data.test_fraction": args.test_fraction,
+    }
+    if args.source.endswith(".toml"):
+        config = load_config(args.source, overrides)
+    else:  # a source: validate the settings exactly as a study file's [data]
+        data = {"source": args.source}
+        data.update({k.split(".")[1]: v for k, v in overrides.items() if v is not None})
+        config = config_from_dict({"name": "check-data", "data": data})
+    pm, _ = get_plugin_manager([*config.plugins, *args.plugin], base_dir=config.base_dir)
+    d = config.data
+    result = check_source(
+        Registry.from_plugin_manager(pm),
+        d.source,
+        image_size=d.image_size,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        seed=d.seed,
+        base_dir=config.base_dir,
+    )
+    if args.format == "json":
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.format_text())
+    return 0 if result.usable else 1
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -238,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-retrain", action="store_true", help="leave the retrain to `automl-tl retrain`"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes on this node sharing the study, one per visible GPU (round "
+        "robin) or CPU threads split between them; default storage: a journal file",
+    )
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser(
@@ -273,6 +388,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser(
+        "check-data",
+        help="check a dataset (unreadable files, class problems) without training",
+        description="Decode every image and run every data check; print images per class per "
+        "split, sizes, modes and unreadable files. Exit 0: usable as is; 1: problems listed; "
+        "2: the source cannot be read.",
+    )
+    common(p, study=False)
+    p.add_argument("source", help="folder:PATH, csv:PATH, digits, … or a study file (.toml)")
+    p.add_argument("--image-size", type=int, help="decode size (default [data] image_size: 32)")
+    p.add_argument("--seed", type=int, help="split seed (default [data] seed: 0)")
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--test-fraction", type=float)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--plugin", action="append", default=[])
+    p.set_defaults(func=cmd_check_data)
+
     p = sub.add_parser("plugins", help="list plugins and what they register")
     common(p, study=False)
     p.add_argument("--format", choices=["table", "json"], default="table")
@@ -281,20 +413,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler, `kill`) stops like Ctrl-C: as a KeyboardInterrupt, cleanly."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbosity)
+    previous = _stop_on_sigterm()
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {scrub(str(exc))}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(
             "interrupted; completed trials are kept — run the same command again to resume",
             file=sys.stderr,
         )
-        return 130
+        return 128 + (signal.SIGTERM if "SIGTERM" in exc.args else signal.SIGINT)
+    except Exception:  # a bug: keep the traceback, but never a password in it
+        import traceback
+
+        sys.stderr.write(scrub(traceback.format_exc()))
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
