@@ -119,9 +119,6 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
     from .progress import show_progress
 
     with show_progress(config, args.verbosity, workers=args.workers):  # one line per worker
-        from .progress import show_progress
-
-    with show_progress(config, args.verbosity, workers=args.workers):  # one line per worker
         result = run_workers(config, registry, args.workers, device=device, child_args=child_args)
     for w in result.workers:
         print(f"worker {w.slot.index} ({w.slot.label}, pid {w.pid}): {w.describe()}")
