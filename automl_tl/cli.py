@@ -79,9 +79,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .progress import show_progress
 
     with show_progress(config, args.verbosity, pm=pm):  # live lines on a terminal
-        from .progress import show_progress
-
-    with show_progress(config, args.verbosity, pm=pm):  # live lines on a terminal
         outcome = search(config, registry, pm, device=device, retrain_best=not args.no_retrain)
     if outcome.best is None:
         print(f"study {config.name}: no trial completed")
