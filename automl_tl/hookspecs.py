@@ -34,8 +34,10 @@ def register_datasets(register: Callable[[DatasetSource], None]) -> None:
 
 
 @hookspec
-def trial_started(study_name: str, trial_number: int, params: dict[str, Any]) -> None:
-    """A trial is about to train with these parameters."""
+def trial_started(
+    study_name: str, trial_number: int, params: dict[str, Any], output_dir: str
+) -> None:
+    """A trial is about to train with these parameters; output_dir is the study's folder."""
 
 
 @hookspec
@@ -53,5 +55,5 @@ def trial_finished(
 
 
 @hookspec
-def study_finished(study_name: str, best: dict[str, Any] | None) -> None:
+def study_finished(study_name: str, best: dict[str, Any] | None, output_dir: str) -> None:
     """A search run ended; best is {number, value, params} or None when no trial completed."""

@@ -220,7 +220,10 @@ class _Search:
         choice = suggest(trial, self.config)
         trial.set_user_attr("device", str(self.device))
         self.hook.trial_started(
-            study_name=name, trial_number=trial.number, params=dict(trial.params)
+            study_name=name,
+            trial_number=trial.number,
+            params=dict(trial.params),
+            output_dir=str(self.config.output_dir),
         )
 
         def on_epoch(r: EpochResult) -> None:
@@ -357,7 +360,7 @@ def search(
             gc_after_trial=False,
         )
     best = best_summary(study)
-    pm.hook.study_finished(study_name=config.name, best=best)
+    pm.hook.study_finished(study_name=config.name, best=best, output_dir=str(config.output_dir))
     if runner.stopped_for:
         raise TooManyFailures(
             f"search stopped: {runner.stopped_for}. Completed trials are kept; fix the cause and run "
