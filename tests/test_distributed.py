@@ -1,0 +1,433 @@
+"""Many workers on one study: journal file on one node, PostgreSQL across nodes.
+
+The PostgreSQL tests use a real server started by ``tests/postgres.py`` (marker ``postgres``;
+CI installs the package and fails, never skips, when it is missing). Workers are real
+``automl-tl search`` processes; a test plugin holds a trial open so a worker can be SIGKILLed
+in the middle of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from PIL import Image
+
+from automl_tl.config import config_from_dict, load_config
+from automl_tl.errors import DataError, UserError
+from automl_tl.workers import (
+    Budget,
+    TrialSkipped,
+    claim_retrain,
+    is_alive,
+    join_study,
+    open_storage,
+    plan_slots,
+    worker_identity,
+)
+
+from .conftest import run_cli, write_study
+from .postgres import PASSWORD
+
+# Holds one worker's trial open (the victim: AUTOML_TL_WORKER == SLEEP_WORKER) after writing a
+# marker; every other worker waits at its first trial until the victim is in its trial, so the
+# victim always has a running trial to lose, whatever the start-up order.
+SLEEPER = """
+import json, os, time
+import automl_tl
+
+VICTIM = os.environ.get("SLEEP_WORKER")
+MARKER = os.environ.get("SLEEP_MARKER", "")
+
+
+@automl_tl.hookimpl
+def trial_started(study_name, trial_number, params):
+    if VICTIM is None or os.environ.get("AUTOML_TL_WORKER") == VICTIM:
+        return
+    deadline = time.time() + 120
+    while not os.path.exists(MARKER) and time.time() < deadline:
+        time.sleep(0.1)
+
+
+@automl_tl.hookimpl
+def epoch_finished(study_name, trial_number, epoch, metrics):
+    if VICTIM is None or os.environ.get("AUTOML_TL_WORKER") != VICTIM:
+        return
+    with open(MARKER + ".tmp", "w") as f:
+        json.dump({"pid": os.getpid(), "trial": trial_number}, f)
+    os.replace(MARKER + ".tmp", MARKER)
+    time.sleep(600)
+"""
+
+STUDY = """
+plugins = ["sleeper.py"]
+
+[data]
+source = "folder:images"
+image_size = 32
+seed = 0
+
+[search]
+n_trials = {n_trials}
+backbones = ["test_resnet"]
+augmentations = ["none", "flip_crop"]
+unfreeze = ["top_k", "layer_decay"]
+epochs = 1
+batch_size = 32
+pruner = "none"
+heartbeat_interval = 1
+"""
+
+
+def make_study(folder: Path, n_trials: int) -> Path:
+    """A study over a small image folder (3 classes × 20 images), so a trial takes a second."""
+    rng = np.random.default_rng(0)
+    for c, color in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200)]):
+        d = folder / "images" / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(20):
+            noise = rng.integers(0, 60, size=(32, 32, 3))
+            pixels = np.clip(np.array(color) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(d / f"{i}.png")
+    (folder / "sleeper.py").write_text(SLEEPER)
+    return write_study(folder, STUDY.format(n_trials=n_trials))
+
+
+def trials_of(url: str, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
+    storage = open_storage(url, heartbeat_interval=60)
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def finished(trials) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in trials if t.state.is_finished() and t.state.name != "FAIL"]
+
+
+def start_worker(study: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """``automl-tl search`` in the background, as one more worker (one CPU thread)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "automl_tl.cli", "search", str(study), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        cwd=study.parent,
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the worker exited ({proc.returncode}) before its trial:\n{out}\n{err}")
+        assert time.monotonic() < deadline, "the victim never started its trial"
+        time.sleep(0.1)
+    return json.loads(path.read_text())
+
+
+def retry_of(trials, killed) -> optuna.trial.FrozenTrial:
+    """The trial that re-ran ``killed``'s configuration (Optuna's retry callback links them)."""
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1, [(t.number, t.state.name, t.system_attrs) for t in trials]
+    return retries[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# no server needed
+
+
+def test_slots_round_robin_over_gpus_and_split_cpu_threads():
+    slots = plan_slots(4, "auto", gpus=["0", "3"], cpus=16)
+    assert [s.gpu for s in slots] == ["0", "3", "0", "3"]
+    assert [s.env()["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "3", "0", "3"]
+    assert all(s.threads == 4 for s in slots)
+    cpu = plan_slots(3, "auto", gpus=[], cpus=2)
+    assert [s.gpu for s in cpu] == [None, None, None]
+    assert [s.threads for s in cpu] == [1, 1, 1]
+    assert "CUDA_VISIBLE_DEVICES" not in cpu[0].env() and cpu[0].env()["OMP_NUM_THREADS"] == "1"
+    assert [s.threads for s in plan_slots(2, "cpu", gpus=["0"], cpus=5)] == [3, 2]
+    assert [s.gpu for s in plan_slots(2, "cpu", gpus=["0"], cpus=2)] == [None, None]
+    with pytest.raises(UserError, match="each of the 2 workers gets its own"):
+        plan_slots(2, "cuda:1", gpus=["0", "1"], cpus=2)
+    with pytest.raises(UserError, match="no GPU is visible"):
+        plan_slots(2, "cuda", gpus=[], cpus=2)
+
+
+def test_a_dead_or_zombie_process_is_not_alive():
+    me = worker_identity()
+    assert is_alive(me)
+    assert is_alive({**me, "host": "some-other-node"})  # can't tell: assume alive
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    while (
+        Path(f"/proc/{proc.pid}/stat").exists()
+        and "Z" not in Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1][:3]
+    ):
+        time.sleep(0.05)
+    assert not is_alive({"host": me["host"], "pid": proc.pid, "started": None})  # zombie
+    proc.wait()
+    assert not is_alive({"host": me["host"], "pid": proc.pid, "started": None})
+    assert not is_alive({**me, "started": (me["started"] or 0) + 1})  # pid reused
+
+
+def test_sqlite_with_several_workers_is_refused(tmp_path):
+    study = write_study(tmp_path, '[search]\nbackbones = ["test_resnet"]\n')
+    result = run_cli("search", str(study), "--workers", "2", "--storage", "sqlite:///x.db")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --workers 2 cannot share sqlite:///x.db: SQLite")
+    assert "--storage journal:PATH" in result.stderr and "postgresql://" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
+    # a study already in its default SQLite file is not silently moved to a journal file
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "optuna.db").write_bytes(b"")
+    result = run_cli("search", str(study), "--workers", "2")
+    assert result.returncode == 2
+    assert "this study's SQLite storage" in result.stderr and "--workers 1" in result.stderr
+
+
+def test_a_worker_with_other_data_refuses_to_join(tmp_path, registry):
+    from automl_tl.study import load_splits
+
+    make_study(tmp_path, 2)
+    url = f"journal:{tmp_path / 'journal.log'}"
+
+    def config(seed: int):
+        raw = {"name": "tiny", "data": {"source": "folder:images", "seed": seed}}
+        raw["search"] = {"storage": url, "backbones": ["test_resnet"]}
+        return config_from_dict(raw, tmp_path / "tiny.toml")
+
+    first = config(0)
+    study = join_study(first, load_splits(first, registry))
+    assert study.user_attrs["data"]["split_hash"]
+    join_study(first, load_splits(first, registry))  # same data: joins
+    other = config(1)
+    with pytest.raises(DataError, match=r"refuses to join: the data no longer matches study"):
+        join_study(other, load_splits(other, registry))
+
+
+def run_budget_workers(url: str, workers: int, n_trials: int):
+    """``workers`` threads, each with its own storage connection (as separate processes have),
+    racing over a budget of very short trials; then each claims the retrain."""
+    import random
+    import threading
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    outcomes: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(workers)
+
+    def worker() -> None:
+        try:
+            study = optuna.create_study(
+                study_name="budget",
+                storage=open_storage(url, heartbeat_interval=1),
+                direction="maximize",
+                load_if_exists=True,
+            )
+            budget = Budget(study, n_trials, url=url, poll=0.05)
+
+            def objective(trial):
+                budget.admit(trial)
+                time.sleep(random.uniform(0, 0.03))
+                return trial.suggest_float("x", 0, 1)
+
+            def jitter(study, trial):  # a worker may be held up between deciding and asking
+                time.sleep(random.uniform(0, 0.03))
+
+            start.wait()
+            if budget.room():
+                study.optimize(objective, catch=(TrialSkipped,), callbacks=[budget, jitter])
+            start.wait()  # everyone done, then everyone claims at once
+            outcomes.append("WON" if claim_retrain(study, study.best_trial.number)[0] else "LOST")
+        except BaseException as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+            start.abort()
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    study = optuna.load_study(study_name="budget", storage=open_storage(url, heartbeat_interval=60))
+    return study.get_trials(deepcopy=False), outcomes
+
+
+@pytest.mark.slow
+def test_budget_is_exact_and_retrain_claimed_once_on_journal(tmp_path):
+    """Four workers racing over a 40-trial budget of very short trials: exactly 40 finish
+    (MaxTrialsCallback alone overshoots here), and one worker wins the retrain claim."""
+    trials, outputs = run_budget_workers(f"journal:{tmp_path / 'j.log'}", 4, 40)
+    assert len(finished(trials)) == 40
+    skipped = [t for t in trials if t.user_attrs.get("skipped")]
+    assert all(t.state.name == "FAIL" for t in skipped)
+    assert len(trials) == 40 + len(skipped)
+    assert sorted(outputs) == ["LOST", "LOST", "LOST", "WON"]
+
+
+# ---------------------------------------------------------------------------------------------
+# --workers N on one node: the journal file
+
+
+@pytest.mark.slow
+def test_two_local_workers_share_a_journal_study(tmp_path):
+    study = make_study(tmp_path, 4)
+    result = run_cli("search", str(study), "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    journal = tmp_path / "tiny" / "optuna-journal.log"
+    assert journal.is_file() and not (tmp_path / "tiny" / "optuna.db").exists()
+    assert "worker 0 (CPU, 1 thread, pid" in result.stdout
+    assert "worker 1 (CPU, 1 thread, pid" in result.stdout
+    assert "4 of 4 trials finished, 2 workers" in result.stdout
+    assert result.stdout.count("retrained on") == 1
+    assert (tmp_path / "tiny" / "best" / "model.safetensors").is_file()
+    trials = trials_of(f"journal:{journal}")
+    assert len(finished(trials)) == 4
+    assert len({t.user_attrs["worker"]["pid"] for t in finished(trials)}) == 2
+    # the workers sampled different configurations (not one seeded sequence twice)
+    params = [tuple(sorted(t.params.items())) for t in finished(trials)]
+    assert len(set(params)) == 4
+    # later commands (report, retrain, search) find the journal without --storage
+    assert load_config(study).storage_url == f"journal:{journal}"
+
+
+@pytest.mark.slow
+def test_journal_worker_killed_mid_trial(tmp_path):
+    """Journal storage has no heartbeat: a worker whose process is gone from this host is
+    noticed by the others (and by the parent), its trial is failed and retried."""
+    study = make_study(tmp_path, 3)
+    marker = tmp_path / "victim.json"
+    parent = start_worker(
+        study, "--workers", "2", env={"SLEEP_WORKER": "1", "SLEEP_MARKER": str(marker)}
+    )
+    victim = wait_for(marker, parent)
+    os.kill(victim["pid"], signal.SIGKILL)
+    out, err = parent.communicate(timeout=180)
+    assert parent.returncode == 1, err  # a worker failed, and the parent says so
+    assert "worker 1 (CPU, 1 thread, pid" in out and "killed by SIGKILL" in out
+    assert any(line.startswith("worker 0 (CPU") and ": done, " in line for line in out.splitlines())
+    assert "3 of 3 trials finished" in out
+    assert out.count("retrained on") == 1
+    trials = trials_of(f"journal:{tmp_path / 'tiny' / 'optuna-journal.log'}")
+    killed = next(t for t in trials if t.number == victim["trial"])
+    assert killed.state.name == "FAIL"
+    assert "died while it ran" in killed.user_attrs["fail_reason"]
+    retry = retry_of(trials, killed)
+    assert retry.params == killed.params and retry.state.name == "COMPLETE"
+    assert retry.user_attrs["worker"]["pid"] != victim["pid"]
+    assert len(finished(trials)) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL: many nodes
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_budget_is_exact_and_retrain_claimed_once_on_postgres(tmp_path, postgres_url):
+    trials, outputs = run_budget_workers(postgres_url, 4, 40)
+    assert len(finished(trials)) == 40
+    assert len(trials) == 40 + sum(1 for t in trials if t.user_attrs.get("skipped"))
+    assert sorted(outputs) == ["LOST", "LOST", "LOST", "WON"]
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_three_workers_share_one_study_on_postgres(tmp_path, postgres_url):
+    study = make_study(tmp_path, 6)
+    workers = [start_worker(study, "--storage", postgres_url) for _ in range(3)]
+    results = [(w.wait(timeout=240), *w.communicate()) for w in workers]
+    for rc, out, err in results:
+        assert rc == 0, err
+        assert PASSWORD not in out + err
+        assert "postgresql://postgres:***@127.0.0.1" in err  # the storage, as logged
+    trials = trials_of(postgres_url)
+    assert len(finished(trials)) == 6  # the budget, not 3 × the budget
+    assert all(t.state.name != "RUNNING" for t in trials)
+    assert len({t.user_attrs["worker"]["pid"] for t in finished(trials)}) >= 2
+    assert sum(out.count("retrained on") for _, out, _ in results) == 1
+    assert all("6 trials finished" in out for _, out, _ in results)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_killed_worker_on_postgres_is_retried_by_the_survivor(tmp_path, postgres_url):
+    study = make_study(tmp_path, 4)
+    marker = tmp_path / "victim.json"
+    sleep = {"SLEEP_WORKER": "1", "SLEEP_MARKER": str(marker)}
+    victim = start_worker(study, "--storage", postgres_url, env={**sleep, "AUTOML_TL_WORKER": "1"})
+    survivor = start_worker(
+        study, "--storage", postgres_url, env={**sleep, "AUTOML_TL_WORKER": "0"}
+    )
+    killed_number = wait_for(marker, victim)["trial"]
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    out, err = survivor.communicate(timeout=240)
+    assert survivor.returncode == 0, err
+    trials = trials_of(postgres_url)
+    killed = next(t for t in trials if t.number == killed_number)
+    assert killed.state.name == "FAIL"  # failed by the heartbeat check, not by its worker
+    assert killed.user_attrs["worker"]["pid"] == victim.pid
+    retry = retry_of(trials, killed)
+    assert retry.params == killed.params and retry.state.name == "COMPLETE"
+    assert retry.user_attrs["worker"]["pid"] == survivor.pid
+    assert len(finished(trials)) == 4
+    assert out.count("retrained on") == 1
+    assert f"trial {killed_number} lost its worker" in err
+    # restarting the killed worker just rejoins: the budget is spent, the retrain claimed
+    again = run_cli("search", str(study), "--storage", postgres_url, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "4 trials finished (0 run now)" in again.stdout
+    assert "retrained on" not in again.stdout and "is retrained by another worker" in again.stderr
+    assert len(trials_of(postgres_url)) == len(trials)
+    for text in (out, err, again.stdout, again.stderr):
+        assert PASSWORD not in text
+    print(
+        "kill test trial states:",
+        {t.number: (t.state.name, t.system_attrs.get("failed_trial")) for t in trials},
+    )
+
+
+@pytest.mark.postgres
+def test_a_wrong_password_is_one_line_without_the_password(tmp_path, postgres_server):
+    study = write_study(tmp_path, '[search]\nbackbones = ["test_resnet"]\n')
+    url = postgres_server.url().replace(PASSWORD, "wrong-" + PASSWORD[::-1])
+    result = run_cli("report", str(study), "--storage", url)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "error: cannot open storage postgresql://postgres:***@127.0.0.1"
+    )
+    assert PASSWORD[::-1] not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_budget_admits_by_trial_number(postgres_url):
+    """The admission rule itself: finished + running trials with lower numbers vs the budget."""
+    study = optuna.create_study(
+        study_name="rule", storage=open_storage(postgres_url, heartbeat_interval=60)
+    )
+    budget = Budget(study, 3, url=postgres_url)
+    first, second, third = study.ask(), study.ask(), study.ask()
+    budget.admit(first)
+    budget.admit(third)  # 0 finished + 2 running ahead < 3
+    study.tell(second, 1.0)
+    budget.admit(third)
+    fourth = study.ask()
+    with pytest.raises(TrialSkipped, match="budget of 3 was already covered"):
+        budget.admit(fourth)  # 1 finished + 2 running ahead
+    assert study.trials[fourth.number].user_attrs["skipped"] is True
+    study.tell(fourth, state=optuna.trial.TrialState.FAIL)  # as optimize() does
+    study.tell(first, state=optuna.trial.TrialState.FAIL)
+    budget.admit(study.ask())  # the failed trial gave its place back: 1 finished + 1 ahead
+    won, _ = claim_retrain(study, 1)
+    assert won and not claim_retrain(study, 1)[0]
