@@ -38,6 +38,9 @@ class DataSection:
     test_fraction: float = field(default=0.2, metadata={"min": 0.01, "max": 0.9})
     seed: int = 0
     on_bad_image: str = field(default="error", metadata=_choices("error", "skip"))
+    #: a few-label task: at most this many labelled images per class for train + val
+    #: together (in the val_fraction proportion); test keeps all its images
+    max_per_class: int | None = field(default=None, metadata={"min": 2})
 
 
 @dataclass
@@ -78,6 +81,18 @@ class RetrainSection:
 
 
 @dataclass
+class PretrainSection:
+    """How ``pretrain:SOURCE`` weights are trained (at the study's image size and seed)."""
+
+    epochs: int = field(default=10, metadata={"min": 1})
+    lr: float = field(default=3e-3, metadata={"min": 1e-8})
+    weight_decay: float = field(default=1e-4, metadata={"min": 0.0})
+    batch_size: int = field(default=64, metadata={"min": 2})
+    augmentation: str = "none"
+    aug_strength: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+
+
+@dataclass
 class StudyConfig:
     """A validated study file. Build it with :func:`load_config` or :func:`config_from_dict`."""
 
@@ -86,8 +101,10 @@ class StudyConfig:
     data: DataSection = field(default_factory=DataSection)
     search: SearchSection = field(default_factory=SearchSection)
     retrain: RetrainSection = field(default_factory=RetrainSection)
-    #: per-backbone weight source; "default" applies to backbones not named
-    weights: dict[str, str] = field(default_factory=lambda: {"default": "none"})
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
+    #: per-backbone weight source; "default" applies to backbones not named. A list makes the
+    #: source a searched choice (the ``weights`` parameter), e.g. ["pretrain:digits:0-4", "none"]
+    weights: dict[str, str | list[str]] = field(default_factory=lambda: {"default": "none"})
     #: the study file, or None for a config built in code
     path: Path | None = None
     base_dir: Path = field(default_factory=Path.cwd)
@@ -105,17 +122,45 @@ class StudyConfig:
         """The Optuna storage URL; default SQLite in the output folder."""
         return self.search.storage or f"sqlite:///{self.output_dir / 'optuna.db'}"
 
-    def weights_for(self, backbone: str) -> str:
-        """The weight source for ``backbone``; file paths resolved against the study folder."""
+    def weight_choices(self, backbone: str) -> list[str] | None:
+        """The sources searched for ``backbone`` (the ``weights`` parameter), or None if fixed."""
         value = self.weights.get(backbone, self.weights.get("default", "none"))
+        return list(value) if isinstance(value, list) else None
+
+    def pretrained_path(self, backbone: str, source: str) -> Path:
+        """Where ``pretrain:SOURCE`` weights of ``backbone`` are kept (built by automl_tl.pretrain)."""
+        slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in source)
+        return self.output_dir / "pretrained" / f"{backbone}--{slug}.safetensors"
+
+    def weights_for(self, backbone: str, choice: str | None = None) -> str:
+        """The weight source for ``backbone`` as a backbone's ``create()`` takes it.
+
+        ``choice`` is the searched source when ``[weights]`` lists several. File and
+        ``local-dir:`` paths are resolved against the study folder; ``pretrain:SOURCE``
+        becomes the weights file :func:`automl_tl.pretrain.ensure_study_weights` writes.
+        """
+        value = self.weights.get(backbone, self.weights.get("default", "none"))
+        if isinstance(value, list):
+            if choice not in value:
+                raise ValueError(f"weights choice {choice!r} is not one of {value}")
+            value = choice
         if value in ("none", "timm") or value.startswith("timm:"):
             return value
-        path = Path(value).expanduser()
-        return str(path if path.is_absolute() else self.base_dir / path)
+        if value.startswith("pretrain:"):
+            return str(self.pretrained_path(backbone, value[len("pretrain:") :]))
+        local_dir = value.startswith("local-dir:")
+        path = Path(value[len("local-dir:") :] if local_dir else value).expanduser()
+        path = path if path.is_absolute() else self.base_dir / path
+        return f"local-dir:{path}" if local_dir or path.is_dir() else str(path)
 
 
-_SECTIONS = {"data": DataSection, "search": SearchSection, "retrain": RetrainSection}
-_TOP_LEVEL = ("name", "plugins", "data", "search", "retrain", "weights")
+_SECTIONS = {
+    "data": DataSection,
+    "search": SearchSection,
+    "retrain": RetrainSection,
+    "pretrain": PretrainSection,
+}
+_TOP_LEVEL = ("name", "plugins", "data", "search", "retrain", "pretrain", "weights")
 
 
 def _type_name(value: Any) -> str:
@@ -223,10 +268,11 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f"plugins must be a list of module names or .py paths, got {plugins!r}")
     weights = raw.get("weights", {})
-    if not isinstance(weights, dict) or not all(isinstance(v, str) for v in weights.values()):
-        raise ConfigError(
-            '[weights] must map backbone names to "none", "timm", "timm:TAG" or a file path'
-        )
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+        for v in weights.values()
+    ):
+        raise ConfigError(f"[weights] must map backbone names to {_WEIGHT_SOURCES} (or a list)")
     sections = {k: _section(k, cls, raw.get(k, {})) for k, cls in _SECTIONS.items()}
     config = StudyConfig(
         name=name,
@@ -243,14 +289,45 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
                 f"{did_you_mean(backbone, config.search.backbones)}; searched: "
                 f"{', '.join(config.search.backbones)}"
             )
-        resolved = config.weights_for(backbone)
-        is_file_source = resolved not in ("none", "timm") and not resolved.startswith("timm:")
-        if is_file_source and not Path(resolved).is_file():
-            raise ConfigError(
-                f"[weights] {backbone} = {value!r}: file {resolved} does not exist; "
-                'use "none", "timm", "timm:TAG" or the path to a weights file'
-            )
+        _check_weights(config, backbone, value)
     return config
+
+
+_WEIGHT_SOURCES = '"none", "timm", "timm:TAG", "pretrain:SOURCE", "local-dir:DIR" or a file path'
+
+
+def _check_weights(config: StudyConfig, backbone: str, value: str | list[str]) -> None:
+    """One source, or a list of them searched as the ``weights`` parameter."""
+    choices = value if isinstance(value, list) else [value]
+    key = f"[weights] {backbone}"
+    if isinstance(value, list):
+        if not value or len(set(value)) != len(value):
+            raise ConfigError(f"{key} = {value!r}: list each source once, at least one")
+        lists = [v for v in config.weights.values() if isinstance(v, list)]
+        if any(v != value for v in lists):
+            raise ConfigError(
+                f"[weights] lists differ ({', '.join(map(repr, lists))}); the searched `weights` "
+                "parameter has one set of choices: write the list once, as default"
+            )
+    for choice in choices:
+        if choice.startswith("pretrain:") and not choice[len("pretrain:") :]:
+            raise ConfigError(f"{key}: write pretrain:SOURCE, e.g. pretrain:digits:0-4")
+        resolved = config.weights_for(backbone, choice)
+        if resolved in ("none", "timm") or resolved.startswith("timm:"):
+            continue
+        if choice.startswith("pretrain:"):
+            continue
+        if resolved.startswith("local-dir:"):
+            folder = Path(resolved[len("local-dir:") :])
+            if not (folder / "config.json").is_file():
+                raise ConfigError(
+                    f"{key} = {choice!r}: {folder} is not a timm export (no config.json); "
+                    "name a folder written by `automl-tl search`, e.g. studies/NAME/best"
+                )
+        elif not Path(resolved).is_file():
+            raise ConfigError(
+                f"{key} = {choice!r}: file {resolved} does not exist; use {_WEIGHT_SOURCES}"
+            )
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:

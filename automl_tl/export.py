@@ -3,12 +3,17 @@
 ``<dir>/model.safetensors`` + ``<dir>/config.json`` (timm's format: ``architecture``,
 ``num_classes``, ``label_names``, ``pretrained_cfg`` with mean/std/input_size) +
 ``<dir>/metrics.json``. ``timm.create_model("local-dir:<dir>", pretrained=True)`` loads the
-model with no automl-tl installed.
+model with no automl-tl installed; ``[weights] NAME = "local-dir:<dir>"`` seeds another study
+with it. :func:`load_model` gives the model with its preprocessing (resize, mean/std) and
+top-k :meth:`LoadedModel.predict`; :func:`export_onnx` (``automl-tl export STUDY --onnx``)
+writes ``<dir>/model.onnx`` and checks it against the PyTorch model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -226,3 +231,115 @@ def predict_paths(
                 row["top_k"] = [{"label": label, "score": round(p, 6)} for label, p in top]
             rows.append(row)
     return rows
+
+
+def check_timm_export(directory: str | Path) -> list[str]:
+    """The files of an exported model folder; a clear error when it is not one."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
+        raise UserError(
+            f"{directory} is not an exported model (needs config.json and model.safetensors); "
+            "run `automl-tl search` (best/) or `automl-tl retrain --trial N` (models/trial-N/) first"
+        )
+    return sorted(p.name for p in directory.iterdir() if p.is_file())
+
+
+@dataclass
+class OnnxExport:
+    """Where the ONNX file went and how closely it matches the PyTorch model."""
+
+    path: Path
+    opset: int
+    batch: int
+    max_abs_diff: float
+
+
+#: ONNX Runtime's output may differ from PyTorch's by float rounding, not more than this.
+ONNX_TOLERANCE = 1e-3
+
+
+def export_onnx(
+    directory: str | Path, *, opset: int | None = None, batch: int = 8, seed: int = 0
+) -> OnnxExport:
+    """Write ``<directory>/model.onnx`` beside the timm export and check it against PyTorch.
+
+    The graph takes a normalized float batch ``image`` of shape ``(batch, 3, S, S)`` (the batch
+    dimension is dynamic) and returns ``logits``; the preprocessing (input size, mean, std)
+    and the label names are stored in the file's metadata. The check runs ONNX Runtime and
+    the PyTorch model on the same random batch (of another size than the export's example,
+    so the dynamic batch is exercised too) and raises when they differ by more than
+    :data:`ONNX_TOLERANCE`. Needs the ``onnx`` extra: ``pip install 'automl-tl[onnx]'``.
+    """
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as exc:
+        raise UserError(
+            f"ONNX export needs the onnx extra ({exc.name} is not installed): "
+            "pip install 'automl-tl[onnx]'"
+        ) from exc
+    import numpy as np
+
+    directory = Path(directory)
+    check_timm_export(directory)
+    loaded = load_model(directory, device="cpu")
+    model = loaded.model.float().eval()
+    size = loaded.image_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    path = directory / "model.onnx"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".onnx")
+    os.close(fd)
+    try:
+        kwargs: dict[str, Any] = {"opset_version": opset} if opset else {}
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    tmp,
+                    input_names=["image"],
+                    output_names=["logits"],
+                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                    external_data=False,
+                    dynamo=True,
+                    **kwargs,
+                )
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise UserError(
+                f"torch.onnx cannot export this {type(model).__name__}: {type(exc).__name__}: "
+                f"{reason}. The timm export in {directory} is unaffected."
+            ) from exc
+        proto = onnx.load(tmp)
+        used_opset = next(
+            (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+            opset or 0,
+        )
+        metadata = {
+            "label_names": json.dumps(loaded.label_names),
+            "input_size": json.dumps(list(loaded.data_config.input_size)),
+            "mean": json.dumps(list(loaded.data_config.mean)),
+            "std": json.dumps(list(loaded.data_config.std)),
+            "preprocess": "RGB in [0, 1], resized to input_size, then (x - mean) / std",
+        }
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, tmp)
+        check = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+        session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        (onnx_logits,) = session.run(["logits"], {"image": check.numpy()})
+        with torch.inference_mode():
+            torch_logits = model(check).float().numpy()
+        diff = float(np.abs(onnx_logits - torch_logits).max())
+        if not diff <= ONNX_TOLERANCE:
+            raise UserError(
+                f"the ONNX model differs from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE}) on a "
+                f"batch of {batch}; {directory}/model.onnx was not written"
+            )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return OnnxExport(path, int(used_opset), batch, diff)

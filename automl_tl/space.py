@@ -1,9 +1,10 @@
 """The search space: registry + study config -> Optuna suggestions, and params -> a Choice.
 
-Parameter names (stable; reports and the catalog use them): ``backbone``, ``augmentation``,
-``aug_strength`` (only when the policy is not ``none``), ``unfreeze``, ``unfreeze_depth``
-(a fraction of the backbone's layer groups, so it means the same for every backbone), ``lr``,
-``weight_decay``.
+Parameter names (stable; reports and the catalog use them): ``backbone``, ``weights`` (the
+weight source as written in ``[weights]``, only when it lists several for the backbone, e.g.
+``"pretrain:digits:0-4"`` or ``"none"``), ``augmentation``, ``aug_strength`` (only when the
+policy is not ``none``), ``unfreeze``, ``unfreeze_depth`` (a fraction of the backbone's layer
+groups, so it means the same for every backbone), ``lr``, ``weight_decay``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .train import Choice
 
 PARAM_NAMES = (
     "backbone",
+    "weights",
     "augmentation",
     "aug_strength",
     "unfreeze",
@@ -30,6 +32,8 @@ def suggest(trial: optuna.Trial, config: StudyConfig) -> Choice:
     """Sample one configuration (define-by-run) from the study's space."""
     s = config.search
     backbone = trial.suggest_categorical("backbone", s.backbones)
+    sources = config.weight_choices(backbone)
+    source = trial.suggest_categorical("weights", sources) if sources else None
     augmentation = trial.suggest_categorical("augmentation", s.augmentations)
     strength = 0.0 if augmentation == "none" else trial.suggest_float("aug_strength", 0.0, 1.0)
     unfreeze = trial.suggest_categorical("unfreeze", s.unfreeze)
@@ -40,7 +44,7 @@ def suggest(trial: optuna.Trial, config: StudyConfig) -> Choice:
     )
     return Choice(
         backbone=backbone,
-        weights=config.weights_for(backbone),
+        weights=config.weights_for(backbone, source),
         augmentation=augmentation,
         aug_strength=strength,
         unfreeze=unfreeze,
@@ -57,7 +61,7 @@ def choice_from_params(params: dict[str, Any], config: StudyConfig) -> Choice:
     known = set(PARAM_NAMES)
     return Choice(
         backbone=params["backbone"],
-        weights=config.weights_for(params["backbone"]),
+        weights=config.weights_for(params["backbone"], params.get("weights")),
         augmentation=params["augmentation"],
         aug_strength=float(params.get("aug_strength", 0.0)),
         unfreeze=params["unfreeze"],

@@ -1,11 +1,18 @@
 """Every timm architecture as a backbone.
 
-Weights per backbone (``[weights]`` in the study file):
+Weights per backbone (``[weights]`` in the study file; the host resolves relative paths and
+``pretrain:SOURCE`` before a backbone sees them):
 
 - ``"none"``: random init (the scratch baseline);
 - ``"timm"`` or ``"timm:TAG"``: timm's hub weights (``pretrained=True``), through the Hugging
-  Face cache, so ``HF_HUB_OFFLINE=1`` with a pre-filled cache works with no network;
+  Face cache, so ``HF_HUB_OFFLINE=1`` with a pre-filled cache works with no network; when the
+  file cannot be had, one message names the repository and file and how to supply them;
+- ``"local-dir:DIR"``: a timm export folder (``config.json`` + ``model.safetensors``), e.g. a
+  previous study's ``best/``, so one study's model seeds another;
 - a path to a ``.safetensors`` file or a torch checkpoint (read with ``weights_only=True``).
+
+Local weights go through :func:`automl_tl.weights.load_weights`: a head with another class
+count is replaced, an input convolution trained on another channel count is adapted.
 """
 
 from __future__ import annotations
@@ -18,7 +25,21 @@ from torch import nn
 from automl_tl import hookimpl
 from automl_tl.components import Backbone
 from automl_tl.errors import UserError
-from automl_tl.weights import load_weights
+from automl_tl.weights import load_weights, local_dir_weights
+
+
+def _hub_source(model_name: str) -> tuple[str, str]:
+    """(where, what): the Hugging Face repo (or URL) and file timm reads for ``model_name``."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model_name)
+    if cfg is None:
+        return "", ""
+    if cfg.hf_hub_id:
+        return f"https://huggingface.co/{cfg.hf_hub_id}", cfg.hf_hub_filename or "model.safetensors"
+    if cfg.url:
+        return cfg.url, cfg.url.rsplit("/", 1)[-1]
+    return "", ""
 
 
 class TimmBackbone(Backbone):
@@ -40,25 +61,47 @@ class TimmBackbone(Backbone):
                 pass
         return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes)
 
+    def _hub(self, num_classes: int, tag: str, image_size: int | None) -> nn.Module:
+        model_name = f"{self.name}.{tag}" if tag else self.name
+        if tag and model_name not in timm.list_pretrained(f"{self.name}.*"):
+            known = [n.partition(".")[2] for n in timm.list_pretrained(f"{self.name}.*")]
+            raise UserError(
+                f"timm has no weights tagged {tag!r} for {self.name}; known tags: "
+                + (", ".join(known) if known else "none")
+            )
+        where, filename = _hub_source(model_name)
+        if not where:
+            raise UserError(
+                f"timm has no pretrained weights for {model_name!r}; use another [weights] source "
+                '("none", a local file, local-dir:DIR or pretrain:SOURCE)'
+            )
+        try:
+            return self._create(num_classes, True, model_name, image_size)
+        except Exception as exc:  # network, missing cache entry
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            raise UserError(
+                f"cannot get timm hub weights for {model_name!r}: {filename} from {where} is "
+                f"neither in the Hugging Face cache nor downloadable ({type(exc).__name__}: "
+                f"{reason}). Supply it one of two ways: on a connected machine run `python -c "
+                f"\"import timm; timm.create_model('{model_name}', pretrained=True)\"` and copy "
+                "its Hugging Face cache (HF_HOME, default ~/.cache/huggingface) here, then run "
+                f"with HF_HUB_OFFLINE=1; or download {filename} yourself and set [weights] "
+                f'{self.name} = "/path/{filename}".'
+            ) from exc
+
     def create(
         self, num_classes: int, weights: str = "none", image_size: int | None = None
     ) -> nn.Module:
         if weights in ("none", "", None):
             return self._create(num_classes, False, self.name, image_size)
         if weights == "timm" or weights.startswith("timm:"):
-            tag = weights.partition(":")[2]
-            model_name = f"{self.name}.{tag}" if tag else self.name
-            try:
-                return self._create(num_classes, True, model_name, image_size)
-            except Exception as exc:  # network, missing cache, unknown tag
-                raise UserError(
-                    f"cannot get timm hub weights for {model_name!r}: {type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}. Without internet, pre-fill the "
-                    "Hugging Face cache (HF_HOME, HF_HUB_OFFLINE=1) on a connected machine, or save "
-                    f'the weights to a file and set [weights] {self.name} = "/path/model.safetensors".'
-                ) from exc
+            return self._hub(num_classes, weights.partition(":")[2], image_size)
+        if weights.startswith("local-dir:"):
+            path = local_dir_weights(weights[len("local-dir:") :], self.name)
+        else:
+            path = Path(weights)
         model = self._create(num_classes, False, self.name, image_size)
-        load_weights(model, Path(weights), self.head_parameters(model))
+        load_weights(model, path, self.head_parameters(model))
         return model
 
 
