@@ -73,6 +73,8 @@ class SearchSection:
     device: str = "auto"
     max_consecutive_failures: int = field(default=5, metadata={"min": 1})
     heartbeat_interval: int = field(default=60, metadata={"min": 1})
+    #: torch.compile each trial's model (pays off on GPU for long trials; costs compile time)
+    compile: bool = False
 
 
 @dataclass
@@ -221,6 +223,8 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
         value = float(value)
     elif hint.startswith("str") and not isinstance(value, str):
         raise ConfigError(f"{key} must be a string, got {_type_name(value)} {value!r}")
+    elif hint.startswith("bool") and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {_type_name(value)} {value!r}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(
             f"{key} = {value!r} is not allowed{did_you_mean(value, meta['choices'])}; "

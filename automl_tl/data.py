@@ -839,7 +839,11 @@ def batches(
     """Yield (uint8 images, labels) on ``device``; a final batch smaller than ``min_batch`` is dropped."""
     n = len(split)
     order = torch.randperm(n, generator=generator) if shuffle else None
-    cuda = device.type == "cuda"
+    # a split already on the device (automl_tl.train.on_device): index there, copy nothing
+    resident = isinstance(split.x, torch.Tensor) and split.x.device.type != "cpu"
+    if resident and order is not None:
+        order = order.to(split.x.device)  # once per epoch, not once per step
+    cuda = device.type == "cuda" and not resident
     for start in range(0, n, batch_size):
         if order is not None:
             idx = order[start : start + batch_size]

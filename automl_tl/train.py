@@ -1,16 +1,35 @@
 """fit(): train one configuration on one device, score it every epoch, report for pruning.
 
-The hot loop: uint8 batch -> device -> float -> augmentation (on the device) -> normalize ->
-forward/backward (bf16 autocast and channels-last on CUDA). The loss is summed on the device
-and read once per epoch, so no step forces a host sync. Parameters of frozen layer groups have
-``requires_grad`` off (autograd then skips everything below the lowest trainable group) and
-BatchNorm layers whose parameters are all frozen stay in eval mode, statistics included.
+The hot loop never waits on the host:
+
+- batches come from the decoded uint8 cache; on a GPU a split that fits is copied to the
+  device once and stays there (shared by the trials of the process), so a step only gathers
+  rows on the device; otherwise rows are gathered on the host, pinned and copied without
+  blocking;
+- uint8 -> float, augmentation (Kornia, on the device) and normalization run on the device
+  (one fused scale-and-shift when there is no augmentation), in the model's memory format;
+- forward/backward under bf16 autocast on CUDA, channels-last for convolutional backbones,
+  ``cudnn.benchmark`` on, optionally ``torch.compile``;
+- the loss is summed on the device and read once per epoch: no step forces a host sync;
+- parameters of frozen layer groups have ``requires_grad`` off (autograd then runs no
+  backward below the lowest trainable group) and frozen BatchNorm stays in eval mode;
+- evaluation runs under ``inference_mode``.
+
+A linear probe without augmentation trains the head on cached features
+(:mod:`automl_tl.features`). On out-of-memory before the first epoch is reported, the trial
+restarts with half the batch size (recorded in :attr:`FitResult.batch_size`); strategies
+whose trainable set grows over the epochs are first tried once at their peak on CUDA, so
+running out of memory late is caught up front.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,9 +38,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import features as _features
 from .components import Backbone, DataConfig, UnfreezeStrategy
 from .data import Split, Splits, batches
 from .registry import Registry
+
+log = logging.getLogger("automl_tl")
+
+#: Devices on which a strategy that unfreezes more later is first tried at its peak memory.
+MEMORY_PROBE_DEVICES = {"cuda"}
+#: A split is kept on the GPU when it takes at most this fraction of the free memory.
+RESIDENT_FRACTION = 0.25
+#: How many splits stay resident on the GPU (train, val, test, train+val).
+RESIDENT_SPLITS = 4
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,6 +85,8 @@ class EpochResult:
     seconds: float
     images_per_s: float
     val: dict[str, float] | None = None
+    #: the head trained on cached features this epoch (images/s is then not the backbone's)
+    cached_features: bool = False
 
 
 @dataclass
@@ -71,6 +102,13 @@ class FitResult:
     images_per_s: float
     depth: int
     num_groups: int
+    #: the batch size trained with: the choice's, halved once per out-of-memory retry
+    batch_size: int = 0
+    oom_retries: int = 0
+    #: "hit" / "miss" when the head trained on cached features (miss: computed here), else None
+    feature_cache: str | None = None
+    #: seconds spent computing features for the cache (0 on a hit)
+    feature_seconds: float = 0.0
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -108,11 +146,114 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def _normalizer(cfg: DataConfig, device: torch.device):
-    """(mean, 1/std) as (1, C, 1, 1) tensors for images in [0, 1]."""
-    mean = torch.tensor(cfg.mean, device=device).view(1, -1, 1, 1)
-    inv_std = 1.0 / torch.tensor(cfg.std, device=device).view(1, -1, 1, 1)
-    return mean, inv_std
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error on any device (CUDA, MPS, a failed host allocation)."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    if isinstance(exc, oom):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def is_convolutional(model: nn.Module) -> bool:
+    """More than one 2-D convolution (a ViT's patch embedding alone does not count)."""
+    convs = 0
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            convs += 1
+            if convs > 1:
+                return True
+    return False
+
+
+def memory_format_for(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """channels-last for convolutional backbones on CUDA, else the default layout."""
+    if device.type == "cuda" and is_convolutional(model):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _autocast(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+class _Inputs:
+    """uint8 batches -> normalized float batches in the model's memory format, on the device."""
+
+    def __init__(
+        self, cfg: DataConfig, device: torch.device, memory_format: torch.memory_format
+    ) -> None:
+        mean = torch.tensor(cfg.mean, device=device).view(1, -1, 1, 1)
+        self.scale = 1.0 / torch.tensor(cfg.std, device=device).view(1, -1, 1, 1)
+        self.shift = -mean * self.scale
+        self.scale_u8 = self.scale / 255.0
+        self.memory_format = memory_format
+
+    def __call__(self, xb: torch.Tensor, augment: nn.Module | None = None) -> torch.Tensor:
+        if augment is None:  # one conversion pass and an in-place scale and shift
+            x = xb.to(torch.float32, memory_format=self.memory_format)
+            return x.mul_(self.scale_u8).add_(self.shift)
+        with torch.no_grad():
+            x = augment(xb.float().div_(255.0))
+        return torch.addcmul(self.shift, x, self.scale).contiguous(memory_format=self.memory_format)
+
+
+# ---------------------------------------------------------------------------------------------
+# splits resident on the device
+
+_RESIDENT: OrderedDict[tuple[int, str], tuple[Any, Split]] = OrderedDict()
+
+
+def on_device(split: Split, device: torch.device) -> Split:
+    """``split`` with its images and labels on ``device`` when they fit, else ``split``.
+
+    Only for accelerators: on the CPU the split already is where the model is. The copy is
+    kept (for the few splits last used) so later trials of the process reuse it.
+    """
+    if device.type == "cpu" or len(split) == 0:
+        return split
+    key = (id(split.x), str(device))
+    entry = _RESIDENT.get(key)
+    if entry is not None and entry[0] is split.x:
+        _RESIDENT.move_to_end(key)
+        return entry[1]
+    nbytes = int(split.x.nbytes) + int(split.y.nbytes)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if nbytes > RESIDENT_FRACTION * free:
+            return split
+    resident = Split(split.x.to(device), split.y.to(device), split.names)
+    _RESIDENT[key] = (split.x, resident)  # the source is held, so its id is never reused
+    while len(_RESIDENT) > RESIDENT_SPLITS:
+        _RESIDENT.popitem(last=False)
+    return resident
+
+
+def release_memory(device: torch.device | None = None) -> None:
+    """Drop resident splits and cached features (of ``device``'s kind) and free the memory."""
+    kind = device.type if device is not None else None
+    for key in [k for k, (_, s) in _RESIDENT.items() if kind is None or s.x.device.type == kind]:
+        del _RESIDENT[key]
+    _features.FEATURES.clear(kind)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _confusion(num_classes: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+
+
+def _add_predictions(confusion: torch.Tensor, yb, pred, num_classes: int) -> None:
+    confusion += torch.bincount(yb * num_classes + pred, minlength=num_classes**2)
 
 
 @torch.inference_mode()
@@ -126,19 +267,32 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``split`` (no augmentation)."""
     model.eval()
-    mean, inv_std = _normalizer(data_config, device)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    channels_last = device.type == "cuda"
-    for xb, yb in batches(split, batch_size, device=device):
-        x = (xb.float().div_(255.0) - mean) * inv_std
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = model(x).argmax(1)
-        confusion += torch.bincount(yb * num_classes + pred, minlength=num_classes**2).view(
-            num_classes, num_classes
-        )
-    return classification_metrics(confusion.cpu())
+    inputs = _Inputs(data_config, device, memory_format_for(model, device))
+    amp = _autocast(device)
+    confusion = _confusion(num_classes, device)
+    for xb, yb in batches(on_device(split, device), batch_size, device=device):
+        with amp():
+            pred = model(inputs(xb)).argmax(1)
+        _add_predictions(confusion, yb, pred, num_classes)
+    return classification_metrics(confusion.view(num_classes, num_classes).cpu())
+
+
+@torch.inference_mode()
+def _evaluate_head(
+    head: nn.Module, features: Split, num_classes: int, device: torch.device, batch_size: int
+) -> dict[str, Any]:
+    head.eval()
+    amp = _autocast(device)
+    confusion = _confusion(num_classes, device)
+    for fb, yb in batches(features, batch_size, device=device):
+        with amp():
+            pred = head(fb).reshape(len(fb), -1).argmax(1)
+        _add_predictions(confusion, yb, pred, num_classes)
+    return classification_metrics(confusion.view(num_classes, num_classes).cpu())
+
+
+# ---------------------------------------------------------------------------------------------
+# training
 
 
 def set_trainable(model: nn.Module, trainable: set[str]) -> None:
@@ -169,6 +323,33 @@ def _optimizer(
     return torch.optim.AdamW(param_groups)
 
 
+def _compiled(model: nn.Module, compile: bool | str) -> nn.Module:
+    """``torch.compile(model)``; a string names the backend (e.g. "eager" in tests)."""
+    if not compile:
+        return model
+    if isinstance(compile, str):
+        return torch.compile(model, backend=compile)
+    return torch.compile(model)
+
+
+def estimate_trial_seconds(
+    epochs: int,
+    train_images: int,
+    eval_images: int,
+    images_per_s: float,
+    *,
+    cached_probe: bool = False,
+) -> float:
+    """A trial's expected duration from its backbone's measured training images/s.
+
+    Evaluation and feature extraction are forward passes only, about a third of a training
+    step. A linear probe on cached features costs one such pass over both splits.
+    """
+    forward_only = (train_images + eval_images) if cached_probe else epochs * eval_images
+    trained = 0 if cached_probe else epochs * train_images
+    return (trained + forward_only / 3.0) / max(images_per_s, 1e-9)
+
+
 def fit(
     choice: Choice,
     data: Splits,
@@ -179,17 +360,91 @@ def fit(
     train_on: str = "train",
     evaluate_on: str | None = "val",
     on_epoch: Callable[[EpochResult], None] | None = None,
+    compile: bool | str = False,
+    feature_cache: _features.FeatureCache | bool = True,
 ) -> FitResult:
     """Train ``choice`` on ``data.part(train_on)``; score ``evaluate_on`` after every epoch.
 
     ``on_epoch`` is called after each epoch (the search uses it to report to Optuna and to
     prune by raising ``optuna.TrialPruned``). Raises :class:`NonFiniteLossError` when the loss
     is NaN or infinite.
+
+    Args:
+        compile: ``torch.compile`` the model (a string: the compile backend).
+        feature_cache: the cache a linear probe without augmentation trains its head from:
+            ``True`` the process-wide one, ``False`` none (train through the whole model).
+
+    Out of memory before the first epoch is reported restarts the trial with half the batch
+    size, down to 2; the batch size used is :attr:`FitResult.batch_size`.
     """
     device = resolve_device(device)
+    if feature_cache is True:
+        cache = _features.FEATURES
+    else:  # (an empty cache is falsy: compare with False, not truthiness)
+        cache = None if feature_cache is False or feature_cache is None else feature_cache
+    reported = 0
+
+    def report(result: EpochResult) -> None:
+        nonlocal reported
+        reported += 1
+        if on_epoch is not None:
+            on_epoch(result)
+
+    batch_size, retries = choice.batch_size, 0
+    while True:
+        try:
+            result = _fit(
+                choice,
+                data,
+                registry,
+                device=device,
+                seed=seed,
+                train_on=train_on,
+                evaluate_on=evaluate_on,
+                on_epoch=report,
+                compile=compile,
+                cache=cache,
+                batch_size=batch_size,
+            )
+            result.oom_retries = retries
+            return result
+        except Exception as exc:
+            if not is_out_of_memory(exc) or reported or batch_size <= 2:
+                raise
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # outside the except block: the traceback (and the model it holds) is gone
+        release_memory(device)
+        log.warning(
+            "out of memory at batch size %d (%s); retrying with %d",
+            batch_size,
+            reason,
+            max(2, batch_size // 2),
+        )
+        batch_size, retries = max(2, batch_size // 2), retries + 1
+
+
+def _steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, n // batch_size + (n % batch_size >= 2))
+
+
+def _fit(
+    choice: Choice,
+    data: Splits,
+    registry: Registry,
+    *,
+    device: torch.device,
+    seed: int,
+    train_on: str,
+    evaluate_on: str | None,
+    on_epoch: Callable[[EpochResult], None],
+    compile: bool | str,
+    cache: _features.FeatureCache | None,
+    batch_size: int,
+) -> FitResult:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     num_classes = len(data.class_names)
+    start = time.perf_counter()
 
     backbone: Backbone = registry.get("backbones", choice.backbone)
     policy = registry.get("augmentation_policies", choice.augmentation)
@@ -203,19 +458,59 @@ def fit(
     groups = backbone.layer_groups(model)
     head = backbone.head_parameters(model)
     depth = depth_to_groups(choice.unfreeze_depth, len(groups))
+    plan = [strategy.trainable(e, choice.epochs, groups, head, depth) for e in range(choice.epochs)]
+    augment = policy.build(choice.aug_strength, data.image_size)
+    if isinstance(augment, nn.Identity):
+        augment = None
+    else:
+        augment = augment.to(device)
+    eval_batch = min(256, 4 * batch_size)
 
     model.to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
+    memory_format = memory_format_for(model, device)
+    if memory_format is torch.channels_last:
         model.to(memory_format=torch.channels_last)
-    augment = policy.build(choice.aug_strength, data.image_size).to(device)
-    mean, inv_std = _normalizer(data_config, device)
-    optimizer = _optimizer(model, strategy, groups, head, depth, choice)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    inputs = _Inputs(data_config, device, memory_format)
+    amp = _autocast(device)
+    train = on_device(data.part(train_on), device)
+    held_out = on_device(data.part(evaluate_on), device) if evaluate_on else None
 
-    train = data.part(train_on)
-    steps_per_epoch = max(
-        1, len(train) // choice.batch_size + (len(train) % choice.batch_size >= 2)
-    )
+    # A linear probe without augmentation: the head trains on the body's cached features.
+    probe = None
+    head_set = set(head)
+    if cache is not None and augment is None and all(t <= head_set for t in plan):
+        set_trainable(model, plan[0])
+        probe = _cached_features(
+            model,
+            backbone,
+            head,
+            data,
+            train_on,
+            evaluate_on,
+            train,
+            held_out,
+            inputs,
+            amp,
+            device,
+            cache,
+            eval_batch,
+        )
+    if probe is not None:
+        head_module, train_source, eval_source, feature_cache, feature_seconds = probe
+        step = head_module
+    else:
+        head_module = eval_source = feature_cache = None
+        feature_seconds = 0.0
+        train_source = train
+        step = _compiled(model, compile)
+        peak = set().union(*plan)
+        if device.type in MEMORY_PROBE_DEVICES and peak != plan[0]:
+            _try_peak_memory(model, step, peak, train, batch_size, inputs, amp, device)
+
+    optimizer = _optimizer(model, strategy, groups, head, depth, choice)
+    steps_per_epoch = _steps_per_epoch(len(train), batch_size)
     total_steps = steps_per_epoch * choice.epochs
     warmup = min(steps_per_epoch, max(1, total_steps // 10))
 
@@ -228,25 +523,26 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     history: list[EpochResult] = []
     val = None
-    start = time.perf_counter()
     train_seconds, images_seen = 0.0, 0
     for epoch in range(choice.epochs):
-        set_trainable(model, strategy.trainable(epoch, choice.epochs, groups, head, depth))
+        set_trainable(model, plan[epoch])
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         seen = 0
         lr_now = optimizer.param_groups[0]["lr"]
         for xb, yb in batches(
-            train, choice.batch_size, device=device, shuffle=True, generator=generator, min_batch=2
+            train_source,
+            batch_size,
+            device=device,
+            shuffle=True,
+            generator=generator,
+            min_batch=2,
         ):
-            x = xb.float().div_(255.0)
-            with torch.no_grad():
-                x = augment(x)
-            x = (x - mean) * inv_std
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(x)
+            x = xb if probe is not None else inputs(xb, augment)
+            with amp():
+                logits = step(x)
+            if probe is not None:
+                logits = logits.reshape(len(yb), -1)
             loss = F.cross_entropy(logits.float(), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -260,13 +556,22 @@ def fit(
         images_seen += seen
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(f"training loss became {train_loss} in epoch {epoch + 1}")
-        result = EpochResult(epoch, train_loss, lr_now, seconds, seen / max(seconds, 1e-9))
-        if evaluate_on:
-            val = evaluate(model, data.part(evaluate_on), num_classes, data_config, device)
+        result = EpochResult(
+            epoch,
+            train_loss,
+            lr_now,
+            seconds,
+            seen / max(seconds, 1e-9),
+            cached_features=probe is not None,
+        )
+        if held_out is not None:
+            if probe is not None:
+                val = _evaluate_head(head_module, eval_source, num_classes, device, eval_batch)
+            else:
+                val = evaluate(step, held_out, num_classes, data_config, device, eval_batch)
             result.val = {k: v for k, v in val.items() if k != "confusion_matrix"}
         history.append(result)
-        if on_epoch is not None:
-            on_epoch(result)
+        on_epoch(result)
     return FitResult(
         model=model.eval(),
         backbone=backbone,
@@ -277,4 +582,87 @@ def fit(
         images_per_s=images_seen / max(train_seconds, 1e-9),
         depth=depth,
         num_groups=len(groups),
+        batch_size=batch_size,
+        feature_cache=feature_cache,
+        feature_seconds=feature_seconds,
     )
+
+
+def _try_peak_memory(
+    model: nn.Module,
+    step: nn.Module,
+    peak: set[str],
+    train: Split,
+    batch_size: int,
+    inputs: _Inputs,
+    amp,
+    device: torch.device,
+) -> None:
+    """One forward/backward with the largest trainable set, so that running out of memory
+    in a late epoch (gradual unfreezing) happens now, while the batch can still be halved.
+    Leaves no trace: gradients are dropped and BatchNorm statistics restored."""
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    set_trainable(model, peak)
+    for xb, yb in batches(train, batch_size, device=device, min_batch=2):
+        with amp():
+            logits = step(inputs(xb))
+        F.cross_entropy(logits.float(), yb).backward()
+        break
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])
+
+
+def _cached_features(
+    model: nn.Module,
+    backbone: Backbone,
+    head: list[str],
+    data: Splits,
+    train_on: str,
+    evaluate_on: str | None,
+    train: Split,
+    held_out: Split | None,
+    inputs: _Inputs,
+    amp,
+    device: torch.device,
+    cache: _features.FeatureCache,
+    batch_size: int,
+):
+    """(head module, train features, eval features, "hit"|"miss", seconds), or None when
+    the model's head cannot be trained on features with the same result."""
+    module = _features.head_module(model, head)
+    if module is None or not _features.static_body(model, module):
+        return None
+    t0 = time.perf_counter()
+    digest = _features.body_digest(model, head)
+    identity = (
+        backbone.name,
+        digest,
+        data.fingerprint,
+        data.split_hash,
+        data.image_size,
+        str(device),
+        str(inputs.memory_format),
+    )
+    status = "hit"
+    sources = []
+    for name, split in ((train_on, train), (evaluate_on, held_out)):
+        if split is None:
+            sources.append(None)
+            continue
+        key = (*identity, name)
+        feats = cache.get(key)
+        if feats is None:
+            status = "miss"
+            feats = _features.extract(
+                model,
+                module,
+                (inputs(xb) for xb, _ in batches(split, batch_size, device=device)),
+                autocast=amp,
+            )
+            if feats is None:
+                return None
+            cache.put(key, feats)
+        sources.append(Split(feats, split.y, split.names))
+    return module, sources[0], sources[1], status, time.perf_counter() - t0
