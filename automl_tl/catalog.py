@@ -29,8 +29,26 @@ class Catalog:
         else:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite_utils.Database(path)
-            self.db.enable_wal()
-        self._create_tables()
+        self._open_when_free(path is not None)
+
+    def _open_when_free(self, wal: bool) -> None:
+        """WAL mode and the tables (idempotent). Workers that start together on one node race
+        here, and SQLite answers "database is locked" at once (not after its busy timeout) to
+        all but one of them: they try again."""
+        import random
+        import sqlite3
+        import time
+
+        for attempt in range(60):
+            try:
+                if wal:
+                    self.db.enable_wal()
+                self._create_tables()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 59:
+                    raise
+                time.sleep(random.uniform(0.05, 0.25))
 
     def _create_tables(self) -> None:
         params = {

@@ -121,8 +121,14 @@ class StudyConfig:
 
     @property
     def storage_url(self) -> str:
-        """The Optuna storage URL; default SQLite in the output folder."""
-        return self.search.storage or f"sqlite:///{self.output_dir / 'optuna.db'}"
+        """The Optuna storage URL; default SQLite in the output folder, or the journal file
+        there once a ``--workers N`` search has made one (``journal:PATH``)."""
+        if self.search.storage:
+            return self.search.storage
+        journal = self.output_dir / "optuna-journal.log"
+        if journal.exists():
+            return f"journal:{journal}"
+        return f"sqlite:///{self.output_dir / 'optuna.db'}"
 
     def weight_choices(self, backbone: str) -> list[str] | None:
         """The sources searched for ``backbone`` (the ``weights`` parameter), or None if fixed."""

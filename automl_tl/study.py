@@ -26,6 +26,14 @@ from .export import export_model
 from .registry import Registry
 from .space import choice_from_params, suggest
 from .train import EpochResult, evaluate, fit, resolve_device
+from .workers import (
+    Budget,
+    TrialSkipped,
+    join_study,
+    open_storage,
+    retrain_once,
+    worker_identity,
+)
 
 log = logging.getLogger("automl_tl")
 
@@ -55,17 +63,8 @@ def redact(url: str) -> str:
 
 
 def make_storage(config: StudyConfig) -> optuna.storages.BaseStorage:
-    url = config.storage_url
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None
-        )
-    except Exception as exc:
-        raise UserError(
-            f"cannot open storage {redact(url)}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-        ) from exc
+    """SQLite, journal file or database server (with heartbeats): see :mod:`automl_tl.workers`."""
+    return open_storage(config.storage_url, heartbeat_interval=config.search.heartbeat_interval)
 
 
 def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -214,8 +213,12 @@ class _Search:
         self.consecutive_failures: list[str] = []
         self.stopped_for: str | None = None
         self.ran = 0
+        self.budget: Budget | None = None  # the global budget, shared with other workers
 
     def objective(self, trial: optuna.Trial) -> float:
+        if self.budget is not None:
+            self.budget.admit(trial)  # TrialSkipped when other workers covered the budget
+        trial.set_user_attr("worker", worker_identity())  # first: a dead worker's trial is known
         name = self.config.name
         choice = suggest(trial, self.config)
         trial.set_user_attr("device", str(self.device))
@@ -269,6 +272,9 @@ class _Search:
         return float(val[self.metric])
 
     def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.user_attrs.get("skipped"):  # nothing ran: the budget was covered elsewhere
+            log.info("trial %3d skipped: %s", trial.number, trial.user_attrs.get("fail_reason"))
+            return
         self.ran += 1
         name = self.config.name
         self.catalog.record_trial(name, trial)
@@ -334,8 +340,7 @@ def search(
     check_backbones_run(config, registry)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     splits = load_splits(config, registry)
-    study = open_study(config)
-    check_data(study, splits)
+    study = join_study(config, splits)  # refuses to join if this worker's data differ
     runner = _Search(config, registry, pm, splits, device)
     already = count_finished(study)
     budget = config.search.n_trials
@@ -350,13 +355,21 @@ def search(
         budget,
         redact(config.storage_url),
     )
-    if already < budget:
+    # n_trials finished trials across every worker sharing the storage, exactly
+    runner.budget = Budget(
+        study,
+        budget,
+        url=config.storage_url,
+        timeout=config.search.timeout,
+        heartbeat_interval=config.search.heartbeat_interval,
+    )
+    if runner.budget.room():
         study.optimize(
             runner.objective,
             n_trials=None,
             timeout=config.search.timeout,
-            catch=(TrialFailed,),
-            callbacks=[optuna.study.MaxTrialsCallback(budget, states=FINISHED), runner.after_trial],
+            catch=(TrialFailed, TrialSkipped),
+            callbacks=[runner.after_trial, runner.budget],
             gc_after_trial=False,
         )
     best = best_summary(study)
@@ -367,10 +380,10 @@ def search(
             "the same command again to resume (raise [search] max_consecutive_failures to tolerate more)."
         )
     outcome = SearchOutcome(study, count_finished(study), runner.ran, best)
-    if retrain_best and best is not None:
-        outcome.model_dir, outcome.metrics = retrain(
-            config, registry, device=device, study=study, splits=splits
-        )
+    if retrain_best and best is not None:  # once per study, however many workers end here
+        retrained = retrain_once(config, registry, study, splits, device=device)
+        if retrained is not None:
+            outcome.model_dir, outcome.metrics = retrained
     return outcome
 
 

@@ -18,6 +18,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 from automl_tl import registry_for  # noqa: E402
 
+from .postgres import postgres_server, postgres_url  # noqa: E402, F401  (a throwaway server)
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_BACKBONES = ["test_resnet", "test_vit", "test_convnext", "test_efficientnet"]
 
