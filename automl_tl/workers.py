@@ -62,6 +62,8 @@ _RUN_ATTRS = (
     "val_metrics",
 )
 JOURNAL_FILE = "optuna-journal.log"
+#: on the file storages, a RUNNING trial that never recorded its worker is failed after this
+ORPHAN_AFTER_S = 600
 
 
 class TrialSkipped(Exception):
@@ -283,11 +285,20 @@ def recover_stale_trials(study: optuna.Study, url: str) -> None:
         return
     storage = study._storage  # as optuna.storages.fail_stale_trials does
     retry = RetryStaleTrial()
+    now = datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
-        if not worker or is_alive(worker):
-            continue
-        reason = f"its worker ({worker.get('host')} pid {worker.get('pid')}) died while it ran"
+        if worker:
+            if is_alive(worker):
+                continue
+            reason = f"its worker ({worker.get('host')} pid {worker.get('pid')}) died while it ran"
+        else:  # a worker records itself first thing; one that never did was killed as it began
+            started = trial.datetime_start
+            if started is None or (now - started).total_seconds() < ORPHAN_AFTER_S:
+                continue
+            reason = (
+                f"its worker never recorded itself in {ORPHAN_AFTER_S} s (killed at the start?)"
+            )
         try:
             storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
             if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
@@ -423,7 +434,25 @@ class Budget:
                     self.n_trials,
                     running,
                 )
+                self._warn_unwatched()
             time.sleep(self.poll)
+
+    def _warn_unwatched(self) -> None:
+        """A file storage cannot tell whether a worker on another host is alive."""
+        if storage_kind(self.url) == "rdb":
+            return
+        host = socket.gethostname()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            other = (t.user_attrs.get("worker") or {}).get("host", host)
+            if other != host:
+                log.warning(
+                    "trial %d runs on host %s: a %s storage cannot see whether that worker is "
+                    "still alive, so if it is gone this wait only ends with --timeout; use a "
+                    "database server (postgresql://…) for workers on several nodes",
+                    t.number,
+                    other,
+                    storage_kind(self.url),
+                )
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if not self.room():

@@ -10,6 +10,7 @@ and fail when ``AUTOML_TL_REQUIRE_POSTGRES=1`` (as ``.ci/run`` sets).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -65,12 +66,6 @@ class PostgresServer:
         return int(count)
 
 
-def _unavailable(why: str):
-    if os.environ.get("AUTOML_TL_REQUIRE_POSTGRES") == "1":
-        pytest.fail(f"PostgreSQL is required here (AUTOML_TL_REQUIRE_POSTGRES=1) but {why}")
-    pytest.skip(f"no PostgreSQL server for this test: {why} (install the postgresql package)")
-
-
 def _bin_dir() -> Path | None:
     found = sorted(
         glob.glob("/usr/lib/postgresql/*/bin/initdb"),
@@ -102,15 +97,21 @@ def _run_as(uid: int | None, gid: int | None):
     return demote
 
 
-@pytest.fixture(scope="session")
-def postgres_server():
+class Unavailable(Exception):
+    """No PostgreSQL server can be started here (the reason is the message)."""
+
+
+@contextlib.contextmanager
+def running_server(password: str = PASSWORD):
+    """Start a throwaway server (initdb + pg_ctl in a temp folder, loopback only, a free port,
+    password auth); yield a :class:`PostgresServer`; stop it and delete its files after."""
     bin_dir = _bin_dir()
     if bin_dir is None:
-        _unavailable("initdb/pg_ctl were not found in /usr/lib/postgresql/*/bin or on PATH")
+        raise Unavailable("initdb/pg_ctl were not found in /usr/lib/postgresql/*/bin or on PATH")
     try:
         import psycopg2  # noqa: F401
-    except ImportError:
-        _unavailable("psycopg2 is not installed (pip install -e '.[dev]')")
+    except ImportError as exc:
+        raise Unavailable("psycopg2 is not installed (pip install -e '.[dev]')") from exc
     uid = gid = None
     if os.geteuid() == 0:  # the server refuses to run as root
         for name in ("postgres", "nobody"):
@@ -121,67 +122,59 @@ def postgres_server():
             uid, gid = entry.pw_uid, entry.pw_gid
             break
         else:
-            _unavailable("running as root and there is no 'postgres' or 'nobody' user")
+            raise Unavailable("running as root and there is no 'postgres' or 'nobody' user")
     folder = Path(tempfile.mkdtemp(prefix="automl-tl-pg-"))
-    data = folder / "data"
-    if uid is not None:
-        os.chown(folder, uid, gid)
-    pwfile = folder / "pw"
-    pwfile.write_text(PASSWORD + "\n")
-    if uid is not None:
-        os.chown(pwfile, uid, gid)
-    demote = _run_as(uid, gid)
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
-    subprocess.run(
-        [
-            str(bin_dir / "initdb"),
-            "-D",
-            str(data),
-            "-U",
-            "postgres",
-            "--pwfile",
-            str(pwfile),
-            "--auth-host=scram-sha-256",
-            "--auth-local=trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ],
-        check=True,
-        capture_output=True,
-        preexec_fn=demote,
-        env=env,
-        cwd=folder,
-    )
-    port = _free_port()
-    options = (
-        f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={folder} "
-        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
-    )
-    started = subprocess.run(
-        [str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log")]
-        + ["-w", "-t", "60", "start"],
-        capture_output=True,
-        text=True,
-        preexec_fn=demote,
-        env=env,
-        cwd=folder,
-    )
-    if started.returncode != 0:
-        log = (folder / "log").read_text() if (folder / "log").exists() else ""
-        shutil.rmtree(folder, ignore_errors=True)
-        pytest.fail(f"pg_ctl start failed: {started.stdout}{started.stderr}\n{log}")
     try:
-        yield PostgresServer("127.0.0.1", port, "postgres", PASSWORD)
-    finally:
-        subprocess.run(
-            [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-            capture_output=True,
-            preexec_fn=demote,
-            env=env,
-            cwd=folder,
+        data = folder / "data"
+        pwfile = folder / "pw"
+        pwfile.write_text(password + "\n")
+        if uid is not None:
+            os.chown(folder, uid, gid)
+            os.chown(pwfile, uid, gid)
+        demote = _run_as(uid, gid)
+        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+        pg = {"preexec_fn": demote, "env": env, "cwd": folder, "capture_output": True, "text": True}
+        initdb = subprocess.run(
+            [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(pwfile)]
+            + ["--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--no-sync"],
+            **pg,
         )
+        if initdb.returncode != 0:
+            raise Unavailable(f"initdb failed: {initdb.stdout}{initdb.stderr}")
+        port = _free_port()
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={folder} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=100"
+        )
+        started = subprocess.run(
+            [str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log")]
+            + ["-w", "-t", "60", "start"],
+            **pg,
+        )
+        if started.returncode != 0:
+            log = (folder / "log").read_text() if (folder / "log").exists() else ""
+            raise Unavailable(f"pg_ctl start failed: {started.stdout}{started.stderr}\n{log}")
+        try:
+            yield PostgresServer("127.0.0.1", port, "postgres", password)
+        finally:
+            subprocess.run(
+                [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], **pg
+            )
+    finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A server for the whole session (each test takes its own database: ``postgres_url``)."""
+    try:
+        with running_server() as server:
+            yield server
+    except Unavailable as exc:
+        if os.environ.get("AUTOML_TL_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required here (AUTOML_TL_REQUIRE_POSTGRES=1) but {exc}")
+        pytest.skip(f"no PostgreSQL server for this test: {exc} (install the postgresql package)")
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from automl_tl.workers import (
     worker_identity,
 )
 
-from .conftest import run_cli, write_study
+from .conftest import REPO, run_cli, write_study
 from .postgres import PASSWORD
 
 # Holds one worker's trial open (the victim: AUTOML_TL_WORKER == SLEEP_WORKER) after writing a
@@ -110,24 +110,34 @@ def finished(trials) -> list[optuna.trial.FrozenTrial]:
     return [t for t in trials if t.state.is_finished() and t.state.name != "FAIL"]
 
 
-def start_worker(study: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """``automl-tl search`` in the background, as one more worker (one CPU thread)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "automl_tl.cli", "search", str(study), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=full_env,
-        cwd=study.parent,
-    )
+class Worker(subprocess.Popen):
+    """``automl-tl search`` in the background, as one more worker (one CPU thread); its output
+    goes to files, so a chatty worker never blocks on a full pipe."""
+
+    def __init__(self, study: Path, *args: str, env: dict | None = None) -> None:
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(env or {})}
+        self.logs = [study.parent / f"worker-{time.monotonic_ns()}.{s}" for s in ("out", "err")]
+        with open(self.logs[0], "w") as out, open(self.logs[1], "w") as err:
+            super().__init__(
+                [sys.executable, "-m", "automl_tl.cli", "search", str(study), *args],
+                stdout=out,
+                stderr=err,
+                text=True,
+                env=full_env,
+                cwd=study.parent,
+            )
+
+    def finish(self, timeout: float = 240) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr) once it exits."""
+        rc = self.wait(timeout=timeout)
+        return rc, self.logs[0].read_text(), self.logs[1].read_text()
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> dict:
+def wait_for(path: Path, proc: Worker, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            _, out, err = proc.finish()
             pytest.fail(f"the worker exited ({proc.returncode}) before its trial:\n{out}\n{err}")
         assert time.monotonic() < deadline, "the victim never started its trial"
         time.sleep(0.1)
@@ -176,6 +186,61 @@ def test_a_dead_or_zombie_process_is_not_alive():
     proc.wait()
     assert not is_alive({"host": me["host"], "pid": proc.pid, "started": None})
     assert not is_alive({**me, "started": (me["started"] or 0) + 1})  # pid reused
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_file_storage_fails_and_retries_the_trial_of_a_dead_local_worker(tmp_path, monkeypatch):
+    """No heartbeat on a journal file: a RUNNING trial whose worker process on this host is
+    gone is failed and queued again, once, by whichever worker looks first."""
+    from automl_tl import workers
+
+    url = f"journal:{tmp_path / 'j.log'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(url, heartbeat_interval=1))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead, alive, silent = study.ask(), study.ask(), study.ask()
+    dead.set_user_attr("worker", {**worker_identity(), "pid": gone.pid, "started": None})
+    dead.suggest_float("lr", 1e-4, 1e-2, log=True)
+    alive.set_user_attr("worker", worker_identity())
+    monkeypatch.setattr(workers, "ORPHAN_AFTER_S", 3600)
+    workers.recover_stale_trials(study, url)
+    workers.recover_stale_trials(study, url)  # a second look changes nothing
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state.name for t in trials] == ["FAIL", "RUNNING", "RUNNING", "WAITING"]
+    assert "died while it ran" in trials[dead.number].user_attrs["fail_reason"]
+    retry = retry_of(trials, trials[dead.number])
+    assert retry.params == trials[dead.number].params and "worker" not in retry.user_attrs
+    monkeypatch.setattr(workers, "ORPHAN_AFTER_S", 0)  # one that never recorded its worker
+    workers.recover_stale_trials(study, url)
+    assert study.trials[silent.number].state.name == "FAIL"
+    assert study.trials[alive.number].state.name == "RUNNING"
+
+
+def test_without_a_server_postgres_tests_fail_in_ci_and_skip_elsewhere(tmp_path):
+    (tmp_path / "test_needs_server.py").write_text(
+        "from tests import postgres\n"
+        "from tests.postgres import postgres_server  # noqa: F401\n"
+        "postgres._bin_dir = lambda: None  # as on a machine without the package\n"
+        "def test_needs_a_server(postgres_server):\n"
+        "    pass\n"
+    )
+
+    def pytest_run(require: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "AUTOML_TL_REQUIRE_POSTGRES": require}
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-rE"]
+            + ["--rootdir", str(tmp_path), str(tmp_path / "test_needs_server.py")],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+
+    ci = pytest_run("1")
+    assert ci.returncode == 1 and "1 error" in ci.stdout, ci.stdout
+    assert "PostgreSQL is required here (AUTOML_TL_REQUIRE_POSTGRES=1)" in ci.stdout
+    local = pytest_run("")
+    assert local.returncode == 0 and "1 skipped" in local.stdout, local.stdout
 
 
 def test_sqlite_with_several_workers_is_refused(tmp_path):
@@ -305,13 +370,11 @@ def test_journal_worker_killed_mid_trial(tmp_path):
     noticed by the others (and by the parent), its trial is failed and retried."""
     study = make_study(tmp_path, 3)
     marker = tmp_path / "victim.json"
-    parent = start_worker(
-        study, "--workers", "2", env={"SLEEP_WORKER": "1", "SLEEP_MARKER": str(marker)}
-    )
+    parent = Worker(study, "--workers", "2", env={"SLEEP_WORKER": "1", "SLEEP_MARKER": str(marker)})
     victim = wait_for(marker, parent)
     os.kill(victim["pid"], signal.SIGKILL)
-    out, err = parent.communicate(timeout=180)
-    assert parent.returncode == 1, err  # a worker failed, and the parent says so
+    rc, out, err = parent.finish()
+    assert rc == 1, err  # a worker failed, and the parent says so
     assert "worker 1 (CPU, 1 thread, pid" in out and "killed by SIGKILL" in out
     assert any(line.startswith("worker 0 (CPU") and ": done, " in line for line in out.splitlines())
     assert "3 of 3 trials finished" in out
@@ -341,10 +404,14 @@ def test_budget_is_exact_and_retrain_claimed_once_on_postgres(tmp_path, postgres
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_three_workers_share_one_study_on_postgres(tmp_path, postgres_url):
+def test_three_workers_share_one_study_on_postgres(tmp_path, postgres_url, postgres_server):
     study = make_study(tmp_path, 6)
-    workers = [start_worker(study, "--storage", postgres_url) for _ in range(3)]
-    results = [(w.wait(timeout=240), *w.communicate()) for w in workers]
+    workers = [Worker(study, "--storage", postgres_url) for _ in range(3)]
+    peak = 0
+    while any(w.poll() is None for w in workers):  # connections the workers hold at once
+        peak = max(peak, postgres_server.connections(postgres_url))
+        time.sleep(0.25)
+    results = [w.finish() for w in workers]
     for rc, out, err in results:
         assert rc == 0, err
         assert PASSWORD not in out + err
@@ -355,6 +422,8 @@ def test_three_workers_share_one_study_on_postgres(tmp_path, postgres_url):
     assert len({t.user_attrs["worker"]["pid"] for t in finished(trials)}) >= 2
     assert sum(out.count("retrained on") for _, out, _ in results) == 1
     assert all("6 trials finished" in out for _, out, _ in results)
+    assert 3 <= peak <= 3 * 4, peak  # main thread + heartbeat thread each; the pool caps at 4
+    print("peak connections of 3 workers:", peak)
 
 
 @pytest.mark.postgres
@@ -363,15 +432,13 @@ def test_killed_worker_on_postgres_is_retried_by_the_survivor(tmp_path, postgres
     study = make_study(tmp_path, 4)
     marker = tmp_path / "victim.json"
     sleep = {"SLEEP_WORKER": "1", "SLEEP_MARKER": str(marker)}
-    victim = start_worker(study, "--storage", postgres_url, env={**sleep, "AUTOML_TL_WORKER": "1"})
-    survivor = start_worker(
-        study, "--storage", postgres_url, env={**sleep, "AUTOML_TL_WORKER": "0"}
-    )
+    victim = Worker(study, "--storage", postgres_url, env={**sleep, "AUTOML_TL_WORKER": "1"})
+    survivor = Worker(study, "--storage", postgres_url, env={**sleep, "AUTOML_TL_WORKER": "0"})
     killed_number = wait_for(marker, victim)["trial"]
     victim.send_signal(signal.SIGKILL)
-    victim.communicate()
-    out, err = survivor.communicate(timeout=240)
-    assert survivor.returncode == 0, err
+    victim.wait()
+    rc, out, err = survivor.finish()
+    assert rc == 0, err
     trials = trials_of(postgres_url)
     killed = next(t for t in trials if t.number == killed_number)
     assert killed.state.name == "FAIL"  # failed by the heartbeat check, not by its worker
