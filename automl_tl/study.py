@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from .catalog import Catalog
 from .config import StudyConfig
-from .data import Splits, prepare_data
+from .data import Splits, describe_changes, prepare_data
 from .errors import DataError, UserError
 from .export import export_model
 from .registry import Registry
@@ -42,6 +42,18 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 class TrialFailed(Exception):
     """A trial failed for a reason recorded in its ``fail_reason`` attribute; the study goes on."""
+
+
+class _OneLinePerFailure(logging.Filter):
+    """Optuna logs each failed trial with a traceback; a failed or interrupted trial of ours is
+    already one log line with its reason (``-v`` shows the traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (TrialFailed, KeyboardInterrupt))
+
+
+_ONE_LINE_PER_FAILURE = _OneLinePerFailure()
 
 
 class TooManyFailures(UserError):
@@ -149,15 +161,7 @@ def check_data(study: optuna.Study, splits: Splits) -> None:
     if stored is None:
         study.set_user_attr("data", summary)
         return
-    changes = []
-    if stored["classes"] != summary["classes"]:
-        changes.append(f"classes {stored['classes']} -> {summary['classes']}")
-    if stored["sizes"] != summary["sizes"]:
-        changes.append(f"split sizes {stored['sizes']} -> {summary['sizes']}")
-    if stored["fingerprint"] != summary["fingerprint"] and not changes:
-        changes.append("file names, sizes or labels changed")
-    if stored["split_hash"] != summary["split_hash"] and not changes:
-        changes.append("the train/val/test assignment changed (seed or fractions)")
+    changes = describe_changes(stored, summary)
     if changes:
         raise DataError(
             f"the data no longer matches study {study.study_name!r}: "
@@ -170,8 +174,18 @@ def check_data(study: optuna.Study, splits: Splits) -> None:
 # the search
 
 
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError (CPU), torch.cuda.OutOfMemoryError / torch.OutOfMemoryError, or a CUDA
+    runtime error that says so."""
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or "out of memory" in str(exc).lower()
+    )
+
+
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+    if _is_out_of_memory(exc):
         return f"out of memory: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -213,12 +227,27 @@ class _Search:
         self.consecutive_failures: list[str] = []
         self.stopped_for: str | None = None
         self.ran = 0
+        self.started: list[int] = []  # trial numbers this process ran (or is running)
         self.budget: Budget | None = None  # the global budget, shared with other workers
+        self.recorded: set[int] = set()  # ... of which after_trial saw the end
 
     def objective(self, trial: optuna.Trial) -> float:
+        """One trial; an interrupt is recorded as its reason, memory is given back after OOM."""
         if self.budget is not None:
             self.budget.admit(trial)  # TrialSkipped when other workers covered the budget
         trial.set_user_attr("worker", worker_identity())  # first: a dead worker's trial is known
+        self.started.append(trial.number)
+        try:
+            return self._trial(trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
+        except TrialFailed as exc:
+            if _is_out_of_memory(exc.__cause__ or exc):
+                _free_memory()
+            raise
+
+    def _trial(self, trial: optuna.Trial) -> float:
         name = self.config.name
         choice = suggest(trial, self.config)
         trial.set_user_attr("device", str(self.device))
@@ -276,6 +305,7 @@ class _Search:
             log.info("trial %3d skipped: %s", trial.number, trial.user_attrs.get("fail_reason"))
             return
         self.ran += 1
+        self.recorded.add(trial.number)
         name = self.config.name
         self.catalog.record_trial(name, trial)
         self.hook.trial_finished(
@@ -322,6 +352,65 @@ class _Search:
         else:
             self.consecutive_failures.clear()
 
+    def interrupted(self, study: optuna.Study) -> None:
+        """After Ctrl-C / SIGTERM: this process's unfinished trial ends as FAIL "interrupted"
+        (Optuna has usually done so already), and the catalog and the lifecycle hooks see it."""
+        storage = study._storage
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        for number in self.started:
+            trial = trials.get(number)
+            if trial is None or number in self.recorded:
+                continue
+            if trial.state == TrialState.RUNNING:
+                storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted")
+                study.tell(number, state=TrialState.FAIL)
+                trial = storage.get_trial(trial._trial_id)
+            self.ran += 1
+            self.catalog.record_trial(self.config.name, trial)
+            self.hook.trial_finished(
+                study_name=self.config.name,
+                trial_number=number,
+                state=trial.state.name,
+                value=trial.value if trial.values else None,
+                attrs=dict(trial.user_attrs),
+            )
+            log.info(
+                "trial %3d %-8s interrupted  %s", number, trial.state.name, _describe(trial.params)
+            )
+
+    def sync_catalog(self, study: optuna.Study) -> None:
+        """Record finished trials the catalog lacks (a worker killed between the two writes)."""
+        recorded = self.catalog.trial_states(self.config.name)
+        for trial in study.get_trials(deepcopy=False):
+            if trial.state != TrialState.RUNNING and recorded.get(trial.number) != trial.state.name:
+                self.catalog.record_trial(self.config.name, trial)
+
+
+def _free_memory() -> None:
+    """Give memory back after an out-of-memory trial, so the next one starts clean."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` and check a file can be written there, before hours of work."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(
+            f"output folder {folder} is not writable ({exc.strerror or exc}); set [search] "
+            "output to a folder you can write to, or fix its permissions"
+        ) from exc
+
 
 def count_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
@@ -338,10 +427,13 @@ def search(
     """Run (or resume) the study until ``n_trials`` trials have finished; then retrain the best."""
     check_names(config, registry)
     check_backbones_run(config, registry)
-    config.output_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable(config.output_dir)
     splits = load_splits(config, registry)
     study = join_study(config, splits)  # refuses to join if this worker's data differ
     runner = _Search(config, registry, pm, splits, device)
+    logging.getLogger("optuna.study._optimize").addFilter(_ONE_LINE_PER_FAILURE)
+    runner.catalog.record_skipped(config.name, splits.skipped)
+    runner.sync_catalog(study)
     already = count_finished(study)
     budget = config.search.n_trials
     log.info(
@@ -364,14 +456,18 @@ def search(
         heartbeat_interval=config.search.heartbeat_interval,
     )
     if runner.budget.room():
-        study.optimize(
-            runner.objective,
-            n_trials=None,
-            timeout=config.search.timeout,
-            catch=(TrialFailed, TrialSkipped),
-            callbacks=[runner.after_trial, runner.budget],
-            gc_after_trial=False,
-        )
+        try:
+            study.optimize(
+                runner.objective,
+                n_trials=None,
+                timeout=config.search.timeout,
+                catch=(TrialFailed, TrialSkipped),
+                callbacks=[runner.after_trial, runner.budget],
+                gc_after_trial=False,
+            )
+        except KeyboardInterrupt:
+            runner.interrupted(study)
+            raise
     best = best_summary(study)
     pm.hook.study_finished(study_name=config.name, best=best, output_dir=str(config.output_dir))
     if runner.stopped_for:
@@ -444,6 +540,7 @@ def retrain(
 ) -> tuple[Path, dict[str, Any]]:
     """Train a finished trial's configuration afresh (from its weights, not the trial's
     checkpoint) on ``[retrain] on``, evaluate on test, export, and add it to the catalog."""
+    ensure_writable(config.output_dir)
     study = study or open_study(config, create=False)
     if splits is None:
         splits = load_splits(config, registry)
@@ -550,6 +647,9 @@ def report(config: StudyConfig) -> dict[str, Any]:
         "best": best_summary(study),
         "trials": trials,
     }
+    catalog_path = config.output_dir / "catalog.db"
+    if catalog_path.is_file():
+        out["skipped_images"] = Catalog(catalog_path).skipped(config.name)
     metrics_path = config.output_dir / "best" / "metrics.json"
     if metrics_path.is_file():
         import json
