@@ -1,0 +1,328 @@
+"""Failures during a search: a trial that goes NaN, raises, or runs out of memory ends as FAIL
+with its reason and the study goes on; too many failures in a row stop it with one message;
+Ctrl-C / SIGTERM stop cleanly and the same command resumes with the remaining budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from automl_tl import load_config
+from automl_tl.cli import main
+from automl_tl.plugins import get_plugin_manager
+from automl_tl.registry import Registry
+
+from .conftest import REPO, run_cli, write_study
+
+FAULTS = """
+import torch
+from torch import nn
+
+import automl_tl
+
+
+class Fault(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "nan":
+            return x * float("nan")
+        if self.kind == "raise":
+            raise RuntimeError("policy exploded at runtime")
+        if self.kind == "cuda_oom":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise MemoryError("cannot allocate 20 GiB")
+
+
+class Faulty(automl_tl.AugmentationPolicy):
+    def __init__(self, kind):
+        self.name, self.kind = f"{kind}_aug", kind
+
+    def build(self, strength, image_size):
+        return Fault(self.kind)
+
+
+@automl_tl.hookimpl
+def register_augmentation_policies(register):
+    for kind in ("nan", "raise", "cuda_oom", "cpu_oom"):
+        register(Faulty(kind))
+"""
+
+FAULT_STUDY = """
+plugins = ["faults.py"]
+[data]
+source = "digits:0-1"
+image_size = 16
+[search]
+n_trials = 2
+backbones = ["test_resnet"]
+augmentations = ["none", "nan_aug", "raise_aug", "cuda_oom_aug", "cpu_oom_aug"]
+unfreeze = ["top_k"]
+epochs = 1
+pruner = "none"
+"""
+
+REASONS = {
+    "nan_aug": "NonFiniteLossError: training loss became nan in epoch 1",
+    "raise_aug": "RuntimeError: policy exploded at runtime",
+    "cuda_oom_aug": "out of memory: OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB",
+    "cpu_oom_aug": "out of memory: MemoryError: cannot allocate 20 GiB",
+}
+
+
+def _params(augmentation: str) -> dict:
+    params = {
+        "backbone": "test_resnet",
+        "augmentation": augmentation,
+        "unfreeze": "top_k",
+        "unfreeze_depth": 1.0,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+    }
+    if augmentation != "none":
+        params["aug_strength"] = 0.5
+    return params
+
+
+def _fault_study(tmp_path, body: str = FAULT_STUDY, queue=()):
+    """A study with the fault plugin and these trials queued first (in this order)."""
+    from automl_tl.study import open_study
+
+    (tmp_path / "faults.py").write_text(FAULTS)
+    config = load_config(write_study(tmp_path, body))
+    pm, _ = get_plugin_manager(config.plugins, base_dir=config.base_dir)
+    study = open_study(config)
+    for augmentation in queue:
+        study.enqueue_trial(_params(augmentation))
+    return config, pm, Registry.from_plugin_manager(pm)
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    import logging
+
+    logger = logging.getLogger("automl_tl")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_nan_exception_and_out_of_memory_fail_and_the_study_goes_on(tmp_path, monkeypatch, capsys):
+    import automl_tl.study as study_module
+
+    freed = []
+    monkeypatch.setattr(study_module, "_free_memory", lambda: freed.append(1))
+    queue = ["nan_aug", "none", "raise_aug", "cuda_oom_aug", "cpu_oom_aug", "none"]
+    config, pm, registry = _fault_study(tmp_path, queue=queue)
+    outcome = study_module.search(config, registry, pm, device="cpu", retrain_best=False)
+    trials = outcome.study.get_trials()
+    assert [t.params["augmentation"] for t in trials] == queue  # nothing else ran
+    assert [t.state.name for t in trials] == [
+        "FAIL",
+        "COMPLETE",
+        "FAIL",
+        "FAIL",
+        "FAIL",
+        "COMPLETE",
+    ]
+    for t in trials:
+        assert t.user_attrs.get("fail_reason") == REASONS.get(t.params["augmentation"])
+    assert outcome.finished == 2 and outcome.ran == 6
+    assert len(freed) == 2  # memory given back after each out-of-memory trial
+
+    report = study_module.report(config)
+    assert [t["fail_reason"] for t in report["trials"]] == [REASONS.get(a) for a in queue]
+    db = sqlite3.connect(config.output_dir / "catalog.db")
+    rows = db.execute("select number, state, fail_reason from trials order by number").fetchall()
+    assert rows == [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
+
+    assert main(["report", str(config.path)]) == 0
+    table = capsys.readouterr().out
+    for reason in REASONS.values():
+        assert reason in table
+
+
+def test_too_many_failures_in_a_row_stop_with_the_common_reason(tmp_path, capsys):
+    body = FAULT_STUDY.replace("pruner = ", "max_consecutive_failures = 3\npruner = ")
+    config, *_ = _fault_study(tmp_path, body, queue=["raise_aug", "nan_aug", "raise_aug", "none"])
+    code = main(["search", str(config.path), "--no-retrain", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == (
+        "error: search stopped: 3 trials in a row failed (2 with: RuntimeError: policy exploded "
+        "at runtime). Completed trials are kept; fix the cause and run the same command again "
+        "to resume (raise [search] max_consecutive_failures to tolerate more)."
+    )
+    data = json.loads(run_cli("report", str(config.path), "--format", "json").stdout)
+    assert [t["state"] for t in data["trials"]] == ["FAIL", "FAIL", "FAIL", "WAITING"]  # no "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C / SIGTERM, then resume
+
+RECORDER = """
+import json, os, time
+
+import automl_tl
+
+
+def _write(**fields):
+    with open(os.environ["EVENTS"], "a") as f:
+        f.write(json.dumps({"run": os.environ["RUN"], **fields}) + "\\n")
+
+
+@automl_tl.hookimpl
+def trial_started(study_name, trial_number, params):
+    _write(event="started", trial=trial_number)
+
+
+@automl_tl.hookimpl
+def epoch_finished(study_name, trial_number, epoch, metrics):
+    _write(event="epoch", trial=trial_number, epoch=epoch)
+    if str(trial_number) == os.environ.get("HANG_AT_TRIAL"):
+        _write(event="hanging", trial=trial_number)
+        time.sleep(120)  # the signal arrives here, in the middle of the trial
+
+
+@automl_tl.hookimpl
+def trial_finished(study_name, trial_number, state, value, attrs):
+    _write(event="finished", trial=trial_number, state=state, reason=attrs.get("fail_reason"))
+"""
+
+RESUME_STUDY = """
+plugins = ["recorder.py"]
+[data]
+source = "folder:data"
+image_size = 16
+[search]
+n_trials = 3
+backbones = ["test_resnet"]
+augmentations = ["none", "flip_crop"]
+unfreeze = ["top_k"]
+epochs = 2
+pruner = "none"
+"""
+
+
+def _events(path, run):
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for e in map(json.loads, lines) if e["run"] == run]
+
+
+def _search(study, events, run, hang_at=None, stop_with=None):
+    """Run `automl-tl search`; with ``stop_with``, send that signal once trial ``hang_at`` hangs."""
+    env = {**os.environ, "EVENTS": str(events), "RUN": run, "HANG_AT_TRIAL": str(hang_at)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "automl_tl.cli", "search", str(study), "--no-retrain"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    if stop_with is not None:
+        deadline = time.time() + 300
+        while not any(e["event"] == "hanging" for e in _events(events, run)):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "the trial never started"
+            time.sleep(0.1)
+        proc.send_signal(stop_with)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def test_interrupt_and_resume(tmp_path):
+    from PIL import Image
+
+    from automl_tl.study import report as study_report
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(10):
+            pixels = rng.integers(0, 128 if cls == "a" else 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / cls / f"{i}.png")
+    (tmp_path / "recorder.py").write_text(RECORDER)
+    study = write_study(tmp_path, RESUME_STUDY)
+    events = tmp_path / "events.jsonl"
+    catalog = tmp_path / "tiny" / "catalog.db"
+
+    def report():
+        return study_report(load_config(study))["trials"]
+
+    # 1: Ctrl-C in the middle of trial 1 (trial 0 is complete)
+    code, out, err = _search(study, events, "1", hang_at=1, stop_with=signal.SIGINT)
+    assert code == 130, err
+    assert err.rstrip().endswith(
+        "interrupted; completed trials are kept — run the same command again to resume"
+    )
+    assert "Traceback" not in err
+    first = report()
+    assert [(t["number"], t["state"], t["fail_reason"]) for t in first] == [
+        (0, "COMPLETE", None),
+        (1, "FAIL", "interrupted"),
+    ]
+    finished = [
+        (e["trial"], e["state"], e["reason"])
+        for e in _events(events, "1")
+        if e["event"] == "finished"
+    ]
+    assert finished == [(0, "COMPLETE", None), (1, "FAIL", "interrupted")]
+    db = sqlite3.connect(catalog)
+    assert db.execute(
+        "select number, state, fail_reason from trials order by number"
+    ).fetchall() == [
+        (0, "COMPLETE", None),
+        (1, "FAIL", "interrupted"),
+    ]
+    assert db.execute("select trial, epoch from epochs order by trial, epoch").fetchall() == [
+        (0, 0),
+        (0, 1),
+        (1, 0),  # trial 1 stopped after its first epoch
+    ]
+    db.close()
+
+    # 2: SIGTERM (a scheduler's stop) in the middle of the first trial of the next run
+    code, out, err = _search(study, events, "2", hang_at=2, stop_with=signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err
+    assert [e["trial"] for e in _events(events, "2") if e["event"] == "started"] == [2]
+
+    # 3: the same command again: only the remaining budget runs
+    code, out, err = _search(study, events, "3")
+    assert code == 0, err
+    assert "3 trials finished (2 run now)" in out
+    started = {
+        run: [e["trial"] for e in _events(events, run) if e["event"] == "started"] for run in "123"
+    }
+    assert started == {"1": [0, 1], "2": [2], "3": [3, 4]}
+    final = report()
+    assert [(t["number"], t["state"], t["fail_reason"]) for t in final] == [
+        (0, "COMPLETE", None),
+        (1, "FAIL", "interrupted"),
+        (2, "FAIL", "interrupted"),
+        (3, "COMPLETE", None),
+        (4, "COMPLETE", None),
+    ]
+    assert final[0] == first[0]  # the completed trial is untouched: same value, same duration
+    db = sqlite3.connect(catalog)
+    assert db.execute("select number, state from trials order by number").fetchall() == [
+        (t["number"], t["state"]) for t in final
+    ]
+    counts = {
+        "runs": 3,
+        "started per run": {run: len(s) for run, s in started.items()},
+        "complete": sum(t["state"] == "COMPLETE" for t in final),
+        "interrupted": sum(t["fail_reason"] == "interrupted" for t in final),
+    }
+    print("interrupt/resume counts:", json.dumps(counts))
+    assert counts["complete"] == 3 and counts["interrupted"] == 2
