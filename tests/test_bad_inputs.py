@@ -616,3 +616,37 @@ def test_cli_source_has_no_unsafe_loaders():
         for line in text.splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, f"{path}: {line.strip()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# skipped images reach the catalog and the report
+
+
+def test_skipped_images_are_in_the_catalog_and_the_report(tmp_path, capsys):
+    import sqlite3
+
+    root = make_folder(tmp_path / "data", {"a": 8, "b": 8})
+    (root / "a" / "zero.png").write_bytes(b"")
+    truncated_jpeg(root / "b" / "cut.jpg")
+    body = STUDY.replace('source = "digits:0-2"', 'source = "folder:data"\non_bad_image = "skip"')
+    study = write_study(tmp_path, body.replace("image_size = 32", "image_size = 16"))
+    assert main(["check-data", str(study)]) == 1  # the study's own [data]: not usable as is
+    assert "unreadable files (2):" in capsys.readouterr().out
+    assert main(["search", str(study), "--no-retrain", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    expected = [
+        (str(root / "a" / "zero.png"), "empty file (0 bytes)"),
+        (str(root / "b" / "cut.jpg"), "truncated image"),
+    ]
+    db = sqlite3.connect(tmp_path / "tiny" / "catalog.db")
+    assert (
+        db.execute("select path, reason from skipped_images order by path").fetchall() == expected
+    )
+    assert main(["report", str(study), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["skipped_images"] == [{"path": p, "reason": r} for p, r in expected]
+    assert main(["report", str(study)]) == 0
+    assert (
+        f'skipped 2 unreadable image(s) (on_bad_image = "skip"): {expected[0][0]} (empty file '
+        f"(0 bytes)), {expected[1][0]} (truncated image)" in capsys.readouterr().out
+    )
