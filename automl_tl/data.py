@@ -780,7 +780,8 @@ def prepare_data(
     bad_idx = {i for i, _ in bad}
     keep = [i for i in range(len(all_records)) if i not in bad_idx]
     records = [all_records[i] for i in keep]
-    class_names = list(dataset.class_names or sorted({r.label for r in records}))
+    # every label listed, so a class whose images are all unreadable is named, not dropped
+    class_names = list(dataset.class_names or sorted({r.label for r in all_records}))
     errors, warns = check_classes(records, class_names, source)
     if errors:
         raise _classes_error(source, errors)
@@ -985,7 +986,7 @@ def check_source(
     bad = list(dataset.problems) + [(str(records[i].image), why) for i, why in bad_idx]
     skip = {i for i, _ in bad_idx}
     good = [r for i, r in enumerate(records) if i not in skip]
-    class_names = list(dataset.class_names or sorted({r.label for r in good}))
+    class_names = list(dataset.class_names or sorted({r.label for r in records}))
     errors, class_warns = check_classes(good, class_names, source)
     warns += class_warns
     fixed = {r.split for r in good}

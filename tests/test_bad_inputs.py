@@ -284,6 +284,15 @@ def test_missing_file_in_a_csv_manifest(registry, tmp_path):
         prepare_data(registry, f"csv:{tmp_path / 'm.csv'}", image_size=8)
 
 
+def test_class_with_only_unreadable_images_is_named_not_dropped(registry, tmp_path):
+    make_folder(tmp_path / "imgs", {"a": 4, "b": 4})
+    (tmp_path / "imgs" / "c.png").write_bytes(b"")
+    rows = ["path,label"] + [f"imgs/{c}/{i}.png,{c}" for c in "ab" for i in range(4)]
+    (tmp_path / "m.csv").write_text("\n".join(rows + ["imgs/c.png,c"]) + "\n")
+    with pytest.raises(DataError, match=r"^class\(es\) \['c'\] have no usable images"):
+        prepare_data(registry, f"csv:{tmp_path / 'm.csv'}", image_size=8, on_bad_image="skip")
+
+
 # ---------------------------------------------------------------------------------------------
 # automl-tl check-data
 
