@@ -192,6 +192,31 @@ def _with_driver(url: str) -> str:
     return url
 
 
+def password_to_env(url: str) -> tuple[str, dict[str, str]]:
+    """A PostgreSQL URL without its password, and the password as ``PGPASSWORD`` (libpq reads
+    it), so the password stays off the command lines of worker processes (``ps`` shows them)."""
+    from sqlalchemy.engine import URL, make_url
+
+    if not url.startswith(("postgresql", "postgres://")):
+        return url, {}
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return url, {}
+    if not parsed.password:
+        return url, {}
+    bare = URL.create(
+        parsed.drivername,
+        parsed.username,
+        None,
+        parsed.host,
+        parsed.port,
+        parsed.database,
+        parsed.query,
+    ).render_as_string(hide_password=False)
+    return bare, {"PGPASSWORD": str(parsed.password)}
+
+
 def _hide_password(text: str, url: str) -> str:
     """``text`` with the URL's password (should a driver repeat it) replaced by ***."""
     from sqlalchemy.engine import make_url
@@ -620,6 +645,7 @@ def run_workers(
     *,
     device: str,
     child_args: Callable[[Slot], Sequence[str]],
+    env: dict[str, str] | None = None,
 ) -> WorkersOutcome:
     """Start ``workers`` local ``automl-tl search`` processes on one study and wait for them.
 
@@ -653,8 +679,10 @@ def run_workers(
     outcomes: list[WorkerOutcome] = []
     pumps: list[threading.Thread] = []
     previous = {}
+    signalled: list[int] = []
 
     def forward(signum, frame):  # SIGINT/SIGTERM to the parent -> every running child, once
+        signalled.append(signum)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -665,7 +693,7 @@ def run_workers(
         for slot in slots:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "automl_tl.cli", *child_args(slot)],
-                env={**os.environ, **slot.env()},
+                env={**os.environ, **(env or {}), **slot.env()},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -705,6 +733,8 @@ def run_workers(
                 proc.kill()
         for pump in pumps:
             pump.join(timeout=5)
+    if signalled:  # after every child has stopped: the parent stops as they did
+        raise KeyboardInterrupt("SIGTERM" if signal.SIGTERM in signalled else "SIGINT")
     by_pid = {o.pid: o for o in outcomes}
     for t in study.get_trials(deepcopy=False, states=FINISHED):
         worker = t.user_attrs.get("worker") or {}

@@ -8,6 +8,7 @@ in the middle of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,7 +40,8 @@ from .postgres import PASSWORD
 
 # Holds one worker's trial open (the victim: AUTOML_TL_WORKER == SLEEP_WORKER) after writing a
 # marker; every other worker waits at its first trial until the victim is in its trial, so the
-# victim always has a running trial to lose, whatever the start-up order.
+# victim always has a running trial to lose, whatever the start-up order. With BARRIER_DIR,
+# each worker's first trial waits until BARRIER_N workers have one (so all of them take part).
 SLEEPER = """
 import json, os, time
 import automl_tl
@@ -48,8 +50,18 @@ VICTIM = os.environ.get("SLEEP_WORKER")
 MARKER = os.environ.get("SLEEP_MARKER", "")
 
 
+BARRIER = os.environ.get("BARRIER_DIR")  # first trials wait until BARRIER_N workers are in
+joined = []
+
+
 @automl_tl.hookimpl
 def trial_started(study_name, trial_number, params):
+    if BARRIER and not joined:
+        joined.append(trial_number)
+        open(os.path.join(BARRIER, str(os.getpid())), "w").close()
+        deadline = time.time() + 120
+        while len(os.listdir(BARRIER)) < int(os.environ["BARRIER_N"]) and time.time() < deadline:
+            time.sleep(0.1)
     if VICTIM is None or os.environ.get("AUTOML_TL_WORKER") == VICTIM:
         return
     deadline = time.time() + 120
@@ -345,7 +357,9 @@ def test_budget_is_exact_and_retrain_claimed_once_on_journal(tmp_path):
 @pytest.mark.slow
 def test_two_local_workers_share_a_journal_study(tmp_path):
     study = make_study(tmp_path, 4)
-    result = run_cli("search", str(study), "--workers", "2", cwd=tmp_path)
+    (tmp_path / "joined").mkdir()
+    barrier = {"BARRIER_DIR": str(tmp_path / "joined"), "BARRIER_N": "2"}
+    result = run_cli("search", str(study), "--workers", "2", cwd=tmp_path, env=barrier)
     assert result.returncode == 0, result.stderr
     journal = tmp_path / "tiny" / "optuna-journal.log"
     assert journal.is_file() and not (tmp_path / "tiny" / "optuna.db").exists()
@@ -405,25 +419,37 @@ def test_budget_is_exact_and_retrain_claimed_once_on_postgres(tmp_path, postgres
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_three_workers_share_one_study_on_postgres(tmp_path, postgres_url, postgres_server):
+    """Two "nodes" on one study: one runs ``--workers 2``, the other a single worker."""
     study = make_study(tmp_path, 6)
-    workers = [Worker(study, "--storage", postgres_url) for _ in range(3)]
-    peak = 0
-    while any(w.poll() is None for w in workers):  # connections the workers hold at once
+    (tmp_path / "joined").mkdir()
+    barrier = {"BARRIER_DIR": str(tmp_path / "joined"), "BARRIER_N": "3"}
+    nodes = [
+        Worker(study, "--storage", postgres_url, *extra, env=barrier)
+        for extra in (["--workers", "2"], [])
+    ]
+    peak, children = 0, {}
+    while any(n.poll() is None for n in nodes):  # connections held at once; workers' argv
         peak = max(peak, postgres_server.connections(postgres_url))
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                argv = cmdline.read_bytes().split(b"\0")
+                if b"automl_tl.cli" in argv and b"--workers" in argv and b"1" in argv:
+                    children[cmdline.parent.name] = b" ".join(argv).decode()
         time.sleep(0.25)
-    results = [w.finish() for w in workers]
-    for rc, out, err in results:
-        assert rc == 0, err
-        assert PASSWORD not in out + err
-        assert "postgresql://postgres:***@127.0.0.1" in err  # the storage, as logged
+    (rc_a, out_a, err_a), (rc_b, out_b, err_b) = (n.finish() for n in nodes)
+    assert rc_a == 0 and rc_b == 0, err_a + err_b
+    assert len(children) == 2 and not any(PASSWORD in c for c in children.values())
+    assert PASSWORD not in out_a + err_a + out_b + err_b
+    assert "storage postgresql://postgres:***@127.0.0.1" in err_b  # the storage, as logged
+    assert "6 of 6 trials finished, 2 workers" in out_a and "6 trials finished" in out_b
     trials = trials_of(postgres_url)
     assert len(finished(trials)) == 6  # the budget, not 3 × the budget
     assert all(t.state.name != "RUNNING" for t in trials)
-    assert len({t.user_attrs["worker"]["pid"] for t in finished(trials)}) >= 2
-    assert sum(out.count("retrained on") for _, out, _ in results) == 1
-    assert all("6 trials finished" in out for _, out, _ in results)
-    assert 3 <= peak <= 3 * 4, peak  # main thread + heartbeat thread each; the pool caps at 4
-    print("peak connections of 3 workers:", peak)
+    assert len({t.user_attrs["worker"]["pid"] for t in finished(trials)}) == 3
+    assert (out_a + out_b).count("retrained on") == 1  # both nodes finish; one retrains
+    # main thread + heartbeat thread per worker (+ the --workers parent); the pool caps at 4
+    assert 3 <= peak <= 4 * 4, peak
+    print("peak connections of 3 workers + 1 parent:", peak)
 
 
 @pytest.mark.postgres
