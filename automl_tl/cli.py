@@ -99,13 +99,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _search_with_workers(args: argparse.Namespace, config, registry, device: str) -> int:
     """``search --workers N``: N local worker processes on one study (see automl_tl.workers)."""
     from .study import best_summary, count_finished
-    from .workers import retrain_once, run_workers, storage_for_workers
+    from .workers import password_to_env, retrain_once, run_workers, storage_for_workers
 
     config.search.storage = storage_for_workers(config, args.workers)
+    child_url, child_env = password_to_env(config.search.storage)  # off the workers' argv
 
     def child_args(slot) -> list[str]:
         argv = ["search", str(config.path), "--workers", "1", "--no-retrain"]
-        argv += ["--storage", config.search.storage, "--device", "cuda" if slot.gpu else "cpu"]
+        argv += ["--storage", child_url, "--device", "cuda" if slot.gpu else "cpu"]
         for flag, value in (("--n-trials", args.n_trials), ("--timeout", args.timeout)):
             argv += [flag, str(value)] if value is not None else []
         argv += ["--seed", str(args.seed)] if args.seed is not None else []
@@ -116,7 +117,9 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
     from .progress import show_progress
 
     with show_progress(config, args.verbosity, workers=args.workers):  # one line per worker
-        result = run_workers(config, registry, args.workers, device=device, child_args=child_args)
+        result = run_workers(
+            config, registry, args.workers, device=device, child_args=child_args, env=child_env
+        )
     for w in result.workers:
         print(f"worker {w.slot.index} ({w.slot.label}, pid {w.pid}): {w.describe()}")
     finished, best = count_finished(result.study), best_summary(result.study)
