@@ -286,37 +286,42 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import get_plugin_manager
+    from .plugins import describe_plugins, format_plugins, get_plugin_manager
     from .registry import KINDS, Registry
 
+    if args.check:
+        return _check_plugin(args)
     pm, infos = get_plugin_manager(args.plugin)
     registry = Registry.from_plugin_manager(pm)
-    data = {
-        kind: [{"name": n, "plugin": registry.plugin_of(kind, n)} for n in registry.names(kind)]
-        for kind in KINDS
-    }
+    plugins = describe_plugins(pm, infos, registry)
     if args.format == "json":
-        data["plugins"] = [
-            {"name": i.name, "source": i.source, "version": i.version, "location": i.location}
-            for i in infos.values()
-        ]
+        data: dict[str, Any] = {
+            kind: [{"name": n, "plugin": registry.plugin_of(kind, n)} for n in registry.names(kind)]
+            for kind in KINDS
+        }
+        data["plugins"] = plugins
         print(json.dumps(data, indent=2))
         return 0
-    for info in infos.values():
-        counts = {kind: sum(1 for e in data[kind] if e["plugin"] == info.name) for kind in KINDS}
-        version = f" {info.version}" if info.version else ""
-        print(f"{info.name}{version} [{info.source}]")
-        for kind, count in counts.items():
-            if not count:
-                continue
-            names = [e["name"] for e in data[kind] if e["plugin"] == info.name]
-            shown = (
-                ", ".join(names)
-                if len(names) <= 12
-                else ", ".join(names[:6]) + f", … ({count} in all)"
-            )
-            print(f"  {kind.replace('_', ' ')}: {shown}")
+    print(format_plugins(plugins))
     return 0
+
+
+def _check_plugin(args: argparse.Namespace) -> int:
+    """``plugins --check MODULE``: the contract tests on one plugin; exit 1 if any fails."""
+    from dataclasses import asdict
+
+    from .testing import check_plugin
+
+    results = check_plugin(args.check)
+    failed = [r for r in results if not r.ok]
+    if args.format == "json":
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        print(f"checking plugin {args.check}")
+        for r in results:
+            print(f"  {r}")
+        print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,10 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", action="append", default=[])
     p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser("plugins", help="list plugins and what they register")
+    p = sub.add_parser("plugins", help="list plugins and what they register; --check one")
     common(p, study=False)
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--plugin", action="append", default=[])
+    p.add_argument(
+        "--check",
+        metavar="MODULE",
+        help="run the contract tests on one plugin (module, .py file or entry-point name)",
+    )
     p.set_defaults(func=cmd_plugins)
     return parser
 

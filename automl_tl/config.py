@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -156,10 +157,22 @@ class StudyConfig:
             return value
         if value.startswith("pretrain:"):
             return str(self.pretrained_path(backbone, value[len("pretrain:") :]))
+        if is_named_source(value) and not (self.base_dir / value).exists():
+            return value  # a source the backbone's plugin names, e.g. torchvision:IMAGENET1K_V1
         local_dir = value.startswith("local-dir:")
         path = Path(value[len("local-dir:") :] if local_dir else value).expanduser()
         path = path if path.is_absolute() else self.base_dir / path
         return f"local-dir:{path}" if local_dir or path.is_dir() else str(path)
+
+
+#: ``NAME`` or ``NAME:TAG`` (``torchvision``, ``torchvision:IMAGENET1K_V1``): a weight source a
+#: backbone plugin defines, handed to its create() as written (no path separator, no suffix).
+_NAMED_SOURCE = re.compile(r"[A-Za-z][A-Za-z0-9_]*(:[A-Za-z0-9_.\-]+)?")
+
+
+def is_named_source(value: str) -> bool:
+    """Whether a [weights] value names a plugin's weight source rather than a file."""
+    return bool(_NAMED_SOURCE.fullmatch(value))
 
 
 _SECTIONS = {
@@ -325,7 +338,7 @@ def _check_weights(config: StudyConfig, backbone: str, value: str | list[str]) -
         resolved = config.weights_for(backbone, choice)
         if resolved in ("none", "timm") or resolved.startswith("timm:"):
             continue
-        if choice.startswith("pretrain:"):
+        if choice.startswith("pretrain:") or resolved == choice and is_named_source(choice):
             continue
         if resolved.startswith("local-dir:"):
             folder = Path(resolved[len("local-dir:") :])

@@ -86,10 +86,25 @@ def load_plugin(pm: pluggy.PluginManager, spec: str, base_dir: Path | None = Non
             module = importlib.import_module(spec)
         except Exception as exc:
             raise _describe_import_failure(spec, exc) from exc
-        info = PluginInfo(name=spec, source="module", location=getattr(module, "__file__", None))
+        info = PluginInfo(
+            name=spec,
+            source="module",
+            version=_module_version(spec),
+            location=getattr(module, "__file__", None),
+        )
     if pm.get_plugin(info.name) is None and not pm.is_registered(module):
         _register(pm, module, info.name)
     return info
+
+
+def _module_version(module_name: str) -> str | None:
+    """The version of the installed distribution that provides ``module_name``, if any."""
+    top = module_name.split(".")[0]
+    try:
+        dists = importlib.metadata.packages_distributions().get(top) or []
+        return importlib.metadata.version(dists[0]) if dists else None
+    except Exception:  # metadata of odd installs must never stop loading
+        return None
 
 
 def _register(pm: pluggy.PluginManager, module, name: str) -> None:
@@ -97,6 +112,12 @@ def _register(pm: pluggy.PluginManager, module, name: str) -> None:
         pm.register(module, name=name)
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"plugin {name!r} does not match the hook specifications: {exc}") from exc
+
+
+def _own_version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
@@ -114,7 +135,9 @@ def get_plugin_manager(
     for name in DEFAULT_PLUGINS:
         module = importlib.import_module(name)
         pm.register(module, name=name)
-        infos[name] = PluginInfo(name=name, source="default", location=module.__file__)
+        infos[name] = PluginInfo(
+            name=name, source="default", version=_own_version(), location=module.__file__
+        )
 
     allowed = os.environ.get(LOAD_PLUGINS_ENV)
     allowed_names = (
@@ -146,3 +169,52 @@ def get_plugin_manager(
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"{exc}. Hook names are listed in docs/writing-plugins.md.") from exc
     return pm, infos
+
+
+LIFECYCLE_HOOKS = ("trial_started", "epoch_finished", "trial_finished", "study_finished")
+
+
+def describe_plugins(
+    pm: pluggy.PluginManager, infos: dict[str, PluginInfo], registry
+) -> list[dict]:
+    """Each loaded plugin: name, version, source, location, what it registers, its lifecycle hooks."""
+    from .registry import KINDS
+
+    owners: dict[str, dict[str, list[str]]] = {}
+    for kind in KINDS:
+        for component in registry.names(kind):
+            owners.setdefault(registry.plugin_of(kind, component), {}).setdefault(kind, []).append(
+                component
+            )
+    described = []
+    for info in infos.values():
+        plugin = pm.get_plugin(info.name)
+        callers = (pm.get_hookcallers(plugin) or []) if plugin is not None else []
+        described.append(
+            {
+                "name": info.name,
+                "source": info.source,
+                "version": info.version,
+                "location": info.location,
+                "registers": owners.get(info.name, {}),
+                "hooks": [h for h in LIFECYCLE_HOOKS if h in {c.name for c in callers}],
+            }
+        )
+    return described
+
+
+def format_plugins(described: list[dict]) -> str:
+    """The ``automl-tl plugins`` table: one block per plugin."""
+    lines = []
+    for p in described:
+        version = p["version"] or "-"
+        lines.append(f"{p['name']} {version} [{p['source']}] {p['location'] or ''}".rstrip())
+        for kind, names in p["registers"].items():
+            shown = ", ".join(names) if len(names) <= 12 else ", ".join(names[:6]) + ", …"
+            label = kind.replace("_", " ")
+            lines.append(f"  {label} ({len(names)}): {shown}")
+        if p["hooks"]:
+            lines.append(f"  lifecycle hooks: {', '.join(p['hooks'])}")
+        if not p["registers"] and not p["hooks"]:
+            lines.append("  (registers nothing)")
+    return "\n".join(lines)

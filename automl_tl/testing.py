@@ -10,9 +10,23 @@ registered implementation. Use them in a plugin's own tests::
         check_backbone(MyBackbone())
 
 Each check raises ``AssertionError`` with a sentence a plugin author can act on.
+
+:func:`check_plugin` runs every check that applies to everything a plugin registers, and calls
+its lifecycle hooks the way a search does (``automl-tl plugins --check MODULE`` prints it)::
+
+    from automl_tl.testing import assert_plugin_passes
+
+    def test_plugin():
+        assert_plugin_passes("my_plugin")  # a module name, a .py file or an entry-point name
 """
 
 from __future__ import annotations
+
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -150,3 +164,283 @@ def check_dataset_source(source: DatasetSource) -> None:
     assert isinstance(source.needs_argument, bool), (
         f"dataset source {source.name!r}: needs_argument must be a bool"
     )
+
+
+def check_backbone_weights(backbone: Backbone, image_size: int = IMAGE_SIZE) -> None:
+    """``create(num_classes, weights=PATH)`` loads a file saved from the backbone's own model.
+
+    The file's head has another number of classes (as weights from another task would), so the
+    head must be replaced and every other tensor loaded.
+    """
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = backbone.create(NUM_CLASSES + 2, weights="none", image_size=image_size)
+    state = {k: v.detach().clone().contiguous() for k, v in source.state_dict().items()}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{backbone.name}.safetensors"
+        save_file(state, str(path))
+        torch.manual_seed(1)
+        model = backbone.create(NUM_CLASSES, weights=str(path), image_size=image_size)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, image_size, image_size))
+    assert tuple(out.shape) == (2, NUM_CLASSES), (
+        f"{backbone.name}: create({NUM_CLASSES}, weights=PATH) must replace the file's "
+        f"{NUM_CLASSES + 2}-class head with a {NUM_CLASSES}-class one, got logits {tuple(out.shape)}"
+    )
+    own = model.state_dict()
+    head = backbone.head_parameters(model)
+    head_prefixes = tuple(n.rsplit(".", 1)[0] + "." for n in head)
+    body = [k for k in state if k in own and k not in head and not k.startswith(head_prefixes)]
+    assert body, f"{backbone.name}: no tensor of the weights file matches the model's names"
+    unloaded = [k for k in body if not torch.equal(own[k], state[k])]
+    assert not unloaded, (
+        f"{backbone.name}: create(weights=PATH) left {len(unloaded)} of {len(body)} tensors "
+        f"unloaded (e.g. {unloaded[:3]}); read the file with "
+        "automl_tl.weights.load_weights(model, path, self.head_parameters(model))"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole plugin
+
+
+@dataclass
+class CheckResult:
+    """One check of :func:`check_plugin`: what was checked, and the problem when it failed."""
+
+    kind: str  # "plugin", "backbone", "augmentation policy", "unfreeze strategy", "dataset", "hook"
+    name: str
+    check: str
+    ok: bool
+    problem: str | None = None
+
+    def __str__(self) -> str:
+        head = f"{'ok  ' if self.ok else 'FAIL'}  {self.kind} {self.name}: {self.check}"
+        return head if self.ok else f"{head}\n        {self.problem}"
+
+
+#: kind -> [(what is checked, check function)]
+_CHECKS = {
+    "backbones": [
+        ("contract (shape, head, layer groups, data config)", check_backbone),
+        ("loads a weights file saved from itself", check_backbone_weights),
+    ],
+    "augmentation_policies": [("contract (identity at 0, shape, range, seed)", check_policy)],
+    "unfreeze_strategies": [("contract (linear probe at 0, param groups)", check_strategy)],
+    "datasets": [("contract (name, argument)", check_dataset_source)],
+}
+
+_HINTS = {
+    "backbones": "create(num_classes, weights='none', image_size=None) must build the model "
+    "offline, without downloading anything",
+    "augmentation_policies": "build(strength, image_size) must return an nn.Module",
+    "unfreeze_strategies": "param_groups(groups, head, depth) must return ParamGroup objects",
+    "datasets": "",
+}
+
+
+def _failure(exc: BaseException, hint: str = "") -> str:
+    if isinstance(exc, AssertionError):
+        return str(exc)
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+    text = f"raised {type(exc).__name__}: {exc}{where}"
+    return f"{text}. {hint}" if hint else text
+
+
+def _lifecycle_calls(output_dir: str) -> list[tuple[str, dict[str, Any]]]:
+    """A search in miniature: a complete trial, a failed one, a pruned one, the end."""
+    params = {
+        "backbone": "test_resnet",
+        "augmentation": "flip_crop",
+        "aug_strength": 0.5,
+        "unfreeze": "top_k",
+        "unfreeze_depth": 0.5,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+    }
+
+    def metrics(epoch: int) -> dict[str, Any]:
+        val = {"accuracy": 0.5 + 0.1 * epoch, "balanced_accuracy": 0.5, "macro_f1": 0.45}
+        return {
+            "train_loss": 1.0 / (epoch + 1),
+            "lr": 1e-3,
+            "seconds": 1.5,
+            "images_per_s": 200.0,
+            "val": val,
+        }
+
+    study = {"study_name": "contract-check", "output_dir": output_dir}
+    calls: list[tuple[str, dict[str, Any]]] = []
+    for number, state, epochs in ((0, "COMPLETE", 2), (1, "FAIL", 0), (2, "PRUNED", 1)):
+        trial = {"study_name": "contract-check", "trial_number": number}
+        calls.append(("trial_started", {**trial, "params": params, "output_dir": output_dir}))
+        for epoch in range(epochs):
+            calls.append(("epoch_finished", {**trial, "epoch": epoch, "metrics": metrics(epoch)}))
+        attrs: dict[str, Any] = {"epochs_run": epochs, "device": "cpu"}
+        if state == "FAIL":
+            attrs["fail_reason"] = "out of memory: CUDA out of memory"
+        value = 0.6 if state == "COMPLETE" else None
+        calls.append(("trial_finished", {**trial, "state": state, "value": value, "attrs": attrs}))
+    calls.append(
+        ("study_finished", {**study, "best": {"number": 0, "value": 0.6, "params": params}})
+    )
+    return calls
+
+
+def _resolve_spec(spec: str) -> str:
+    """An installed entry-point name (``example_backbone``) -> its module; others unchanged."""
+    import importlib.metadata
+    import importlib.util
+
+    from .plugins import ENTRY_POINT_GROUP
+
+    looks_like_file = spec.endswith(".py") or "/" in spec
+    if looks_like_file:
+        return spec
+    try:
+        if importlib.util.find_spec(spec) is not None:
+            return spec
+    except (ImportError, ValueError):
+        pass
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == spec:
+            return ep.value.split(":")[0]
+    return spec
+
+
+def check_plugin(
+    spec: str,
+    base_dir: Path | None = None,
+    *,
+    only: str | None = None,
+    image_size: int = IMAGE_SIZE,
+) -> list[CheckResult]:
+    """Load one plugin (module name, ``.py`` file or entry-point name) next to the default
+    plugins and check everything it registers and every lifecycle hook it implements.
+
+    Args:
+        spec: the plugin.
+        base_dir: where a relative ``.py`` path is looked for.
+        only: check only the components whose names match this shell pattern (a plugin with
+            dozens of backbones, say ``"tv_resnet*"``).
+        image_size: the input size backbones and policies are checked at.
+
+    Never raises for a broken plugin: each problem is a failed :class:`CheckResult`.
+    """
+    import fnmatch
+    import functools
+
+    import pluggy
+
+    from . import hookspecs
+    from .errors import UserError, did_you_mean
+    from .plugins import DEFAULT_PLUGINS, load_plugin
+    from .registry import KINDS, Registry
+
+    results: list[CheckResult] = []
+    pm = pluggy.PluginManager("automl_tl")
+    pm.add_hookspecs(hookspecs)
+    import importlib
+
+    for name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+    spec = _resolve_spec(spec)
+    try:
+        info = load_plugin(pm, spec, base_dir)
+    except UserError as exc:
+        return [CheckResult("plugin", spec, "loads", False, str(exc))]
+    name = info.name
+    plugin = pm.get_plugin(name)
+    known = [n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "automl_tl_spec")]
+    unknown = [
+        hook
+        for hook in dir(plugin)
+        if getattr(getattr(plugin, hook, None), "automl_tl_impl", None) is not None
+        and hook not in known
+    ]
+    for hook in unknown:
+        results.append(
+            CheckResult(
+                "plugin",
+                name,
+                f"hook {hook} exists",
+                False,
+                f"{hook} is marked @automl_tl.hookimpl but no such hook exists{did_you_mean(hook, known)}; "
+                "the hooks are listed in docs/writing-plugins.md",
+            )
+        )
+    results.append(CheckResult("plugin", name, f"loads ({info.source})", True))
+    try:
+        registry = Registry.from_plugin_manager(pm)
+    except UserError as exc:
+        results.append(CheckResult("plugin", name, "registers valid components", False, str(exc)))
+        return results
+    registered = 0
+    for kind, checks in _CHECKS.items():
+        label = KINDS[kind][2]
+        for component in sorted(registry.names(kind)):
+            if registry.plugin_of(kind, component) != name:
+                continue
+            if only is not None and not fnmatch.fnmatchcase(component, only):
+                continue
+            registered += 1
+            obj = registry.get(kind, component)
+            for what, check in checks:
+                if kind in ("backbones", "augmentation_policies"):
+                    check = functools.partial(check, image_size=image_size)
+                try:
+                    check(obj)
+                except Exception as exc:
+                    problem = _failure(exc, _HINTS[kind])
+                    results.append(CheckResult(label, component, what, False, problem))
+                else:
+                    results.append(CheckResult(label, component, what, True))
+    lifecycle = ("trial_started", "epoch_finished", "trial_finished", "study_finished")
+    impls = {
+        hook: [i for i in getattr(pm.hook, hook).get_hookimpls() if i.plugin_name == name]
+        for hook in lifecycle
+    }
+    implemented = [hook for hook in lifecycle if impls[hook]]
+    if implemented:
+        with tempfile.TemporaryDirectory() as output_dir:
+            failed: dict[str, str] = {}
+            for hook, kwargs in _lifecycle_calls(output_dir):
+                for impl in impls[hook]:
+                    if hook in failed:
+                        continue
+                    try:
+                        impl.function(**{a: kwargs[a] for a in impl.argnames})
+                    except Exception as exc:
+                        failed[hook] = f"{_failure(exc)} (called with {sorted(kwargs)})"
+            for hook in implemented:
+                ok = hook not in failed
+                results.append(
+                    CheckResult(
+                        "hook", hook, "runs through a miniature search", ok, failed.get(hook)
+                    )
+                )
+    if not registered and not implemented and not unknown:
+        results.append(
+            CheckResult(
+                "plugin",
+                name,
+                "does something",
+                False,
+                "it registers nothing and implements no hook; mark functions with "
+                "@automl_tl.hookimpl (see docs/writing-plugins.md)",
+            )
+        )
+    return results
+
+
+def assert_plugin_passes(spec: str, base_dir: Path | None = None, **options) -> list[CheckResult]:
+    """:func:`check_plugin` (same options), raising ``AssertionError`` listing every failure."""
+    results = check_plugin(spec, base_dir, **options)
+    failed = [r for r in results if not r.ok]
+    assert not failed, f"plugin {spec}: {len(failed)} check(s) failed:\n" + "\n".join(
+        str(r) for r in failed
+    )
+    return results
