@@ -52,3 +52,124 @@ def test_hub_weights_offline_give_one_clear_message(registry, monkeypatch, tmp_p
     message = str(info.value)
     assert "cannot get timm hub weights for 'resnet18'" in message
     assert "[weights] resnet18" in message and "\n" not in message
+
+
+def _export(backbone, model, folder, labels):
+    from automl_tl.components import DataConfig
+
+    cfg = DataConfig((3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    backbone.export(model, folder, labels, cfg)
+    return folder
+
+
+def test_local_dir_export_seeds_a_model_with_another_head(registry, tmp_path):
+    backbone = registry.get("backbones", "test_resnet")
+    torch.manual_seed(2)
+    source = backbone.create(10, image_size=32)
+    folder = _export(backbone, source, tmp_path / "best", [str(i) for i in range(10)])
+    model = backbone.create(4, weights=f"local-dir:{folder}", image_size=32)
+    body = [k for k in source.state_dict() if not k.startswith("fc.")]
+    assert all(torch.equal(model.state_dict()[k], source.state_dict()[k]) for k in body)
+    assert model.fc.out_features == 4
+    # same class count: the head loads too (a study's best model seeding a sibling study)
+    same = backbone.create(10, weights=f"local-dir:{folder}", image_size=32)
+    assert torch.equal(same.fc.weight, source.fc.weight)
+
+
+def test_local_dir_of_another_architecture_names_both(registry, tmp_path):
+    convnext = registry.get("backbones", "test_convnext")
+    folder = _export(convnext, convnext.create(3, image_size=32), tmp_path / "cx", ["a", "b", "c"])
+    with pytest.raises(UserError, match="holds a test_convnext model, not test_resnet"):
+        registry.get("backbones", "test_resnet").create(3, weights=f"local-dir:{folder}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="is not a timm export"):
+        registry.get("backbones", "test_resnet").create(
+            3, weights=f"local-dir:{tmp_path / 'empty'}"
+        )
+
+
+def test_input_channels_are_adapted_as_timm_does(registry, tmp_path):
+    import timm
+    from timm.models import adapt_input_conv
+
+    gray = timm.create_model("test_resnet", in_chans=1, num_classes=7)
+    path = tmp_path / "gray.safetensors"
+    save_file({k: v.contiguous() for k, v in gray.state_dict().items()}, str(path))
+    backbone = registry.get("backbones", "test_resnet")
+    model = backbone.create(5, weights=str(path), image_size=32)
+    conv = gray.pretrained_cfg["first_conv"] + ".weight"
+    expected = adapt_input_conv(3, gray.state_dict()[conv], base_chans=1)
+    assert model.state_dict()[conv].shape[1] == 3
+    assert torch.allclose(model.state_dict()[conv], expected)
+    assert torch.allclose(model.state_dict()[conv].sum(1), gray.state_dict()[conv].sum(1))
+    others = [k for k in gray.state_dict() if k != conv and not k.startswith("fc.")]
+    assert all(torch.equal(model.state_dict()[k], gray.state_dict()[k]) for k in others)
+
+
+def test_load_weights_reports_what_it_changed(registry, tmp_path):
+    from automl_tl.weights import load_weights
+
+    backbone = registry.get("backbones", "test_resnet")
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.create(5).state_dict().items()}, str(path))
+    model = backbone.create(3)
+    changed = load_weights(model, path, backbone.head_parameters(model))
+    assert sorted(changed["replaced_head"]) == ["fc.bias", "fc.weight"]
+    assert changed["adapted_input"] == []
+
+
+def test_unknown_hub_tag_lists_the_known_ones(registry):
+    with pytest.raises(
+        UserError, match="timm has no weights tagged 'bogus' for resnet18; known tags: a1_in1k"
+    ):
+        registry.get("backbones", "resnet18").create(10, weights="timm:bogus")
+
+
+def test_hub_error_names_the_file_and_both_ways_to_supply_it(registry):
+    with pytest.raises(UserError) as info:
+        registry.get("backbones", "test_resnet").create(10, weights="timm", image_size=32)
+    message = str(info.value)
+    assert "model.safetensors from https://huggingface.co/timm/test_resnet.r160_in1k" in message
+    assert "HF_HUB_OFFLINE=1" in message and "HF_HOME" in message
+    assert '[weights] test_resnet = "/path/model.safetensors"' in message
+    assert "\n" not in message
+
+
+def test_hub_weights_load_offline_from_a_prefilled_cache(tmp_path):
+    """`weights = "timm"` with HF_HUB_OFFLINE=1 reads the Hugging Face cache: no network."""
+    import subprocess
+    import sys
+
+    import timm
+
+    source = timm.create_model("test_resnet", num_classes=1000)
+    snapshot = tmp_path / "hf" / "hub" / "models--timm--test_resnet.r160_in1k"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("0" * 40)
+    files = snapshot / "snapshots" / ("0" * 40)
+    files.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in source.state_dict().items()},
+        str(files / "model.safetensors"),
+    )
+    torch.save(source.state_dict(), tmp_path / "expected.pth")
+    code = f"""
+import torch
+from automl_tl import registry_for
+model = registry_for().get("backbones", "test_resnet").create(4, weights="timm", image_size=32)
+expected = torch.load({str(tmp_path / "expected.pth")!r}, weights_only=True)
+body = [k for k in expected if not k.startswith("fc.")]
+assert all(torch.equal(model.state_dict()[k], expected[k]) for k in body)
+assert model.fc.out_features == 4
+print("loaded from cache")
+"""
+    env = {
+        **__import__("os").environ,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "AUTOML_TL_LOAD_PLUGINS": "",
+    }
+    env.pop("HF_HUB_CACHE", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loaded from cache" in result.stdout
