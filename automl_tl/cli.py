@@ -312,7 +312,7 @@ def _check_plugin(args: argparse.Namespace) -> int:
 
     from .testing import check_plugin
 
-    results = check_plugin(args.check)
+    results = check_plugin(args.check, only=args.only, image_size=args.image_size)
     failed = [r for r in results if not r.ok]
     if args.format == "json":
         print(json.dumps([asdict(r) for r in results], indent=2))
@@ -422,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE",
         help="run the contract tests on one plugin (module, .py file or entry-point name)",
     )
+    p.add_argument("--only", metavar="PATTERN", help="with --check: the components to check")
+    p.add_argument("--image-size", type=int, default=32, help="with --check: input size")
     p.set_defaults(func=cmd_plugins)
     return parser
 

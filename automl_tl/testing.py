@@ -293,18 +293,13 @@ def _lifecycle_calls(output_dir: str) -> list[tuple[str, dict[str, Any]]]:
 def _resolve_spec(spec: str) -> str:
     """An installed entry-point name (``example_backbone``) -> its module; others unchanged."""
     import importlib.metadata
-    import importlib.util
 
     from .plugins import ENTRY_POINT_GROUP
 
     looks_like_file = spec.endswith(".py") or "/" in spec
     if looks_like_file:
         return spec
-    try:
-        if importlib.util.find_spec(spec) is not None:
-            return spec
-    except (ImportError, ValueError):
-        pass
+    # an entry point first: "torchvision" is the plugin, not the library of the same name
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == spec:
             return ep.value.split(":")[0]

@@ -3,7 +3,13 @@
 import pytest
 
 from automl_tl import registry_for
-from automl_tl.testing import check_backbone, check_dataset_source, check_policy, check_strategy
+from automl_tl.testing import (
+    check_backbone,
+    check_backbone_weights,
+    check_dataset_source,
+    check_policy,
+    check_strategy,
+)
 
 from .conftest import TEST_BACKBONES
 
@@ -13,6 +19,22 @@ _registry = registry_for()
 @pytest.mark.parametrize("name", TEST_BACKBONES)
 def test_backbone_contract(registry, name):
     check_backbone(registry.get("backbones", name))
+
+
+@pytest.mark.parametrize("name", TEST_BACKBONES)
+def test_backbone_loads_its_own_weights_file(registry, name):
+    check_backbone_weights(registry.get("backbones", name))
+
+
+def test_contract_catches_a_backbone_that_ignores_its_weights_file(registry):
+    from automl_tl.default_plugins.timm_backbones import TimmBackbone
+
+    class Forgetful(TimmBackbone):
+        def create(self, num_classes, weights="none", image_size=None):
+            return super().create(num_classes, "none", image_size)
+
+    with pytest.raises(AssertionError, match=r"left \d+ of \d+ tensors unloaded"):
+        check_backbone_weights(Forgetful("test_resnet"))
 
 
 @pytest.mark.parametrize("name", _registry.names("augmentation_policies"))

@@ -1,6 +1,7 @@
 """The plugin manager: defaults, entry points, explicit modules and files, clear errors."""
 
 import json
+import re
 import textwrap
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from automl_tl import PluginError, Registry, get_plugin_manager, hookspecs
 from automl_tl.plugins import DEFAULT_PLUGINS
 
-from .conftest import run_cli
+from .conftest import REPO, run_cli
 
 BACKBONE_PLUGIN = """
 import automl_tl
@@ -142,16 +143,242 @@ def test_plugins_command_json(tmp_path):
 
 
 def test_every_hook_is_tested_and_documented():
-    """Every hookspec is exercised somewhere in tests/ and documented (as datasette does)."""
+    """Every hookspec is exercised somewhere in tests/ and documented with its signature and
+    an example implementation (as datasette does)."""
+    import inspect
     from pathlib import Path
 
     hooks = [name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "automl_tl_spec")]
     assert len(hooks) == 8
     tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
     docs = (Path(__file__).parent.parent / "docs" / "writing-plugins.md").read_text()
+    examples = "".join(re.findall(r"```python\n(.*?)```", docs, flags=re.S))
     for hook in hooks:
         assert f"def {hook}(" in tests, f"hook {hook} has no test implementing it"
-        assert f"`{hook}" in docs, f"hook {hook} is not documented in docs/writing-plugins.md"
+        args = ", ".join(inspect.signature(getattr(hookspecs, hook)).parameters)
+        assert f"### `{hook}({args})`" in docs, (
+            f"docs/writing-plugins.md needs a section `{hook}({args})`"
+        )
+        assert f"def {hook}(" in examples, f"docs/writing-plugins.md has no example of {hook}"
+
+
+def test_every_contract_check_is_documented():
+    import automl_tl.testing as testing
+
+    docs = (REPO / "docs" / "writing-plugins.md").read_text()
+    public = [
+        name
+        for name, obj in vars(testing).items()
+        if callable(obj) and not name.startswith("_") and obj.__module__ == testing.__name__
+    ]
+    assert {"check_backbone", "check_plugin", "assert_plugin_passes"} <= set(public)
+    for name in public:
+        assert f"`{name}" in docs, f"automl_tl.testing.{name} is not in docs/writing-plugins.md"
+
+
+@pytest.mark.parametrize("package", sorted(p.name for p in (REPO / "plugins").iterdir()))
+def test_plugin_packages_are_separately_installable_and_tested(package):
+    """Each plugins/* package: own pyproject with an automl_tl entry point, README, tests,
+    and installed (make test installs every one, so CI runs their tests)."""
+    import importlib.metadata
+
+    import tomllib
+
+    folder = REPO / "plugins" / package
+    project = tomllib.loads((folder / "pyproject.toml").read_text())["project"]
+    assert project["name"] == package
+    (entry_point,) = project["entry-points"]["automl_tl"].items()
+    assert (folder / "README.md").is_file()
+    assert list((folder / "tests").glob("test_*.py")), f"{package} has no tests"
+    installed = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="automl_tl")}
+    assert installed.get(entry_point[0]) == entry_point[1], f"{package} is not installed"
+
+
+TINY = """
+import torch
+from torch import nn
+
+import automl_tl
+from automl_tl.weights import load_weights
+
+
+class Tiny(automl_tl.Backbone):
+    name = "tiny_cnn"
+
+    def create(self, num_classes, weights="none", image_size=None):
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(), nn.Linear(8, num_classes),
+        )
+        if weights != "none":
+            load_weights(model, weights, self.head_parameters(model))
+        return model
+"""
+
+GOOD = (
+    TINY
+    + """
+
+@automl_tl.hookimpl
+def register_backbones(register):
+    register(Tiny())
+"""
+)
+
+BROKEN = (
+    TINY
+    + """
+
+class Forgetful(Tiny):  # ignores its weights file
+    name = "forgetful"
+
+    def create(self, num_classes, weights="none", image_size=None):
+        return super().create(num_classes, "none", image_size)
+
+
+class Shifty(automl_tl.AugmentationPolicy):  # not the identity at strength 0
+    name = "shifty"
+
+    def build(self, strength, image_size):
+        return _Add(0.1)
+
+
+class _Add(nn.Module):
+    def __init__(self, v):
+        super().__init__()
+        self.v = v
+
+    def forward(self, x):
+        return (x + self.v).clamp(0, 1)
+
+
+@automl_tl.hookimpl
+def register_backbones(register):
+    register(Forgetful())
+
+
+@automl_tl.hookimpl
+def register_augmentation_policies(register):
+    register(Shifty())
+
+
+@automl_tl.hookimpl
+def register_backbone(register):  # misspelt
+    pass
+
+
+@automl_tl.hookimpl
+def epoch_finished(study_name, trial_number, epoch, metrics):
+    metrics["val"]["top5"]  # a key that does not exist
+
+
+@automl_tl.hookimpl
+def trial_finished(study_name, trial_number, state, value, attrs):
+    print(f"{value:.3f}")  # value is None for failed and pruned trials
+"""
+)
+
+
+def test_check_plugin_names_each_problem_in_words_an_author_can_act_on(tmp_path):
+    from automl_tl.testing import check_plugin
+
+    path = _plugin_file(tmp_path, name="broken_plugin", body=BROKEN)
+    results = {(r.kind, r.name, r.check): r for r in check_plugin(str(path))}
+    failed = {k: r.problem for k, r in results.items() if not r.ok}
+    assert failed.keys() == {
+        ("plugin", "broken_plugin", "hook register_backbone exists"),
+        ("backbone", "forgetful", "loads a weights file saved from itself"),
+        ("augmentation policy", "shifty", "contract (identity at 0, shape, range, seed)"),
+        ("hook", "epoch_finished", "runs through a miniature search"),
+        ("hook", "trial_finished", "runs through a miniature search"),
+    }
+    assert (
+        'did you mean "register_backbones"'
+        in failed[("plugin", "broken_plugin", "hook register_backbone exists")]
+    )
+    assert "unloaded" in failed[("backbone", "forgetful", "loads a weights file saved from itself")]
+    assert (
+        "load_weights"
+        in failed[("backbone", "forgetful", "loads a weights file saved from itself")]
+    )
+    assert (
+        "strength 0.0 must return the batch unchanged"
+        in failed[("augmentation policy", "shifty", "contract (identity at 0, shape, range, seed)")]
+    )
+    epoch = failed[("hook", "epoch_finished", "runs through a miniature search")]
+    assert "raised KeyError: 'top5' at broken_plugin.py:" in epoch
+    trial = failed[("hook", "trial_finished", "runs through a miniature search")]
+    assert "raised TypeError" in trial and "NoneType" in trial
+    assert results[
+        ("backbone", "forgetful", "contract (shape, head, layer groups, data config)")
+    ].ok
+
+
+def test_check_plugin_reports_import_failures_and_empty_plugins(tmp_path):
+    from automl_tl.testing import check_plugin
+
+    (result,) = check_plugin(str(_plugin_file(tmp_path, name="boom", body="raise OSError('x')\n")))
+    assert not result.ok and "failed to import: OSError: x" in result.problem
+    empty = check_plugin(str(_plugin_file(tmp_path, name="empty", body="import automl_tl\n")))
+    assert [r.check for r in empty if not r.ok] == ["does something"]
+
+
+def test_plugins_check_command(tmp_path):
+    good = _plugin_file(tmp_path, name="good", body=GOOD)
+    ok = run_cli("plugins", "--check", str(good))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines() == [
+        f"checking plugin {good}",
+        "  ok    plugin good: loads (file)",
+        "  ok    backbone tiny_cnn: contract (shape, head, layer groups, data config)",
+        "  ok    backbone tiny_cnn: loads a weights file saved from itself",
+        "3 passed, 0 failed",
+    ]
+    broken = _plugin_file(tmp_path, name="broken_plugin", body=BROKEN)
+    bad = run_cli("plugins", "--check", str(broken))
+    assert bad.returncode == 1, bad.stderr
+    assert "5 failed" in bad.stdout.splitlines()[-1]
+    assert "  FAIL  augmentation policy shifty: contract" in bad.stdout
+    assert "        policy 'shifty': strength 0.0 must return the batch unchanged" in bad.stdout
+
+
+def test_plugins_command_shows_version_source_and_hooks(tmp_path):
+    tracker = _plugin_file(
+        tmp_path,
+        name="tracker",
+        body="""
+        import automl_tl
+
+        @automl_tl.hookimpl
+        def trial_started(study_name, trial_number, params, output_dir):
+            pass
+
+        @automl_tl.hookimpl
+        def study_finished(study_name, best):
+            pass
+        """,
+    )
+    result = run_cli("plugins", "--plugin", str(tracker), "--plugin", "automl_tl_example_backbone")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    version = __import__("automl_tl").__version__
+    assert f"automl_tl.default_plugins.unfreeze {version} [default] " in result.stdout
+    assert "  unfreeze strategies (4): gradual, layer_decay, lp_ft, top_k" in lines
+    assert f"tracker - [file] {tracker}" in lines
+    assert lines[lines.index(f"tracker - [file] {tracker}") + 1] == (
+        "  lifecycle hooks: trial_started, study_finished"
+    )
+    assert any(line.startswith("automl_tl_example_backbone 0.1.0 [module] ") for line in lines)
+    data = json.loads(run_cli("plugins", "--format", "json", "--plugin", str(tracker)).stdout)
+    (entry,) = [p for p in data["plugins"] if p["name"] == "tracker"]
+    assert entry == {
+        "name": "tracker",
+        "source": "file",
+        "version": None,
+        "location": str(tracker),
+        "registers": {},
+        "hooks": ["trial_started", "study_finished"],
+    }
 
 
 def test_third_party_dataset_and_strategy_are_searched(tmp_path):

@@ -33,6 +33,10 @@ pruner = "none"
 """
 
 
+# tiny models: one thread each, no fight over the cores with the test run itself
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 class FakeTerminal(io.StringIO):
     def isatty(self):
         return True
@@ -162,7 +166,7 @@ def test_live_lines_on_a_terminal_plain_logs_elsewhere_and_quiet(tmp_path):
     (with -v one per epoch); -q prints only the final summary."""
     study = write_study(tmp_path, STUDY.replace("epochs = 2", "epochs = 1"))
     primary, secondary = os.openpty()
-    env = {**os.environ, "TERM": "xterm"}
+    env = {**os.environ, "TERM": "xterm", **ONE_THREAD}
     proc = subprocess.Popen(
         [sys.executable, "-m", "automl_tl.cli", "search", str(study), "--no-retrain"],
         stdin=secondary,
@@ -190,13 +194,13 @@ def test_live_lines_on_a_terminal_plain_logs_elsewhere_and_quiet(tmp_path):
     assert "TrialState" not in screen and "Traceback" not in screen
     assert study_state(open_study(load_config(study), create=False)).finished == 1
 
-    verbose = run_cli("search", str(study), "-v", "--no-retrain", "--n-trials", "2")
+    verbose = run_cli("search", str(study), "-v", "--no-retrain", "--n-trials", "2", env=ONE_THREAD)
     assert verbose.returncode == 0, verbose.stderr
     assert re.search(r"trial   1 epoch 1/1: train_loss [\d.]+  val accuracy", verbose.stderr)
     assert re.search(r"trial   1 COMPLETE accuracy=", verbose.stderr)
     assert "\r" not in verbose.stderr and "\x1b[A" not in verbose.stderr  # no bars in a pipe
 
-    quiet = run_cli("search", str(study), "-q", "--no-retrain", "--n-trials", "3")
+    quiet = run_cli("search", str(study), "-q", "--no-retrain", "--n-trials", "3", env=ONE_THREAD)
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout.startswith("study tiny: 3 trials finished (1 run now)")
     assert quiet.stderr == ""

@@ -228,7 +228,8 @@ def test_model_figures_are_skipped_when_the_data_changed(tmp_path, registry):
 def test_report_command_writes_the_folder_and_keeps_stdout_for_data(tmp_path, registry):
     config, _ = _make_study(tmp_path, registry)
     study_file = str(config.path)
-    result = run_cli("report", study_file, "--format", "json")
+    one_thread = {"OMP_NUM_THREADS": "1"}  # no fight over the cores with the test run
+    result = run_cli("report", study_file, "--format", "json", env=one_thread)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)  # stdout is only the JSON
     assert data["report"]["index"] == str(config.output_dir / "report" / "index.html")
@@ -242,7 +243,7 @@ def test_report_command_writes_the_folder_and_keeps_stdout_for_data(tmp_path, re
     assert image.width > 300
 
     (config.output_dir / "report" / "index.html").unlink()
-    quiet = run_cli("report", study_file, "--no-files", "--format", "csv")
+    quiet = run_cli("report", study_file, "--no-files", "--format", "csv", env=one_thread)
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout.startswith("trial,state,accuracy")
     assert not (config.output_dir / "report" / "index.html").exists()

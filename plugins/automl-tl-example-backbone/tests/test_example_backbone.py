@@ -1,5 +1,6 @@
 """The template's own tests: a team keeps these when it copies the package."""
 
+import os
 import subprocess
 import sys
 
@@ -45,6 +46,7 @@ def test_make_weights_writes_a_file_the_backbone_loads(tmp_path):
         ],
         capture_output=True,
         text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # a tiny model: one thread is plenty
         timeout=300,
     )
     assert result.returncode == 0, result.stderr

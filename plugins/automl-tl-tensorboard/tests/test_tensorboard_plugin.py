@@ -114,7 +114,7 @@ def test_a_search_with_the_plugin_writes_one_run_per_trial(tmp_path):
             """
         )
     )
-    env = {**os.environ, "AUTOML_TL_LOAD_PLUGINS": "tensorboard"}
+    env = {**os.environ, "AUTOML_TL_LOAD_PLUGINS": "tensorboard", "OMP_NUM_THREADS": "1"}
     env.pop(tb.LOG_DIR_ENV, None)
     cmd = [sys.executable, "-m", "automl_tl.cli", "search", str(study), "--no-retrain"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -176,7 +176,7 @@ def test_a_study_searches_exports_and_reports_a_torchvision_backbone(tmp_path, m
             """
         )
     )
-    env = {**os.environ, "AUTOML_TL_LOAD_PLUGINS": "torchvision"}
+    env = {**os.environ, "AUTOML_TL_LOAD_PLUGINS": "torchvision", "OMP_NUM_THREADS": "1"}
 
     def cli(*args):
         result = subprocess.run(
