@@ -93,7 +93,17 @@ def cmd_search(args: argparse.Namespace) -> int:
             f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
             f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {outcome.model_dir}"
         )
+    _print_weights_comparison(outcome.comparison, config.search.metric)
     return 0
+
+
+def _print_weights_comparison(rows: list[dict[str, Any]] | None, metric: str) -> None:
+    """Transferred vs scratch (when [weights] is searched): one line per weight source."""
+    if rows:
+        from .transfer import summary_lines
+
+        print("best per weight source (retrained, same budget):")
+        print("\n".join(summary_lines(rows, metric)))
 
 
 def _search_with_workers(args: argparse.Namespace, config, registry, device: str) -> int:
@@ -140,6 +150,12 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
                 f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
                 f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {directory}"
             )
+            from .transfer import retrain_per_weights
+
+            rows = retrain_per_weights(
+                config, registry, result.study, result.splits, device=device
+            )
+            _print_weights_comparison(rows, config.search.metric)
     return 1 if result.failed else 0
 
 
@@ -227,6 +243,9 @@ def cmd_report(args: argparse.Namespace) -> int:
             + ", ".join(f"{k} {v:.4f}" for k, v in bm["test"].items())
             + f" -> {bm['path']}"
         )
+    if data.get("weights"):
+        print()
+        _print_weights_comparison(data["weights"], config.search.metric)
     return 0
 
 
@@ -283,6 +302,65 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     else:
         print(result.format_text())
     return 0 if result.usable else 1
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .plugins import get_plugin_manager
+    from .pretrain import PretrainSpec, pretrain
+    from .registry import Registry
+
+    pm, _ = get_plugin_manager(args.plugin)
+    out = Path(args.out)
+    spec = PretrainSpec(
+        backbone=args.backbone,
+        source=args.data,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        augmentation=args.augmentation,
+        aug_strength=args.aug_strength,
+        seed=args.seed,
+        init=args.init,
+    )
+    result = pretrain(
+        spec,
+        out,
+        Registry.from_plugin_manager(pm),
+        cache_dir=out.parent / "cache",
+        device=args.device or "auto",
+        force=args.force,
+    )
+    meta = result.meta
+    print(
+        f"{'up to date (cached)' if result.cached else 'pretrained'}: {meta['backbone']} on "
+        f"{meta['source']} ({len(meta['classes'])} classes, {meta['epochs']} epochs), held-out "
+        f"accuracy {meta['accuracy']:.4f} -> {result.path} (+ {result.path.with_suffix('.json').name})"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .export import check_timm_export, export_onnx
+
+    config = load_config(args.study)
+    if args.trial is None:
+        directory = config.output_dir / "best"
+    else:
+        directory = config.output_dir / "models" / f"trial-{args.trial}"
+    files = check_timm_export(directory)
+    print(f"timm export: {directory} ({', '.join(files)})")
+    if args.onnx:
+        result = export_onnx(directory, opset=args.opset)
+        print(
+            f"onnx: {result.path} (opset {result.opset}); max abs difference vs PyTorch on a batch "
+            f"of {result.batch}: {result.max_abs_diff:.2e}"
+        )
+    return 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -412,6 +490,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--plugin", action="append", default=[])
     p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser(
+        "pretrain",
+        help="train a backbone on a source dataset; weights a study names in [weights]",
+        description="Supervised training of a backbone on a source dataset with the project's "
+        "own loop; writes OUT (.safetensors, head removed) and OUT's .json sidecar (source, "
+        "classes, epochs, accuracy). Cached by content: the same inputs again are instant.",
+    )
+    common(p, study=False)
+    p.add_argument("--backbone", required=True, help="e.g. test_resnet, resnet50")
+    p.add_argument("--data", required=True, help="source dataset: digits:0-4, folder:PATH, …")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--augmentation", default="none", help="augmentation policy (default none)")
+    p.add_argument("--aug-strength", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="none", help="start from: none, timm, a file, local-dir:DIR")
+    p.add_argument("--device")
+    p.add_argument("--force", action="store_true", help="retrain even when up to date")
+    p.add_argument("--plugin", action="append", default=[])
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "export", help="check the study's timm export; --onnx writes model.onnx beside it"
+    )
+    common(p)
+    p.add_argument("--trial", type=int, help="models/trial-N instead of best/")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="write model.onnx and compare it with PyTorch (pip install 'automl-tl[onnx]')",
+    )
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plugins", help="list plugins and what they register; --check one")
     common(p, study=False)

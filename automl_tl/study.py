@@ -23,6 +23,8 @@ from .config import StudyConfig
 from .data import Splits, describe_changes, prepare_data
 from .errors import DataError, UserError
 from .export import export_model
+from .pretrain import ensure_study_weights
+from .transfer import alternate_weights, comparison, retrain_per_weights
 from .registry import Registry
 from .space import choice_from_params, suggest
 from .train import EpochResult, evaluate, fit, resolve_device
@@ -80,6 +82,11 @@ def make_storage(config: StudyConfig) -> optuna.storages.BaseStorage:
 
 
 def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+    """The study's sampler; a searched [weights] source takes turns (automl_tl.transfer)."""
+    return alternate_weights(config, _base_sampler(config))
+
+
+def _base_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
     seed = config.data.seed
     name = config.search.sampler
     if name == "random":
@@ -151,6 +158,7 @@ def load_splits(config: StudyConfig, registry: Registry) -> Splits:
         base_dir=config.base_dir,
         cache_dir=config.output_dir / "cache",
         on_bad_image=d.on_bad_image,
+        max_per_class=d.max_per_class,
     )
 
 
@@ -195,8 +203,11 @@ def _describe(params: dict[str, Any]) -> str:
     aug = params.get("augmentation", "?")
     if "aug_strength" in params:
         aug += f"({params['aug_strength']:.2f})"
+    backbone = params.get("backbone", "?")
+    if "weights" in params:  # a searched weight source
+        backbone += f"[{params['weights']}]"
     return (
-        f"{params.get('backbone', '?')} {aug} {params.get('unfreeze', '?')}"
+        f"{backbone} {aug} {params.get('unfreeze', '?')}"
         f"(depth {params.get('unfreeze_depth', 0):.2f}) lr={params.get('lr', 0):.1e}"
     )
 
@@ -209,6 +220,8 @@ class SearchOutcome:
     best: dict[str, Any] | None
     model_dir: Path | None = None
     metrics: dict[str, Any] | None = None
+    #: best trial of each weight source, retrained (when [weights] is searched)
+    comparison: list[dict[str, Any]] | None = None
 
 
 class _Search:
@@ -428,6 +441,7 @@ def search(
     check_names(config, registry)
     check_backbones_run(config, registry)
     ensure_writable(config.output_dir)
+    ensure_study_weights(config, registry, device=device)  # pretrain:SOURCE, built once
     splits = load_splits(config, registry)
     study = join_study(config, splits)  # refuses to join if this worker's data differ
     runner = _Search(config, registry, pm, splits, device)
@@ -480,6 +494,10 @@ def search(
         retrained = retrain_once(config, registry, study, splits, device=device)
         if retrained is not None:
             outcome.model_dir, outcome.metrics = retrained
+            # [weights] searched: retrain each source's best too (transferred vs scratch)
+            outcome.comparison = retrain_per_weights(
+                config, registry, study, splits, device=device
+            )
     return outcome
 
 
@@ -560,6 +578,7 @@ def retrain(
         trial = trials[trial_number]
         directory = config.output_dir / "models" / f"trial-{trial_number}"
     choice = choice_from_params(trial.params, config)
+    ensure_study_weights(config, registry, device=device)
     device_t = resolve_device(device)
     on = config.retrain.on
     log.info("retraining trial %d on %s: %s", trial.number, on, _describe(trial.params))
@@ -660,4 +679,7 @@ def report(config: StudyConfig) -> dict[str, Any]:
             "trial": m.get("trial"),
             "test": {k: v for k, v in m.get("test", {}).items() if k != "confusion_matrix"},
         }
+    rows = comparison(config, study)  # transferred vs scratch, when [weights] is searched
+    if rows is not None:
+        out["weights"] = rows
     return out

@@ -1,16 +1,21 @@
 """Does transfer pay? The best trial of each weight source, retrained and tested side by side.
 
 When ``[weights]`` lists several sources (``default = ["pretrain:digits:0-4", "none"]``) the
-source is a searched parameter (``weights``), so one study at one budget holds transferred and
-scratch trials. After the search retrains the overall best into ``best/``, the best trial of
-every other source is retrained into ``models/trial-N/`` the same way (same split, same
-``[retrain] on``, same seed rule), so the report can put their test scores next to each other.
+source is a study parameter (``weights``), so one study holds transferred and scratch trials.
+It is compared, not optimized: :class:`AlternatingSampler` gives the sources turns by trial
+number, so each gets the same share of the budget (a sampler left to choose would spend it on
+whichever looked better after a few noisy trials, and the loser would be under-searched),
+while the study's own sampler (TPE, GP, random) chooses everything else. After the search
+retrains the overall best into ``best/``, the best trial of every other source is retrained
+into ``models/trial-N/`` the same way (same split, same ``[retrain] on``, same seed rule), so
+the report can put their test scores next to each other.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,58 @@ from optuna.trial import TrialState
 from .config import StudyConfig
 
 log = logging.getLogger("automl_tl")
+
+
+class AlternatingSampler(optuna.samplers.BaseSampler):
+    """``base`` samples every parameter but ``param``, which cycles through ``choices``.
+
+    Trial *n* gets ``choices[n % len(choices)]``, so each choice gets every k-th trial of the
+    budget, with any number of workers. ``base`` never models ``param`` (it is left out of
+    its relative search space) but learns from every trial's other parameters.
+    """
+
+    def __init__(self, base: optuna.samplers.BaseSampler, param: str, choices: list) -> None:
+        self.base, self.param, self.choices = base, param, list(choices)
+
+    def infer_relative_search_space(self, study, trial):
+        space = self.base.infer_relative_search_space(study, trial)
+        return {name: d for name, d in space.items() if name != self.param}
+
+    def sample_relative(self, study, trial, search_space):
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        if param_name == self.param:
+            return self.choices[trial.number % len(self.choices)]
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+
+def alternate_weights(
+    config: StudyConfig, sampler: optuna.samplers.BaseSampler
+) -> optuna.samplers.BaseSampler:
+    """``sampler``, wrapped so a searched ``weights`` source takes turns (else unchanged)."""
+    for backbone in config.search.backbones:
+        choices = config.weight_choices(backbone)
+        if choices:  # every list in [weights] is the same list (config.py checks)
+            if config.search.pruner != "none":
+                warnings.warn(
+                    f'[search] pruner = "{config.search.pruner}" compares trials of every weight '
+                    "source at equal epochs, where pretrained ones lead early: it cuts scratch "
+                    'trials short and flatters transfer. Set pruner = "none" for an even '
+                    "comparison.",
+                    stacklevel=2,
+                )
+            return AlternatingSampler(sampler, "weights", choices)
+    return sampler
 
 
 def weights_label(config: StudyConfig, params: dict[str, Any]) -> str:

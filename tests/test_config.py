@@ -10,7 +10,8 @@ from .conftest import REPO, run_cli, write_study
 def test_embedded_study_is_valid():
     config = load_config(REPO / "studies" / "digits.toml")
     assert config.name == "digits"
-    assert config.data.source == "digits"
+    assert config.data.source == "digits:5-9"  # the target task; digits 0-4 are the source
+    assert config.weight_choices("test_resnet") == ["pretrain:digits:0-4", "none"]
     assert config.output_dir == REPO / "studies" / "digits"
     assert config.storage_url == f"sqlite:///{REPO / 'studies' / 'digits' / 'optuna.db'}"
 
