@@ -166,6 +166,8 @@ class Catalog:
             "duration_s": duration,
             "epochs_run": attrs.get("epochs_run"),
             "images_per_s": attrs.get("images_per_s"),
+            "batch_size": attrs.get("batch_size"),  # after out-of-memory halving
+            "feature_cache": attrs.get("feature_cache"),  # head on cached features
             "device": attrs.get("device"),
             "fail_reason": attrs.get("fail_reason"),
             "started": _iso(trial.datetime_start),

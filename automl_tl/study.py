@@ -27,7 +27,7 @@ from .pretrain import ensure_study_weights
 from .transfer import alternate_weights, comparison, retrain_per_weights
 from .registry import Registry
 from .space import choice_from_params, suggest
-from .train import EpochResult, evaluate, fit, resolve_device
+from .train import EpochResult, evaluate, expected_seconds, fit, resolve_device
 from .workers import (
     Budget,
     TrialSkipped,
@@ -284,10 +284,18 @@ class _Search:
                 study_name=name, trial_number=trial.number, epoch=r.epoch, metrics=metrics
             )
             trial.set_user_attr("epochs_run", r.epoch + 1)
+            if r.cached_features:  # head on cached features: not the backbone's speed
+                trial.set_user_attr("feature_cache", "used")  # "hit" / "miss" once complete
+            else:  # pruned trials count too in backbone_throughput()
+                trial.set_user_attr("images_per_s", round(r.images_per_s, 1))
             trial.report(r.val[self.metric], r.epoch + 1)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {r.epoch + 1}")
 
+        too_slow = self._too_slow(trial, choice)
+        if too_slow:
+            trial.set_user_attr("too_slow", too_slow)
+            raise optuna.TrialPruned(too_slow)
         try:
             result = fit(
                 choice,
@@ -296,6 +304,7 @@ class _Search:
                 device=self.device,
                 seed=self.config.data.seed + trial.number,
                 on_epoch=on_epoch,
+                compile=self.config.search.compile,
             )
         except optuna.TrialPruned:
             raise
@@ -309,9 +318,30 @@ class _Search:
             raise TrialFailed(reason) from exc
         val = {k: v for k, v in result.val.items()}
         trial.set_user_attr("seconds", round(result.seconds, 3))
-        trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
+        if result.feature_cache is None:
+            trial.set_user_attr("images_per_s", round(result.images_per_s, 1))
+        else:
+            trial.set_user_attr("feature_cache", result.feature_cache)
+        trial.set_user_attr("batch_size", result.batch_size)  # halved on out-of-memory
         trial.set_user_attr("val_metrics", val)
         return float(val[self.metric])
+
+    def _too_slow(self, trial: optuna.Trial, choice) -> str | None:
+        """Why ``choice`` cannot finish within ``[search] timeout`` at the training speed its
+        backbone showed in earlier trials on this kind of device (None if it can)."""
+        timeout = self.config.search.timeout
+        if not timeout:
+            return None
+        rate = backbone_throughput(trial.study, device=str(self.device)).get(choice.backbone)
+        if not rate:
+            return None
+        seconds = expected_seconds(choice, self.splits, self.registry, rate)
+        if seconds <= timeout:
+            return None
+        return (
+            f"{choice.backbone} trains at {rate:.0f} images/s here: this trial would take "
+            f"~{seconds:.0f}s, more than [search] timeout = {timeout:.0f}s"
+        )
 
     def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.user_attrs.get("skipped"):  # nothing ran: the budget was covered elsewhere
@@ -636,6 +666,25 @@ def retrain(
 # report
 
 
+def backbone_throughput(study: optuna.Study, device: str | None = None) -> dict[str, float]:
+    """Median training images/s per backbone over finished trials (on ``device`` if given).
+
+    Trials whose head trained on cached features are left out: their speed is not the
+    backbone's.
+    """
+    import statistics
+
+    rates: dict[str, list[float]] = {}
+    for t in study.get_trials(deepcopy=False, states=FINISHED):
+        rate, backbone = t.user_attrs.get("images_per_s"), t.params.get("backbone")
+        if not rate or backbone is None or t.user_attrs.get("feature_cache"):
+            continue
+        if device is not None and t.user_attrs.get("device") != device:
+            continue
+        rates.setdefault(backbone, []).append(float(rate))
+    return {b: round(statistics.median(r), 1) for b, r in sorted(rates.items())}
+
+
 def report(config: StudyConfig) -> dict[str, Any]:
     """The leaderboard of every trial as plain data (``automl-tl report --format json``)."""
     study = open_study(config, create=False)
@@ -658,6 +707,8 @@ def report(config: StudyConfig) -> dict[str, Any]:
                 "duration_s": round(duration, 3) if duration is not None else None,
                 "epochs_run": t.user_attrs.get("epochs_run"),
                 "fail_reason": t.user_attrs.get("fail_reason"),
+                "images_per_s": t.user_attrs.get("images_per_s"),
+                "batch_size": t.user_attrs.get("batch_size"),
             }
         )
     out = {
@@ -665,6 +716,7 @@ def report(config: StudyConfig) -> dict[str, Any]:
         "metric": config.search.metric,
         "best": best_summary(study),
         "trials": trials,
+        "throughput": backbone_throughput(study),  # training images/s per backbone
     }
     catalog_path = config.output_dir / "catalog.db"
     if catalog_path.is_file():

@@ -332,22 +332,46 @@ def _compiled(model: nn.Module, compile: bool | str) -> nn.Module:
     return torch.compile(model)
 
 
-def estimate_trial_seconds(
-    epochs: int,
-    train_images: int,
-    eval_images: int,
+_NUM_GROUPS: dict[tuple[str, int], int] = {}
+
+
+def _num_groups(registry: Registry, backbone: str, image_size: int) -> int:
+    key = (backbone, image_size)
+    if key not in _NUM_GROUPS:  # one throwaway CPU model per backbone and process
+        component = registry.get("backbones", backbone)
+        model = component.create(2, weights="none", image_size=image_size)
+        _NUM_GROUPS[key] = len(component.layer_groups(model))
+    return _NUM_GROUPS[key]
+
+
+def expected_seconds(
+    choice: Choice,
+    data: Splits,
+    registry: Registry,
     images_per_s: float,
     *,
-    cached_probe: bool = False,
+    train_on: str = "train",
+    evaluate_on: str | None = "val",
 ) -> float:
-    """A trial's expected duration from its backbone's measured training images/s.
+    """How long ``choice`` should take at its backbone's measured training images/s.
 
-    Evaluation and feature extraction are forward passes only, about a third of a training
-    step. A linear probe on cached features costs one such pass over both splits.
+    Evaluation and feature extraction are forward passes, counted as a third of a training
+    step each. A linear probe without augmentation (head on cached features) costs one such
+    pass over the two splits; its head epochs are free in comparison.
     """
-    forward_only = (train_images + eval_images) if cached_probe else epochs * eval_images
-    trained = 0 if cached_probe else epochs * train_images
-    return (trained + forward_only / 3.0) / max(images_per_s, 1e-9)
+
+    def size(part: str | None) -> int:  # without building "train+val"
+        return sum(len(getattr(data, p)) for p in part.split("+")) if part else 0
+
+    n_train, n_eval = size(train_on), size(evaluate_on)
+    depth = depth_to_groups(
+        choice.unfreeze_depth, _num_groups(registry, choice.backbone, data.image_size)
+    )
+    if depth == 0 and (choice.augmentation == "none" or choice.aug_strength == 0.0):
+        images = (n_train + n_eval) / 3.0
+    else:
+        images = choice.epochs * (n_train + n_eval / 3.0)
+    return images / max(images_per_s, 1e-9)
 
 
 def fit(

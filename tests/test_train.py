@@ -1,12 +1,14 @@
 """fit(): one configuration on one device, frozen layers, metrics, failures."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from automl_tl import Choice, fit
-from automl_tl.data import prepare_data
+from automl_tl import Choice, fit, train
+from automl_tl.components import Backbone
+from automl_tl.data import Split, prepare_data
 from automl_tl.train import NonFiniteLossError, classification_metrics, set_trainable
 
 from .conftest import TEST_BACKBONES
@@ -101,3 +103,151 @@ def test_metrics_from_confusion_matrix():
     f1_0 = 2 * (8 / 9) * 0.8 / (8 / 9 + 0.8)
     f1_1 = 2 * (1 / 3) * 0.5 / (1 / 3 + 0.5)
     assert m["macro_f1"] == pytest.approx((f1_0 + f1_1) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# fast trials: out-of-memory halving, the peak-memory probe, torch.compile, slow backbones
+
+
+class _RunsOutOfMemory(Backbone):
+    """test_resnet that raises CUDA's out-of-memory error on training batches above ``limit``;
+    with ``body_only``, only once its body trains (as memory grows with gradual unfreezing)."""
+
+    name = "oom_resnet"
+
+    def __init__(self, limit: int, body_only: bool = False) -> None:
+        self.limit, self.body_only = limit, body_only
+
+    def create(self, num_classes, weights="none", image_size=None):
+        import timm
+
+        model = timm.create_model("test_resnet", num_classes=num_classes)
+        forward = model.forward
+
+        def limited(x):
+            body = any(p.requires_grad for n, p in model.named_parameters() if n[:3] != "fc.")
+            if torch.is_grad_enabled() and x.shape[0] > self.limit and (body or not self.body_only):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return forward(x)
+
+        model.forward = limited
+        return model
+
+
+@pytest.fixture(scope="module")
+def few_digits(digits):
+    """256 training and 128 validation images: enough to exercise the loop, quick to train."""
+
+    def first(split, n):
+        return Split(split.x[:n], split.y[:n], split.names[:n])
+
+    return dataclasses.replace(
+        digits,
+        train=first(digits.train, 256),
+        val=first(digits.val, 128),
+        fingerprint=digits.fingerprint + "-few",
+    )
+
+
+def _with_backbone(registry, backbone: Backbone):
+    from automl_tl.registry import Registry
+
+    copy = Registry()
+    copy.tables = {kind: dict(table) for kind, table in registry.tables.items()}
+    copy.add("backbones", backbone, "tests")
+    return copy
+
+
+def test_out_of_memory_halves_the_batch_and_retries(registry, few_digits):
+    registry = _with_backbone(registry, _RunsOutOfMemory(limit=40))
+    seen = []
+    choice = Choice(backbone="oom_resnet", unfreeze_depth=1.0, epochs=2, batch_size=128)
+    result = fit(choice, few_digits, registry, device="cpu", on_epoch=seen.append)
+    assert (result.batch_size, result.oom_retries) == (32, 2)
+    assert [r.epoch for r in seen] == [0, 1]  # every epoch reported once
+
+
+def test_out_of_memory_after_a_reported_epoch_ends_the_trial(registry, few_digits):
+    registry = _with_backbone(registry, _RunsOutOfMemory(limit=16, body_only=True))
+    choice = Choice(backbone="oom_resnet", unfreeze="gradual", unfreeze_depth=1.0, epochs=2)
+    seen = []
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fit(choice, few_digits, registry, device="cpu", on_epoch=seen.append)
+    assert len(seen) == 1  # epoch 1 was reported; a retry would report it again
+
+
+def test_peak_memory_probe_halves_before_the_first_epoch(registry, few_digits, monkeypatch):
+    monkeypatch.setattr(train, "MEMORY_PROBE_DEVICES", {"cpu", "cuda"})
+    registry = _with_backbone(registry, _RunsOutOfMemory(limit=16, body_only=True))
+    choice = Choice(backbone="oom_resnet", unfreeze="gradual", unfreeze_depth=1.0, epochs=2)
+    result = fit(choice, few_digits, registry, device="cpu")
+    assert result.batch_size == 16 and len(result.history) == 2
+
+
+def test_peak_memory_probe_leaves_no_trace(registry, few_digits, monkeypatch):
+    choice = Choice(backbone="test_resnet", unfreeze="gradual", unfreeze_depth=1.0, epochs=2)
+    plain = fit(choice, few_digits, registry, device="cpu", seed=0)
+    monkeypatch.setattr(train, "MEMORY_PROBE_DEVICES", {"cpu"})
+    probed = fit(choice, few_digits, registry, device="cpu", seed=0)
+    assert [r.train_loss for r in probed.history] == [r.train_loss for r in plain.history]
+    assert probed.val["confusion_matrix"] == plain.val["confusion_matrix"]
+
+
+def test_compile_flag_runs_the_model_through_torch_compile(registry, few_digits):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    choice = Choice(backbone="test_vit", unfreeze_depth=1.0, epochs=1, batch_size=128)
+    result = fit(choice, few_digits, registry, device="cpu", compile="eager", feature_cache=False)
+    assert counters["stats"]["unique_graphs"] > 0
+    assert result.val["accuracy"] > 0.0
+    torch._dynamo.reset()
+
+
+def test_compile_is_a_study_flag():
+    from automl_tl import ConfigError, config_from_dict
+
+    assert config_from_dict({"name": "x"}).search.compile is False
+    assert config_from_dict({"name": "x", "search": {"compile": True}}).search.compile is True
+    with pytest.raises(ConfigError, match=r"\[search\] compile must be true or false"):
+        config_from_dict({"name": "x", "search": {"compile": "yes"}})
+
+
+def test_backbone_too_slow_for_the_timeout_is_avoided(registry, digits, tmp_path):
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from automl_tl import config_from_dict
+    from automl_tl.plugins import get_plugin_manager
+    from automl_tl.study import _Search, backbone_throughput
+
+    names = ["test_resnet", "test_vit", "test_convnext"]
+    config = config_from_dict(
+        {"name": "t", "search": {"timeout": 10, "output": str(tmp_path), "backbones": names}}
+    )
+    study = optuna.create_study(direction="maximize")
+    for backbone, rate, attrs in [
+        ("test_resnet", 100.0, {"device": "cpu"}),
+        ("test_resnet", 300.0, {"device": "cuda"}),  # another device: not counted
+        ("test_vit", 1e6, {"device": "cpu"}),
+        ("test_convnext", 1e6, {"device": "cpu", "feature_cache": "hit"}),  # not the backbone's
+    ]:
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=0.5,
+                params={"backbone": backbone},
+                distributions={"backbone": CategoricalDistribution(names)},
+                user_attrs={"images_per_s": rate, **attrs},
+            )
+        )
+    assert backbone_throughput(study, device="cpu") == {"test_resnet": 100.0, "test_vit": 1e6}
+    assert backbone_throughput(study)["test_resnet"] == 200.0
+    runner = _Search(config, registry, get_plugin_manager()[0], digits, "cpu")
+    trial = study.ask()
+    slow = Choice(backbone="test_resnet", unfreeze_depth=1.0, epochs=5)
+    assert "test_resnet trains at 100 images/s" in runner._too_slow(trial, slow)
+    probe = Choice(backbone="test_resnet", unfreeze_depth=0.0, epochs=5)  # one cached pass
+    assert runner._too_slow(trial, probe) is None
+    assert runner._too_slow(trial, Choice(backbone="test_vit", epochs=5)) is None
+    assert runner._too_slow(trial, Choice(backbone="test_convnext", epochs=5)) is None

@@ -1,0 +1,60 @@
+"""benchmarks/run.py keeps working: its tiny mode runs every benchmark end to end.
+
+Timings are not asserted (they belong to benchmarks/RESULTS.md); what is asserted is that each
+figure is produced, is a finite ratio, and that the table and the JSON say how it was made.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+KEYS = (
+    "trial_loop_vs_bare",
+    "augment_share",
+    "cached_vs_pil_epoch",
+    "linear_probe_cached_speedup",
+    "frozen_backward_saving",
+    "search_efficiency",
+)
+
+
+@pytest.mark.slow
+def test_tiny_mode_produces_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--tiny", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for key in KEYS:
+        assert math.isfinite(results[key]) and results[key] >= 0, key
+        assert key in proc.stdout  # the table
+        assert results["details"][key]["seconds"] >= 0
+    assert 0 <= results["augment_share"] < 1
+    details = results["details"]
+    assert set(details["augment_share"]["policies"]) == {"none", "randaugment"}
+    assert details["augment_share"]["policies"]["none"]["share"] == 0.0
+    assert details["linear_probe_cached_speedup"]["same_result"] is True
+    assert details["search_efficiency"]["seeds"][0]["random_epochs_to_best"] >= 1
+    meta = results["meta"]
+    assert meta["profile"] == "tiny" and meta["device"] == "cpu"
+    assert "--tiny" in meta["command"] and meta["date"] and meta["machine"]["cpus"]
+
+
+def test_unknown_benchmark_is_refused():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--tiny", "--only", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "unknown ['nope']" in proc.stderr
