@@ -757,10 +757,16 @@ def write_report_files(
 
     matplotlib.use("Agg")  # the command line never opens a window
 
+    from .errors import UserError
     from .plugins import get_plugin_manager
 
-    pm, _ = get_plugin_manager([*config.plugins, *plugins], base_dir=config.base_dir)
-    built = build_report(config, Registry.from_plugin_manager(pm), data, device=device)
+    try:
+        pm, _ = get_plugin_manager([*config.plugins, *plugins], base_dir=config.base_dir)
+        registry: Registry | None = Registry.from_plugin_manager(pm)
+    except UserError as exc:  # the plots of the search need no plugin; the model's do
+        print(f"warning: {exc}; the best model's figures are skipped", file=sys.stderr)
+        registry = None
+    built = build_report(config, registry, data, device=device)
     state = "written" if built.rebuilt else "up to date"
     print(f"report {state}: {built.index} ({len(built.written)} figures)", file=sys.stderr)
     for f in built.skipped:
