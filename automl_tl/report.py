@@ -51,7 +51,7 @@ from .config import StudyConfig
 from .registry import Registry
 
 #: Bump when the report's content changes, so existing reports are rebuilt.
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 MAX_MISCLASSIFIED = 32
 
 
@@ -163,6 +163,7 @@ def _param_importances(ctx: _Context):
         )
     except (RuntimeError, ValueError) as exc:  # e.g. every trial has the same parameters
         raise Skipped(f"Optuna cannot compute importances yet: {exc}") from exc
+    ax.set_title("", loc="left")  # Optuna's own title sits on the left
     ax.set_title(f"Parameter importances for validation {ctx.metric} (PED-ANOVA)")
     return ax.figure
 
