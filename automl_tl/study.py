@@ -52,7 +52,10 @@ class _OneLinePerFailure(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, (TrialFailed, KeyboardInterrupt))
+        if isinstance(exc, (TrialFailed, KeyboardInterrupt)):
+            return False
+        # Optuna's second line for the same failure (our objective never returns None)
+        return not record.getMessage().endswith("failed with value None.")
 
 
 _ONE_LINE_PER_FAILURE = _OneLinePerFailure()
