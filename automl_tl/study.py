@@ -24,10 +24,10 @@ from .data import Splits, describe_changes, prepare_data
 from .errors import DataError, UserError
 from .export import export_model
 from .pretrain import ensure_study_weights
-from .transfer import alternate_weights, comparison, retrain_per_weights
 from .registry import Registry
 from .space import choice_from_params, suggest
 from .train import EpochResult, evaluate, expected_seconds, fit, resolve_device
+from .transfer import alternate_weights, comparison, retrain_per_weights
 from .workers import (
     Budget,
     TrialSkipped,
