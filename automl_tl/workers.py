@@ -21,6 +21,7 @@ search needs on top of it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import inspect
@@ -688,7 +689,8 @@ def run_workers(
                 p.send_signal(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, forward)
+        with contextlib.suppress(ValueError):  # only the main thread may; elsewhere, don't
+            previous[sig] = signal.signal(sig, forward)
     try:
         for slot in slots:
             proc = subprocess.Popen(

@@ -1,7 +1,9 @@
 """Scaling and storage overhead of a shared study.
 
 1. **Scaling**: the same study searched by 1 worker (all CPU threads) and by ``--workers 2``
-   (threads split between them), each through the command line on a fresh journal storage.
+   (threads split between them), each through the command line on a fresh journal storage,
+   interleaved over ``--rounds``; plus 1 worker with 1 thread, to tell the gain of a second
+   process from the cost of a second thread.
    Trials per minute count finished trials between the first trial's start and the last
    trial's end, as the storage records them (worker start-up is reported apart).
 2. **Storage overhead**: one in-process worker per storage kind (SQLite, journal file,
@@ -22,6 +24,7 @@ import argparse
 import contextlib
 import functools
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,11 +76,12 @@ def finished_trials(url: str, name: str = "scaling"):
 # 1. scaling: 1 worker vs 2 workers
 
 
-def scaling_run(workers: int, n_trials: int, epochs: int, cpus: int) -> dict:
+def scaling_run(workers: int, n_trials: int, epochs: int, cpus: int, threads: int) -> dict:
+    """One CLI search; ``cpus`` threads for the machine, ``threads`` for a lone worker."""
     folder = Path(tempfile.mkdtemp(prefix=f"automl-tl-scaling-{workers}-"))
     study = write_study(folder, n_trials, epochs)
     journal = folder / "journal.log"
-    env = {**os.environ, "OMP_NUM_THREADS": str(cpus), "MKL_NUM_THREADS": str(cpus)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "automl_tl.cli", "search", str(study), "--no-retrain", "-q"]
@@ -96,7 +100,7 @@ def scaling_run(workers: int, n_trials: int, epochs: int, cpus: int) -> dict:
     span = (last - first).total_seconds()
     return {
         "workers": workers,
-        "threads_each": max(1, cpus // workers),
+        "threads_each": threads if workers == 1 else max(1, cpus // workers),
         "trials": len(trials),
         "span_s": span,
         "wall_s": wall,
@@ -227,6 +231,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=8, help="budget of each run")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--postgres", help="URL of an empty PostgreSQL database")
+    parser.add_argument("--rounds", type=int, default=3, help="1-vs-2-worker pairs, interleaved")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true")
     args = parser.parse_args()
@@ -242,21 +247,43 @@ def main() -> None:
 
     if not args.skip_scaling:
         print(f"## scaling: {args.trials} trials × {args.epochs} epochs, {cpus} CPU threads")
-        runs = [scaling_run(w, args.trials, args.epochs, cpus) for w in (1, 2)]
-        print("| workers | threads each | trials | trials/min | mean trial s | wall s |")
-        print("|---|---|---|---|---|---|")
-        for r in runs:
-            print(
-                f"| {r['workers']} | {r['threads_each']} | {r['trials']} | {r['per_min']:.1f} | "
-                f"{r['mean_trial_s']:.1f} | {r['wall_s']:.0f} |"
-            )
-        print(f"\nratio 2 workers / 1 worker: {runs[1]['per_min'] / runs[0]['per_min']:.2f}\n")
+        print(
+            "| round | workers | threads each | trials | trials/min | mean trial s | wall s | load |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        ratios, vs_one_thread = [], []
+        # interleaved, so every configuration sees the same machine; the third (one worker,
+        # one thread) tells the gain of a second process from the cost of a second thread
+        for round_ in range(1, args.rounds + 1):
+            pair = []
+            for workers, threads in ((1, cpus), (2, 0), (1, 1)):
+                load = os.getloadavg()[0]
+                r = scaling_run(workers, args.trials, args.epochs, cpus, threads or cpus)
+                pair.append(r)
+                print(
+                    f"| {round_} | {r['workers']} | {r['threads_each']} | {r['trials']} | "
+                    f"{r['per_min']:.1f} | {r['mean_trial_s']:.1f} | {r['wall_s']:.0f} | "
+                    f"{load:.1f} |",
+                    flush=True,
+                )
+            ratios.append(pair[1]["per_min"] / pair[0]["per_min"])
+            vs_one_thread.append(pair[1]["per_min"] / pair[2]["per_min"])
+        print(
+            f"\nratio 2 workers / 1 worker (trials/min): {', '.join(f'{x:.2f}' for x in ratios)}"
+            f"; median {statistics.median(ratios):.2f}"
+            f"\nratio 2 workers / 1 worker with 1 thread: "
+            f"{', '.join(f'{x:.2f}' for x in vs_one_thread)}; median "
+            f"{statistics.median(vs_one_thread):.2f}\n"
+        )
 
     if not args.skip_overhead:
         import torch
 
         torch.set_num_threads(cpus)
-        print(f"## storage overhead: 1 worker, {args.trials} trials × {args.epochs} epochs")
+        print(
+            f"## storage overhead: 1 worker, {args.trials} trials × {args.epochs} epochs, "
+            f"load {os.getloadavg()[0]:.1f}"
+        )
         print("| storage | trials | storage calls | storage s | per trial ms | share of trial s |")
         print("|---|---|---|---|---|---|")
         tmp = Path(tempfile.mkdtemp(prefix="automl-tl-storages-"))
