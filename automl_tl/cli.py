@@ -152,9 +152,7 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
             )
             from .transfer import retrain_per_weights
 
-            rows = retrain_per_weights(
-                config, registry, result.study, result.splits, device=device
-            )
+            rows = retrain_per_weights(config, registry, result.study, result.splits, device=device)
             _print_weights_comparison(rows, config.search.metric)
     return 1 if result.failed else 0
 
@@ -496,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a backbone on a source dataset; weights a study names in [weights]",
         description="Supervised training of a backbone on a source dataset with the project's "
         "own loop; writes OUT (.safetensors, head removed) and OUT's .json sidecar (source, "
-        "classes, epochs, accuracy). Cached by content: the same inputs again are instant.",
+        "classes, epochs, accuracy). Cached by content: the same inputs again are instant. "
+        "Decoded images are cached in OUT's folder, under cache/.",
     )
     common(p, study=False)
     p.add_argument("--backbone", required=True, help="e.g. test_resnet, resnet50")

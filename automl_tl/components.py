@@ -47,8 +47,10 @@ class Backbone(ABC):
 
         Args:
             num_classes: size of the new classification head.
-            weights: ``"none"`` (random init), ``"timm"`` / ``"timm:TAG"`` (hub weights) or a
-                path to a ``.safetensors`` / torch checkpoint file.
+            weights: ``"none"`` (random init), ``"timm"`` / ``"timm:TAG"`` (hub weights), a
+                path to a ``.safetensors`` / torch checkpoint file (``pretrain:SOURCE`` arrives
+                as the file it built) or ``"local-dir:DIR"``, an exported model folder
+                (:func:`automl_tl.weights.local_dir_weights` finds its weights file).
             image_size: the study's square input size, for models that need to know it.
         """
 

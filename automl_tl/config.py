@@ -150,8 +150,11 @@ class StudyConfig:
         """
         value = self.weights.get(backbone, self.weights.get("default", "none"))
         if isinstance(value, list):
-            if choice not in value:
-                raise ValueError(f"weights choice {choice!r} is not one of {value}")
+            if choice not in value:  # e.g. a trial from before [weights] became this list
+                raise ConfigError(
+                    f"[weights] {backbone} lists {value}, but the trial's weight source is "
+                    f"{choice!r}; restore the study file's [weights] as it was for this study"
+                )
             value = choice
         if value in ("none", "timm") or value.startswith("timm:"):
             return value

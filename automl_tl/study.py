@@ -528,9 +528,7 @@ def search(
         if retrained is not None:
             outcome.model_dir, outcome.metrics = retrained
             # [weights] searched: retrain each source's best too (transferred vs scratch)
-            outcome.comparison = retrain_per_weights(
-                config, registry, study, splits, device=device
-            )
+            outcome.comparison = retrain_per_weights(config, registry, study, splits, device=device)
     return outcome
 
 

@@ -107,6 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", default="tpe")
     p.add_argument("--pruner", default="hyperband")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny models: 1)")
     p.add_argument("--out", type=Path, help="keep the studies here (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="write every figure to this file")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table")
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     out = args.out or Path(tempfile.mkdtemp(prefix="automl-tl-transfer-"))
     out.mkdir(parents=True, exist_ok=True)
 
