@@ -135,7 +135,6 @@ def extract(
     inputs: Iterable[torch.Tensor],
     *,
     autocast: Callable[[], object],
-    verify_atol: float = 1e-4,
 ) -> torch.Tensor | None:
     """What enters ``head`` for every batch of ``inputs``, concatenated; None when the head
     applied to those features does not reproduce the model's output (the model does something
@@ -164,11 +163,13 @@ def extract(
                     with autocast():
                         again = head(captured[0])
                     recording = True
+                    # the same op on the same input; bf16 autocast may pick another kernel
+                    tol = 1e-4 if logits.dtype == torch.float32 else 2e-2
                     if again.shape[0] != logits.shape[0] or not torch.allclose(
                         again.reshape(logits.shape[0], -1).float(),
                         logits.reshape(logits.shape[0], -1).float(),
-                        atol=verify_atol,
-                        rtol=1e-3,
+                        atol=tol,
+                        rtol=tol,
                     ):
                         return None
                 out.append(captured[i])

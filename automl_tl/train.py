@@ -688,5 +688,5 @@ def _cached_features(
             if feats is None:
                 return None
             cache.put(key, feats)
-        sources.append(Split(feats, split.y, split.names))
+        sources.append(Split(feats, split.y.to(feats.device), split.names))
     return module, sources[0], sources[1], status, time.perf_counter() - t0

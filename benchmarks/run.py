@@ -146,9 +146,9 @@ PROFILES = {
     ),
     "quick": Profile(
         name="quick",
-        loop_models=[("test_resnet", 32, 64), ("resnet18", 64, 32)],
+        loop_models=[("test_resnet", 32, 64), ("resnet18", 32, 32)],
         loop_steps=8,
-        loop_rounds=5,
+        loop_rounds=8,
         aug_model=("resnet18", 64, 32),
         aug_policies=ALL_POLICIES,
         aug_steps=4,
@@ -158,14 +158,14 @@ PROFILES = {
         pil_size=64,
         pil_rounds=3,
         pil_workers=[0, 2],
-        probe_model=("resnet18", 64, 64),
-        probe_images=256,
+        probe_model=("resnet18", 32, 64),
+        probe_images=512,
         probe_rounds=2,
-        frozen_model=("resnet18", 64, 32),
-        frozen_steps=6,
+        frozen_model=("resnet18", 32, 32),
+        frozen_steps=8,
         frozen_rounds=4,
         search_seeds=3,
-        search_trials=8,
+        search_trials=12,
         search_epochs=3,
         search_train_images=600,
     ),
@@ -194,7 +194,7 @@ PROFILES = {
         frozen_steps=8,
         frozen_rounds=5,
         search_seeds=5,
-        search_trials=16,
+        search_trials=24,
         search_epochs=4,
     ),
     "cuda": Profile(
@@ -411,6 +411,20 @@ def bench_trial_loop(registry, device, profile: Profile, do_profile: bool = Fals
             "trial_images_per_s": round(images / min(trial_times), 1),
             "bare_images_per_s": round(images / min(bare_times), 1),
         }
+        if device.type == "cuda":  # host syncs one more epoch costs: expected 2, not per step
+            syncs = [
+                count_syncs(
+                    lambda e=e, choice=choice, data=data: fit(
+                        dataclasses.replace(choice, epochs=e),
+                        data,
+                        registry,
+                        device=device,
+                        evaluate_on=None,
+                    )
+                )
+                for e in (2, 3)
+            ]
+            rows[f"{backbone}@{size}/b{batch}"]["syncs_per_epoch"] = syncs[1] - syncs[0]
         if do_profile:
             rows[f"{backbone}@{size}/b{batch}"]["profile"] = profile_loops(
                 registry, data, backbone, batch, device, bare, clock
@@ -926,7 +940,9 @@ def _detail(key: str, r: dict) -> str:
     if key == "trial_loop_vs_bare":
         return "; ".join(
             f"{m}: {v['ratio']:.3f} (per round {_range(v['paired'])}; "
-            f"{v['trial_images_per_s']:.0f} vs {v['bare_images_per_s']:.0f} img/s)"
+            f"{v['trial_images_per_s']:.0f} vs {v['bare_images_per_s']:.0f} img/s"
+            + (f"; {v['syncs_per_epoch']} syncs/epoch" if "syncs_per_epoch" in v else "")
+            + ")"
             for m, v in r["models"].items()
         )
     if key == "augment_share":

@@ -39,11 +39,14 @@ class ApplyToFraction(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p >= 1.0:
             return self.op(x)
-        mask = torch.rand(x.shape[0], device=x.device) < self.p
-        if not bool(mask.any()):
+        # drawn on the host, so which images to augment is known without a device sync
+        chosen = torch.nonzero(torch.rand(x.shape[0]) < self.p).flatten()
+        if len(chosen) == 0:
             return x
+        if x.is_cuda:
+            chosen = chosen.pin_memory().to(x.device, non_blocking=True)
         out = x.clone()
-        out[mask] = self.op(x[mask]).to(x.dtype)
+        out[chosen] = self.op(x[chosen]).to(x.dtype)
         return out
 
 
