@@ -433,7 +433,10 @@ def fit(
             result.oom_retries = retries
             return result
         except Exception as exc:
-            if not is_out_of_memory(exc) or reported or batch_size <= 2:
+            if not is_out_of_memory(exc):
+                raise
+            release_memory(device)  # the caches at least, also when the trial ends here
+            if reported or batch_size <= 2:
                 raise
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         # outside the except block: the traceback (and the model it holds) is gone

@@ -61,6 +61,9 @@ _RUN_ATTRS = (
     "seconds",
     "images_per_s",
     "val_metrics",
+    "batch_size",  # after out-of-memory halving (automl_tl.train)
+    "feature_cache",
+    "too_slow",
 )
 JOURNAL_FILE = "optuna-journal.log"
 #: on the file storages, a RUNNING trial that never recorded its worker is failed after this
