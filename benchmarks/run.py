@@ -947,7 +947,9 @@ def _detail(key: str, r: dict) -> str:
         )
     if key == "augment_share":
         return f"{r['model']}, s={r['strength']}: " + ", ".join(
-            f"{p} {v['share']:.1%}" for p, v in r["policies"].items()
+            f"{p} {v['share']:.1%}"
+            + (f" ({v['syncs_per_call']} syncs)" if "syncs_per_call" in v else "")
+            for p, v in r["policies"].items()
         )
     if key == "cached_vs_pil_epoch":
         return f"{r['images']} images at {r['size']} px vs " + ", ".join(
