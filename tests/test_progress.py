@@ -77,7 +77,7 @@ def test_live_lines_show_trial_backbone_epoch_eta_and_best(config):
         with show_progress(config, 0, pm=pm, stream=terminal) as plugin:
             assert isinstance(plugin, TrialProgress) and plugin.display is not None
             pm.hook.trial_started(
-                study_name="tiny", trial_number=2, params={"backbone": "test_vit"}
+                study_name="tiny", trial_number=2, params={"backbone": "test_vit"}, output_dir="."
             )
             pm.hook.epoch_finished(
                 study_name="tiny",
@@ -109,7 +109,9 @@ def test_no_live_lines_off_a_terminal_or_when_quiet(config, caplog):
     for stream, verbosity in ((io.StringIO(), 0), (FakeTerminal(), -1)):
         with show_progress(config, verbosity, pm=pm, stream=stream) as plugin:
             assert plugin.display is None
-            pm.hook.trial_started(study_name="tiny", trial_number=2, params={"backbone": "x"})
+            pm.hook.trial_started(
+                study_name="tiny", trial_number=2, params={"backbone": "x"}, output_dir="."
+            )
         assert stream.getvalue() == ""
     caplog.set_level(logging.DEBUG, logger="automl_tl")
     plugin = TrialProgress(config, live=False)
