@@ -50,6 +50,22 @@ class Catalog:
                     raise
                 time.sleep(random.uniform(0.05, 0.25))
 
+    def _write(self, write: Any) -> Any:
+        """Run one write; the workers of a node share this file, and one may be adding the
+        same new column (``alter=True``) or holding the lock right now: then write again."""
+        import random
+        import sqlite3
+        import time
+
+        for attempt in range(60):
+            try:
+                return write()
+            except sqlite3.OperationalError as exc:
+                transient = ("locked", "duplicate column", "has no column named")
+                if attempt == 59 or not any(t in str(exc) for t in transient):
+                    raise
+                time.sleep(random.uniform(0.05, 0.25))
+
     def _create_tables(self) -> None:
         params = {
             name: (str if name in ("backbone", "weights", "augmentation", "unfreeze") else float)
@@ -146,7 +162,9 @@ class Catalog:
             row[key] = metrics.get(key)
         for key, value in (metrics.get("val") or {}).items():
             row[f"val_{key}"] = value
-        self.db["epochs"].upsert(row, pk=("study", "trial", "epoch"), alter=True)
+        self._write(
+            lambda: self.db["epochs"].upsert(row, pk=("study", "trial", "epoch"), alter=True)
+        )
 
     def record_trial(self, study: str, trial: Any) -> None:
         """Record an Optuna FrozenTrial (any state)."""
@@ -173,7 +191,7 @@ class Catalog:
             "started": _iso(trial.datetime_start),
             "finished": _iso(trial.datetime_complete),
         }
-        self.db["trials"].upsert(row, pk=("study", "number"), alter=True)
+        self._write(lambda: self.db["trials"].upsert(row, pk=("study", "number"), alter=True))
 
     def record_model(
         self,
@@ -202,4 +220,4 @@ class Catalog:
             "sha256": sha256,
             "created": _iso(dt.datetime.now(dt.timezone.utc)),
         }
-        return self.db["models"].insert(row, alter=True).last_pk
+        return self._write(lambda: self.db["models"].insert(row, alter=True).last_pk)

@@ -403,6 +403,29 @@ def test_journal_worker_killed_mid_trial(tmp_path):
     assert len(finished(trials)) == 3
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_parent_stops_every_worker(tmp_path):
+    """SIGTERM (``scancel``, ``kill``) reaches each worker once, through the parent; their
+    trials end as FAIL "interrupted" and the parent exits as a SIGTERMed command does."""
+    study = make_study(tmp_path, 4)
+    marker = tmp_path / "victim.json"
+    parent = Worker(study, "--workers", "2", env={"SLEEP_WORKER": "1", "SLEEP_MARKER": str(marker)})
+    victim = wait_for(marker, parent)  # worker 1 is in its trial
+    parent.send_signal(signal.SIGTERM)
+    rc, out, err = parent.finish(timeout=120)
+    assert rc == 128 + signal.SIGTERM, err
+    trials = trials_of(f"journal:{tmp_path / 'tiny' / 'optuna-journal.log'}")
+    assert trials[victim["trial"]].state.name == "FAIL"
+    assert all(t.state.name in ("COMPLETE", "FAIL") for t in trials)  # none left RUNNING
+    assert all(
+        t.user_attrs["fail_reason"] == "interrupted" for t in trials if t.state.name == "FAIL"
+    )
+    pids = {t.user_attrs["worker"]["pid"] for t in trials}
+    me = worker_identity()
+    assert len(pids) == 2
+    assert not any(is_alive({"host": me["host"], "pid": p, "started": None}) for p in pids)
+
+
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL: many nodes
 
@@ -430,11 +453,12 @@ def test_three_workers_share_one_study_on_postgres(tmp_path, postgres_url, postg
     peak, children = 0, {}
     while any(n.poll() is None for n in nodes):  # connections held at once; workers' argv
         peak = max(peak, postgres_server.connections(postgres_url))
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            with contextlib.suppress(OSError):
-                argv = cmdline.read_bytes().split(b"\0")
-                if b"automl_tl.cli" in argv and b"--workers" in argv and b"1" in argv:
-                    children[cmdline.parent.name] = b" ".join(argv).decode()
+        for proc in Path("/proc").glob("[0-9]*"):  # the --workers node's worker processes
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == nodes[0].pid:
+                    argv = (proc / "cmdline").read_bytes().split(b"\0")
+                    children[proc.name] = b" ".join(argv).decode()
         time.sleep(0.25)
     (rc_a, out_a, err_a), (rc_b, out_b, err_b) = (n.finish() for n in nodes)
     assert rc_a == 0 and rc_b == 0, err_a + err_b
