@@ -315,13 +315,15 @@ def _alternate(
 
 
 def _compare(slow: list[float], fast: list[float]) -> dict[str, Any]:
-    """min(slow) / min(fast) (as timeit: the least disturbed run of each side is the best
-    estimate of its cost), with the per-round ratios for the spread."""
+    """The median of the per-round ratios slow / fast (rounds alternate, so drift in the
+    machine's load cancels within a round), with the ratio of each side's fastest round (as
+    timeit would report it) for reference."""
     paired = [a / b for a, b in zip(slow, fast)]
     return {
-        "ratio": round(min(slow) / min(fast), 4),
+        "ratio": round(_median(paired), 4),
+        "ratio_of_fastest": round(min(slow) / min(fast), 4),
         "paired": _spread(paired),
-        "seconds": {"slow": round(min(slow), 5), "fast": round(min(fast), 5)},
+        "seconds": {"slow": round(_median(slow), 5), "fast": round(_median(fast), 5)},
     }
 
 
@@ -329,11 +331,37 @@ def _compare(slow: list[float], fast: list[float]) -> dict[str, Any]:
 # trial loop vs bare loop
 
 
+def bare_batches(
+    registry: Registry, backbone: str, data: Splits, batch: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The training images as normalized float batches, ready on the device in the model's
+    memory format: what timm's benchmark.py feeds its train step."""
+    component = registry.get("backbones", backbone)
+    model = component.create(len(data.class_names), weights="none", image_size=data.image_size)
+    fmt = memory_format_for(model, device)
+    cfg = component.data_config(model)
+    mean = torch.tensor(cfg.mean).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std).view(1, -1, 1, 1)
+    x, y = data.train.x, data.train.y
+    return [
+        (
+            ((x[s : s + batch].float() / 255.0 - mean) / std).to(device, memory_format=fmt),
+            y[s : s + batch].to(device),
+        )
+        for s in range(0, len(y) - batch + 1, batch)
+    ]
+
+
 class BareLoop:
     """timm benchmark.py's train step on tensors ready on the device: nothing else."""
 
     def __init__(
-        self, registry: Registry, backbone: str, data: Splits, batch: int, device: torch.device
+        self,
+        registry: Registry,
+        backbone: str,
+        data: Splits,
+        batches: list[tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device,
     ) -> None:
         torch.manual_seed(0)
         component = registry.get("backbones", backbone)
@@ -341,15 +369,12 @@ class BareLoop:
         self.device = device
         fmt = memory_format_for(model, device)
         self.model = model.to(device, memory_format=fmt).train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=1e-4)
-        cfg = component.data_config(model)
-        mean = torch.tensor(cfg.mean).view(1, -1, 1, 1)
-        std = torch.tensor(cfg.std).view(1, -1, 1, 1)
-        self.batches = []
-        x, y = data.train.x, data.train.y
-        for s in range(0, len(y) - batch + 1, batch):
-            xb = ((x[s : s + batch].float() / 255.0 - mean) / std).to(device, memory_format=fmt)
-            self.batches.append((xb, y[s : s + batch].to(device)))
+        params = list(self.model.parameters())
+        try:  # the fastest AdamW there is, as fit() uses
+            self.optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            self.optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+        self.batches = batches
         self.amp = device.type == "cuda"
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -373,43 +398,53 @@ class BareLoop:
 
 
 def bench_trial_loop(registry, device, profile: Profile, do_profile: bool = False) -> dict:
-    """fit()'s epochs and bare epochs interleaved: after each fit epoch (on_epoch) one bare
-    epoch over the same images. A fit epoch's time runs from the end of the previous bare
-    epoch to the next on_epoch call: the whole trial loop, set_trainable included."""
+    """Rounds of: a fresh 2-epoch fit() (the second epoch timed, from one on_epoch call to
+    the next: the whole trial loop) and a fresh bare loop (second epoch timed), in alternating
+    order. Fresh models every round average out where a process happens to place them."""
     clock = Clock(device)
     rows = {}
     for backbone, size, batch in profile.loop_models:
         data = image_data(registry, size, batch * profile.loop_steps, batch)
-        bare = BareLoop(registry, backbone, data, batch, device)
-        trial_times: list[float] = []
-        bare_times: list[float] = []
-        mark: list[float] = []
-
-        def on_epoch(r: EpochResult, bare=bare, t=trial_times, b=bare_times, mark=mark) -> None:
-            now = clock()
-            if mark:
-                t.append(now - mark[0])
-            b.append(bare.epoch(clock))
-            mark[:] = [clock()]
-
+        ready = bare_batches(registry, backbone, data, batch, device)
         choice = Choice(
             backbone=backbone,
             augmentation="none",
             unfreeze="top_k",
             unfreeze_depth=1.0,
             lr=1e-3,
-            epochs=profile.loop_rounds + 1,
+            epochs=2,
             batch_size=batch,
         )
-        fit(choice, data, registry, device=device, evaluate_on=None, on_epoch=on_epoch)
-        bare_times = bare_times[1:]  # the first epoch of each warms up
+
+        def trial(choice=choice, data=data) -> float:
+            marks: list[float] = []
+            fit(
+                choice,
+                data,
+                registry,
+                device=device,
+                evaluate_on=None,
+                feature_cache=False,
+                on_epoch=lambda r: marks.append(clock()),
+            )
+            return marks[1] - marks[0]
+
+        def bare(backbone=backbone, data=data, ready=ready) -> float:
+            loop = BareLoop(registry, backbone, data, ready, device)
+            loop.epoch(clock)  # warm-up, as the fit's first epoch
+            return loop.epoch(clock)
+
+        trial_times, bare_times = _alternate(profile.loop_rounds, trial, bare)
         compared = _compare(trial_times, bare_times)  # trial time / bare time
-        images = bare.images
-        rows[f"{backbone}@{size}/b{batch}"] = {
-            "ratio": round(1.0 / compared["ratio"], 4),  # images/s trial / images/s bare
+        images = len(ready) * batch
+        key = f"{backbone}@{size}/b{batch}"
+        rows[key] = {
+            # images/s trial / images/s bare = bare time / trial time
+            "ratio": round(1.0 / compared["paired"]["median"], 4),
+            "ratio_of_fastest": round(1.0 / compared["ratio_of_fastest"], 4),
             "paired": _spread([b / t for t, b in zip(trial_times, bare_times)]),
-            "trial_images_per_s": round(images / min(trial_times), 1),
-            "bare_images_per_s": round(images / min(bare_times), 1),
+            "trial_images_per_s": round(images / _median(trial_times), 1),
+            "bare_images_per_s": round(images / _median(bare_times), 1),
         }
         if device.type == "cuda":  # host syncs one more epoch costs: expected 2, not per step
             syncs = [
@@ -424,10 +459,11 @@ def bench_trial_loop(registry, device, profile: Profile, do_profile: bool = Fals
                 )
                 for e in (2, 3)
             ]
-            rows[f"{backbone}@{size}/b{batch}"]["syncs_per_epoch"] = syncs[1] - syncs[0]
+            rows[key]["syncs_per_epoch"] = syncs[1] - syncs[0]
         if do_profile:
-            rows[f"{backbone}@{size}/b{batch}"]["profile"] = profile_loops(
-                registry, data, backbone, batch, device, bare, clock
+            loop = BareLoop(registry, backbone, data, ready, device)
+            rows[key]["profile"] = profile_loops(
+                registry, data, backbone, batch, device, loop, clock
             )
     worst = min(r["ratio"] for r in rows.values())
     return {"value": worst, "clock": clock.kind, "models": rows}

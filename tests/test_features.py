@@ -126,8 +126,8 @@ def test_a_random_body_is_not_static():
 
 def test_extract_refuses_a_model_that_works_after_its_head():
     x = [torch.randn(4, 3, 2, 2), torch.randn(2, 3, 2, 2)]
-    good = extract(_Net(), _Net().fc, x, autocast=torch.no_grad)  # wrong head: never called
-    assert good is None
+    foreign = extract(_Net(), _Net().fc, x, autocast=torch.no_grad)  # never called: no features
+    assert foreign is None
     net = _Net()
     features = extract(net, net.fc, x, autocast=torch.no_grad)
     assert features.shape == (6, 8)
