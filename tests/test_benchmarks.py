@@ -38,7 +38,7 @@ def test_tiny_mode_produces_every_figure(tmp_path):
     for key in KEYS:
         assert math.isfinite(results[key]) and results[key] >= 0, key
         assert key in proc.stdout  # the table
-        assert results["details"][key]["seconds"] >= 0
+        assert results["details"][key]["wall_seconds"] >= 0
     assert 0 <= results["augment_share"] < 1
     details = results["details"]
     assert set(details["augment_share"]["policies"]) == {"none", "randaugment"}
