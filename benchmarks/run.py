@@ -476,7 +476,7 @@ def profile_loops(
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     choice = Choice(backbone=backbone, epochs=1, batch_size=batch, unfreeze_depth=1.0)
     out = {}
     with profile(activities=activities) as prof:
