@@ -231,3 +231,29 @@ def test_entry_point_template_backbone_is_searched(tmp_path):
         env={"AUTOML_TL_LOAD_PLUGINS": "example_backbone"},
     )
     assert "no images found" in pred.stderr and pred.returncode == 2
+
+
+def test_retrain_any_trial_from_the_command_line(searched):
+    tmp, study, *_ = searched
+    result = run_cli("retrain", str(study), "--trial", "0")
+    assert result.returncode == 0, result.stderr
+    out = tmp / "tiny" / "models" / "trial-0"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trial"] == 0 and metrics["retrained_on"] == "train+val"
+    assert "trial 0 retrained on train+val" in result.stdout
+    missing = run_cli("retrain", str(study), "--trial", "99")
+    assert missing.returncode == 2 and "has no trial 99" in missing.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_demo_study_runs(tmp_path):
+    """`automl-tl search studies/digits.toml` (the README's main command) on a copy, small budget."""
+    from .conftest import REPO
+
+    study = tmp_path / "digits.toml"
+    study.write_text((REPO / "studies" / "digits.toml").read_text())
+    result = run_cli("search", str(study), "--n-trials", "2")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "digits" / "best" / "metrics.json").read_text())
+    assert metrics["data"]["classes"] == ["5", "6", "7", "8", "9"]
+    assert 0.0 < metrics["test"]["accuracy"] <= 1.0
