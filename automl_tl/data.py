@@ -39,6 +39,8 @@ from .registry import Registry
 
 log = logging.getLogger("automl_tl")
 
+#: Image file extensions read by the folder source and `predict` (matched case-insensitively).
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 CACHE_VERSION = 2
 SPLIT_NAMES = ("train", "val", "test")
 #: RGBA / LA / palette-with-transparency images are composited on this background (white).

@@ -27,9 +27,8 @@ import torch
 from torch import nn
 
 from .components import Backbone, DataConfig
+from .data import IMAGE_SUFFIXES
 from .errors import UserError
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def sha256_file(path: Path) -> str:

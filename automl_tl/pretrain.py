@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .export import sha256_file
 from .registry import Registry
 
 log = logging.getLogger("automl_tl")
@@ -71,14 +72,6 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _init_identity(init: str) -> str:
     """A weight source as it enters the key: files by content, not by path."""
     path = init[len("local-dir:") :] if init.startswith("local-dir:") else init
@@ -86,7 +79,7 @@ def _init_identity(init: str) -> str:
         return init
     if Path(path).is_dir():
         path = str(Path(path) / "model.safetensors")
-    return f"sha256:{_sha256(Path(path))}" if Path(path).is_file() else init
+    return f"sha256:{sha256_file(Path(path))}" if Path(path).is_file() else init
 
 
 def cache_key(spec: PretrainSpec, data_fingerprint: str) -> str:
@@ -111,7 +104,7 @@ def _up_to_date(path: Path, key: str) -> dict[str, Any] | None:
     if not meta or meta.get("key") != key or not path.is_file():
         return None
     # the sidecar is written after the weights; a hash mismatch means a half-replaced pair
-    return meta if meta.get("sha256") == _sha256(path) else None
+    return meta if meta.get("sha256") == sha256_file(path) else None
 
 
 def _atomic(path: Path, write) -> None:
@@ -301,7 +294,7 @@ def _train(
         "head": "removed (a study adds a fresh head for its own classes)",
         "data_fingerprint": splits.fingerprint,
         "key": key,
-        "sha256": _sha256(out),
+        "sha256": sha256_file(out),
         "seconds": round(time.perf_counter() - started, 3),
         "device": str(device_t),
         "versions": {

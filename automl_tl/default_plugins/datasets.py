@@ -10,9 +10,9 @@ import numpy as np
 
 from automl_tl import hookimpl
 from automl_tl.components import Dataset, DatasetSource, Record
+from automl_tl.data import IMAGE_SUFFIXES
 from automl_tl.errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
 
 
