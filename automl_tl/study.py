@@ -7,6 +7,7 @@ and never re-runs a completed trial.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -227,6 +228,71 @@ class SearchOutcome:
     comparison: list[dict[str, Any]] | None = None
 
 
+class _Interrupts:
+    """Ctrl-C and SIGTERM during a search always land inside a trial this process knows about.
+
+    Optuna creates a trial in the storage (``study.ask``) before it calls the objective; an
+    interrupt in between would leave that trial RUNNING for ever, owned by no one. While
+    Optuna is between trials the signal is held (and the loop told to stop), then raised at
+    the objective's first line, where the trial is recorded and fails as "interrupted", or
+    after ``optimize`` returns. Signals the process does not turn into exceptions, and
+    searches outside the main thread, are left alone.
+    """
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending: tuple[int, Any] | None = None
+        self.study: optuna.Study | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if not callable(handler):
+                continue
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                return self
+            self.previous[sig] = handler
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        import signal
+
+        self.holding = False
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.holding:
+            self.pending = (signum, frame)
+            if self.study is not None:
+                # no further trial; one being created raises at its start (before Optuna's
+                # loop began, stop() refuses: the signal is raised when optimize returns)
+                with contextlib.suppress(RuntimeError):
+                    self.study.stop()
+            return
+        self.previous[signum](signum, frame)
+
+    def hold(self, study: optuna.Study | None = None, *_) -> None:
+        """From here until :meth:`deliver`, a signal waits (an Optuna callback: the last one)."""
+        if study is not None:
+            self.study = study
+        self.holding = True
+
+    def deliver(self) -> None:
+        """Stop holding; raise a signal that arrived meanwhile, as its own handler would."""
+        self.holding = False
+        if self.pending is not None:
+            signum, frame = self.pending
+            self.pending = None
+            self.previous[signum](signum, frame)
+
+
 class _Search:
     def __init__(
         self,
@@ -246,14 +312,16 @@ class _Search:
         self.started: list[int] = []  # trial numbers this process ran (or is running)
         self.budget: Budget | None = None  # the global budget, shared with other workers
         self.recorded: set[int] = set()  # ... of which after_trial saw the end
+        self.interrupts = _Interrupts()
 
     def objective(self, trial: optuna.Trial) -> float:
         """One trial; an interrupt is recorded as its reason, memory is given back after OOM."""
-        if self.budget is not None:
-            self.budget.admit(trial)  # TrialSkipped when other workers covered the budget
-        trial.set_user_attr("worker", worker_identity())  # first: a dead worker's trial is known
-        self.started.append(trial.number)
+        self.started.append(trial.number)  # first: an interrupt from here on fails it cleanly
         try:
+            self.interrupts.deliver()  # one that came while Optuna created this trial
+            trial.set_user_attr("worker", worker_identity())  # a dead worker's trial is known
+            if self.budget is not None:
+                self.budget.admit(trial)  # TrialSkipped when other workers covered the budget
             return self._trial(trial)
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted")
@@ -503,15 +571,20 @@ def search(
         heartbeat_interval=config.search.heartbeat_interval,
     )
     if runner.budget.room():
+        interrupts = runner.interrupts
         try:
-            study.optimize(
-                runner.objective,
-                n_trials=None,
-                timeout=config.search.timeout,
-                catch=(TrialFailed, TrialSkipped),
-                callbacks=[runner.after_trial, runner.budget],
-                gc_after_trial=False,
-            )
+            with interrupts:
+                interrupts.hold(study)
+                study.optimize(
+                    runner.objective,
+                    n_trials=None,
+                    timeout=config.search.timeout,
+                    catch=(TrialFailed, TrialSkipped),
+                    # the last callback holds signals until the next trial is ours
+                    callbacks=[runner.after_trial, runner.budget, interrupts.hold],
+                    gc_after_trial=False,
+                )
+                interrupts.deliver()
         except KeyboardInterrupt:
             runner.interrupted(study)
             raise

@@ -20,7 +20,7 @@ from automl_tl.cli import main
 from automl_tl.plugins import get_plugin_manager
 from automl_tl.registry import Registry
 
-from .conftest import REPO, run_cli, write_study
+from .conftest import REPO, TINY_STUDY, run_cli, write_study
 
 FAULTS = """
 import torch
@@ -326,3 +326,51 @@ def test_interrupt_and_resume(tmp_path):
     }
     print("interrupt/resume counts:", json.dumps(counts))
     assert counts["complete"] == 3 and counts["interrupted"] == 2
+
+
+@pytest.mark.parametrize("stop_with", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_optuna_creates_a_trial_fails_that_trial(tmp_path, monkeypatch, stop_with):
+    """The signal lands after Optuna wrote trial 1 to the storage but before the objective saw
+    it (the window a scheduler's SIGTERM hit in CI): trial 1 ends FAIL "interrupted", not
+    RUNNING for ever; nothing else starts, and the same command resumes."""
+    from optuna.trial import Trial
+
+    from automl_tl.study import report as study_report
+
+    study = write_study(tmp_path, TINY_STUDY.replace("n_trials = 4", "n_trials = 3"))
+    init = Trial.__init__
+    created = []
+
+    def created_then_signal(self, study, trial_id):  # study.ask(): the trial is in the storage
+        init(self, study, trial_id)
+        created.append(trial_id)
+        if len(created) == 2:
+            os.kill(os.getpid(), stop_with)  # handled right here, before the objective runs
+
+    monkeypatch.setattr(Trial, "__init__", created_then_signal)
+    code = main(["search", str(study), "--no-retrain", "--device", "cpu"])
+    assert code == 128 + stop_with
+    trials = study_report(load_config(study))["trials"]
+    assert [(t["number"], t["state"], t["fail_reason"]) for t in trials] == [
+        (0, "COMPLETE", None),
+        (1, "FAIL", "interrupted"),
+    ]
+    monkeypatch.setattr(Trial, "__init__", init)
+    assert main(["search", str(study), "--no-retrain", "--device", "cpu"]) == 0
+    states = [t["state"] for t in study_report(load_config(study))["trials"]]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+
+
+def test_signals_outside_the_held_window_are_raised_at_once():
+    from automl_tl.study import _Interrupts
+
+    with _Interrupts() as interrupts:
+        interrupts.hold()
+        os.kill(os.getpid(), signal.SIGINT)  # held
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.deliver()
+        interrupts.deliver()  # delivered once only
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode; never reached
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
