@@ -158,9 +158,11 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
+    from .config import check_named_weights
     from .study import retrain
 
     config, pm, registry = _load(args, **_overrides(args))
+    check_named_weights(config, registry)  # a [weights] typo: one message, before training
     directory, metrics = retrain(
         config, registry, trial_number=args.trial, device=args.device or config.search.device
     )

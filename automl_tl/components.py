@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from .errors import UserError
+
 #: Parameter names of one layer group; a backbone's groups are ordered input -> output.
 LayerGroup = list[str]
 
@@ -53,6 +55,28 @@ class Backbone(ABC):
                 (:func:`automl_tl.weights.local_dir_weights` finds its weights file).
             image_size: the study's square input size, for models that need to know it.
         """
+
+    def check_weights(self, source: str) -> None:
+        """Refuse a named weight source this backbone does not take, saying what it takes.
+
+        The host calls it for every ``[weights]`` value of the form ``NAME`` or ``NAME:TAG``
+        (``"timm:a1_in1k"``, ``"torchvision"``; not ``"none"``, files, ``local-dir:`` or
+        ``pretrain:``, which it checks itself) before a search or a retrain trains anything,
+        so that a typo is one message at the start instead of a failure in every trial.
+        It must work offline and quickly: look the name up, never download.
+
+        Returns ``None`` when ``create(weights=source)`` can use the source; raises
+        :class:`automl_tl.UserError` (or ``ValueError``) otherwise, with a message that names
+        the problem and lists the sources (and tags) the backbone knows; the host prefixes it
+        with the ``[weights]`` entry and the sources every backbone takes.
+
+        Default: ``"none"`` only (a backbone that defines no named sources). A plugin that
+        defines its own (``"torchvision:TAG"``) overrides it; timm backbones take ``"timm"``
+        and ``"timm:TAG"`` with a tag timm knows for the architecture.
+        """
+        if source == "none":
+            return
+        raise UserError(f'{self.name} has no weight source "{source}": it defines no named sources')
 
     def head_parameters(self, model: nn.Module) -> list[str]:
         """Names of the classifier head's parameters (always trainable)."""

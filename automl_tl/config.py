@@ -13,9 +13,13 @@ import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from .components import Backbone
+    from .registry import Registry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -354,6 +358,42 @@ def _check_weights(config: StudyConfig, backbone: str, value: str | list[str]) -
             raise ConfigError(
                 f"{key} = {choice!r}: file {resolved} does not exist; use {_WEIGHT_SOURCES}"
             )
+
+
+#: what every backbone takes besides its named sources: the end of a refused source's message
+HOST_SOURCES = '"none", a file, "local-dir:DIR", "pretrain:SOURCE"'
+
+
+def check_weight_source(
+    backbone: Backbone, source: str, label: str, others: str = HOST_SOURCES
+) -> None:
+    """Ask ``backbone`` (:meth:`~automl_tl.Backbone.check_weights`) whether it takes the named
+    ``source``; a refusal becomes one ConfigError: ``{label}: {why} (or use {others})``."""
+    try:
+        backbone.check_weights(source)
+    except (UserError, ValueError) as exc:
+        raise ConfigError(f"{label}: {exc} (or use {others})") from exc
+
+
+def check_named_weights(config: StudyConfig, registry: Registry) -> None:
+    """Every backbone of ``[search]`` takes every named source ``[weights]`` gives it
+    (``timm:TAG``, a plugin's ``NAME:TAG``; each choice of a list, ``default`` included).
+
+    Runs before anything trains (``check_names`` at the start of a search or a retrain):
+    a typo'd tag is one message naming the entry, the tags the backbone knows and the other
+    sources, not a failure in every trial. Files, ``local-dir:`` and ``pretrain:`` are
+    checked when the study file is read (:func:`config_from_dict`).
+    """
+    for backbone in config.search.backbones:
+        key = backbone if backbone in config.weights else "default"
+        value = config.weights.get(key, "none")
+        for source in value if isinstance(value, list) else [value]:
+            if source == "none" or source.startswith("pretrain:") or not is_named_source(source):
+                continue
+            if config.weights_for(backbone, source) != source:
+                continue  # a file of that name in the study folder
+            component = registry.get("backbones", backbone)
+            check_weight_source(component, source, f'[weights] {key} = "{source}"')
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:

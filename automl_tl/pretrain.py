@@ -148,8 +148,14 @@ def pretrain(
     out = Path(out)
     _check_spec(spec, out)
     base_dir = base_dir or Path.cwd()
-    registry.get("backbones", spec.backbone)
+    backbone = registry.get("backbones", spec.backbone)
     registry.get("augmentation_policies", spec.augmentation)
+    if _is_named_init(spec.init):  # "timm:TAG", a plugin's source: known before any data
+        from .config import check_weight_source
+
+        check_weight_source(
+            backbone, spec.init, f'--init "{spec.init}"', '"none", a file, "local-dir:DIR"'
+        )
     dataset = load_dataset(registry, spec.source, base_dir)
     key = cache_key(spec, fingerprint(dataset.records))
     if not force:
@@ -164,6 +170,13 @@ def pretrain(
         if meta is not None:
             return PretrainResult(out, meta, cached=True)
         return _train(spec, out, key, registry, base_dir, cache_dir, device)
+
+
+def _is_named_init(init: str) -> bool:
+    """Whether ``init`` names a backbone's weight source rather than "none", a file or a folder."""
+    from .config import is_named_source
+
+    return init != "none" and is_named_source(init) and not Path(init).exists()
 
 
 def _check_spec(spec: PretrainSpec, out: Path) -> None:

@@ -614,7 +614,9 @@ def best_summary(study: optuna.Study) -> dict[str, Any] | None:
 
 
 def check_names(config: StudyConfig, registry: Registry) -> None:
-    """Every backbone, policy, strategy and the dataset are known before anything runs."""
+    """Every backbone, policy, strategy and the dataset are known, and every backbone takes
+    the named weight sources ``[weights]`` gives it, before anything runs."""
+    from .config import check_named_weights
     from .data import parse_source
 
     s = config.search
@@ -626,6 +628,7 @@ def check_names(config: StudyConfig, registry: Registry) -> None:
         for name in names:
             registry.get(kind, name)
     registry.get("datasets", parse_source(config.data.source)[0])
+    check_named_weights(config, registry)
 
 
 def check_backbones_run(config: StudyConfig, registry: Registry) -> None:

@@ -202,6 +202,35 @@ def check_backbone_weights(backbone: Backbone, image_size: int = IMAGE_SIZE) -> 
     )
 
 
+def check_backbone_weight_sources(backbone: Backbone, image_size: int = IMAGE_SIZE) -> None:
+    """``check_weights("none")`` accepts; a named source no plugin defines is refused with a
+    ``UserError`` (or ``ValueError``) that says what the backbone takes. Offline, no model built.
+
+    ``image_size`` is unused: it keeps the signature of the other backbone checks.
+    """
+    from .errors import UserError
+
+    try:
+        backbone.check_weights("none")
+    except Exception as exc:
+        raise AssertionError(
+            f"{backbone.name}: check_weights('none') must accept it (every backbone takes "
+            f'"none"), got {type(exc).__name__}: {exc}'
+        ) from exc
+    made_up = "no_such_source:no_such_tag"
+    try:
+        backbone.check_weights(made_up)
+    except (UserError, ValueError) as exc:
+        assert str(exc).strip(), (
+            f"{backbone.name}: check_weights({made_up!r}) must say which sources it takes"
+        )
+    else:
+        raise AssertionError(
+            f"{backbone.name}: check_weights({made_up!r}) accepted a source nobody defines; "
+            "raise automl_tl.UserError naming the sources (and tags) the backbone takes"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # a whole plugin
 
@@ -226,6 +255,7 @@ _CHECKS = {
     "backbones": [
         ("contract (shape, head, layer groups, data config)", check_backbone),
         ("loads a weights file saved from itself", check_backbone_weights),
+        ("refuses a weight source it does not know", check_backbone_weight_sources),
     ],
     "augmentation_policies": [("contract (identity at 0, shape, range, seed)", check_policy)],
     "unfreeze_strategies": [("contract (linear probe at 0, param groups)", check_strategy)],

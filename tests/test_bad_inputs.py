@@ -519,6 +519,18 @@ CONFIG_CASES = {
         ('source = "digits:0-2"', 'source = "foldr:x"'),
         "error: unknown dataset 'foldr' in [data] source (did you mean \"folder\"?); known: ",
     ),
+    "mistyped hub tag": (
+        ('pruner = "none"', 'pruner = "none"\n[weights]\ntest_resnet = "timm:in1k_typo"'),
+        'error: [weights] test_resnet = "timm:in1k_typo": test_resnet has no pretrained tag '
+        '"in1k_typo"; known tags: r160_in1k (or use "none", a file, "local-dir:DIR", '
+        '"pretrain:SOURCE")',
+    ),
+    "unknown weight source": (
+        ('pruner = "none"', 'pruner = "none"\n[weights]\ndefault = ["none", "timn"]'),
+        'error: [weights] default = "timn": test_resnet has no weight source "timn" (did you '
+        'mean "timm"?); it takes "timm" (default tag r160_in1k) or "timm:TAG"; known tags: '
+        "r160_in1k (or use",
+    ),
     "missing path": (
         ('source = "digits:0-2"', 'source = "folder:no/such/dir"'),
         "error: folder path {tmp}/no/such/dir does not exist; fix [data] source",

@@ -5,6 +5,7 @@ import pytest
 from automl_tl import registry_for
 from automl_tl.testing import (
     check_backbone,
+    check_backbone_weight_sources,
     check_backbone_weights,
     check_dataset_source,
     check_policy,
@@ -35,6 +36,22 @@ def test_contract_catches_a_backbone_that_ignores_its_weights_file(registry):
 
     with pytest.raises(AssertionError, match=r"left \d+ of \d+ tensors unloaded"):
         check_backbone_weights(Forgetful("test_resnet"))
+
+
+@pytest.mark.parametrize("name", TEST_BACKBONES)
+def test_backbone_refuses_a_weight_source_it_does_not_know(registry, name):
+    check_backbone_weight_sources(registry.get("backbones", name))
+
+
+def test_contract_catches_a_backbone_that_takes_any_weight_source(registry):
+    from automl_tl.default_plugins.timm_backbones import TimmBackbone
+
+    class Credulous(TimmBackbone):
+        def check_weights(self, source):
+            return None
+
+    with pytest.raises(AssertionError, match="accepted a source nobody defines"):
+        check_backbone_weight_sources(Credulous("test_resnet"))
 
 
 @pytest.mark.parametrize("name", _registry.names("augmentation_policies"))

@@ -225,7 +225,7 @@ def test_walkthrough_from_nothing_to_a_search(tmp_path, monkeypatch, capsys):
     assert "example_backbone 0.1.0 [entry point] automl-tl-example-backbone" in listing
     assert "backbones (1): example_cnn" in listing
     check = outputs["automl-tl plugins --check example_backbone"]
-    assert check.rstrip().endswith("3 passed, 0 failed")
+    assert check.rstrip().endswith("4 passed, 0 failed")
     assert (tmp_path / "weights" / "example_cnn.safetensors").is_file()
     assert "2 trials finished" in outputs["automl-tl search studies/team.toml"]
     page = (tmp_path / "team" / "report" / "index.html").read_text()

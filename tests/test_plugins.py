@@ -332,7 +332,8 @@ def test_plugins_check_command(tmp_path):
         "  ok    plugin good: loads (file)",
         "  ok    backbone tiny_cnn: contract (shape, head, layer groups, data config)",
         "  ok    backbone tiny_cnn: loads a weights file saved from itself",
-        "3 passed, 0 failed",
+        "  ok    backbone tiny_cnn: refuses a weight source it does not know",
+        "4 passed, 0 failed",
     ]
     broken = _plugin_file(tmp_path, name="broken_plugin", body=BROKEN)
     bad = run_cli("plugins", "--check", str(broken))

@@ -7,6 +7,8 @@ from safetensors.torch import save_file
 from automl_tl import UserError
 from automl_tl.weights import read_state_dict
 
+from .conftest import TEST_BACKBONES
+
 
 def test_safetensors_weights_load_and_head_is_replaced(registry, tmp_path):
     backbone = registry.get("backbones", "test_resnet")
@@ -120,7 +122,7 @@ def test_load_weights_reports_what_it_changed(registry, tmp_path):
 
 def test_unknown_hub_tag_lists_the_known_ones(registry):
     with pytest.raises(
-        UserError, match="timm has no weights tagged 'bogus' for resnet18; known tags: a1_in1k"
+        UserError, match='resnet18 has no pretrained tag "bogus"; known tags: a1_in1k, a2_in1k'
     ):
         registry.get("backbones", "resnet18").create(10, weights="timm:bogus")
 
@@ -173,3 +175,146 @@ print("loaded from cache")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "loaded from cache" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# named weight sources are checked before anything trains (Backbone.check_weights)
+
+
+@pytest.fixture
+def no_model_is_built(monkeypatch):
+    """The checks look names up in timm's registry: building (or downloading) is an error."""
+    import timm
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weight-source check must not build a model")
+
+    monkeypatch.setattr(timm, "create_model", refuse)
+
+
+@pytest.mark.parametrize("name", TEST_BACKBONES)
+def test_every_hub_tag_timm_knows_passes_the_check(registry, name, no_model_is_built):
+    import timm
+
+    backbone = registry.get("backbones", name)
+    tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{name}.*")]
+    assert tags == backbone.pretrained_tags() and tags  # e.g. test_resnet.r160_in1k
+    for source in ["none", "timm", *(f"timm:{tag}" for tag in tags)]:
+        backbone.check_weights(source)
+    with pytest.raises(UserError, match=f'{name} has no pretrained tag "in1k_typo"; known tags: '):
+        backbone.check_weights("timm:in1k_typo")
+
+
+def test_unknown_sources_are_refused_listing_what_the_backbone_takes(registry, no_model_is_built):
+    resnet = registry.get("backbones", "test_resnet")
+    with pytest.raises(UserError) as info:
+        resnet.check_weights("timn")
+    assert str(info.value) == (
+        'test_resnet has no weight source "timn" (did you mean "timm"?); it takes "timm" '
+        '(default tag r160_in1k) or "timm:TAG"; known tags: r160_in1k'
+    )
+    with pytest.raises(UserError, match='no weight source "torchvison:IMAGENET1K_V1"; it takes'):
+        resnet.check_weights("torchvison:IMAGENET1K_V1")
+    with pytest.raises(UserError, match='did you mean "a1_in1k"'):
+        registry.get("backbones", "resnet50").check_weights("timm:a1_in1kk")
+    with pytest.raises(UserError, match="^resnet200 has no pretrained weights in timm$"):
+        registry.get("backbones", "resnet200").check_weights("timm")  # an architecture only
+
+
+def test_a_backbone_without_named_sources_refuses_them():
+    from torch import nn
+
+    from automl_tl import Backbone
+
+    class Plain(Backbone):
+        name = "plain"
+
+        def create(self, num_classes, weights="none", image_size=None):
+            return nn.Linear(4, num_classes)
+
+    Plain().check_weights("none")
+    with pytest.raises(UserError, match='^plain has no weight source "timm": it defines no named'):
+        Plain().check_weights("timm")
+
+
+def _config(tmp_path, weights: str):
+    from automl_tl.config import load_config
+
+    from .conftest import write_study
+
+    return load_config(
+        write_study(
+            tmp_path,
+            f"""
+            [data]
+            source = "digits:0-2"
+            image_size = 32
+            [search]
+            backbones = ["test_resnet", "test_vit"]
+            [weights]
+            {weights}
+            """,
+        )
+    )
+
+
+def test_check_names_asks_each_backbone_about_each_named_source(registry, tmp_path):
+    from automl_tl.errors import ConfigError
+    from automl_tl.study import check_names
+
+    (tmp_path / "w.safetensors").write_bytes(b"")  # files are checked when the file is read
+    good = 'test_resnet = "timm:r160_in1k"\ndefault = "timm"'
+    check_names(_config(tmp_path, good), registry)
+    check_names(_config(tmp_path, 'default = ["timm", "none", "w.safetensors"]'), registry)
+    with pytest.raises(ConfigError) as info:
+        check_names(_config(tmp_path, 'default = ["none", "timm:in1k_typo"]'), registry)
+    assert str(info.value) == (
+        '[weights] default = "timm:in1k_typo": test_resnet has no pretrained tag "in1k_typo"; '
+        'known tags: r160_in1k (or use "none", a file, "local-dir:DIR", "pretrain:SOURCE")'
+    )
+    with pytest.raises(
+        ConfigError, match='^\\[weights\\] test_vit = "timn": test_vit has no weight'
+    ):
+        check_names(_config(tmp_path, 'test_vit = "timn"'), registry)
+
+
+def test_a_mistyped_hub_tag_stops_the_search_before_any_trial(tmp_path):
+    from .conftest import run_cli, write_study
+
+    study = write_study(
+        tmp_path,
+        """
+        [data]
+        source = "digits:0-2"
+        image_size = 32
+        [search]
+        n_trials = 2
+        backbones = ["test_resnet"]
+        augmentations = ["none"]
+        unfreeze = ["top_k"]
+        epochs = 1
+        pruner = "none"
+        [weights]
+        test_resnet = "timm:in1k_typo"
+        """,
+    )
+    result = run_cli("search", str(study), "--device", "cpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr == (
+        'error: [weights] test_resnet = "timm:in1k_typo": test_resnet has no pretrained tag '
+        '"in1k_typo"; known tags: r160_in1k (or use "none", a file, "local-dir:DIR", '
+        '"pretrain:SOURCE")\n'
+    )
+    assert not (tmp_path / "tiny" / "optuna.db").exists()  # no study, so no trial
+    retrain = run_cli("retrain", str(study), "--device", "cpu")  # the same check, the same words
+    assert retrain.returncode == 2 and retrain.stderr == result.stderr
+
+
+def test_pretrain_init_is_checked_before_the_data_is_read(registry, tmp_path, no_model_is_built):
+    from automl_tl.errors import ConfigError
+    from automl_tl.pretrain import PretrainSpec, pretrain
+
+    spec = PretrainSpec(backbone="test_resnet", source="digits:0-4", init="timm:bogus")
+    with pytest.raises(ConfigError, match='^--init "timm:bogus": test_resnet has no pretrained'):
+        pretrain(spec, tmp_path / "w.safetensors", registry, base_dir=tmp_path)
+    assert not list(tmp_path.iterdir())

@@ -6,7 +6,8 @@ Weights per backbone (``[weights]`` in the study file; the host resolves relativ
 - ``"none"``: random init (the scratch baseline);
 - ``"timm"`` or ``"timm:TAG"``: timm's hub weights (``pretrained=True``), through the Hugging
   Face cache, so ``HF_HUB_OFFLINE=1`` with a pre-filled cache works with no network; when the
-  file cannot be had, one message names the repository and file and how to supply them;
+  file cannot be had, one message names the repository and file and how to supply them; the
+  tag is checked against timm's registry before a search starts (``check_weights``);
 - ``"local-dir:DIR"``: a timm export folder (``config.json`` + ``model.safetensors``), e.g. a
   previous study's ``best/``, so one study's model seeds another;
 - a path to a ``.safetensors`` file or a torch checkpoint (read with ``weights_only=True``).
@@ -24,7 +25,7 @@ from torch import nn
 
 from automl_tl import hookimpl
 from automl_tl.components import Backbone
-from automl_tl.errors import UserError
+from automl_tl.errors import UserError, did_you_mean
 from automl_tl.weights import load_weights, local_dir_weights
 
 
@@ -62,13 +63,8 @@ class TimmBackbone(Backbone):
         return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes)
 
     def _hub(self, num_classes: int, tag: str, image_size: int | None) -> nn.Module:
+        self.check_weights(f"timm:{tag}" if tag else "timm")
         model_name = f"{self.name}.{tag}" if tag else self.name
-        if tag and model_name not in timm.list_pretrained(f"{self.name}.*"):
-            known = [n.partition(".")[2] for n in timm.list_pretrained(f"{self.name}.*")]
-            raise UserError(
-                f"timm has no weights tagged {tag!r} for {self.name}; known tags: "
-                + (", ".join(known) if known else "none")
-            )
         where, filename = _hub_source(model_name)
         if not where:
             raise UserError(
@@ -88,6 +84,35 @@ class TimmBackbone(Backbone):
                 f"with HF_HUB_OFFLINE=1; or download {filename} yourself and set [weights] "
                 f'{self.name} = "/path/{filename}".'
             ) from exc
+
+    def pretrained_tags(self) -> list[str]:
+        """The hub tags timm knows for this architecture (``a1_in1k``, ...), from its registry."""
+        return [n.partition(".")[2] for n in timm.list_pretrained(f"{self.name}.*")]
+
+    def check_weights(self, source: str) -> None:
+        """``"none"``, ``"timm"`` (the default tag) and ``"timm:TAG"`` with a tag timm knows
+        for the architecture; checked offline in timm's registry, nothing is downloaded."""
+        if source == "none":
+            return
+        name, _, tag = source.partition(":")
+        tags = self.pretrained_tags()
+        if name == "timm" and (tag in tags or not tag and tags):
+            return
+        if name == "timm" and not tags:
+            raise UserError(f"{self.name} has no pretrained weights in timm")
+        if name == "timm":
+            raise UserError(
+                f'{self.name} has no pretrained tag "{tag}"{did_you_mean(tag, tags)}; '
+                f"known tags: {', '.join(tags)}"
+            )
+        takes = (
+            f'it takes "timm" (default tag {tags[0]}) or "timm:TAG"; known tags: ' + ", ".join(tags)
+            if tags
+            else "timm has no pretrained weights for it"
+        )
+        raise UserError(
+            f'{self.name} has no weight source "{source}"{did_you_mean(name, ["timm"])}; {takes}'
+        )
 
     def create(
         self, num_classes: int, weights: str = "none", image_size: int | None = None

@@ -9,7 +9,12 @@ import torch
 from automl_tl_example_backbone import ExampleBackbone
 from automl_tl_example_backbone.make_weights import SOURCE_CLASSES, source_task
 
-from automl_tl.testing import assert_plugin_passes, check_backbone, check_backbone_weights
+from automl_tl.testing import (
+    assert_plugin_passes,
+    check_backbone,
+    check_backbone_weight_sources,
+    check_backbone_weights,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +25,7 @@ def _only_the_plugins_a_test_names(monkeypatch):
 def test_contract():
     check_backbone(ExampleBackbone())
     check_backbone_weights(ExampleBackbone())
+    check_backbone_weight_sources(ExampleBackbone())
 
 
 def test_the_whole_plugin_passes_the_checks():
@@ -28,6 +34,7 @@ def test_the_whole_plugin_passes_the_checks():
     assert {r.check for r in results if r.kind == "backbone"} == {
         "contract (shape, head, layer groups, data config)",
         "loads a weights file saved from itself",
+        "refuses a weight source it does not know",
     }
 
 

@@ -15,7 +15,12 @@ import torchvision
 from automl_tl_torchvision import TorchvisionBackbone, model_names
 
 import automl_tl
-from automl_tl.testing import assert_plugin_passes, check_backbone, check_backbone_weights
+from automl_tl.testing import (
+    assert_plugin_passes,
+    check_backbone,
+    check_backbone_weight_sources,
+    check_backbone_weights,
+)
 
 # one model per family, small enough to build in a moment and to run at 32 px
 FAMILIES = [
@@ -99,13 +104,14 @@ def test_contract(name):
     backbone = TorchvisionBackbone(name)
     check_backbone(backbone)
     check_backbone_weights(backbone)
+    check_backbone_weight_sources(backbone)
 
 
 def test_whole_plugin_passes_the_contract_check():
     registry = automl_tl.registry_for(["automl_tl_torchvision"])
     assert len(registry.list_backbones("tv_*")) > 70
     results = assert_plugin_passes("automl_tl_torchvision", only="tv_squeezenet1_1")
-    assert [r.name for r in results if r.kind == "backbone"] == ["tv_squeezenet1_1"] * 2
+    assert [r.name for r in results if r.kind == "backbone"] == ["tv_squeezenet1_1"] * 3
 
 
 def _fill_cache(tmp_path, monkeypatch, name, tag="DEFAULT"):
@@ -151,6 +157,48 @@ def test_weights_errors_say_what_to_do(monkeypatch, tmp_path):
     message = str(info.value)
     assert "ResNet18_Weights.IMAGENET1K_V1" in message and "checkpoints" in message
     assert "[weights] tv_resnet18" in message
+
+
+def test_weight_sources_are_checked_against_the_enum_before_anything_runs(tmp_path):
+    """check_weights looks the tag up in the weights enum (nothing downloaded, nothing built);
+    a search's check_names turns a refusal into one message naming the [weights] entry."""
+    from automl_tl.config import config_from_dict
+    from automl_tl.study import check_names
+
+    backbone = TorchvisionBackbone("resnet18")
+    for source in ("none", "torchvision", "torchvision:IMAGENET1K_V1", "torchvision:DEFAULT"):
+        backbone.check_weights(source)
+    with pytest.raises(automl_tl.UserError, match='did you mean "torchvision"'):
+        backbone.check_weights("torchvison:IMAGENET1K_V1")
+    with pytest.raises(automl_tl.UserError, match='tv_resnet18 = "torchvision"'):
+        backbone.check_weights("timm:a1_in1k")
+
+    registry = automl_tl.registry_for(["automl_tl_torchvision"])
+
+    def config(weights):
+        raw = {
+            "name": "tv",
+            "data": {"source": "digits:0-2", "image_size": 32},
+            "search": {"backbones": ["tv_resnet18", "test_resnet"]},
+            "weights": weights,
+        }
+        return config_from_dict(raw, tmp_path / "tv.toml")
+
+    check_names(
+        config({"tv_resnet18": "torchvision:IMAGENET1K_V1", "test_resnet": "timm"}), registry
+    )
+    with pytest.raises(automl_tl.UserError) as info:
+        check_names(config({"tv_resnet18": "torchvision:IMAGENET1K_V9"}), registry)
+    assert str(info.value) == (
+        '[weights] tv_resnet18 = "torchvision:IMAGENET1K_V9": tv_resnet18 has no torchvision '
+        "weights 'IMAGENET1K_V9' (did you mean \"IMAGENET1K_V1\"?); choose one of "
+        'torchvision:IMAGENET1K_V1, torchvision:DEFAULT (or use "none", a file, '
+        '"local-dir:DIR", "pretrain:SOURCE")'
+    )
+    with pytest.raises(
+        automl_tl.UserError, match='^\\[weights\\] default = "torchvision": test_resnet'
+    ):
+        check_names(config({"default": "torchvision"}), registry)  # not a timm source
 
 
 def test_a_study_searches_exports_and_reports_a_torchvision_backbone(tmp_path, monkeypatch):

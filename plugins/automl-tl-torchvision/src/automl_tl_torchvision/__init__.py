@@ -9,6 +9,9 @@ per backbone in the study's ``[weights]``:
 - ``"torchvision:TAG"``: a member by name, e.g. ``"torchvision:IMAGENET1K_V1"``;
 - a path to a ``.safetensors`` / torch checkpoint saved from the same architecture.
 
+``check_weights`` looks a tag up in the enum, so a search with a mistyped one stops before it
+starts with one message listing the model's tags.
+
 torchvision downloads weights into ``$TORCH_HOME/hub/checkpoints`` the first time they are
 asked for, and only then; offline, copy that folder from a connected machine.
 
@@ -28,6 +31,7 @@ import torchvision
 from torch import nn
 
 import automl_tl
+from automl_tl.errors import did_you_mean
 from automl_tl.weights import load_weights
 
 __version__ = "0.1.0"
@@ -99,10 +103,35 @@ class TorchvisionBackbone(automl_tl.Backbone):
         tag = source.partition(":")[2] or "DEFAULT"
         if tag not in enum.__members__:
             raise automl_tl.UserError(
-                f"{self.name} has no torchvision weights {tag!r}; choose one of "
+                f"{self.name} has no torchvision weights {tag!r}"
+                f"{did_you_mean(tag, enum.__members__)}; choose one of "
                 + ", ".join(f"torchvision:{m}" for m in enum.__members__)
             )
         return enum[tag]
+
+    def check_weights(self, source: str) -> None:
+        """``"none"``, ``"torchvision"`` and ``"torchvision:TAG"`` with a member of the model's
+        weights enum (looked up, not downloaded)."""
+        if source == "none":
+            return
+        name = source.partition(":")[0]
+        if name == WEIGHTS:
+            self.torchvision_weights(source)
+        elif name == "timm":
+            raise automl_tl.UserError(self._not_timm())
+        else:
+            hint = did_you_mean(name, [WEIGHTS])
+            tags = ", ".join(self.weights_enum().__members__)
+            raise automl_tl.UserError(
+                f'{self.name} has no weight source "{source}"{hint}; it takes "torchvision" '
+                f'(the DEFAULT weights) or "torchvision:TAG", known tags: {tags}'
+            )
+
+    def _not_timm(self) -> str:
+        return (
+            f'{self.name} is a torchvision model: use [weights] {self.name} = "torchvision" '
+            '(or "torchvision:TAG", a file, or "none"), not timm hub weights'
+        )
 
     def _build(self, weights, image_size: int | None) -> nn.Module:
         kwargs = {}
@@ -147,10 +176,7 @@ class TorchvisionBackbone(automl_tl.Backbone):
                     f'connected machine, or save the weights to a file and set [weights] {self.name} = "/path/model.safetensors".'
                 ) from exc
         elif source == "timm" or source.startswith("timm:"):
-            raise automl_tl.UserError(
-                f'{self.name} is a torchvision model: use [weights] {self.name} = "torchvision" '
-                '(or "torchvision:TAG", a file, or "none"), not timm hub weights'
-            )
+            raise automl_tl.UserError(self._not_timm())
         else:
             model = self._build(None, image_size)
         if type(model) is torchvision.models.MNASNet:
