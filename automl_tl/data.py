@@ -363,7 +363,7 @@ def _decode_into(
         records,
         desc=desc,
         unit="img",
-        disable=None,
+        disable=None if log.isEnabledFor(logging.INFO) else True,  # off with -q, off a terminal
         leave=False,
         mininterval=0.5,
         dynamic_ncols=True,

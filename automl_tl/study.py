@@ -31,6 +31,7 @@ from .train import EpochResult, evaluate, expected_seconds, fit, resolve_device
 from .transfer import alternate_weights, comparison, retrain_per_weights
 from .workers import (
     Budget,
+    RetryStaleTrial,
     TrialSkipped,
     join_study,
     open_storage,
@@ -479,6 +480,10 @@ class _Search:
                 storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted")
                 study.tell(number, state=TrialState.FAIL)
                 trial = storage.get_trial(trial._trial_id)
+            if trial.user_attrs.get("fail_reason") == "interrupted":
+                # a preempted trial is not a verdict on its configuration: it runs again first
+                # when the search resumes (here or on another worker)
+                RetryStaleTrial().queue_again(study, trial, "was interrupted")
             self.ran += 1
             self.catalog.record_trial(self.config.name, trial)
             self.hook.trial_finished(

@@ -112,14 +112,22 @@ class RetryStaleTrial:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         worker = trial.user_attrs.get("worker") or {}
+        host = f" ({worker.get('host')} pid {worker.get('pid')})" if worker else ""
+        self.queue_again(study, trial, f"lost its worker{host} while running; marked FAIL")
+
+    def queue_again(self, study: optuna.Study, trial: FrozenTrial, why: str) -> bool:
+        """Queue ``trial``'s configuration again (False: it has no parameters yet, or it was
+        already retried :data:`MAX_RETRIES` times)."""
+        retries = len(trial.system_attrs.get("retry_history", []))
+        if not trial.params or retries >= MAX_RETRIES:
+            log.warning("trial %d %s; not queued again (%d retries)", trial.number, why, retries)
+            return False
         clean = copy.copy(trial)
         clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in _RUN_ATTRS}
-        log.warning(
-            "trial %d lost its worker%s while running; marked FAIL and queued again",
-            trial.number,
-            f" ({worker.get('host')} pid {worker.get('pid')})" if worker else "",
-        )
+        clean.system_attrs = copy.deepcopy(trial.system_attrs)
+        log.warning("trial %d %s and queued again", trial.number, why)
         self._retry(study, clean)
+        return True
 
 
 def open_storage(url: str, *, heartbeat_interval: int) -> optuna.storages.BaseStorage:

@@ -416,11 +416,17 @@ def test_sigterm_to_the_parent_stops_every_worker(tmp_path):
     assert rc == 128 + signal.SIGTERM, err
     trials = trials_of(f"journal:{tmp_path / 'tiny' / 'optuna-journal.log'}")
     assert trials[victim["trial"]].state.name == "FAIL"
-    assert all(t.state.name in ("COMPLETE", "FAIL") for t in trials)  # none left RUNNING
-    assert all(
-        t.user_attrs["fail_reason"] == "interrupted" for t in trials if t.state.name == "FAIL"
-    )
-    pids = {t.user_attrs["worker"]["pid"] for t in trials}
+    assert all(t.state.name in ("COMPLETE", "FAIL", "WAITING") for t in trials)  # none RUNNING
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert all(t.user_attrs["fail_reason"] == "interrupted" for t in failed)
+    # each interrupted configuration (that got as far as its parameters) is queued to run again
+    waiting = [t for t in trials if t.state.name == "WAITING"]
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == [
+        t.number for t in failed if t.params
+    ]
+    assert victim["trial"] in [t.system_attrs["failed_trial"] for t in waiting]
+    assert all(t.params == trials[t.system_attrs["failed_trial"]].params for t in waiting)
+    pids = {t.user_attrs["worker"]["pid"] for t in trials if t.state.name != "WAITING"}
     me = worker_identity()
     assert len(pids) == 2
     assert not any(is_alive({"host": me["host"], "pid": p, "started": None}) for p in pids)

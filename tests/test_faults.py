@@ -271,7 +271,10 @@ def test_interrupt_and_resume(tmp_path):
     assert [(t["number"], t["state"], t["fail_reason"]) for t in first] == [
         (0, "COMPLETE", None),
         (1, "FAIL", "interrupted"),
+        (2, "WAITING", None),  # trial 1's configuration, queued to run first on resume
     ]
+    assert first[2]["params"] == first[1]["params"]
+    assert "trial 1 was interrupted and queued again" in err
     finished = [
         (e["trial"], e["state"], e["reason"])
         for e in _events(events, "1")
@@ -314,6 +317,8 @@ def test_interrupt_and_resume(tmp_path):
         (4, "COMPLETE", None),
     ]
     assert final[0] == first[0]  # the completed trial is untouched: same value, same duration
+    # the interrupted configuration ran again, was interrupted again, and completed the third time
+    assert final[1]["params"] == final[2]["params"] == final[3]["params"]
     db = sqlite3.connect(catalog)
     assert db.execute("select number, state from trials order by number").fetchall() == [
         (t["number"], t["state"]) for t in final

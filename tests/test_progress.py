@@ -162,15 +162,18 @@ def test_header_eta_counts_running_workers():
     assert display.header_text().endswith("ETA 01:00")  # 6 trials x 30 s / 3 workers
 
 
-@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
-def test_live_lines_on_a_terminal_plain_logs_elsewhere_and_quiet(tmp_path):
-    """A pseudo-terminal gets the header and the worker line; a pipe gets plain log lines
-    (with -v one per epoch); -q prints only the final summary."""
-    study = write_study(tmp_path, STUDY.replace("epochs = 2", "epochs = 1"))
+def _on_a_terminal(*args: str) -> str:
+    """Run the command line on a pseudo-terminal; what the screen shows at the end."""
+    import fcntl
+    import struct
+    import termios
+
     primary, secondary = os.openpty()
+    # 24 rows x 120 columns, as a terminal window has (a bare pty is 0 x 0: tqdm draws nothing)
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     env = {**os.environ, "TERM": "xterm", **ONE_THREAD}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "automl_tl.cli", "search", str(study), "--no-retrain"],
+        [sys.executable, "-m", "automl_tl.cli", *args],
         stdin=secondary,
         stdout=secondary,
         stderr=secondary,
@@ -188,7 +191,25 @@ def test_live_lines_on_a_terminal_plain_logs_elsewhere_and_quiet(tmp_path):
         out += chunk
     assert proc.wait(timeout=300) == 0, out.decode(errors="replace")
     os.close(primary)
-    screen = _screen(out.decode(errors="replace"))
+    return _screen(out.decode(errors="replace"))
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_quiet_on_a_terminal_shows_only_the_summary(tmp_path):
+    """-q hides every bar too, the image cache's included (built here: a fresh study)."""
+    study = write_study(tmp_path, STUDY.replace("epochs = 2", "epochs = 1"))
+    screen = _on_a_terminal("search", str(study), "-q", "--no-retrain")
+    lines = [line.strip() for line in screen.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("study tiny: 1 trials finished"), screen
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_live_lines_on_a_terminal_plain_logs_elsewhere_and_quiet(tmp_path):
+    """A pseudo-terminal gets the header and the worker line; a pipe gets plain log lines
+    (with -v one per epoch); -q prints only the final summary."""
+    study = write_study(tmp_path, STUDY.replace("epochs = 2", "epochs = 1"))
+    screen = _on_a_terminal("search", str(study), "--no-retrain")
+    assert "decoding images" in screen  # the cache's progress bar
     assert "study tiny: 0/1 trials finished, no complete trial yet" in screen
     assert re.search(r"w0 trial   0 test_resnet\s+epoch 1/1  \d\d:\d\d<\d\d:\d\d  val", screen)
     assert re.search(r"trial   0 COMPLETE accuracy=", screen)
