@@ -80,6 +80,9 @@ class SearchSection:
     heartbeat_interval: int = field(default=60, metadata={"min": 1})
     #: torch.compile each trial's model (pays off on GPU for long trials; costs compile time)
     compile: bool = False
+    #: tpe / gp: start with one textbook configuration per backbone (automl_tl/portfolio.py)
+    #: in place of the first random start-up trials; false: random start-up only
+    portfolio: bool = True
 
 
 @dataclass

@@ -97,14 +97,21 @@ def _base_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=_startup_trials(config))
-    return optuna.samplers.TPESampler(
-        multivariate=True,
-        group=True,
-        constant_liar=True,
-        seed=seed,
-        n_startup_trials=_startup_trials(config),
-    )
+        sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=_startup_trials(config))
+    else:
+        sampler = optuna.samplers.TPESampler(
+            multivariate=True,
+            group=True,
+            constant_liar=True,
+            seed=seed,
+            n_startup_trials=_startup_trials(config),
+        )
+    if not config.search.portfolio:
+        return sampler
+    from .portfolio import PortfolioSampler, portfolio
+
+    # the first start-up trials: one textbook configuration per backbone, then random ones
+    return PortfolioSampler(sampler, portfolio(config, _startup_trials(config)))
 
 
 def _startup_trials(config: StudyConfig) -> int:

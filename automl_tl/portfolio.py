@@ -1,0 +1,124 @@
+"""A small default portfolio tried before the model-based sampler's random start-up.
+
+A model-based sampler (TPE, GP) starts with a few random trials. When most of the space is
+poor (a too-high learning rate, strong augmentation on a short budget, a frozen body), those
+trials tell it little, and on a budget of a few dozen epochs the search spends much of it
+there. AutoGluon's zero-shot presets and Auto-sklearn's meta-learned portfolios start instead
+from configurations known to work in general; ``[search] portfolio = true`` does the same with
+one configuration per backbone, the textbook fine-tuning recipe (not tuned to any dataset):
+
+- full fine-tuning: ``top_k`` with ``unfreeze_depth = 1.0`` (the strongest transfer baseline in
+  most studies, and the only sensible choice for a random-initialised backbone);
+- ``lr`` and ``weight_decay`` at the centre (log scale) of the study's ranges: the range is the
+  user's prior, and for the default ranges the centre is the textbook value (AdamW at
+  ``lr = 1e-3``, Adam's default, and ``weight_decay = 1e-4``);
+- mild geometric augmentation: ``flip_crop`` at strength 0.5 (random-resized crop and flip,
+  the standard ImageNet fine-tuning transform, at the middle of the strength range).
+
+A strategy or policy the study does not search is replaced by its first listed one (``none``
+first for the policy). The portfolio
+takes the first slots of the start-up (at most ``n_startup`` trials, in ``[search] backbones``
+order), so TPE models from the same number of trials as before, and finished portfolio trials
+count as start-up trials for the sampler. Trial *n* < the portfolio's size gets entry *n*,
+whichever worker runs it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+
+from .config import StudyConfig
+
+#: the recipe every backbone starts with (see the module docstring)
+RECIPE: dict[str, Any] = {
+    "augmentation": "flip_crop",
+    "aug_strength": 0.5,
+    "unfreeze": "top_k",
+    "unfreeze_depth": 1.0,
+}
+
+
+def _log_centre(bounds: list[float]) -> float:
+    lo, hi = bounds
+    return math.sqrt(lo * hi)  # both > 0: config.py checks log ranges
+
+
+def portfolio(config: StudyConfig, size: int) -> list[dict[str, Any]]:
+    """The first ``size`` portfolio entries (one per backbone) as Optuna parameter values."""
+    s = config.search
+    if s.augmentations and RECIPE["augmentation"] in s.augmentations:
+        augmentation = RECIPE["augmentation"]
+    else:
+        augmentation = "none" if "none" in s.augmentations else s.augmentations[0]
+    unfreeze = RECIPE["unfreeze"] if RECIPE["unfreeze"] in s.unfreeze else s.unfreeze[0]
+    entries = []
+    for backbone in s.backbones[: max(0, size)]:
+        params: dict[str, Any] = {
+            "backbone": backbone,
+            "augmentation": augmentation,
+            "unfreeze": unfreeze,
+            "unfreeze_depth": RECIPE["unfreeze_depth"],
+            "lr": _log_centre(s.lr),
+            "weight_decay": _log_centre(s.weight_decay),
+        }
+        if augmentation != "none":
+            params["aug_strength"] = RECIPE["aug_strength"]
+        entries.append(params)
+    return entries
+
+
+class PortfolioSampler(optuna.samplers.BaseSampler):
+    """``base``, except that trial *n* < ``len(entries)`` takes ``entries[n]``.
+
+    A parameter an entry does not name (``weights``, a plugin's own) comes from ``base``; a
+    value its distribution does not allow (a study that changed its space) too. Every trial,
+    the portfolio's included, reaches ``base``'s ``before_trial`` / ``after_trial``.
+    """
+
+    def __init__(self, base: optuna.samplers.BaseSampler, entries: list[dict[str, Any]]) -> None:
+        self.base, self.entries = base, list(entries)
+
+    def _entry(self, trial) -> dict[str, Any] | None:
+        return self.entries[trial.number] if trial.number < len(self.entries) else None
+
+    def infer_relative_search_space(self, study, trial):
+        if self._entry(trial) is not None:
+            return {}
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        if self._entry(trial) is not None:
+            return {}
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        entry = self._entry(trial)
+        if entry is not None and param_name in entry:
+            value = entry[param_name]
+            if _allowed(param_distribution, value):
+                return value
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+
+def _allowed(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return value in distribution.choices
+    if isinstance(distribution, optuna.distributions.FloatDistribution):
+        return (
+            isinstance(value, (int, float))
+            and math.isfinite(value)
+            and distribution.low <= value <= distribution.high
+        )
+    return False

@@ -1,0 +1,105 @@
+"""[search] portfolio: the model-based sampler's first trials are one textbook configuration
+per backbone (automl_tl/portfolio.py), then its random start-up and the model as before."""
+
+import math
+
+import optuna
+import pytest
+
+from automl_tl import ConfigError, config_from_dict
+from automl_tl.portfolio import PortfolioSampler, portfolio
+from automl_tl.space import suggest
+from automl_tl.study import make_sampler
+from automl_tl.transfer import AlternatingSampler
+
+SPACE = {
+    "backbones": ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"],
+    "augmentations": ["none", "flip_crop", "randaugment"],
+    "unfreeze": ["top_k", "gradual"],
+    "lr": [3e-4, 3e-2],
+    "weight_decay": [1e-6, 1e-2],
+}
+
+
+def _config(**search):
+    return config_from_dict({"name": "p", "search": {**SPACE, "n_trials": 12, **search}})
+
+
+def _params(config, n):
+    """The parameters of the first ``n`` trials the study's sampler gives (no training)."""
+    study = optuna.create_study(sampler=make_sampler(config), direction="maximize")
+    for i in range(n):
+        trial = study.ask()
+        suggest(trial, config)
+        study.tell(trial, float(i % 3))
+    return [t.params for t in study.trials]
+
+
+def test_the_flag_is_on_by_default_and_checked():
+    assert config_from_dict({"name": "x"}).search.portfolio is True
+    assert _config(portfolio=False).search.portfolio is False
+    with pytest.raises(ConfigError, match=r"\[search\] portfolio must be true or false"):
+        config_from_dict({"name": "x", "search": {"portfolio": "yes"}})
+
+
+def test_the_default_study_starts_with_the_textbook_recipe():
+    entries = portfolio(config_from_dict({"name": "x"}), 10)
+    assert [e["backbone"] for e in entries] == ["test_resnet", "test_efficientnet", "test_convnext"]
+    for e in entries:  # default ranges: their log-centres are AdamW's textbook values
+        assert math.isclose(e["lr"], 1e-3) and math.isclose(e["weight_decay"], 1e-4)
+        assert e["augmentation"] == "flip_crop" and e["aug_strength"] == 0.5
+        assert e["unfreeze"] == "top_k" and e["unfreeze_depth"] == 1.0
+
+
+def test_entries_follow_the_study_space():
+    entries = portfolio(_config(augmentations=["randaugment", "color"], unfreeze=["lp_ft"]), 2)
+    assert [e["backbone"] for e in entries] == ["test_resnet", "test_efficientnet"]  # size 2
+    assert entries[0]["augmentation"] == "randaugment"  # no flip_crop, no none: the first
+    assert entries[0]["unfreeze"] == "lp_ft"
+    assert math.isclose(entries[0]["lr"], 3e-3)  # the log-centre of [3e-4, 3e-2]
+    none = portfolio(_config(augmentations=["randaugment", "none"]), 1)[0]
+    assert none["augmentation"] == "none" and "aug_strength" not in none
+
+
+def test_tpe_runs_the_portfolio_first_then_its_own_trials():
+    config = _config()
+    params = _params(config, 7)
+    entries = portfolio(config, 4)  # n_trials 12: a start-up of 4 trials, 4 backbones
+    assert params[:4] == entries
+    assert all(p not in entries for p in params[4:])
+    off = _params(_config(portfolio=False), 4)
+    assert all(p not in entries for p in off)
+    assert _params(_config(sampler="random"), 4) == _params(
+        _config(sampler="random", portfolio=False), 4
+    )  # random search stays random search
+
+
+def test_portfolio_is_capped_by_the_startup_and_wraps_searched_weights():
+    config = config_from_dict(
+        {
+            "name": "w",
+            "search": {
+                **SPACE,
+                "n_trials": 3,
+                "backbones": [f"b{i}" for i in range(6)],
+                "pruner": "none",
+            },
+            "weights": {"default": ["none", "pretrain:digits:0-4"]},
+        }
+    )
+    sampler = make_sampler(config)
+    assert isinstance(sampler, AlternatingSampler) and isinstance(sampler.base, PortfolioSampler)
+    assert len(sampler.base.entries) == 4  # the start-up's size, not one per listed backbone
+    params = _params(config, 4)
+    assert [p["weights"] for p in params] == ["none", "pretrain:digits:0-4"] * 2
+    assert [p["backbone"] for p in params] == ["b0", "b1", "b2", "b3"]
+
+
+def test_a_value_outside_the_distribution_comes_from_the_base_sampler():
+    entries = [{"x": 5.0, "c": "z"}]
+    study = optuna.create_study(
+        sampler=PortfolioSampler(optuna.samplers.RandomSampler(seed=0), entries)
+    )
+    trial = study.ask()
+    assert 0 <= trial.suggest_float("x", 0, 1) <= 1
+    assert trial.suggest_categorical("c", ["a", "b"]) in ("a", "b")
