@@ -31,6 +31,7 @@ from typing import Any
 import optuna
 
 from .config import StudyConfig
+from .samplers import WrappingSampler
 
 #: the recipe every backbone starts with (see the module docstring)
 RECIPE: dict[str, Any] = {
@@ -70,7 +71,7 @@ def portfolio(config: StudyConfig, size: int) -> list[dict[str, Any]]:
     return entries
 
 
-class PortfolioSampler(optuna.samplers.BaseSampler):
+class PortfolioSampler(WrappingSampler):
     """``base``, except that trial *n* < ``len(entries)`` takes ``entries[n]``.
 
     A parameter an entry does not name (``weights``, a plugin's own) comes from ``base``; a
@@ -79,7 +80,8 @@ class PortfolioSampler(optuna.samplers.BaseSampler):
     """
 
     def __init__(self, base: optuna.samplers.BaseSampler, entries: list[dict[str, Any]]) -> None:
-        self.base, self.entries = base, list(entries)
+        super().__init__(base)
+        self.entries = list(entries)
 
     def _entry(self, trial) -> dict[str, Any] | None:
         return self.entries[trial.number] if trial.number < len(self.entries) else None
@@ -101,15 +103,6 @@ class PortfolioSampler(optuna.samplers.BaseSampler):
             if _allowed(param_distribution, value):
                 return value
         return self.base.sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study, trial) -> None:
-        self.base.before_trial(study, trial)
-
-    def after_trial(self, study, trial, state, values) -> None:
-        self.base.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.base.reseed_rng()
 
 
 def _allowed(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:

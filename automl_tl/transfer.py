@@ -23,11 +23,12 @@ import optuna
 from optuna.trial import TrialState
 
 from .config import StudyConfig
+from .samplers import WrappingSampler
 
 log = logging.getLogger("automl_tl")
 
 
-class AlternatingSampler(optuna.samplers.BaseSampler):
+class AlternatingSampler(WrappingSampler):
     """``base`` samples every parameter but ``param``, which cycles through ``choices``.
 
     Trial *n* gets ``choices[n % len(choices)]``, so each choice gets every k-th trial of the
@@ -36,28 +37,17 @@ class AlternatingSampler(optuna.samplers.BaseSampler):
     """
 
     def __init__(self, base: optuna.samplers.BaseSampler, param: str, choices: list) -> None:
-        self.base, self.param, self.choices = base, param, list(choices)
+        super().__init__(base)
+        self.param, self.choices = param, list(choices)
 
     def infer_relative_search_space(self, study, trial):
         space = self.base.infer_relative_search_space(study, trial)
         return {name: d for name, d in space.items() if name != self.param}
 
-    def sample_relative(self, study, trial, search_space):
-        return self.base.sample_relative(study, trial, search_space)
-
     def sample_independent(self, study, trial, param_name, param_distribution):
         if param_name == self.param:
             return self.choices[trial.number % len(self.choices)]
         return self.base.sample_independent(study, trial, param_name, param_distribution)
-
-    def before_trial(self, study, trial) -> None:
-        self.base.before_trial(study, trial)
-
-    def after_trial(self, study, trial, state, values) -> None:
-        self.base.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self.base.reseed_rng()
 
 
 def alternate_weights(
