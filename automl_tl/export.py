@@ -39,12 +39,31 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def as_umask_allows(path: str | Path) -> None:
+    """Give ``path`` (a folder: and all below it) the mode a plain ``open`` / ``mkdir`` would.
+
+    Temporary files and folders are private (``mkstemp``: 0600, ``mkdtemp``: 0700); a model,
+    weights or a report written through them must be readable by whoever reads the study
+    folder (a serving container, a colleague) as any other file there.
+    """
+    umask = os.umask(0o022)
+    os.umask(umask)
+    path = Path(path)
+    if path.is_dir():
+        for below in sorted(path.rglob("*")):
+            os.chmod(below, (0o777 if below.is_dir() else 0o666) & ~umask)
+        os.chmod(path, 0o777 & ~umask)
+    else:
+        os.chmod(path, 0o666 & ~umask)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2)
+    as_umask_allows(tmp)
     os.replace(tmp, path)
 
 
@@ -70,6 +89,7 @@ def export_model(
         )
         write_json_atomic(staging / "metrics.json", metrics)
         digest = sha256_file(staging / "model.safetensors")
+        as_umask_allows(staging)
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
@@ -337,6 +357,7 @@ def export_onnx(
                 f"the ONNX model differs from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE}) on a "
                 f"batch of {batch}; {directory}/model.onnx was not written"
             )
+        as_umask_allows(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

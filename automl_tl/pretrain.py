@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .export import sha256_file
+from .export import as_umask_allows, sha256_file
 from .registry import Registry
 
 log = logging.getLogger("automl_tl")
@@ -111,11 +111,9 @@ def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the weights from other users
     try:
         write(tmp)
+        as_umask_allows(tmp)  # mkstemp's 0600 would hide the weights from other users
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -106,3 +106,17 @@ def test_missing_onnx_packages_say_how_to_install(exported, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(UserError, match=r"pip install 'automl-tl\[onnx\]'"):
         export_onnx(exported / "tiny" / "best")
+
+
+def test_exported_files_are_readable_as_the_umask_allows(exported):
+    """Written through private temporaries, the model ends with the modes a plain write gives
+    (a serving container running as another user can read it)."""
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    best = exported / "tiny" / "best"
+    assert stat.S_IMODE(best.stat().st_mode) == 0o777 & ~umask
+    for name in ("model.safetensors", "config.json", "metrics.json"):
+        assert stat.S_IMODE((best / name).stat().st_mode) == 0o666 & ~umask, name

@@ -34,6 +34,12 @@ def test_writes_head_free_weights_and_a_sidecar(pretrained, registry):
     model = backbone.create(7, weights=str(pretrained.path), image_size=32)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert model.fc.out_features == 7
+    import os
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(pretrained.path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_same_inputs_are_a_cache_hit_and_other_inputs_retrain(pretrained, registry, tmp_path):
