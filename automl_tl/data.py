@@ -363,7 +363,8 @@ def _decode_into(
         records,
         desc=desc,
         unit="img",
-        disable=None if log.isEnabledFor(logging.INFO) else True,  # off with -q, off a terminal
+        # off a terminal, and off when the automl_tl logger is set above INFO (the CLI's -q)
+        disable=True if log.level > logging.INFO else None,
         leave=False,
         mininterval=0.5,
         dynamic_ncols=True,

@@ -5,16 +5,23 @@ poor (a too-high learning rate, strong augmentation on a short budget, a frozen 
 trials tell it little, and on a budget of a few dozen epochs the search spends much of it
 there. AutoGluon's zero-shot presets and Auto-sklearn's meta-learned portfolios start instead
 from configurations known to work in general; ``[search] portfolio = true`` does the same with
-one configuration per backbone, the textbook fine-tuning recipe (not tuned to any dataset):
+one configuration per backbone, the textbook recipe for its weights (not tuned to any dataset):
 
-- full fine-tuning: ``top_k`` with ``unfreeze_depth = 1.0`` (the strongest transfer baseline in
-  most studies, and the only sensible choice for a random-initialised backbone);
-- ``lr`` and ``weight_decay`` at the centre (log scale) of the study's ranges: the range is the
-  user's prior, and for the default ranges the centre is the textbook value (AdamW at
-  ``lr = 1e-3``, Adam's default, and ``weight_decay = 1e-4``);
+- random init (``none``): full training, ``top_k`` with ``unfreeze_depth = 1.0`` (the only
+  sensible choice without features to keep), ``lr`` at the centre (log scale) of the study's
+  range;
+- pretrained weights (anything else): linear probe, then fine-tune everything (``lp_ft``,
+  depth 1.0; Kumar et al. 2022: fine-tuning from a trained head distorts pretrained features
+  less), ``top_k`` when the study does not search ``lp_ft``; ``lr`` a third of the way up the
+  study's range on a log scale, i.e. lower than from scratch, as fine-tuning wants;
+- ``weight_decay`` at the centre of its range. The range is the user's prior; for the default
+  ranges these are the textbook values (``lr = 1e-3`` from scratch, ~5e-4 fine-tuning;
+  ``weight_decay = 1e-4``);
 - mild geometric augmentation: ``flip_crop`` at strength 0.5 (random-resized crop and flip,
   the standard ImageNet fine-tuning transform, at the middle of the strength range).
 
+When ``[weights]`` is searched (sources taking turns by trial number), entry *n* follows the
+source trial *n* gets.
 A strategy or policy the study does not search is replaced by its first listed one (``none``
 first for the policy). The portfolio
 takes the first slots of the start-up (at most ``n_startup`` trials, in ``[search] backbones``
@@ -33,40 +40,64 @@ import optuna
 from .config import StudyConfig
 from .samplers import WrappingSampler
 
-#: the recipe every backbone starts with (see the module docstring)
+#: the recipe a backbone starts with from random init (see the module docstring)
 RECIPE: dict[str, Any] = {
     "augmentation": "flip_crop",
     "aug_strength": 0.5,
     "unfreeze": "top_k",
     "unfreeze_depth": 1.0,
+    "lr_at": 0.5,  # where in the lr range, on a log scale (0 = low end, 1 = high end)
+}
+#: ... and from pretrained weights
+PRETRAINED_RECIPE: dict[str, Any] = {
+    **RECIPE,
+    "unfreeze": "lp_ft",
+    "lr_at": 1 / 3,
 }
 
 
+def _log_at(bounds: list[float], at: float) -> float:
+    lo, hi = bounds  # both > 0: config.py checks log ranges
+    return math.exp(math.log(lo) + at * (math.log(hi) - math.log(lo)))
+
+
 def _log_centre(bounds: list[float]) -> float:
-    lo, hi = bounds
-    return math.sqrt(lo * hi)  # both > 0: config.py checks log ranges
+    return _log_at(bounds, 0.5)
+
+
+def _weights_of(config: StudyConfig, backbone: str, number: int) -> str:
+    """The weight source trial ``number`` of ``backbone`` trains from (automl_tl.transfer's
+    AlternatingSampler gives searched sources turns by trial number)."""
+    choices = config.weight_choices(backbone)
+    if choices:
+        return choices[number % len(choices)]
+    return config.weights.get(backbone, config.weights.get("default", "none"))
 
 
 def portfolio(config: StudyConfig, size: int) -> list[dict[str, Any]]:
     """The first ``size`` portfolio entries (one per backbone) as Optuna parameter values."""
     s = config.search
-    if s.augmentations and RECIPE["augmentation"] in s.augmentations:
-        augmentation = RECIPE["augmentation"]
-    else:
-        augmentation = "none" if "none" in s.augmentations else s.augmentations[0]
-    unfreeze = RECIPE["unfreeze"] if RECIPE["unfreeze"] in s.unfreeze else s.unfreeze[0]
     entries = []
-    for backbone in s.backbones[: max(0, size)]:
+    for number, backbone in enumerate(s.backbones[: max(0, size)]):
+        pretrained = _weights_of(config, backbone, number) != "none"
+        recipe = PRETRAINED_RECIPE if pretrained else RECIPE
+        if recipe["augmentation"] in s.augmentations:
+            augmentation = recipe["augmentation"]
+        else:
+            augmentation = "none" if "none" in s.augmentations else s.augmentations[0]
+        unfreeze = next(
+            (u for u in (recipe["unfreeze"], RECIPE["unfreeze"]) if u in s.unfreeze), s.unfreeze[0]
+        )
         params: dict[str, Any] = {
             "backbone": backbone,
             "augmentation": augmentation,
             "unfreeze": unfreeze,
-            "unfreeze_depth": RECIPE["unfreeze_depth"],
-            "lr": _log_centre(s.lr),
+            "unfreeze_depth": recipe["unfreeze_depth"],
+            "lr": _log_at(s.lr, recipe["lr_at"]),
             "weight_decay": _log_centre(s.weight_decay),
         }
         if augmentation != "none":
-            params["aug_strength"] = RECIPE["aug_strength"]
+            params["aug_strength"] = recipe["aug_strength"]
         entries.append(params)
     return entries
 

@@ -58,6 +58,7 @@ def study_dict(args: argparse.Namespace, seed: int, weights: str, name: str) -> 
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "device": args.device,
+            "portfolio": args.portfolio,
         },
         "pretrain": {"epochs": args.pretrain_epochs},
         "weights": {"default": weights},
@@ -107,6 +108,12 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", default="tpe")
     p.add_argument("--pruner", default="hyperband")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--portfolio",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="[search] portfolio (default: on, as in a study)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny models: 1)")
     p.add_argument("--out", type=Path, help="keep the studies here (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="write every figure to this file")

@@ -103,3 +103,31 @@ def test_a_value_outside_the_distribution_comes_from_the_base_sampler():
     trial = study.ask()
     assert 0 <= trial.suggest_float("x", 0, 1) <= 1
     assert trial.suggest_categorical("c", ["a", "b"]) in ("a", "b")
+
+
+def test_pretrained_weights_start_from_lp_ft_at_a_lower_lr():
+    """From pretrained weights the recipe is a linear probe then full fine-tuning, with the lr a
+    third of the way up its range; a searched source gives each entry its trial's source."""
+    config = config_from_dict(
+        {
+            "name": "t",
+            "search": {**SPACE, "unfreeze": ["top_k", "lp_ft"], "n_trials": 12, "pruner": "none"},
+            "weights": {"default": ["pretrain:digits:0-4", "none"]},
+        }
+    )
+    entries = portfolio(config, 4)
+    pretrained, scratch = entries[0], entries[1]  # trials 0, 2: pretrained; 1, 3: none
+    assert pretrained["unfreeze"] == "lp_ft" and pretrained["unfreeze_depth"] == 1.0
+    assert math.isclose(pretrained["lr"], (3e-4**2 * 3e-2) ** (1 / 3))  # ~1.4e-3
+    assert scratch["unfreeze"] == "top_k" and math.isclose(scratch["lr"], 3e-3)
+    assert entries[2]["unfreeze"] == "lp_ft" and entries[3]["unfreeze"] == "top_k"
+    params = _params(config, 4)
+    assert [p["weights"] for p in params] == ["pretrain:digits:0-4", "none"] * 2
+    assert [{k: v for k, v in p.items() if k != "weights"} for p in params] == entries
+
+    fixed = portfolio(config_from_dict({"name": "f", "weights": {"default": "timm"}}), 1)[0]
+    assert fixed["unfreeze"] == "lp_ft"
+    assert math.isclose(fixed["lr"], 1e-4 ** (2 / 3) * 1e-2 ** (1 / 3))  # ~4.6e-4: default range
+    no_lp_ft = {"name": "f", "search": {"unfreeze": ["gradual", "top_k"]}}
+    no_lp_ft["weights"] = {"default": "timm"}
+    assert portfolio(config_from_dict(no_lp_ft), 1)[0]["unfreeze"] == "top_k"  # full fine-tuning
