@@ -236,6 +236,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(
             f'\nskipped {len(skipped)} unreadable image(s) (on_bad_image = "skip"): {shown}{more}'
         )
+    if data.get("selection_note"):
+        print(f"\nnote: {data['selection_note']}")
     if data.get("best_model"):
         bm = data["best_model"]
         print(

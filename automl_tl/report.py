@@ -616,6 +616,8 @@ def _summary_html(ctx: _Context) -> str:
     if best:
         params = ", ".join(f"{k}={_fmt(v, k)}" for k, v in best["params"].items())
         items.append(("best trial", f"#{best['number']}: {best['value']:.4f} ({params})"))
+    if data.get("selection_note"):
+        items.append(("note", data["selection_note"]))
     model = data.get("best_model")
     if model:
         test = ", ".join(f"{k} {v:.4f}" for k, v in model["test"].items())

@@ -601,6 +601,9 @@ def search(
             runner.interrupted(study)
             raise
     best = best_summary(study)
+    note = selection_note(study)
+    if note:
+        log.warning("note: %s", note)
     pm.hook.study_finished(study_name=config.name, best=best, output_dir=str(config.output_dir))
     if runner.stopped_for:
         raise TooManyFailures(
@@ -623,6 +626,37 @@ def best_summary(study: optuna.Study) -> dict[str, Any] | None:
     except ValueError:
         return None
     return {"number": t.number, "value": t.value, "params": dict(t.params)}
+
+
+def selection_note(study: optuna.Study) -> str | None:
+    """A warning when the validation split is too small to tell the best trials apart.
+
+    Validation scores are fractions of ``n`` images, so one standard error of the best score
+    ``p`` is about ``sqrt(p (1 - p) / n)`` (binomial; at least one image). When three or more
+    complete trials lie within it of the best, picking "the best" among them is mostly chance,
+    and its test score will say so; the user should know before trusting the ranking.
+    """
+    n = ((study.user_attrs.get("data") or {}).get("sizes") or {}).get("val")
+    values = sorted(
+        (
+            t.value
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value)
+        ),
+        reverse=True,
+    )
+    if not n or len(values) < 3:
+        return None
+    best = values[0]
+    error = math.sqrt(max(best * (1 - best), 1 / n) / n)
+    close = sum(v >= best - error for v in values)
+    if close < 3:
+        return None
+    return (
+        f"{close} trials score within one standard error (±{error:.3f}) of the best on only {n} "
+        "validation images, so which of them is best is mostly chance; more validation images "
+        "([data] val_fraction, or more labelled data) make the choice reliable"
+    )
 
 
 def check_names(config: StudyConfig, registry: Registry) -> None:
@@ -806,6 +840,7 @@ def report(config: StudyConfig) -> dict[str, Any]:
         "best": best_summary(study),
         "trials": trials,
         "throughput": backbone_throughput(study),  # training images/s per backbone
+        "selection_note": selection_note(study),  # a validation split too small to rank by
     }
     catalog_path = config.output_dir / "catalog.db"
     if catalog_path.is_file():

@@ -247,3 +247,24 @@ def test_report_command_writes_the_folder_and_keeps_stdout_for_data(tmp_path, re
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout.startswith("trial,state,accuracy")
     assert not (config.output_dir / "report" / "index.html").exists()
+
+
+def _scored(values, n_val):
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("data", {"sizes": {"train": 100, "val": n_val, "test": 50}})
+    for v in values:
+        study.add_trial(optuna.trial.create_trial(value=v))
+    return study
+
+
+def test_a_validation_split_too_small_to_rank_by_is_pointed_out():
+    from automl_tl.study import selection_note
+
+    # 12 images: one standard error of 0.75 is 0.125, so 0.75, 0.6667 and 0.6667 are a tie
+    note = selection_note(_scored([0.75, 0.6667, 0.6667, 0.4167, 0.25], 12))
+    assert note.startswith("3 trials score within one standard error (±0.125) of the best on")
+    assert "only 12 validation images" in note and "[data] val_fraction" in note
+    assert selection_note(_scored([0.95, 0.90, 0.85, 0.50], 1000)) is None  # told apart
+    assert selection_note(_scored([0.75, 0.74], 12)) is None  # two trials: nothing to rank
+    assert selection_note(_scored([1.0, 1.0, 0.95], 20)) is not None  # perfect: one image
+    assert selection_note(optuna.create_study()) is None  # no data recorded
