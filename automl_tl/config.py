@@ -138,9 +138,13 @@ class StudyConfig:
             return f"journal:{journal}"
         return f"sqlite:///{self.output_dir / 'optuna.db'}"
 
+    def weights_entry(self, backbone: str) -> str | list[str]:
+        """``[weights]``'s value for ``backbone`` as written: its own entry, else ``default``."""
+        return self.weights.get(backbone, self.weights.get("default", "none"))
+
     def weight_choices(self, backbone: str) -> list[str] | None:
         """The sources searched for ``backbone`` (the ``weights`` parameter), or None if fixed."""
-        value = self.weights.get(backbone, self.weights.get("default", "none"))
+        value = self.weights_entry(backbone)
         return list(value) if isinstance(value, list) else None
 
     def pretrained_path(self, backbone: str, source: str) -> Path:
@@ -155,7 +159,7 @@ class StudyConfig:
         ``local-dir:`` paths are resolved against the study folder; ``pretrain:SOURCE``
         becomes the weights file :func:`automl_tl.pretrain.ensure_study_weights` writes.
         """
-        value = self.weights.get(backbone, self.weights.get("default", "none"))
+        value = self.weights_entry(backbone)
         if isinstance(value, list):
             if choice not in value:  # e.g. a trial from before [weights] became this list
                 raise ConfigError(

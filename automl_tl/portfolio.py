@@ -21,13 +21,11 @@ one configuration per backbone, the textbook recipe for its weights (not tuned t
   the standard ImageNet fine-tuning transform, at the middle of the strength range).
 
 When ``[weights]`` is searched (sources taking turns by trial number), entry *n* follows the
-source trial *n* gets.
-A strategy or policy the study does not search is replaced by its first listed one (``none``
-first for the policy). The portfolio
-takes the first slots of the start-up (at most ``n_startup`` trials, in ``[search] backbones``
-order), so TPE models from the same number of trials as before, and finished portfolio trials
-count as start-up trials for the sampler. Trial *n* < the portfolio's size gets entry *n*,
-whichever worker runs it.
+source trial *n* gets. A strategy or policy the study does not search is replaced by its first
+listed one (``none`` first for the policy). The portfolio takes the first slots of the
+start-up (at most ``n_startup`` trials, in ``[search] backbones`` order), so TPE models from
+the same number of trials as before, and finished portfolio trials count as start-up trials
+for the sampler. Trial *n* < the portfolio's size gets entry *n*, whichever worker runs it.
 """
 
 from __future__ import annotations
@@ -71,7 +69,7 @@ def _weights_of(config: StudyConfig, backbone: str, number: int) -> str:
     choices = config.weight_choices(backbone)
     if choices:
         return choices[number % len(choices)]
-    return config.weights.get(backbone, config.weights.get("default", "none"))
+    return config.weights_entry(backbone)
 
 
 def portfolio(config: StudyConfig, size: int) -> list[dict[str, Any]]:

@@ -331,7 +331,7 @@ def study_specs(config) -> list[tuple[PretrainSpec, Path]]:
     p = config.pretrain
     specs = []
     for backbone in config.search.backbones:
-        value = config.weights.get(backbone, config.weights.get("default", "none"))
+        value = config.weights_entry(backbone)
         for source in value if isinstance(value, list) else [value]:
             if not source.startswith("pretrain:"):
                 continue

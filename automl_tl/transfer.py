@@ -74,7 +74,7 @@ def weights_label(config: StudyConfig, params: dict[str, Any]) -> str:
     if "weights" in params:
         return str(params["weights"])
     backbone = params.get("backbone", "")
-    value = config.weights.get(backbone, config.weights.get("default", "none"))
+    value = config.weights_entry(backbone)
     return value if isinstance(value, str) else "?"
 
 
