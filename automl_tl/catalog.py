@@ -14,6 +14,7 @@ from typing import Any
 import sqlite_utils
 
 from .space import PARAM_NAMES
+from .trials import TrialSummary
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -168,28 +169,23 @@ class Catalog:
 
     def record_trial(self, study: str, trial: Any) -> None:
         """Record an Optuna FrozenTrial (any state)."""
-        attrs = trial.user_attrs
-        duration = (
-            (trial.datetime_complete - trial.datetime_start).total_seconds()
-            if trial.datetime_complete and trial.datetime_start
-            else None
-        )
+        s = TrialSummary.of(trial)
         row = {
             "study": study,
-            "number": trial.number,
-            "state": trial.state.name,
+            "number": s.number,
+            "state": s.state,
             "value": trial.value if trial.values else None,
-            **{k: trial.params.get(k) for k in PARAM_NAMES},
-            "params": json.dumps(trial.params, sort_keys=True),
-            "duration_s": duration,
-            "epochs_run": attrs.get("epochs_run"),
-            "images_per_s": attrs.get("images_per_s"),
-            "batch_size": attrs.get("batch_size"),  # after out-of-memory halving
-            "feature_cache": attrs.get("feature_cache"),  # head on cached features
-            "device": attrs.get("device"),
-            "fail_reason": attrs.get("fail_reason"),
-            "started": _iso(trial.datetime_start),
-            "finished": _iso(trial.datetime_complete),
+            **{k: s.params.get(k) for k in PARAM_NAMES},
+            "params": json.dumps(s.params, sort_keys=True),
+            "duration_s": s.duration_s,
+            "epochs_run": s.epochs_run,
+            "images_per_s": s.images_per_s,
+            "batch_size": s.batch_size,  # after out-of-memory halving
+            "feature_cache": s.feature_cache,  # head on cached features
+            "device": s.device,
+            "fail_reason": s.fail_reason,
+            "started": s.started,
+            "finished": s.finished,
         }
         self._write(lambda: self.db["trials"].upsert(row, pk=("study", "number"), alter=True))
 

@@ -21,7 +21,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from automl_tl import load_config
-from automl_tl.study import open_study
+from automl_tl.storage import open_study
 
 from .conftest import REPO, write_study
 

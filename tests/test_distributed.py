@@ -22,18 +22,13 @@ import optuna
 import pytest
 from PIL import Image
 
+from automl_tl.budget import Budget, TrialSkipped, is_alive, worker_identity
 from automl_tl.config import config_from_dict, load_config
 from automl_tl.errors import DataError, UserError
-from automl_tl.workers import (
-    Budget,
-    TrialSkipped,
-    claim_retrain,
-    is_alive,
-    join_study,
-    open_storage,
-    plan_slots,
-    worker_identity,
-)
+from automl_tl.retrain import claim_retrain
+from automl_tl.search import open_search_study
+from automl_tl.storage import open_storage
+from automl_tl.workers import plan_slots
 
 from .conftest import REPO, run_cli, write_study
 from .postgres import PASSWORD
@@ -204,7 +199,7 @@ def test_a_dead_or_zombie_process_is_not_alive():
 def test_file_storage_fails_and_retries_the_trial_of_a_dead_local_worker(tmp_path, monkeypatch):
     """No heartbeat on a journal file: a RUNNING trial whose worker process on this host is
     gone is failed and queued again, once, by whichever worker looks first."""
-    from automl_tl import workers
+    from automl_tl import budget as workers
 
     url = f"journal:{tmp_path / 'j.log'}"
     study = optuna.create_study(study_name="s", storage=open_storage(url, heartbeat_interval=1))
@@ -271,7 +266,7 @@ def test_sqlite_with_several_workers_is_refused(tmp_path):
 
 
 def test_a_worker_with_other_data_refuses_to_join(tmp_path, registry):
-    from automl_tl.study import load_splits
+    from automl_tl.data import load_splits
 
     make_study(tmp_path, 2)
     url = f"journal:{tmp_path / 'journal.log'}"
@@ -282,12 +277,12 @@ def test_a_worker_with_other_data_refuses_to_join(tmp_path, registry):
         return config_from_dict(raw, tmp_path / "tiny.toml")
 
     first = config(0)
-    study = join_study(first, load_splits(first, registry))
+    study = open_search_study(first, load_splits(first, registry))
     assert study.user_attrs["data"]["split_hash"]
-    join_study(first, load_splits(first, registry))  # same data: joins
+    open_search_study(first, load_splits(first, registry))  # same data: joins
     other = config(1)
     with pytest.raises(DataError, match=r"refuses to join: the data no longer matches study"):
-        join_study(other, load_splits(other, registry))
+        open_search_study(other, load_splits(other, registry))
 
 
 def run_budget_workers(url: str, workers: int, n_trials: int):

@@ -7,10 +7,9 @@ import optuna
 import pytest
 
 from automl_tl import ConfigError, config_from_dict
-from automl_tl.portfolio import PortfolioSampler, portfolio
+from automl_tl.portfolio import portfolio
+from automl_tl.samplers import AlternatingSampler, PortfolioSampler, make_sampler
 from automl_tl.space import suggest
-from automl_tl.study import make_sampler
-from automl_tl.transfer import AlternatingSampler
 
 SPACE = {
     "backbones": ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"],
