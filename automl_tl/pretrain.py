@@ -282,14 +282,12 @@ def study_specs(config) -> list[tuple[PretrainSpec, Path]]:
     """Every ``pretrain:SOURCE`` weight source of a study, with the file it resolves to."""
     p = config.pretrain
     specs = []
-    for backbone in config.search.backbones:
-        value = config.weights_entry(backbone)
-        for source in value if isinstance(value, list) else [value]:
-            if not source.startswith("pretrain:"):
-                continue
+    for backbone, _, text in weightsource.entries(config.weights, config.search.backbones):
+        source = weightsource.parse(text, config.base_dir)
+        if source.kind == "pretrain":
             spec = PretrainSpec(
                 backbone=backbone,
-                source=source[len("pretrain:") :],
+                source=source.target,
                 image_size=config.data.image_size,
                 epochs=p.epochs,
                 lr=p.lr,

@@ -4,6 +4,7 @@ whose holder died or whose model is missing is taken again."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -237,5 +238,6 @@ def test_the_same_command_again_retrains_after_a_retrain_was_killed(tmp_path):
     _claim_study(study).set_user_attr("claimed_by", _dead_worker())  # the retrain was killed
     assert not config.paths.best.exists()
     assert main(["search", str(path), "--device", "cpu", "-q"]) == 0
+    assert logging.getLogger("optuna.study._optimize").filters == []  # search() cleans up
     metrics = json.loads((config.paths.best / "metrics.json").read_text())
     assert metrics["trial"] == study.best_trial.number
