@@ -72,9 +72,12 @@ def write_atomic(path: str | Path, write: Callable[[str], object] | str | bytes)
 
 
 @contextlib.contextmanager
-def node_lock(lock_path: str | Path, waiting: str | None = None) -> Iterator[None]:
+def node_lock(
+    lock_path: str | Path, waiting: str | None = None, *, block: bool = True
+) -> Iterator[None]:
     """One process of this node at a time (``flock``; released even when the holder is
-    killed). ``waiting`` is logged when another process holds the lock."""
+    killed). ``waiting`` is logged when another process holds the lock; with ``block=False``
+    that raises ``BlockingIOError`` instead of waiting."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no lock; atomic renames keep files whole
@@ -84,6 +87,8 @@ def node_lock(lock_path: str | Path, waiting: str | None = None) -> Iterator[Non
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not block:
+                raise
             if waiting:
                 log.info("%s", waiting)
             fcntl.flock(f, fcntl.LOCK_EX)

@@ -70,7 +70,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .search import search
+    from .workers import die_with_parent
 
+    die_with_parent()  # a worker of `--workers N`: never outlive the parent
     config, pm, registry = _load(args, **_overrides(args))
     device = args.device or config.search.device
     if args.workers != 1:
@@ -159,7 +161,10 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
         f"trial #{best['number']} val {config.search.metric} {best['value']:.4f}"
     )
     if not args.no_retrain and (finished >= budget or not result.failed):
-        retrained = retrain_once(config, registry, result.study, result.splits, device=device)
+        from .data import load_splits
+
+        splits = load_splits(config, registry)  # from the cache the workers shared
+        retrained = retrain_once(config, registry, result.study, splits, device=device)
         if retrained is not None:
             directory, metrics = retrained
             test = metrics["test"]
@@ -167,7 +172,7 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
                 f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
                 f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {directory}"
             )
-            rows = retrain_per_weights(config, registry, result.study, result.splits, device=device)
+            rows = retrain_per_weights(config, registry, result.study, splits, device=device)
             _print_weights_comparison(rows, config.search.metric)
     return 1 if result.failed else 0
 

@@ -57,7 +57,7 @@ from .registry import Registry
 from .retrain import retrain_once, retrain_per_weights
 from .samplers import make_pruner, make_sampler, pruner_warning
 from .space import suggest
-from .storage import fail_trial, join_study, open_storage, redact
+from .storage import fail_trial, join_study, one_search_per_sqlite, open_storage, redact
 from .train import EpochResult, expected_seconds, fit, release_memory, resolve_device
 
 log = logging.getLogger("automl_tl")
@@ -490,6 +490,18 @@ def search(
     check_names(config, registry)
     check_backbones_run(config, registry)
     ensure_writable(config.output_dir)
+    with one_search_per_sqlite(config.storage_url):
+        return _search(config, registry, pm, device=device, retrain_best=retrain_best)
+
+
+def _search(
+    config: StudyConfig,
+    registry: Registry,
+    pm: pluggy.PluginManager,
+    *,
+    device: str,
+    retrain_best: bool,
+) -> SearchOutcome:
     ensure_study_weights(config, registry, device=device)  # pretrain:SOURCE, built once
     splits = load_splits(config, registry)
     study = open_search_study(config, splits)  # refuses to join if this worker's data differ

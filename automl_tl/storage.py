@@ -21,6 +21,7 @@ here, behind :func:`set_trial_attr` and :func:`fail_trial`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -29,7 +30,7 @@ import re
 import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -37,6 +38,7 @@ from urllib.parse import parse_qsl, urlsplit
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ._util import node_lock
 from .config import StudyConfig
 from .data import describe_changes
 from .errors import DataError, UserError
@@ -243,6 +245,27 @@ def storage_for_workers(config: StudyConfig, workers: int) -> str:
             "(--storage postgresql://user@host/db or mysql://…), or run --workers 1."
         )
     return url or config.storage_url
+
+
+@contextlib.contextmanager
+def one_search_per_sqlite(url: str) -> Iterator[None]:
+    """While a search runs on a SQLite storage, a second one on the same file is refused at
+    once (SQLite serves one writer; the second would fail mid-trial with "database is
+    locked"). Other storages take any number of workers."""
+    if storage_kind(url) != "sqlite" or not url.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(url[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with node_lock(db.with_name(f".{db.name}.search.lock"), block=False):
+            yield
+    except BlockingIOError:
+        raise UserError(
+            f"another search is running on {db} (SQLite serves one process at a time); wait "
+            "for it to finish, or run several workers on one study with --workers N (Optuna's "
+            "journal file) or --storage postgresql://… for several nodes"
+        ) from None
 
 
 def open_study(config: StudyConfig, **kwargs: Any) -> optuna.Study:

@@ -21,7 +21,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import optuna
 
@@ -74,8 +73,31 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
+#: at most this many workers share one GPU, or one CPU core
+WORKERS_PER_GPU = 8
+WORKERS_PER_CORE = 4
+#: the environment variable that tells a worker process its parent's pid
+PARENT_ENV = "AUTOML_TL_PARENT_PID"
+
+
+def max_workers(*, gpus: list[str], cpus: int) -> int:
+    """The most local workers that make sense: :data:`WORKERS_PER_CORE` per CPU core (each
+    gets at least one thread), or up to :data:`WORKERS_PER_GPU` per visible GPU."""
+    return max(1, WORKERS_PER_CORE * cpus, WORKERS_PER_GPU * len(gpus))
+
+
 def plan_slots(workers: int, device: str, *, gpus: list[str], cpus: int) -> list[Slot]:
     """One slot per worker: GPUs round robin (unless the device is the CPU); CPU threads split."""
+    limit = max_workers(gpus=gpus if device != "cpu" else [], cpus=cpus)
+    if workers > limit:
+        where = f"{cpus} CPU core{'s' if cpus != 1 else ''}"
+        if gpus and device != "cpu":
+            where += f" and {len(gpus)} GPU{'s' if len(gpus) != 1 else ''}"
+        raise UserError(
+            f"--workers {workers} is more than this machine can run side by side ({where}: at "
+            f"most {limit}: {WORKERS_PER_CORE} per core or {WORKERS_PER_GPU} per GPU); pass --workers {limit} "
+            "or fewer, and start more nodes for more"
+        )
     if device.startswith("cuda:"):
         raise UserError(
             f"--device {device} names one GPU, but each of the {workers} workers gets its own "
@@ -124,7 +146,6 @@ class WorkerOutcome:
 @dataclass
 class WorkersOutcome:
     study: optuna.Study
-    splits: Any
     workers: list[WorkerOutcome]
 
     @property
@@ -162,8 +183,9 @@ def run_workers(
     check_names(config, registry)
     check_backbones_run(config, registry)
     config.output_dir.mkdir(parents=True, exist_ok=True)
-    splits = load_splits(config, registry)  # decoded once, here, for every worker
+    splits = load_splits(config, registry)  # decoded once, here, into the shared cache
     study = open_search_study(config, splits)
+    del splits  # the workers read the cache; the parent holds no images while they run
     url = config.storage_url
     recover_stale_trials(study, url)  # trials of workers killed in an earlier run
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -182,20 +204,21 @@ def run_workers(
     previous = {}
     signalled: list[int] = []
 
-    def forward(signum, frame):  # SIGINT/SIGTERM to the parent -> every running child, once
+    def forward(signum, frame):  # SIGINT/SIGTERM/SIGHUP to the parent -> every child, once
         signalled.append(signum)
+        to_child = signal.SIGTERM if signum == signal.SIGHUP else signum  # stop cleanly
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                p.send_signal(to_child)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(ValueError):  # only the main thread may; elsewhere, don't
             previous[sig] = signal.signal(sig, forward)
     try:
         for slot in slots:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "automl_tl.cli", *child_args(slot)],
-                env={**os.environ, **(env or {}), **slot.env()},
+                env={**os.environ, **(env or {}), **slot.env(), PARENT_ENV: str(os.getpid())},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -236,10 +259,33 @@ def run_workers(
         for pump in pumps:
             pump.join(timeout=5)
     if signalled:  # after every child has stopped: the parent stops as they did
-        raise KeyboardInterrupt("SIGTERM" if signal.SIGTERM in signalled else "SIGINT")
+        raise KeyboardInterrupt(
+            "SIGINT" if all(s == signal.SIGINT for s in signalled) else "SIGTERM"
+        )
     by_pid = {o.pid: o for o in outcomes}
     for t in study.get_trials(deepcopy=False, states=trials.FINISHED):
         worker = t.user_attrs.get(trials.WORKER) or {}
         if worker.get("host") == socket.gethostname() and worker.get("pid") in by_pid:
             by_pid[worker["pid"]].finished_trials += 1
-    return WorkersOutcome(study, splits, outcomes)
+    return WorkersOutcome(study, outcomes)
+
+
+def die_with_parent() -> None:
+    """In a worker process: be sent SIGTERM when the ``--workers`` parent dies, however it
+    dies (SIGKILL included), so no worker is left orphaned (Linux; elsewhere nothing).
+
+    The parent's pid comes from :data:`PARENT_ENV`; a parent already gone by the time the
+    child asks (the race the prctl cannot see) stops the child at once too.
+    """
+    parent = os.environ.get(PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGTERM)

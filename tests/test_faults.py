@@ -96,12 +96,15 @@ def _params(augmentation: str) -> dict:
 
 def _fault_study(tmp_path, body: str = FAULT_STUDY, queue=()):
     """A study with the fault plugin and these trials queued first (in this order)."""
-    from automl_tl.storage import open_study
+    import optuna
 
     (tmp_path / "faults.py").write_text(FAULTS)
     config = load_config(write_study(tmp_path, body))
     pm, _ = get_plugin_manager(config.plugins, base_dir=config.base_dir)
-    study = open_study(config)
+    config.paths.root.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        study_name=config.name, storage=config.storage_url, direction="maximize"
+    )
     for augmentation in queue:
         study.enqueue_trial(_params(augmentation))
     return config, pm, Registry.from_plugin_manager(pm)

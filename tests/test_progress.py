@@ -16,7 +16,7 @@ from automl_tl import get_plugin_manager, load_config
 from automl_tl.progress import LiveLines, StudyWatcher, TrialProgress, show_progress, study_state
 from automl_tl.storage import open_study
 
-from .conftest import run_cli, write_study
+from .conftest import create_study, run_cli, write_study
 
 STUDY = """
 [data]
@@ -61,7 +61,7 @@ def _complete(study, number, value, seconds):
 @pytest.fixture
 def config(tmp_path):
     config = load_config(write_study(tmp_path, STUDY.replace("n_trials = 1", "n_trials = 6")))
-    study = open_study(config)
+    study = create_study(config)
     _complete(study, 0, 0.7, 10)
     _complete(study, 1, 0.9, 30)
     return config

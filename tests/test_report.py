@@ -25,7 +25,7 @@ from automl_tl.report import FIGURES, build_report
 from automl_tl.storage import open_study
 from automl_tl.train import evaluate
 
-from .conftest import run_cli, write_study
+from .conftest import create_study, run_cli, write_study
 
 matplotlib.use("Agg")
 
@@ -83,7 +83,7 @@ def _make_study(folder, registry, *, with_model=True, trials=True):
     path = write_study(folder, STUDY)
     config = load_config(path)
     splits = load_splits(config, registry)
-    study = open_study(config)
+    study = create_study(config)
     study.set_user_attr("data", splits.summary())
     if trials:
         _add_trial(study, 0, TrialState.COMPLETE, "test_resnet", "none", 0.5, [0.5, 0.7, 0.8], 9)
