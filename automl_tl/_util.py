@@ -157,3 +157,49 @@ def failure_reason(exc: BaseException) -> str:
     """Why a trial failed, in one line; out-of-memory says so first."""
     reason = first_line(exc)
     return f"out of memory: {reason}" if is_out_of_memory(exc) else reason
+
+
+#: filesystems shared between hosts, where SQLite's WAL mode (and often its locking) fails
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+        "glusterfs",
+        "fuse.glusterfs",
+        "ceph",
+        "fuse.ceph",
+        "fuse.sshfs",
+        "9p",
+        "afs",
+        "ocfs2",
+        "gfs2",
+        "fuse.juicefs",
+        "wekafs",
+    }
+)
+
+
+def filesystem_type(path: str | Path, mounts: str | None = None) -> str | None:
+    """The filesystem type of the mount that holds ``path`` (``/proc/self/mounts``; the
+    longest mount point that contains it), or None where that cannot be read."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return None
+    target = Path(path).resolve()
+    best, kind = -1, None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(fields[1].replace("\\040", " "))
+        if (target == point or point in target.parents) and len(point.parts) > best:
+            best, kind = len(point.parts), fields[2]
+    return kind

@@ -8,13 +8,30 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
+from ._util import NETWORK_FILESYSTEMS, filesystem_type
 from .space import PARAM_NAMES
+from .storage import storage_kind
 from .trials import TrialSummary
+
+
+def catalog_path(config) -> Path:
+    """Where this process writes the study's catalog: ``catalog.db``, or ``catalog-<host>.db``
+    when the study folder is on a network filesystem and the storage is a database server
+    (several nodes). SQLite's WAL mode, which lets a node's workers write side by side, does
+    not work across hosts; one catalog per node does (read them together with datasette, or
+    ``sqlite-utils`` + ``ATTACH``)."""
+    paths = config.paths
+    if storage_kind(config.storage_url) == "rdb" and (
+        filesystem_type(paths.root) in NETWORK_FILESYSTEMS
+    ):
+        return paths.root / f"catalog-{socket.gethostname()}.db"
+    return paths.catalog
 
 
 def _iso(value: dt.datetime | None) -> str | None:

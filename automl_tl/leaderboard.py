@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from . import trials
-from .catalog import Catalog
+from .catalog import Catalog, catalog_path
 from .config import StudyConfig
 from .storage import open_study
 
@@ -211,8 +211,9 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
         "selection_note": selection_note(study),  # a validation split too small to rank by
     }
     paths = config.paths
-    if paths.catalog.is_file():
-        out["skipped_images"] = Catalog(paths.catalog).skipped(config.name)
+    catalog = catalog_path(config)
+    if catalog.is_file():
+        out["skipped_images"] = Catalog(catalog).skipped(config.name)
     metrics_path = paths.best / "metrics.json"
     if metrics_path.is_file():
         m = json.loads(metrics_path.read_text())

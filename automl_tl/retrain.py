@@ -20,7 +20,7 @@ import optuna
 
 from . import trials
 from .budget import describe_worker, is_alive, worker_identity
-from .catalog import Catalog
+from .catalog import Catalog, catalog_path
 from .config import StudyConfig
 from .data import Splits, load_splits
 from .errors import UserError
@@ -110,7 +110,7 @@ def retrain(
     digest = export_model(
         result.model, result.backbone, directory, splits.class_names, result.data_config, metrics
     )
-    Catalog(paths.catalog).record_model(
+    Catalog(catalog_path(config)).record_model(
         config.name,
         trial.number,
         directory,

@@ -40,7 +40,7 @@ from optuna.trial import FrozenTrial, TrialState
 from . import trials
 from ._util import failure_reason, is_out_of_memory
 from .budget import Budget, RetryStaleTrial, TrialSkipped, worker_identity
-from .catalog import Catalog
+from .catalog import Catalog, catalog_path
 from .config import StudyConfig, check_named_weights
 from .data import Splits, load_splits, parse_source
 from .errors import UserError
@@ -158,7 +158,7 @@ class Objective:
     ) -> None:
         self.config, self.registry, self.hook, self.splits = config, registry, pm.hook, splits
         self.device = resolve_device(device)
-        self.catalog = catalog or Catalog(config.paths.catalog)
+        self.catalog = catalog or Catalog(catalog_path(config))
         self.metric = config.search.metric
         self.budget = budget
         self.interrupts = interrupts
@@ -278,7 +278,7 @@ class TrialRecorder:
         self, config: StudyConfig, pm: pluggy.PluginManager, catalog: Catalog | None = None
     ) -> None:
         self.config, self.hook = config, pm.hook
-        self.catalog = catalog or Catalog(config.paths.catalog)
+        self.catalog = catalog or Catalog(catalog_path(config))
         self.ran = 0
         self.recorded: set[int] = set()
 
@@ -505,7 +505,7 @@ def _search(
     ensure_study_weights(config, registry, device=device)  # pretrain:SOURCE, built once
     splits = load_splits(config, registry)
     study = open_search_study(config, splits)  # refuses to join if this worker's data differ
-    catalog = Catalog(config.paths.catalog)
+    catalog = Catalog(catalog_path(config))
     interrupts = Interrupts()
     # n_trials finished trials across every worker sharing the storage, exactly
     budget = Budget(

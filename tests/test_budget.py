@@ -241,3 +241,29 @@ def test_the_same_command_again_retrains_after_a_retrain_was_killed(tmp_path):
     assert logging.getLogger("optuna.study._optimize").filters == []  # search() cleans up
     metrics = json.loads((config.paths.best / "metrics.json").read_text())
     assert metrics["trial"] == study.best_trial.number
+
+
+def test_one_catalog_per_node_on_a_shared_filesystem_with_several_nodes(tmp_path, monkeypatch):
+    """SQLite's WAL does not work across hosts: with a database-server storage (several nodes)
+    and the study folder on NFS, Lustre …, each node writes its own catalog file."""
+    import socket
+
+    from automl_tl import _util, catalog, load_config
+    from automl_tl._util import filesystem_type
+
+    mounts = (
+        "proc /proc proc rw 0 0\n"
+        "server:/export /mnt/shared nfs4 rw 0 0\n"
+        "/dev/sda1 /mnt/shared/local\\040disk ext4 rw 0 0\n"
+    )
+    assert filesystem_type("/mnt/shared/studies/x", mounts) == "nfs4"
+    assert filesystem_type("/mnt/shared/local disk/x", mounts) == "ext4"
+    assert filesystem_type("/elsewhere", mounts) is None
+
+    config = load_config(write_study(tmp_path, "[search]\nbackbones = ['test_resnet']\n"))
+    assert catalog.catalog_path(config) == config.paths.catalog  # SQLite, local disk
+    config.search.storage = "postgresql://u@db/x"
+    assert catalog.catalog_path(config) == config.paths.catalog  # local disk: one node's folder
+    monkeypatch.setattr(catalog, "filesystem_type", lambda path: "lustre")
+    assert catalog.catalog_path(config).name == f"catalog-{socket.gethostname()}.db"
+    assert _util.filesystem_type(tmp_path) is not None  # this machine's /proc/self/mounts
