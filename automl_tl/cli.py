@@ -89,13 +89,65 @@ def cmd_search(args: argparse.Namespace) -> int:
         f"#{outcome.best['number']} val {config.search.metric} {outcome.best['value']:.4f}"
     )
     if outcome.metrics:
-        test = outcome.metrics["test"]
-        print(
-            f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
-            f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {outcome.model_dir}"
-        )
+        _print_retrained(config, outcome.metrics, outcome.model_dir)
+    _print_selection(outcome.selection)
     _print_weights_comparison(outcome.comparison, config.search.metric)
     return 0
+
+
+def _interval(metrics: dict[str, Any], key: str) -> str:
+    low_high = (metrics.get("test_interval") or {}).get(key)
+    return f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else ""
+
+
+def _print_retrained(config, metrics: dict[str, Any], directory) -> None:
+    """The retrained model's test scores with their 95 % intervals, and its calibration."""
+    test = metrics["test"]
+    print(
+        f"retrained on {config.retrain.on} (trial #{metrics['trial']}): test accuracy "
+        f"{test['accuracy']:.4f}{_interval(metrics, 'accuracy')}, balanced "
+        f"{test['balanced_accuracy']:.4f}{_interval(metrics, 'balanced_accuracy')}, macro F1 "
+        f"{test['macro_f1']:.4f}{_interval(metrics, 'macro_f1')} (95 % intervals, "
+        f"{metrics.get('test_images', '?')} test images) -> {directory}"
+    )
+    cal = metrics.get("calibration")
+    if cal and cal.get("fitted_on"):
+        print(
+            f"calibrated: temperature {cal['temperature']:.3f} (fitted on {cal['fitted_on']}); "
+            f"expected calibration error on test {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}"
+        )
+
+
+def _print_selection(data: dict[str, Any] | None) -> None:
+    """The race (finalists, their scores, the winner) and single vs ensemble vs soup."""
+    if not data:
+        return
+    sel = data["selection"]
+    if sel["runs"]:
+        how = f"{sel['folds']} folds of train+val" if sel["folds"] else "the study's split"
+        print(
+            f"race: {len(sel['finalists'])} finalists within ±{sel['standard_error']:.3f} of the "
+            f"best, {sel['runs']} extra runs ({how}, {sel['repeats']} repeat(s); budget "
+            f"{sel['budget']}, {sel['run_seconds']:.0f}s), chosen by {sel['rule']}:"
+        )
+        for r in sel["finalists"]:
+            mark = "*" if r["trial"] == sel["winner"] else " "
+            print(
+                f"  {mark} trial #{r['trial']:<4} search {r['value']:.4f}  mean {r['mean']:.4f}  "
+                f"lcb {r['lcb']:.4f}  ({len(r['scores'])} scores)"
+            )
+    for note in sel.get("notes") or []:
+        print(f"  note: {note}")
+    rows = [("single best", data.get("single")), ("ensemble", data.get("ensemble"))]
+    rows.append(("soup", data.get("soup")))
+    for label, row in rows:
+        if not row:
+            continue
+        print(
+            f"  {label:<12} test accuracy {row['test']['accuracy']:.4f}"
+            f"{_interval(row, 'accuracy')}  ECE {row['ece']:.3f}  {row['ms_per_image']:.2f} ms/image"
+            f"  {row['members']} model(s), {row['parameters']:,} parameters"
+        )
 
 
 def _print_weights_comparison(rows: list[dict[str, Any]] | None, metric: str) -> None:
@@ -116,16 +168,25 @@ def _print_weights_comparison(rows: list[dict[str, Any]] | None, metric: str) ->
     diff = transfer_difference(rows, metric)
     if diff is not None:
         d = diff["difference"]
+        verdict = "pays" if d > 0 else "does not pay"
+        if diff.get("inside_noise"):
+            tail = (
+                f", inside the noise (95 % interval ±{diff['noise']:.4f}): "
+                "not a difference these test images can show"
+            )
+        else:
+            tail = f" (95 % interval ±{diff['noise']:.4f})" if "noise" in diff else ""
         print(
-            f"  transfer {'pays' if d > 0 else 'does not pay'}: best transferred "
-            f"({diff['weights']}) - scratch = {d:+.4f} test {metric}"
+            f"  transfer {verdict}: best transferred ({diff['weights']}) - scratch = {d:+.4f} "
+            f"test {metric}{tail}"
         )
 
 
 def _search_with_workers(args: argparse.Namespace, config, registry, device: str) -> int:
     """``search --workers N``: N local worker processes on one study (see automl_tl.workers)."""
     from .leaderboard import best_summary, count_finished
-    from .retrain import retrain_once, retrain_per_weights
+    from .retrain import retrain_per_weights
+    from .selection import select_and_retrain
     from .storage import storage_for_workers, url_to_env
     from .workers import run_workers
 
@@ -164,14 +225,14 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
         from .data import load_splits
 
         splits = load_splits(config, registry)  # from the cache the workers shared
-        retrained = retrain_once(config, registry, result.study, splits, device=device)
+        # the race, the winner's retrain, the ensemble and the soup (automl_tl.selection)
+        retrained, chosen = select_and_retrain(
+            config, registry, result.study, splits, device=device
+        )
         if retrained is not None:
             directory, metrics = retrained
-            test = metrics["test"]
-            print(
-                f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
-                f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {directory}"
-            )
+            _print_retrained(config, metrics, directory)
+            _print_selection(chosen)
             rows = retrain_per_weights(config, registry, result.study, splits, device=device)
             _print_weights_comparison(rows, config.search.metric)
     return 1 if result.failed else 0
@@ -262,9 +323,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         bm = data["best_model"]
         print(
             f"\nbest model (trial {bm['trial']}): test "
-            + ", ".join(f"{k} {v:.4f}" for k, v in bm["test"].items())
+            + ", ".join(f"{k} {v:.4f}{_interval(bm, k)}" for k, v in bm["test"].items())
             + f" -> {bm['path']}"
         )
+    if data.get("selection"):
+        _print_selection(data["selection"])
     if data.get("weights"):
         print()
         _print_weights_comparison(data["weights"], config.search.metric)

@@ -80,6 +80,35 @@ class SearchSection:
     #: tpe / gp: start with one textbook configuration per backbone (automl_tl/portfolio.py)
     #: in place of the first random start-up trials; false: random start-up only
     portfolio: bool = True
+    #: early stopping: a trial stops when its validation score has not improved for this
+    #: many epochs, and scores as its best epoch (0 = off: every trial runs all epochs)
+    patience: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass
+class SelectionSection:
+    """How the winner is chosen after the search (automl_tl/selection.py)."""
+
+    #: race the finalists (complete trials within one standard error of the best) again;
+    #: false: the plain argmax of the search, as before
+    race: bool = True
+    #: at most this many finalists are raced
+    finalists: int = field(default=5, metadata={"min": 1})
+    #: extra training runs (other seeds) per finalist and fold
+    repeats: int = field(default=1, metadata={"min": 1})
+    #: k-fold cross-validation over train+val while racing; -1 = chosen from the images per
+    #: class (folds when the validation split has fewer than 10 images per class), 0 = off
+    folds: int = field(default=-1, metadata={"min": -1})
+    #: how the raced winner is chosen: the mean score, or its lower confidence bound
+    rule: str = field(default="mean", metadata=_choices("mean", "lcb"))
+    #: at most this many extra training runs (trial-equivalents) in all for racing
+    budget: int = field(default=20, metadata={"min": 1})
+    #: greedy ensemble selection (Caruana 2004) over the finalists -> <output>/ensemble/
+    ensemble: bool = True
+    #: greedy weight soup (Wortsman 2022) of finalists sharing backbone and weights -> soup/
+    soup: bool = True
+    #: temperature scaling fitted on held-out validation predictions
+    calibrate: bool = True
 
 
 @dataclass
@@ -109,6 +138,7 @@ class StudyConfig:
     search: SearchSection = field(default_factory=SearchSection)
     retrain: RetrainSection = field(default_factory=RetrainSection)
     pretrain: PretrainSection = field(default_factory=PretrainSection)
+    selection: SelectionSection = field(default_factory=SelectionSection)
     #: per-backbone weight source; "default" applies to backbones not named. A list makes the
     #: source a searched choice (the ``weights`` parameter), e.g. ["pretrain:digits:0-4", "none"]
     weights: dict[str, str | list[str]] = field(default_factory=lambda: {"default": "none"})
@@ -186,8 +216,9 @@ _SECTIONS = {
     "search": SearchSection,
     "retrain": RetrainSection,
     "pretrain": PretrainSection,
+    "selection": SelectionSection,
 }
-_TOP_LEVEL = ("name", "plugins", "data", "search", "retrain", "pretrain", "weights")
+_TOP_LEVEL = ("name", "plugins", "data", "search", "retrain", "pretrain", "selection", "weights")
 
 
 def _type_name(value: Any) -> str:

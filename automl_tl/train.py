@@ -109,6 +109,13 @@ class FitResult:
     feature_cache: str | None = None
     #: seconds spent computing features for the cache (0 on a hit)
     feature_seconds: float = 0.0
+    #: the epoch (0-based) whose validation score was best, and that score's metrics
+    best_epoch: int | None = None
+    best_val: dict[str, Any] | None = None
+    #: log-probabilities on the evaluated split at the best epoch (``keep_predictions``)
+    val_log_probs: torch.Tensor | None = None
+    #: training stopped early: no improvement for ``patience`` epochs
+    stopped_early: bool = False
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -264,29 +271,42 @@ def evaluate(
     data_config: DataConfig,
     device: torch.device,
     batch_size: int = 256,
+    log_probs: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``model`` on ``split`` (no augmentation)."""
+    """Metrics of ``model`` on ``split`` (no augmentation); ``log_probs`` (a list) receives
+    the log-probabilities of every image, in the split's order, batch by batch."""
     model.eval()
     inputs = _Inputs(data_config, device, memory_format_for(model, device))
     amp = _autocast(device)
     confusion = _confusion(num_classes, device)
     for xb, yb in batches(on_device(split, device), batch_size, device=device):
         with amp():
-            pred = model(inputs(xb)).argmax(1)
+            logits = model(inputs(xb))
+        pred = logits.argmax(1)
+        if log_probs is not None:
+            log_probs.append(logits.float().log_softmax(1).cpu())
         _add_predictions(confusion, yb, pred, num_classes)
     return classification_metrics(confusion.view(num_classes, num_classes).cpu())
 
 
 @torch.inference_mode()
 def _evaluate_head(
-    head: nn.Module, features: Split, num_classes: int, device: torch.device, batch_size: int
+    head: nn.Module,
+    features: Split,
+    num_classes: int,
+    device: torch.device,
+    batch_size: int,
+    log_probs: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     head.eval()
     amp = _autocast(device)
     confusion = _confusion(num_classes, device)
     for fb, yb in batches(features, batch_size, device=device):
         with amp():
-            pred = head(fb).reshape(len(fb), -1).argmax(1)
+            logits = head(fb).reshape(len(fb), -1)
+        pred = logits.argmax(1)
+        if log_probs is not None:
+            log_probs.append(logits.float().log_softmax(1).cpu())
         _add_predictions(confusion, yb, pred, num_classes)
     return classification_metrics(confusion.view(num_classes, num_classes).cpu())
 
@@ -389,6 +409,9 @@ def fit(
     on_epoch: Callable[[EpochResult], None] | None = None,
     compile: bool | str = False,
     feature_cache: _features.FeatureCache | bool = True,
+    patience: int = 0,
+    metric: str = "accuracy",
+    keep_predictions: bool = False,
 ) -> FitResult:
     """Train ``choice`` on ``data.part(train_on)``; score ``evaluate_on`` after every epoch.
 
@@ -400,6 +423,11 @@ def fit(
         compile: ``torch.compile`` the model (a string: the compile backend).
         feature_cache: the cache a linear probe without augmentation trains its head from:
             ``True`` the process-wide one, ``False`` none (train through the whole model).
+        patience: stop when ``metric`` on ``evaluate_on`` has not improved for this many
+            epochs (0: run every epoch). :attr:`FitResult.best_epoch` and ``best_val`` are
+            the best epoch's either way.
+        keep_predictions: keep the best epoch's log-probabilities on ``evaluate_on``
+            (:attr:`FitResult.val_log_probs`).
 
     Out of memory before the first epoch is reported restarts the trial with half the batch
     size, down to 2; the batch size used is :attr:`FitResult.batch_size`.
@@ -432,6 +460,9 @@ def fit(
                 compile=compile,
                 cache=cache,
                 batch_size=batch_size,
+                patience=patience,
+                metric=metric,
+                keep_predictions=keep_predictions,
             )
             result.oom_retries = retries
             return result
@@ -470,6 +501,9 @@ def _fit(
     compile: bool | str,
     cache: _features.FeatureCache | None,
     batch_size: int,
+    patience: int = 0,
+    metric: str = "accuracy",
+    keep_predictions: bool = False,
 ) -> FitResult:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -553,6 +587,7 @@ def _fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     history: list[EpochResult] = []
     val = None
+    best_epoch, best_val, best_log_probs, stopped_early = None, None, None, False
     train_seconds, images_seen = 0.0, 0
     for epoch in range(choice.epochs):
         set_trainable(model, plan[epoch])
@@ -595,13 +630,25 @@ def _fit(
             cached_features=probe is not None,
         )
         if held_out is not None:
+            collected: list[torch.Tensor] | None = [] if keep_predictions else None
             if probe is not None:
-                val = _evaluate_head(head_module, eval_source, num_classes, device, eval_batch)
+                val = _evaluate_head(
+                    head_module, eval_source, num_classes, device, eval_batch, collected
+                )
             else:
-                val = evaluate(step, held_out, num_classes, data_config, device, eval_batch)
+                val = evaluate(
+                    step, held_out, num_classes, data_config, device, eval_batch, collected
+                )
             result.val = {k: v for k, v in val.items() if k != "confusion_matrix"}
+            if best_val is None or val[metric] > best_val[metric]:  # the first best epoch
+                best_epoch, best_val = epoch, val
+                if collected is not None:
+                    best_log_probs = torch.cat(collected) if collected else None
         history.append(result)
         on_epoch(result)
+        if patience and best_epoch is not None and epoch - best_epoch >= patience:
+            stopped_early = epoch + 1 < choice.epochs
+            break
     return FitResult(
         model=model.eval(),
         backbone=backbone,
@@ -615,6 +662,10 @@ def _fit(
         batch_size=batch_size,
         feature_cache=feature_cache,
         feature_seconds=feature_seconds,
+        best_epoch=best_epoch,
+        best_val=best_val,
+        val_log_probs=best_log_probs,
+        stopped_early=stopped_early,
     )
 
 
