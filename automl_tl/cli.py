@@ -493,7 +493,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_timm_export, export_onnx
 
     config = load_config(args.study)
-    directory = config.paths.model(args.trial)
+    if args.model != "best" and args.trial is not None:
+        raise UserError("give --trial N or --model ensemble|soup, not both")
+    directory = (
+        config.paths.root / args.model if args.model != "best" else config.paths.model(args.trial)
+    )
     files = check_timm_export(directory)
     print(f"timm export: {directory} ({', '.join(files)})")
     if args.onnx:
@@ -502,6 +506,43 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"onnx: {result.path} (opset {result.opset}); max abs difference vs PyTorch on a batch "
             f"of {result.batch}: {result.max_abs_diff:.2e}"
         )
+    return 0
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """``automl-tl ensemble A B ... -o DIR [--soup]``."""
+    from pathlib import Path
+
+    from .export import check_timm_export, export_ensemble
+
+    folders = [Path(m) for m in args.models]
+    for f in folders:
+        check_timm_export(f)
+    if args.soup:
+        import json as _json
+
+        from .export import export_model
+        from .plugins import get_plugin_manager
+        from .registry import Registry
+        from .selection import soup_models
+
+        soup = soup_models(folders)
+        config = _json.loads((folders[0] / "config.json").read_text())
+        registry = Registry.from_plugin_manager(get_plugin_manager(args.plugin)[0])
+        backbone = registry.get("backbones", config.get("automl_tl", {}).get("backbone"))
+        export_model(
+            soup.model,
+            backbone,
+            Path(args.output),
+            soup.label_names,
+            soup.data_config,
+            {"kind": "soup", "ingredients": [str(f) for f in folders]},
+            extra={"temperature": soup.temperature},
+        )
+        print(f"soup of {len(folders)} models -> {args.output}")
+    else:
+        export_ensemble(folders, Path(args.output), metrics={"kind": "ensemble"})
+        print(f"ensemble of {len(folders)} models -> {args.output}")
     return 0
 
 
@@ -670,7 +711,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="write model.onnx and compare it with PyTorch (pip install 'automl-tl[onnx]')",
     )
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument(
+        "--model",
+        choices=["best", "ensemble", "soup"],
+        default="best",
+        help="which of the study's models: best/ (default), ensemble/ or soup/",
+    )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "ensemble",
+        help="combine exported models into one: an ensemble (default) or a weight soup (--soup)",
+        description="An ensemble averages its members' probabilities (members must predict the "
+        "same classes); a soup averages the weights of models of one backbone fine-tuned from "
+        "the same weights. Either loads, predicts and exports to ONNX like one model.",
+    )
+    common(p, study=False)
+    p.add_argument("models", nargs="+", help="exported model folders")
+    p.add_argument("--output", "-o", required=True, help="folder to write")
+    p.add_argument("--soup", action="store_true", help="average the weights instead")
+    p.add_argument("--plugin", action="append", default=[])
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("plugins", help="list plugins and what they register; --check one")
     common(p, study=False)

@@ -342,6 +342,13 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
         base_dir=base_dir,
         **sections,
     )
+    asked = (raw.get("selection") or {}).get("finalists")
+    if asked is not None and asked > config.search.n_trials:
+        raise ConfigError(
+            f"[selection] finalists = {asked} is more than the {config.search.n_trials} trials "
+            f"of [search] n_trials, so there cannot be that many; set [selection] finalists to "
+            f"at most {config.search.n_trials} or raise n_trials"
+        )
     for backbone, value in config.weights.items():
         if backbone != "default" and backbone not in config.search.backbones:
             raise ConfigError(
