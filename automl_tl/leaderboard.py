@@ -211,6 +211,7 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
                 "fail_reason": s.fail_reason,
                 "images_per_s": s.images_per_s,
                 "batch_size": s.batch_size,
+                "best_epoch": t.user_attrs.get(trials.BEST_EPOCH),  # 1-based
             }
         )
     out: dict[str, Any] = {

@@ -312,7 +312,8 @@ class TrialRecorder:
             trial_number=trial.number,
             state=trial.state.name,
             value=trial.value if trial.values else None,
-            attrs=dict(trial.user_attrs),
+            # (without the packed validation predictions: kilobytes no tracker wants)
+            attrs={k: v for k, v in trial.user_attrs.items() if k != trials.VAL_LOG_PROBS},
         )
         reason = trial.user_attrs.get(trials.FAIL_REASON, "unknown")
         if trial.state == TrialState.COMPLETE:

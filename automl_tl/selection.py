@@ -813,7 +813,8 @@ def build_extras(
             for _, count in pooled.values():
                 common &= count > 0
             log_probs = [pooled[n][0][common].clamp(min=1e-12).log().float() for n in usable]
-            counts = caruana_selection(log_probs, labels[common])
+            # hill-climb the study's metric (accuracy; ties by likelihood), as Caruana did
+            counts = caruana_selection(log_probs, labels[common], score="accuracy")
             members = [(n, c) for n, c in zip(usable, counts) if c]
             total = sum(c for _, c in members)
             mix = sum(c * pooled[n][0][common] for n, c in members) / total
@@ -855,7 +856,11 @@ def build_extras(
             and by_number[n].params.get("backbone") == winner.params.get("backbone")
             and weights_label(config, by_number[n].params) == weights_label(config, winner.params)
         ]
-        if same:
+        if weights_label(config, winner.params) == "none":
+            # from random init each trial starts from other weights (its own seed): averaging
+            # them is no soup
+            out["soup_note"] = "the winner trained from random init: no shared weights to soup"
+        elif same:
             out["soup"] = _greedy_soup(
                 config, registry, study, splits, selection, [selection.winner, *same], device
             )

@@ -112,7 +112,8 @@ class FitResult:
     #: the epoch (0-based) whose validation score was best, and that score's metrics
     best_epoch: int | None = None
     best_val: dict[str, Any] | None = None
-    #: log-probabilities on the evaluated split at the best epoch (``keep_predictions``)
+    #: log-probabilities on the evaluated split (``keep_predictions``): at the best epoch
+    #: with ``patience``, else at the last
     val_log_probs: torch.Tensor | None = None
     #: training stopped early: no improvement for ``patience`` epochs
     stopped_early: bool = False
@@ -588,6 +589,7 @@ def _fit(
     history: list[EpochResult] = []
     val = None
     best_epoch, best_val, best_log_probs, stopped_early = None, None, None, False
+    last_log_probs = None
     train_seconds, images_seen = 0.0, 0
     for epoch in range(choice.epochs):
         set_trainable(model, plan[epoch])
@@ -640,10 +642,10 @@ def _fit(
                     step, held_out, num_classes, data_config, device, eval_batch, collected
                 )
             result.val = {k: v for k, v in val.items() if k != "confusion_matrix"}
+            if collected:
+                last_log_probs = torch.cat(collected)
             if best_val is None or val[metric] > best_val[metric]:  # the first best epoch
-                best_epoch, best_val = epoch, val
-                if collected is not None:
-                    best_log_probs = torch.cat(collected) if collected else None
+                best_epoch, best_val, best_log_probs = epoch, val, last_log_probs
         history.append(result)
         on_epoch(result)
         if patience and best_epoch is not None and epoch - best_epoch >= patience:
@@ -664,7 +666,8 @@ def _fit(
         feature_seconds=feature_seconds,
         best_epoch=best_epoch,
         best_val=best_val,
-        val_log_probs=best_log_probs,
+        # the epoch the score is taken from: the best with early stopping, else the last
+        val_log_probs=best_log_probs if patience else last_log_probs,
         stopped_early=stopped_early,
     )
 

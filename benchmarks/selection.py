@@ -10,8 +10,8 @@ chosen model's test accuracy:
 
 - ``argmax``: the search's best trial, retrained (what automl-tl did before selection);
 - ``raced``: the race's winner (``[selection]``: repeats / k folds, rule);
-- ``soup``: the greedy soup of finalists sharing backbone and weights (the winner alone when
-  none does);
+- ``soup``: the greedy soup of finalists sharing backbone and pretrained weights (the winner
+  alone when none does, and always from random init: no shared starting point);
 - ``ensemble``: the greedy ensemble of finalists (the winner alone when it picks one);
 
 and the regret: oracle (the best test accuracy among the retrained finalists) minus the
@@ -184,11 +184,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--pretrain-epochs", type=int, default=4)
-    p.add_argument("--finalists", type=int, default=4)
+    p.add_argument("--finalists", type=int, default=5)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--folds", type=int, default=-1)
     p.add_argument("--rule", default="mean", choices=["mean", "lcb"])
-    p.add_argument("--budget", type=int, default=12)
+    p.add_argument("--budget", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="1 seed, 1 task, a tiny search")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, help="keep the studies here (default: a temporary folder)")

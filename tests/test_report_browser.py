@@ -97,8 +97,55 @@ def browser():
 
 
 def test_index_html_renders_in_chromium_with_every_figure_loaded(tmp_path, registry, browser):
-    config, _ = _make_study(tmp_path / "study", registry)
+    config, splits = _make_study(tmp_path / "study", registry)
+    # the selection section too: the race's table and the single model scored on test
+    from automl_tl.selection import Selection, score_model
+
+    chosen = Selection(
+        winner=1,
+        argmax=1,
+        rule="mean",
+        finalists=[
+            {
+                "trial": 1,
+                "value": 0.95,
+                "scores": [0.95, 0.9],
+                "mean": 0.925,
+                "lcb": 0.9,
+                "standard_error": 0.025,
+                "best_epochs": [3, 2],
+                "params": {},
+                "run_seconds": 1.0,
+            },
+            {
+                "trial": 0,
+                "value": 0.8,
+                "scores": [0.8, 0.85],
+                "mean": 0.825,
+                "lcb": 0.8,
+                "standard_error": 0.025,
+                "best_epochs": [3, 3],
+                "params": {},
+                "run_seconds": 1.0,
+            },
+        ],
+        standard_error=0.02,
+        val_images=108,
+        folds=0,
+        repeats=1,
+        budget=20,
+        runs=2,
+        run_seconds=2.0,
+        epochs=None,
+        temperature=None,
+        notes=["a note"],
+    )
+    single = score_model(config.paths.best, splits)
+    (config.paths.root / "selection.json").write_text(
+        json.dumps({"selection": chosen.to_dict(), "single": single})
+    )
     report = build_report(config, registry)
+    assert 'id="selection"' in report.index.read_text()
     assert report.skipped == []
     probe_page = report.directory / ".probe-index.html"
     page = report.index.read_text()
@@ -111,7 +158,7 @@ def test_index_html_renders_in_chromium_with_every_figure_loaded(tmp_path, regis
     assert match, f"the page never finished loading; chromium said: {dom.stderr[-2000:]}"
     state = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     assert state["title"] == f"automl-tl report: {config.name}"
-    assert state["tables"] >= 1 and state["height"] > 1000
+    assert state["tables"] >= 3 and state["height"] > 1000  # leaderboard, race, models
     figures = [f for f in report.files if f.written]
     assert len(state["images"]) >= len(figures)
     broken = [i for i in state["images"] if not (i["complete"] and i["naturalWidth"] > 0)]
