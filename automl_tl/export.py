@@ -136,7 +136,7 @@ class LoadedModel:
         """The module whose outputs are the calibrated logits (what ONNX exports)."""
         if isinstance(self.model, Averaged) or self.temperature == 1.0:
             return self.model
-        return Scaled(self.model, self.temperature)
+        return Scaled(self.model, self.temperature).to(self.device)
 
     @property
     def image_size(self) -> int:

@@ -700,10 +700,13 @@ def _member(
 
 
 @torch.inference_mode()
-def score_model(model_dir: Path, splits: Splits, *, seed: int = 0) -> dict[str, Any]:
-    """Test metrics with intervals and calibration, inference cost (ms per image on this
-    CPU, parameters) of an exported model or ensemble."""
-    loaded = load_model(model_dir, device="cpu")
+def score_model(
+    model_dir: Path, splits: Splits, *, seed: int = 0, device: Any = "cpu"
+) -> dict[str, Any]:
+    """Test metrics with intervals and calibration, inference cost (ms per image on
+    ``device``, parameters) of an exported model or ensemble."""
+    device = resolve_device(device)
+    loaded = load_model(model_dir, device=str(device))
     module = loaded.calibrated_module()
     test = splits.test
     lps = []
@@ -712,8 +715,10 @@ def score_model(model_dir: Path, splits: Splits, *, seed: int = 0) -> dict[str, 
     for start in range(0, len(test), 128):
         batch = test.x[start : start + 128]
         lps.append(module(loaded.preprocess(batch)).float().log_softmax(-1))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    log_probs = torch.cat(lps)
+    log_probs = torch.cat(lps).cpu()
     num_classes = len(loaded.label_names)
     pred = log_probs.argmax(1)
     from .scores import metrics_from_predictions
@@ -790,7 +795,8 @@ def build_extras(
     sel = config.selection
     out: dict[str, Any] = {"selection": selection.to_dict()}
     best_dir = paths.best
-    out["single"] = score_model(best_dir, splits, seed=config.data.seed)
+    scoring = resolve_device(device)
+    out["single"] = score_model(best_dir, splits, seed=config.data.seed, device=scoring)
     numbers = [r["trial"] for r in selection.finalists]
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     labels = _pool_labels(splits)
@@ -839,7 +845,9 @@ def build_extras(
                     "temperature": round(temperature, 4),
                 },
             )
-            out["ensemble"] = score_model(paths.root / "ensemble", splits, seed=config.data.seed)
+            out["ensemble"] = score_model(
+                paths.root / "ensemble", splits, seed=config.data.seed, device=scoring
+            )
             out["ensemble"]["member_trials"] = {str(n): c for n, c in members}
             log.info(
                 "ensemble of trials %s (weights %s) -> %s",
@@ -916,7 +924,9 @@ def _greedy_soup(
         metrics,
         extra={"temperature": temperature},
     )
-    scored = score_model(config.paths.root / "soup", splits, seed=config.data.seed)
+    scored = score_model(
+        config.paths.root / "soup", splits, seed=config.data.seed, device=resolve_device(device)
+    )
     scored["ingredients"] = metrics["ingredients"]
     log.info("soup of trials %s -> %s", metrics["ingredients"], config.paths.root / "soup")
     return scored
