@@ -32,6 +32,37 @@ class _ScrubPasswords(logging.Filter):
         return True
 
 
+#: C0/C1 control characters (ESC starts terminal escape sequences), bidi overrides, and lone
+#: surrogates (undecodable bytes of a file name, kept by Python as U+DC80…U+DCFF)
+_UNPRINTABLE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NEWLINE = re.compile("\n")
+#: a spreadsheet runs a cell that starts with one of these as a formula
+_FORMULA_START = ("=", "+", "-", "@")  # (tab and CR are escaped by printable() first)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte of a non-UTF-8 file name (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str, newlines: bool = False) -> str:
+    """``text`` safe to print on a terminal: control characters, terminal escapes, bidi
+    overrides and undecodable bytes of file names shown as ``\\xNN`` (newlines kept if asked)."""
+    text = _UNPRINTABLE.sub(lambda m: _escape(m.group()), text)
+    return text if newlines else _NEWLINE.sub("\\\\n", text)
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: printable, and a leading ``= + - @`` quoted
+    with ``'`` so a file or class name is never run as a formula. Numbers pass unchanged."""
+    if not isinstance(value, str):
+        return value
+    value = printable(value)
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
 def _setup_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
@@ -60,6 +91,14 @@ def _load(args: argparse.Namespace, **overrides: Any):
     return config, pm, Registry.from_plugin_manager(pm)
 
 
+def _device(name: str | None) -> str:
+    """The device a command runs on, checked before anything starts (one message if bad)."""
+    from .train import resolve_device
+
+    resolve_device(name)
+    return name or "auto"
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "search.n_trials": getattr(args, "n_trials", None),
@@ -73,7 +112,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .study import search
 
     config, pm, registry = _load(args, **_overrides(args))
-    device = args.device or config.search.device
+    device = _device(args.device or config.search.device)
     if args.workers != 1:
         return _search_with_workers(args, config, registry, device)
     from .progress import show_progress
@@ -164,7 +203,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     config, pm, registry = _load(args, **_overrides(args))
     check_named_weights(config, registry)  # a [weights] typo: one message, before training
     directory, metrics = retrain(
-        config, registry, trial_number=args.trial, device=args.device or config.search.device
+        config,
+        registry,
+        trial_number=args.trial,
+        device=_device(args.device or config.search.device),
     )
     test = metrics["test"]
     print(
@@ -176,7 +218,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     from tabulate import tabulate
 
-    return tabulate([[r.get(c) for c in columns] for r in rows], headers=columns, floatfmt=".4g")
+    def cell(value: Any) -> Any:
+        return printable(value) if isinstance(value, str) else value
+
+    return tabulate(
+        [[cell(r.get(c)) for c in columns] for r in rows], headers=columns, floatfmt=".4g"
+    )
 
 
 def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -184,7 +231,7 @@ def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({c: r.get(c) for c in columns})
+        writer.writerow({c: spreadsheet_safe(r.get(c)) for c in columns})
     return buf.getvalue()
 
 
@@ -194,11 +241,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .study import report
 
     config = load_config(args.study, {"search.storage": args.storage})
+    device = _device(args.device or "cpu")
     data = report(config)
     if not args.no_files:  # plots + index.html in <output>/report/; stdout stays the data
         from .report import write_report_files
 
-        data["report"] = write_report_files(config, data, args.plugin, args.device or "cpu")
+        data["report"] = write_report_files(config, data, args.plugin, device)
     if args.format == "json":
         print(json.dumps(data, indent=2))
         return 0
@@ -254,7 +302,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .export import load_model, predict_paths
 
-    model = load_model(args.model, device=args.device or "cpu")
+    if args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k}: give 1 or more labels per image")
+    model = load_model(args.model, device=_device(args.device or "cpu"))
     rows = predict_paths(model, args.paths, top_k=args.top_k)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -302,7 +352,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print(result.format_text())
+        print(printable(result.format_text(), newlines=True))
     return 0 if result.usable else 1
 
 
@@ -333,7 +383,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         out,
         Registry.from_plugin_manager(pm),
         cache_dir=out.parent / "cache",
-        device=args.device or "auto",
+        device=_device(args.device or "auto"),
         force=args.force,
     )
     meta = result.meta
@@ -569,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"error: {scrub(str(exc))}", file=sys.stderr)
+        print(f"error: {printable(scrub(str(exc)), newlines=True)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         print(

@@ -582,6 +582,16 @@ def assign_splits(
         frac = val_fraction / max(1e-9, 1.0 - (test_fraction if len(fixed["test"]) == 0 else 0.0))
         pool, out["val"] = _stratified(pool, labels, min(frac, 0.9), rng)
     out["train"] = pool
+    if len(fixed["val"]) == 0 or len(fixed["test"]) == 0:
+        trained = set(labels[pool].tolist())
+        held = sorted({int(c) for c in labels[np.concatenate([out["val"], out["test"]])]})
+        starved = [class_names[c] for c in held if c not in trained]
+        if starved:
+            raise DataError(
+                f"class(es) {starved} have no training image left after the val and test splits "
+                f"(val_fraction {val_fraction}, test_fraction {test_fraction}); lower the "
+                "fractions or add images"
+            )
     return out
 
 

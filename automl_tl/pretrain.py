@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -187,7 +188,15 @@ def _check_spec(spec: PretrainSpec, out: Path) -> None:
     ):
         if value < low:
             raise UserError(f"pretrain {name} = {value} is too small; it must be at least {low}")
-    if not spec.lr > 0 or not 0.0 <= spec.aug_strength <= 1.0 or spec.weight_decay < 0:
+    if not 0 <= spec.seed < 2**32:
+        raise UserError(f"pretrain seed = {spec.seed} is out of range; use 0 … {2**32 - 1}")
+    finite = all(math.isfinite(v) for v in (spec.lr, spec.weight_decay, spec.aug_strength))
+    if (
+        not finite
+        or not spec.lr > 0
+        or not 0.0 <= spec.aug_strength <= 1.0
+        or spec.weight_decay < 0
+    ):
         raise UserError(
             f"pretrain needs lr > 0 (got {spec.lr}), weight decay >= 0 (got "
             f"{spec.weight_decay}) and an augmentation strength in [0, 1] (got {spec.aug_strength})"

@@ -539,6 +539,32 @@ CONFIG_CASES = {
         ("[search]", '[search]\noutput = "a-file/out"'),
         "error: output folder {tmp}/a-file/out is not writable (",
     ),
+    "batch of one": (
+        ("epochs = 1", "epochs = 1\nbatch_size = 1"),
+        "error: [search] batch_size = 1 is too small (batches of one image are dropped, so "
+        "nothing trains); it must be at least 2",
+    ),
+    "nothing left to train on": (
+        ("image_size = 32", "image_size = 32\nval_fraction = 0.5\ntest_fraction = 0.5"),
+        "error: [data] val_fraction + test_fraction = 1 leaves no images to train on; keep "
+        "their sum at most 0.9",
+    ),
+    "NaN in a range": (
+        ("[search]", "[search]\nlr = [nan, 0.1]"),
+        "error: [search] lr = [nan, 0.1]: both ends must be finite numbers",
+    ),
+    "inf in a range": (
+        ("[search]", "[search]\nweight_decay = [1e-6, inf]"),
+        "error: [search] weight_decay = [1e-06, inf]: both ends must be finite numbers",
+    ),
+    "negative seed": (
+        ("image_size = 32", "image_size = 32\nseed = -1"),
+        "error: [data] seed = -1 is too small; it must be at least 0",
+    ),
+    "seed of 2**32": (
+        ("image_size = 32", "image_size = 32\nseed = 4294967296"),
+        "error: [data] seed = 4294967296 is too large; it must be at most 4294967295",
+    ),
 }
 
 
@@ -671,3 +697,69 @@ def test_skipped_images_are_in_the_catalog_and_the_report(tmp_path, capsys):
         f'skipped 2 unreadable image(s) (on_bad_image = "skip"): {expected[0][0]} (empty file '
         f"(0 bytes)), {expected[1][0]} (truncated image)" in capsys.readouterr().out
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# more bad input: one message, exit 2, no traceback (issue 13)
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def test_nul_byte_in_the_study_name(tmp_path, capsys):
+    study = tmp_path / "nul.toml"
+    study.write_text('name = "a\\u0000b"\n' + STUDY)
+    assert main(["search", str(study), "--device", "cpu"]) == 2
+    assert _one_error_line(capsys).startswith(
+        "error: name 'a\\x00b' must not contain control characters"
+    )
+
+
+def test_study_file_that_is_not_utf8(tmp_path, capsys):
+    study = tmp_path / "latin1.toml"
+    study.write_bytes('name = "caf\u00e9"\n'.encode("latin-1") + STUDY.encode())
+    assert main(["search", str(study), "--device", "cpu"]) == 2
+    line = _one_error_line(capsys)
+    assert "is not UTF-8 text" in line and "save it as UTF-8" in line
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [
+        ("cdua", "error: device 'cdua' is not a device name; use auto, cpu, cuda, cuda:N or mps"),
+        ("cuda:99", "error: device 'cuda:99': "),
+    ],
+)
+def test_bad_device_is_one_message(tmp_path, capsys, device, expected):
+    study = write_study(tmp_path, STUDY)
+    assert main(["search", str(study), "--device", device]) == 2
+    assert _one_error_line(capsys).startswith(expected)
+    assert not (tmp_path / "tiny" / "optuna.db").exists()
+
+
+@pytest.mark.parametrize("k", ["0", "-3"])
+def test_predict_top_k_below_one(tmp_path, capsys, k):
+    assert main(["predict", str(tmp_path), str(tmp_path), "--top-k", k]) == 2
+    assert _one_error_line(capsys) == f"error: --top-k {k}: give 1 or more labels per image"
+
+
+def test_fractions_that_starve_a_small_class_are_refused(registry, tmp_path):
+    root = make_folder(tmp_path / "d", {"few": 3, "many": 12})
+    with pytest.raises(DataError, match=r"class\(es\) \['few'\] have no training image left"):
+        prepare_data(
+            registry, f"folder:{root}", image_size=8, val_fraction=0.45, test_fraction=0.45
+        )
+
+
+def test_a_batch_size_that_trains_nothing_fails_instead_of_exporting(registry):
+    """fit() never returns an untrained model as if it were fine (every batch dropped)."""
+    from automl_tl import Choice, fit
+
+    data = prepare_data(registry, "digits:0-1", image_size=16, seed=0, max_per_class=6)
+    choice = Choice(backbone="test_resnet", epochs=1, batch_size=1)
+    with pytest.raises(DataError, match="no training step ran"):
+        fit(choice, data, registry, device="cpu", seed=0)
