@@ -142,7 +142,7 @@ def pretrain(
         device: ``auto``, ``cpu``, ``cuda``, ...
         force: retrain even when ``out`` is up to date.
     """
-    from .data import fingerprint, load_dataset
+    from .data import content_fingerprint, fingerprint, load_dataset, record_digests
 
     out = Path(out)
     _check_spec(spec, out)
@@ -156,7 +156,11 @@ def pretrain(
             backbone, spec.init, f'--init "{spec.init}"', '"none", a file, "local-dir:DIR"'
         )
     dataset = load_dataset(registry, spec.source, base_dir)
-    key = cache_key(spec, fingerprint(dataset.records))
+    records = dataset.records
+    # paths + sizes, and the bytes: a same-size edit of an image is a new data set (the
+    # digests come from the decoded cache when it is current, else one read of each file)
+    content, _ = content_fingerprint(records, record_digests(records, spec.image_size, cache_dir))
+    key = cache_key(spec, f"{fingerprint(records)}|{content}")
     if not force:
         meta = _up_to_date(out, key)
         if meta is not None:

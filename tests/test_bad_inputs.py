@@ -3,6 +3,7 @@ test asserts the exact outcome (the decoded pixels, the reason, the message, the
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -176,6 +177,7 @@ def test_tiny_and_huge_images_are_resized_to_the_study_size(tmp_path):
         "format": "JPEG",
         "mode": "RGB",
         "size": (6000, 4000),
+        "sha256": hashlib.sha256((tmp_path / "huge.jpg").read_bytes()).hexdigest()[:32],
     }
     tiny = decode_image(tmp_path / "tiny.png", 32)
     assert tiny.shape == (3, 32, 32) and tiny[:, 31, 31].tolist() == [9, 8, 7]
@@ -440,7 +442,7 @@ def test_killed_cache_build_is_never_used(registry, tmp_path):
     assert not [n for n in left if n.startswith("images-")]  # no cache, no sidecar
     assert [n for n in left if n.endswith(".npy.tmp")]  # only the dead build's temporary file
     records = load_dataset(registry, "digits:0-1", tmp_path).records
-    images, bad = decoded_images(records, 8, cache)
+    images, bad, _ = decoded_images(records, 8, cache)
     assert images.shape == (360, 3, 8, 8) and bad == [] and int(images[-1].max()) > 0
     assert not list(cache.glob(".images-*.tmp"))  # the dead build's leftovers are removed
 
@@ -466,7 +468,7 @@ def test_changed_data_is_refused_naming_the_change(registry, tmp_path):
     with pytest.raises(DataError, match=r"(dog: 2 -> 1|dog: 6 -> 5|dog: 4 -> 3) images"):
         check_data(study, prepare_data(registry, f"folder:{root}", image_size=8))
     with pytest.raises(DataError, match=r"seed or fractions"):
-        make_folder(root, {"dog": 6})
+        make_folder(root, {"cat": 6, "dog": 6})  # the original files again
         check_data(study, prepare_data(registry, f"folder:{root}", image_size=8, seed=5))
 
 
@@ -763,3 +765,47 @@ def test_a_batch_size_that_trains_nothing_fails_instead_of_exporting(registry):
     choice = Choice(backbone="test_resnet", epochs=1, batch_size=1)
     with pytest.raises(DataError, match="no training step ran"):
         fit(choice, data, registry, device="cpu", seed=0)
+
+
+def test_a_same_size_edit_of_an_image_is_noticed(registry, tmp_path):
+    """Path + size is not the data's identity: the bytes are (hashed while decoding)."""
+    import optuna
+
+    from automl_tl.study import check_data
+
+    root = make_folder(tmp_path / "d", {"cat": 6, "dog": 6})
+    study = optuna.create_study(study_name="s", direction="maximize")
+    cache = tmp_path / "cache"
+    check_data(study, prepare_data(registry, f"folder:{root}", image_size=8, cache_dir=cache))
+    target = root / "cat" / "2.png"
+    size, stat = target.stat().st_size, target.stat()
+    _noise(seed=999).save(target)  # noise does not compress: the same size, other pixels
+    assert target.stat().st_size == size
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # an edit moves mtime
+    with pytest.raises(DataError, match=r"contents of images changed .* in class\(es\) \['cat'\]"):
+        check_data(study, prepare_data(registry, f"folder:{root}", image_size=8, cache_dir=cache))
+
+
+def test_byte_identical_copies_across_splits_warn(registry, tmp_path):
+    root = make_folder(tmp_path / "d", {"cat": 6, "dog": 6})
+    for i in range(6):  # every dog is a copy of a cat: some land in another split
+        (root / "dog" / f"{i}.png").write_bytes((root / "cat" / f"{i}.png").read_bytes())
+    with pytest.warns(UserWarning, match=r"byte-identical copies of images in another split"):
+        prepare_data(registry, f"folder:{root}", image_size=8)
+
+
+def test_a_csv_that_lists_an_image_twice_is_refused(registry, tmp_path):
+    make_folder(tmp_path, {"a": 4, "b": 4})
+    rows = [f"a/{i}.png,a" for i in range(4)] + [f"b/{i}.png,b" for i in range(4)]
+    (tmp_path / "m.csv").write_text("path,label\n" + "\n".join([*rows, "a/1.png,a"]) + "\n")
+    with pytest.raises(
+        DataError, match=r"lists 1 image\(s\) more than once.*a/1.png \(lines 3, 10\)"
+    ):
+        load_dataset(registry, "csv:m.csv", tmp_path)
+
+
+def test_a_csv_that_is_not_utf8_is_one_message(registry, tmp_path):
+    make_folder(tmp_path, {"a": 4})
+    (tmp_path / "m.csv").write_bytes("path,label\na/0.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"m.csv is not UTF-8 text .* save it as UTF-8"):
+        load_dataset(registry, "csv:m.csv", tmp_path)

@@ -450,3 +450,38 @@ def test_stale_staging_folders_of_dead_exports_are_removed(tmp_path, export_regi
     _export_tiny(export_registry, tmp_path / "best", 0.0)
     assert not stale.exists()
     assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# a full disk while the image cache is written: one message, not "Bus error"
+
+DISK_FULL = """
+import resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: EFBIG, like a full disk
+from automl_tl import registry_for
+from automl_tl.data import prepare_data
+registry = registry_for()
+resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))  # the cache needs ~5.5 MB
+prepare_data(registry, "digits", image_size=32, cache_dir=Path(sys.argv[1]))
+"""
+
+
+def test_a_full_disk_while_caching_is_one_message(tmp_path):
+    code = (
+        "import sys\nfrom automl_tl.cli import main\nfrom automl_tl.errors import UserError\n"
+        "try:\n" + "".join(f"    {line}\n" for line in DISK_FULL.strip().splitlines()) + ""
+        "except UserError as exc:\n    print('error:', exc, file=sys.stderr); sys.exit(2)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "cannot write the decoded image cache (5.5 MB) in " in result.stderr
+    assert "Free disk space" in result.stderr
+    assert not any((tmp_path / "cache").glob("*.tmp"))  # nothing half written is left

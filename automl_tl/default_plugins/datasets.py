@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 from pathlib import Path
 
@@ -156,6 +157,16 @@ class CsvManifest(DatasetSource):
 
     def load(self, argument, base_dir):
         path = _resolve(argument, base_dir, "csv")
+        try:
+            return self._read(path)
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path} is not UTF-8 text (byte {exc.start}: "
+                f"{exc.object[exc.start : exc.start + 1]!r}); save it as UTF-8"
+            ) from None
+
+    def _read(self, path: Path) -> Dataset:
+        lines: dict[str, list[int]] = {}
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = [c.strip() for c in reader.fieldnames or []]
@@ -177,8 +188,20 @@ class CsvManifest(DatasetSource):
                 if not image.is_absolute():
                     image = path.parent / image
                 records.append(Record(str(image), row["label"], split))
+                lines.setdefault(os.path.normpath(image), []).append(line_no)
         if not records:
             raise DataError(f"{path} lists no images")
+        repeated = {p: n for p, n in lines.items() if len(n) > 1}
+        if repeated:  # a repeated image can land in train and in test: a leak
+            shown = "; ".join(
+                f"{os.path.relpath(p, path.parent)} (lines {', '.join(map(str, n))})"
+                for p, n in list(repeated.items())[:5]
+            )
+            more = f"; … ({len(repeated)} in all)" if len(repeated) > 5 else ""
+            raise DataError(
+                f"{path} lists {len(repeated)} image(s) more than once: {shown}{more}. A "
+                "repeated image can land in train and in val/test; remove the repeated rows"
+            )
         return Dataset(records=records)
 
 
