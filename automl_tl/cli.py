@@ -85,9 +85,8 @@ def _load(args: argparse.Namespace, **overrides: Any):
     from .registry import Registry
 
     config = load_config(args.study, overrides)
-    pm, infos = get_plugin_manager(
-        [*config.plugins, *getattr(args, "plugin", [])], base_dir=config.base_dir
-    )
+    # the study's plugin files are absolute (config.py); --plugin paths are the cwd's
+    pm, infos = get_plugin_manager([*config.plugins, *getattr(args, "plugin", [])])
     return config, pm, Registry.from_plugin_manager(pm)
 
 
@@ -322,9 +321,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_check_data(args: argparse.Namespace) -> int:
     from .config import config_from_dict, load_config
-    from .data import check_source
-    from .plugins import get_plugin_manager
-    from .registry import Registry
+    from .data import check_source, parse_source
+    from .plugins import registry_needing
 
     overrides = {
         "data.image_size": args.image_size,
@@ -338,10 +336,13 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         data = {"source": args.source}
         data.update({k.split(".")[1]: v for k, v in overrides.items() if v is not None})
         config = config_from_dict({"name": "check-data", "data": data})
-    pm, _ = get_plugin_manager([*config.plugins, *args.plugin], base_dir=config.base_dir)
     d = config.data
+    # the study file's plugins run only if its dataset source comes from one of them
+    registry = registry_needing(
+        config.plugins, args.plugin, {"datasets": [parse_source(d.source)[0]]}
+    )
     result = check_source(
-        Registry.from_plugin_manager(pm),
+        registry,
         d.source,
         image_size=d.image_size,
         val_fraction=d.val_fraction,

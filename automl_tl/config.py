@@ -11,6 +11,7 @@ import dataclasses
 import math
 import re
 import sys
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,7 +144,7 @@ class StudyConfig:
         journal = self.output_dir / "optuna-journal.log"
         if journal.exists():
             return f"journal:{journal}"
-        return f"sqlite:///{self.output_dir / 'optuna.db'}"
+        return sqlite_url(self.output_dir / "optuna.db")
 
     def weights_entry(self, backbone: str) -> str | list[str]:
         """``[weights]``'s value for ``backbone`` as written: its own entry, else ``default``."""
@@ -184,6 +185,18 @@ class StudyConfig:
         path = Path(value[len("local-dir:") :] if local_dir else value).expanduser()
         path = path if path.is_absolute() else self.base_dir / path
         return f"local-dir:{path}" if local_dir or path.is_dir() else str(path)
+
+
+def sqlite_url(path: Path) -> str:
+    """``sqlite:///PATH`` with the path percent-quoted: SQLAlchemy reads ``?`` as the start of
+    URL options and unquotes ``%2E%2E%2F``, so a study name or output folder holding them
+    would otherwise move ``optuna.db`` elsewhere."""
+    return "sqlite:///" + urllib.parse.quote(str(path), safe="/")
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a ``sqlite:///PATH`` URL (the inverse of :func:`sqlite_url`)."""
+    return Path(urllib.parse.unquote(url[len("sqlite:///") :].partition("?")[0]))
 
 
 #: ``NAME`` or ``NAME:TAG`` (``torchvision``, ``torchvision:IMAGENET1K_V1``): a weight source a
@@ -319,6 +332,8 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
     plugins = raw.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f"plugins must be a list of module names or .py paths, got {plugins!r}")
+    # a plugin file is found beside the study file, never in whatever folder the command runs
+    plugins = [_plugin_path(p, base_dir) for p in plugins]
     weights = raw.get("weights", {})
     if not isinstance(weights, dict) or not all(
         isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
@@ -350,6 +365,14 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
             )
         _check_weights(config, backbone, value)
     return config
+
+
+def _plugin_path(spec: str, base_dir: Path) -> str:
+    """A plugin file of the study resolved against the study file's folder; a module as is."""
+    if not (spec.endswith(".py") or "/" in spec or "\\" in spec):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path if path.is_absolute() else base_dir / path)
 
 
 _WEIGHT_SOURCES = '"none", "timm", "timm:TAG", "pretrain:SOURCE", "local-dir:DIR" or a file path'
