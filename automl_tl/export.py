@@ -295,6 +295,48 @@ class LoadedModel:
         ]
 
 
+#: The ``model_args`` of an export's config.json that :func:`load_model` lets timm pass to the
+#: model's constructor: shape and layout only. Anything else (``checkpoint_path``,
+#: ``pretrained_cfg_overlay``, layer factories …) could make the constructor read other files
+#: or build something else than the export describes, so it is refused.
+ALLOWED_MODEL_ARGS = frozenset(
+    {
+        "num_classes",
+        "in_chans",
+        "global_pool",
+        "img_size",
+        "patch_size",
+        "dynamic_img_size",
+        "dynamic_img_pad",
+        "class_token",
+        "reg_tokens",
+        "no_embed_class",
+        "num_features",
+    }
+)
+
+
+def _check_model_args(config: dict[str, Any], config_path: Path) -> None:
+    args = config.get("model_args", {})
+    plain = (int, float, str, bool, type(None))
+    if not isinstance(args, dict):
+        raise UserError(f"{config_path}: model_args must be a mapping; re-export the model")
+    bad = sorted(
+        k
+        for k, v in args.items()
+        if k not in ALLOWED_MODEL_ARGS
+        or not (
+            isinstance(v, plain) or (isinstance(v, list) and all(isinstance(x, plain) for x in v))
+        )
+    )
+    if bad:
+        raise UserError(
+            f"{config_path}: model_args {bad} are not passed to the model's constructor (allowed: "
+            f"{', '.join(sorted(ALLOWED_MODEL_ARGS))}, with plain values); remove them or "
+            "re-export the model with automl-tl"
+        )
+
+
 def load_model(directory: str | Path, device: str = "cpu", registry=None) -> LoadedModel:
     """Load an exported model (timm format) and its preprocessing.
 
@@ -314,7 +356,11 @@ def load_model(directory: str | Path, device: str = "cpu", registry=None) -> Loa
             f"{directory} is not an exported model (needs config.json and model.safetensors); "
             "run `automl-tl search` or `automl-tl retrain` first"
         )
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_path} is not valid JSON ({exc}); re-export the model") from exc
+    _check_model_args(config, config_path)
     architecture = config.get("architecture", "")
     label_names = config.get("label_names") or config.get("pretrained_cfg", {}).get("label_names")
     cfg = config.get("pretrained_cfg", {})
