@@ -101,7 +101,7 @@ def test_check_data_runs_no_study_plugin_it_does_not_need(tmp_path, capsys):
 def test_report_runs_no_study_plugin_it_does_not_need(tmp_path, capsys):
     import optuna
 
-    from automl_tl.workers import open_storage
+    from automl_tl.storage import open_storage
 
     study, marker = _marking_study(tmp_path)
     config = load_config(study)
@@ -272,7 +272,7 @@ def test_the_sqlite_url_quotes_the_study_folder(tmp_path):
     """`?` starts URL options and `%2E%2E%2F` is unquoted to `../` by SQLAlchemy."""
     import optuna
 
-    from automl_tl.workers import open_storage
+    from automl_tl.storage import open_storage
 
     for name in ("what?x", "%2E%2E%2Fescaped"):
         study = tmp_path / "s.toml"
