@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._util import as_umask_allows, sha256_file, write_atomic
+from ._util import as_umask_allows, node_lock, sha256_file, write_atomic
 from .components import Backbone, DataConfig
 from .data import IMAGE_SUFFIXES
 from .errors import UserError
@@ -73,21 +73,9 @@ def _signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-@contextlib.contextmanager
 def _export_lock(directory: Path):
-    """One export of ``directory`` at a time on this node (flock on ``.<name>.lock``)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    lock = directory.with_name(f".{directory.name}.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+    """One export of ``directory`` at a time on this node (``.<name>.lock`` beside it)."""
+    return node_lock(directory.with_name(f".{directory.name}.lock"))
 
 
 def _leftovers(directory: Path, kind: str) -> list[Path]:

@@ -370,3 +370,14 @@ def test_search_report_and_predict_with_odd_names(tmp_path, capsys):
     capsys.readouterr()
     assert main(["predict", str(tmp_path / "tiny" / "best"), str(root), "--format", "csv"]) == 0
     assert "\\xff\\xfe.png" in capsys.readouterr().out
+
+
+def test_node_locks_never_follow_a_planted_link(tmp_path):
+    """Lock files have predictable names; a link planted there must not create its target."""
+    from automl_tl._util import node_lock
+
+    (tmp_path / ".best.lock").symlink_to(tmp_path / "elsewhere" / "created")
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(OSError), node_lock(tmp_path / ".best.lock"):
+        pass
+    assert not (tmp_path / "elsewhere" / "created").exists()
