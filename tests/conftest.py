@@ -148,11 +148,12 @@ class CliResult:
     stderr: str
 
 
-@pytest.fixture
-def cli(capsys):
+def run_main(*args: str, env: dict | None = None, cwd: Path | None = None) -> CliResult:
     """``automl-tl ARGS`` in this process: ``main(argv)`` with its output captured, 2-5 s
-    faster than a subprocess per call. ``env`` and ``cwd`` hold for that call only; the
-    logging, warning and signal set-up ``main`` changes is put back afterwards."""
+    faster than a subprocess. ``env`` and ``cwd`` hold for this call only; the logging,
+    warning and signal set-up that ``main`` changes is put back afterwards."""
+    import contextlib
+    import io
     import logging
     import signal
     import warnings
@@ -161,28 +162,32 @@ def cli(capsys):
 
     from automl_tl.cli import main
 
-    def run(*args: str, env: dict | None = None, cwd: Path | None = None) -> CliResult:
-        logger = logging.getLogger("automl_tl")
-        saved = (logger.handlers[:], logger.level, logger.propagate)
-        saved_format, saved_verbosity = warnings.formatwarning, optuna.logging.get_verbosity()
-        saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        capsys.readouterr()  # only this call's output
-        with pytest.MonkeyPatch.context() as mp:
-            for key, value in (env or {}).items():
-                mp.setenv(key, value)
-            if cwd is not None:
-                mp.chdir(cwd)
-            try:
+    logger = logging.getLogger("automl_tl")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    saved_format, saved_verbosity = warnings.formatwarning, optuna.logging.get_verbosity()
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        if cwd is not None:
+            mp.chdir(cwd)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 code = main(list(args))
-            except SystemExit as exc:  # argparse: --help, a usage error
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            finally:
-                logger.handlers[:], logger.level, logger.propagate = saved
-                warnings.formatwarning = saved_format
-                optuna.logging.set_verbosity(saved_verbosity)
-                for s, handler in saved_signals.items():
-                    signal.signal(s, handler)
-        out, err = capsys.readouterr()
-        return CliResult(code, out, err)
+        except SystemExit as exc:  # argparse: --help, a usage error
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            logger.handlers[:], logger.level, logger.propagate = saved
+            warnings.formatwarning = saved_format
+            optuna.logging.set_verbosity(saved_verbosity)
+            for s, handler in saved_signals.items():
+                signal.signal(s, handler)
+    return CliResult(code, out.getvalue(), err.getvalue())
 
-    return run
+
+@pytest.fixture
+def cli():
+    """:func:`run_main`: the command line in this process, where the process itself is not
+    what a test is about (``run_cli`` for signals, tracebacks, worker processes)."""
+    return run_main
