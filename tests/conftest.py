@@ -191,3 +191,6 @@ def cli():
     """:func:`run_main`: the command line in this process, where the process itself is not
     what a test is about (``run_cli`` for signals, tracebacks, worker processes)."""
     return run_main
+
+
+from .shared import pretrained_digits, searched  # noqa: E402, F401  (built once per session)
