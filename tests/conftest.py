@@ -133,6 +133,14 @@ def create_study(config):
     )
 
 
+# TINY_STUDY on 3 digits and 1 epoch: for tests that assert what a search does, not how well
+# it learns (a third of the images, half the epochs).
+SMALL_STUDY = TINY_STUDY.replace('source = "digits"', 'source = "digits:0-2"').replace(
+    "epochs = 2", "epochs = 1"
+)
+assert SMALL_STUDY.count("digits:0-2") == 1 and "epochs = 1" in SMALL_STUDY
+
+
 @pytest.fixture
 def tiny_study(tmp_path):
     return write_study(tmp_path, TINY_STUDY)

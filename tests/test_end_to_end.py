@@ -14,7 +14,7 @@ import textwrap
 import pytest
 from PIL import Image
 
-from .conftest import TINY_STUDY, needs, run_cli, run_main, write_study
+from .conftest import SMALL_STUDY, needs, run_cli, run_main, write_study
 
 
 def _copy(searched, tmp_path):
@@ -279,7 +279,7 @@ def test_same_seed_gives_the_same_first_trial(tmp_path):
 
     values = []
     for run in ("a", "b"):
-        path = write_study(tmp_path / run, TINY_STUDY.replace("n_trials = 4", "n_trials = 1"))
+        path = write_study(tmp_path / run, SMALL_STUDY.replace("n_trials = 4", "n_trials = 1"))
         config = load_config(path)
         pm, _ = get_plugin_manager()
         outcome = search(config, registry_for(), pm, device="cpu", retrain_best=False)
@@ -307,7 +307,7 @@ def test_failing_plugin_trial_is_recorded_and_the_study_goes_on(tmp_path):
             """
         )
     )
-    body = TINY_STUDY.replace(
+    body = SMALL_STUDY.replace(
         'augmentations = ["none", "flip_crop"]', 'augmentations = ["exploding", "none"]'
     )
     study = write_study(
@@ -325,7 +325,7 @@ def test_failing_plugin_trial_is_recorded_and_the_study_goes_on(tmp_path):
 
 def test_entry_point_template_backbone_is_searched(tmp_path):
     needs("automl_tl_example_backbone")
-    body = TINY_STUDY.replace(
+    body = SMALL_STUDY.replace(
         'backbones = ["test_resnet", "test_convnext"]', 'backbones = ["example_cnn"]'
     )
     study = write_study(tmp_path, body.replace("n_trials = 4", "n_trials = 2"))
