@@ -182,9 +182,17 @@ def export_model(
             # leftover of an earlier export (or a reused pid) can be in the way
             old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
             with _signals_held():
-                if directory.exists():
+                moved = directory.exists()
+                if moved:
                     os.replace(directory, old)
-                os.replace(staging, directory)
+                try:
+                    os.replace(staging, directory)
+                except BaseException:  # an error between the two renames: the old one back
+                    if moved:
+                        os.replace(old, directory)
+                    else:
+                        old.rmdir()
+                    raise
                 _fsync_dir(directory.parent)
             shutil.rmtree(old, ignore_errors=True)
             return digest
