@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._util import as_umask_allows, node_lock, sha256_file, write_atomic
+from ._util import as_umask_allows, sha256_file, write_atomic
 from .components import Backbone, DataConfig
 from .data import IMAGE_SUFFIXES
 from .errors import UserError
@@ -73,9 +73,21 @@ def _signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+@contextlib.contextmanager
 def _export_lock(directory: Path):
-    """One export of ``directory`` at a time on this node (``.<name>.lock`` beside it)."""
-    return node_lock(directory.with_name(f".{directory.name}.lock"))
+    """One export of ``directory`` at a time on this node: ``flock`` on the folder that holds
+    it (no lock file is left beside ``best/``)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: the renames still keep best/ whole
+        yield
+        return
+    fd = os.open(directory.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _leftovers(directory: Path, kind: str) -> list[Path]:

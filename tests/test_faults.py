@@ -420,7 +420,7 @@ def test_export_ignores_a_leftover_old_folder_with_our_pid(tmp_path, export_regi
     (leftover / "junk.txt").write_text("from a killed run")
     _export_tiny(export_registry, best, 1.0)
     assert json.loads((best / "metrics.json").read_text()) == {"bias": 1.0}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.lock", "best"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
 def test_a_kill_between_the_two_renames_keeps_the_old_model(tmp_path, export_registry):
