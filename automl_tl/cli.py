@@ -477,6 +477,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    """``clean STUDY``: what the study no longer needs, one line each, and the total."""
+    from .clean import clean
+
+    config, _, registry = _load(args)
+    found = clean(config, registry, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for item in found:
+        print(f"{verb} {item.path} ({item.bytes / 1e6:.1f} MB): {item.what}")
+    total = sum(item.bytes for item in found)
+    print(f"{config.name}: {verb} {len(found)} item(s), {total / 1e6:.1f} MB")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .config import load_config
     from .export import check_timm_export, export_onnx
@@ -660,6 +674,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "clean",
+        help="remove decoded caches the study no longer uses and leftovers of killed exports",
+    )
+    common(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would go; remove nothing")
+    p.add_argument("--plugin", action="append", default=[])
+    p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("plugins", help="list plugins and what they register; --check one")
     common(p, study=False)

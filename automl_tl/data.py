@@ -767,15 +767,53 @@ def _split_hash(splits: dict[str, np.ndarray]) -> str:
 # the decoded cache
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporary files of this cache left by killed builds on this host (never used, only removed)."""
+def _remove_stale_temporaries(path: Path, *, dry_run: bool = False) -> list[Path]:
+    """Temporary files of this cache left by killed builds on this host (never used, only
+    removed); returns them."""
     host = socket.gethostname()
     prefix = f".{path.name}."
+    stale = []
     for tmp in path.parent.glob(f"{prefix}*.tmp"):
         owner = tmp.name[len(prefix) :].rsplit(".", 3)[0]  # "<host>.<pid>"(.<random>.npy.tmp)
         tmp_host, _, pid = owner.rpartition(".")
         if tmp_host == host and pid.isdigit() and not pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+            stale.append(tmp)
+            if not dry_run:
+                tmp.unlink(missing_ok=True)
+    return stale
+
+
+def cache_file(records: list[Record], image_size: int, cache_dir: Path) -> Path:
+    """The decoded cache ``records`` at ``image_size`` use in ``cache_dir``."""
+    return Path(cache_dir) / f"images-{_local_cache_key(records, image_size)}.npy"
+
+
+def stale_cache_files(cache_dir: Path, in_use: set[Path], *, dry_run: bool = False) -> list[Path]:
+    """Decoded caches in ``cache_dir`` (and their sidecars and locks) that none of ``in_use``
+    is, plus temporaries of builds killed on this host; removed unless ``dry_run``. A cache
+    being built right now (its lock held) is left alone."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    keep = {p.name for p in in_use}
+    stale: list[Path] = []
+    for npy in sorted(cache_dir.glob("images-*.npy")):
+        stale += _remove_stale_temporaries(npy, dry_run=dry_run)
+        if npy.name in keep:
+            continue
+        lock = npy.with_name(f".{npy.stem}.lock")
+        try:
+            with node_lock(lock, block=False):
+                for f in (npy, npy.with_suffix(".json")):
+                    if f.exists():
+                        stale.append(f)
+                        if not dry_run:
+                            f.unlink(missing_ok=True)
+                if not dry_run:
+                    lock.unlink(missing_ok=True)  # its cache is gone: nobody waits on it
+        except BlockingIOError:
+            continue  # another process is building or reading it now
+    return stale
 
 
 def _open_cache(path: Path, n: int, image_size: int) -> tuple[np.ndarray, list, list] | None:
