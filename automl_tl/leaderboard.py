@@ -238,7 +238,7 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
             "calibration": m.get("calibration"),
         }
     with contextlib.suppress(OSError, ValueError):  # the race; single vs ensemble vs soup
-        out["selection"] = json.loads((paths.root / "selection.json").read_text())
+        out["selection"] = json.loads(paths.selection.read_text())
     rows = comparison(config, study)  # transferred vs scratch, when [weights] is searched
     if rows is not None:
         out["weights"] = rows

@@ -834,7 +834,7 @@ def build_extras(
             ]
             export_ensemble(
                 folders,
-                paths.root / "ensemble",
+                paths.ensemble,
                 weights=[c for _, c in members],
                 temperature=temperature,
                 metrics={
@@ -846,14 +846,14 @@ def build_extras(
                 },
             )
             out["ensemble"] = score_model(
-                paths.root / "ensemble", splits, seed=config.data.seed, device=scoring
+                paths.ensemble, splits, seed=config.data.seed, device=scoring
             )
             out["ensemble"]["member_trials"] = {str(n): c for n, c in members}
             log.info(
                 "ensemble of trials %s (weights %s) -> %s",
                 [n for n, _ in members],
                 [c for _, c in members],
-                paths.root / "ensemble",
+                paths.ensemble,
             )
     if sel.soup:
         winner = by_number[selection.winner]
@@ -874,7 +874,7 @@ def build_extras(
             )
         else:
             out["soup_note"] = "no other finalist shares the winner's backbone and weights"
-    write_atomic(paths.root / SELECTION_FILE, json.dumps(out, indent=2))
+    write_atomic(paths.selection, json.dumps(out, indent=2))
     return out
 
 
@@ -918,17 +918,17 @@ def _greedy_soup(
     export_model(
         soup.model,
         backbone,
-        config.paths.root / "soup",
+        config.paths.soup,
         splits.class_names,
         soup.data_config,
         metrics,
         extra={"temperature": temperature},
     )
     scored = score_model(
-        config.paths.root / "soup", splits, seed=config.data.seed, device=resolve_device(device)
+        config.paths.soup, splits, seed=config.data.seed, device=resolve_device(device)
     )
     scored["ingredients"] = metrics["ingredients"]
-    log.info("soup of trials %s -> %s", metrics["ingredients"], config.paths.root / "soup")
+    log.info("soup of trials %s -> %s", metrics["ingredients"], config.paths.soup)
     return scored
 
 
@@ -960,6 +960,6 @@ def select_and_retrain(
 def read_selection(config: StudyConfig) -> dict[str, Any] | None:
     """``selection.json`` of the study, if any."""
     try:
-        return json.loads((config.paths.root / SELECTION_FILE).read_text())
+        return json.loads((config.paths.selection).read_text())
     except (OSError, ValueError):
         return None
