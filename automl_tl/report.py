@@ -569,7 +569,7 @@ def _state_key(ctx: ReportContext) -> str:
         )
     for path in (
         ctx.config.paths.best / "model.safetensors",
-        ctx.config.paths.root / "selection.json",
+        ctx.config.paths.selection,
     ):
         if path.is_file():
             stat = path.stat()
