@@ -143,12 +143,15 @@ def _print_retrained(config, metrics: dict[str, Any], directory) -> None:
     """The retrained model's test scores with their 95 % intervals, and its calibration."""
     test = metrics["test"]
     print(
-        f"retrained on {config.retrain.on} (trial #{metrics['trial']}): test accuracy "
-        f"{test['accuracy']:.4f}{_interval(metrics, 'accuracy')}, balanced "
-        f"{test['balanced_accuracy']:.4f}{_interval(metrics, 'balanced_accuracy')}, macro F1 "
-        f"{test['macro_f1']:.4f}{_interval(metrics, 'macro_f1')} (95 % intervals, "
-        f"{metrics.get('test_images', '?')} test images) -> {directory}"
+        f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
+        f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {directory}"
     )
+    if metrics.get("test_interval"):
+        print(
+            f"  trial #{metrics['trial']}; 95 % intervals on {metrics.get('test_images', '?')} "
+            f"test images: accuracy{_interval(metrics, 'accuracy')}, balanced"
+            f"{_interval(metrics, 'balanced_accuracy')}, macro F1{_interval(metrics, 'macro_f1')}"
+        )
     cal = metrics.get("calibration")
     if cal and cal.get("fitted_on"):
         print(
