@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlite_utils
 
-from .space import PARAM_NAMES
+from .space import SHOWN_PARAMS, effective_params
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -69,7 +69,7 @@ class Catalog:
     def _create_tables(self) -> None:
         params = {
             name: (str if name in ("backbone", "weights", "augmentation", "unfreeze") else float)
-            for name in PARAM_NAMES
+            for name in SHOWN_PARAMS
         }
         self.db["trials"].create(
             {
@@ -179,7 +179,8 @@ class Catalog:
             "number": trial.number,
             "state": trial.state.name,
             "value": trial.value if trial.values else None,
-            **{k: trial.params.get(k) for k in PARAM_NAMES},
+            # one column per parameter in its shown form; the stored names are in "params"
+            **dict(zip(SHOWN_PARAMS, map(effective_params(trial.params).get, SHOWN_PARAMS))),
             "params": json.dumps(trial.params, sort_keys=True),
             "duration_s": duration,
             "epochs_run": attrs.get("epochs_run"),

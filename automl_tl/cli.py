@@ -190,7 +190,7 @@ def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .space import PARAM_NAMES
+    from .space import SHOWN_PARAMS, effective_params
     from .study import report
 
     config = load_config(args.study, {"search.storage": args.storage})
@@ -209,7 +209,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 "trial": t["number"],
                 "state": t["state"],
                 config.search.metric: t["value"],
-                **{k: t["params"].get(k) for k in PARAM_NAMES},
+                **{k: effective_params(t["params"]).get(k) for k in SHOWN_PARAMS},
                 "epochs": t["epochs_run"],
                 "seconds": t["duration_s"],
                 "fail_reason": t["fail_reason"],
@@ -219,7 +219,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         "trial",
         "state",
         config.search.metric,
-        *PARAM_NAMES,
+        *SHOWN_PARAMS,
         "epochs",
         "seconds",
         "fail_reason",
@@ -235,6 +235,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         more = f", … ({len(skipped)} in all)" if len(skipped) > 5 else ""
         print(
             f'\nskipped {len(skipped)} unreadable image(s) (on_bad_image = "skip"): {shown}{more}'
+        )
+    if data.get("dead_at_chance"):
+        print(
+            f"\n{data['dead_at_chance']} trial(s) pruned at chance (the dead-trial guard: "
+            "<= 1.5x chance from epoch 2 while another trial had left it)"
         )
     if data.get("selection_note"):
         print(f"\nnote: {data['selection_note']}")
@@ -298,6 +303,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         test_fraction=d.test_fraction,
         seed=d.seed,
         base_dir=config.base_dir,
+        orientation=d.orientation,
     )
     if args.format == "json":
         print(json.dumps(result.to_dict(), indent=2))

@@ -162,6 +162,12 @@ class Backbone(ABC):
         (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
+#: The largest rotation (degrees) a policy may apply under ``[data] orientation = "fixed"``:
+#: the ±30° of RandAugment / TrivialAugment / AutoAugment keep a digit or a letter what it is;
+#: a flip, or a half turn, does not (a mirrored 2 or a 6 turned into a 9).
+MAX_FIXED_ORIENTATION_ROTATION = 30.0
+
+
 class AugmentationPolicy(ABC):
     """A family of training-time augmentations with one strength knob.
 
@@ -173,6 +179,18 @@ class AugmentationPolicy(ABC):
 
     name: str = ""
     description: str = ""
+    #: Whether the policy may mirror an image (horizontally or vertically) at some strength.
+    flips: bool = False
+    #: The largest rotation, in degrees, the policy may apply at strength 1.0 (0: none).
+    max_rotation_deg: float = 0.0
+
+    @property
+    def orientation_safe(self) -> bool:
+        """Whether the policy keeps labels that depend on orientation (digits, text): it never
+        flips and rotates by at most :data:`MAX_FIXED_ORIENTATION_ROTATION` degrees. Only such
+        policies are searched under ``[data] orientation = "fixed"``; the contract suite checks
+        that a policy declared safe does not flip (:func:`automl_tl.testing.check_policy`)."""
+        return not self.flips and self.max_rotation_deg <= MAX_FIXED_ORIENTATION_ROTATION
 
     @abstractmethod
     def build(self, strength: float, image_size: int) -> nn.Module:
@@ -198,6 +216,13 @@ class UnfreezeStrategy(ABC):
 
     name: str = ""
     description: str = ""
+    #: Whether the strategy makes sense from random init, applied at full depth: the whole body
+    #: trains from the first epoch at full lr (``top_k``). A strategy that keeps part of the
+    #: body frozen for some epochs (``gradual``, ``lp_ft``) or slows the lower layers down
+    #: (``layer_decay``) protects pretrained features; from random init it trains a head on
+    #: random features, so the search offers only ``from_scratch`` strategies to trials without
+    #: pretrained weights (see the space table in docs/architecture.md).
+    from_scratch: bool = False
 
     @abstractmethod
     def param_groups(

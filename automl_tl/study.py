@@ -26,7 +26,8 @@ from .errors import DataError, UserError
 from .export import export_model
 from .pretrain import ensure_study_weights
 from .registry import Registry
-from .space import choice_from_params, suggest
+from .samplers import DEAD_AT_CHANCE, GuardedHyperbandPruner, GuardedMedianPruner
+from .space import check_space, choice_from_params, effective_params, suggest
 from .train import EpochResult, evaluate, expected_seconds, fit, resolve_device
 from .transfer import alternate_weights, comparison, retrain_per_weights
 from .workers import (
@@ -120,13 +121,15 @@ def _startup_trials(config: StudyConfig) -> int:
 
 
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    # issue 18: both pruners carry the dead-trial guard (samplers.DeadTrialGuard: pruned at
+    # <= 1.5x chance from epoch 2 while another trial has left chance); "none" prunes nothing
     name, epochs = config.search.pruner, config.search.epochs
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=1, max_resource=epochs, reduction_factor=3
+        return GuardedHyperbandPruner(
+            min_resource=1, max_resource=epochs, reduction_factor=3, epochs=epochs
         )
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+        return GuardedMedianPruner(n_startup_trials=5, n_warmup_steps=1, epochs=epochs)
     return optuna.pruners.NopPruner()
 
 
@@ -212,6 +215,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _describe(params: dict[str, Any]) -> str:
+    params = effective_params(params)  # issue 18: a random-init trial's own names
     aug = params.get("augmentation", "?")
     if "aug_strength" in params:
         aug += f"({params['aug_strength']:.2f})"
@@ -341,7 +345,7 @@ class _Search:
 
     def _trial(self, trial: optuna.Trial) -> float:
         name = self.config.name
-        choice = suggest(trial, self.config)
+        choice = suggest(trial, self.config, self.registry)
         trial.set_user_attr("device", str(self.device))
         self.hook.trial_started(
             study_name=name,
@@ -675,6 +679,7 @@ def check_names(config: StudyConfig, registry: Registry) -> None:
             registry.get(kind, name)
     registry.get("datasets", parse_source(config.data.source)[0])
     check_named_weights(config, registry)
+    check_space(config, registry)  # issue 18: no empty branch, no flips under fixed orientation
 
 
 def check_backbones_run(config: StudyConfig, registry: Registry) -> None:
@@ -841,6 +846,10 @@ def report(config: StudyConfig) -> dict[str, Any]:
         "trials": trials,
         "throughput": backbone_throughput(study),  # training images/s per backbone
         "selection_note": selection_note(study),  # a validation split too small to rank by
+        # issue 18: trials the dead-trial guard pruned at chance (samplers.DeadTrialGuard)
+        "dead_at_chance": sum(
+            DEAD_AT_CHANCE in t.user_attrs for t in study.get_trials(deepcopy=False)
+        ),
     }
     catalog_path = config.output_dir / "catalog.db"
     if catalog_path.is_file():
