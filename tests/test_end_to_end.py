@@ -95,14 +95,15 @@ def test_report_json_and_table(searched):
     for t in data["trials"]:
         assert set(t) >= {"number", "state", "value", "params", "duration_s", "fail_reason"}
         assert t["state"] in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+        # random init (the study's weights): the space's random-init branch, no depth
         assert set(t["params"]) >= {
             "backbone",
             "augmentation",
-            "unfreeze",
-            "unfreeze_depth",
+            "unfreeze_scratch",
             "lr",
             "weight_decay",
         }
+        assert "unfreeze_depth" not in t["params"] and "unfreeze" not in t["params"]
     assert data["best"]["value"] == max(
         t["value"] for t in data["trials"] if t["state"] == "COMPLETE"
     )
