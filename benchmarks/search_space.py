@@ -47,6 +47,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+#: ``after-free``: the new space on digits with ``orientation = "free"`` (an ablation: how much
+#: of the digits difference is the space and the guard, how much the orientation setting)
+ARMS = ("before", "after", "after-free")
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 
 
@@ -178,7 +181,7 @@ def study_dict(args, task: str, arm: str, seed: int, source: str, name: str) -> 
     data = {"source": source, "image_size": args.image_size, "seed": seed}
     if task == "digits":  # a few-label task; the shapes are all used
         data["max_per_class"] = args.max_per_class
-    if task == "digits" and arm == "after":
+    if task == "digits" and arm == "after":  # "after-free": the new space, orientation free
         data["orientation"] = "fixed"
     return {
         "name": name,
@@ -204,8 +207,12 @@ def run_arm(args, task: str, arm: str, seed: int, source: str, out: Path) -> dic
     from automl_tl.samplers import DEAD_AT_CHANCE
     from automl_tl.study import search
 
-    name = f"{task}-{arm}-seed{seed}"
-    config = config_from_dict(study_dict(args, task, arm, seed, source, name), out / f"{name}.toml")
+    # one study name for every arm (each in its own folder): Hyperband assigns a trial to a
+    # bracket by hashing the study name and the trial number, so the arms prune alike
+    name = f"{task}-seed{seed}"
+    raw = study_dict(args, task, arm, seed, source, name)
+    raw["search"]["output"] = str(out / arm / name)
+    config = config_from_dict(raw, out / arm / f"{name}.toml")
     pm, _ = get_plugin_manager()
     started = time.perf_counter()
     with Before() if arm == "before" else contextlib.nullcontext():
@@ -214,6 +221,7 @@ def run_arm(args, task: str, arm: str, seed: int, source: str, out: Path) -> dic
     limit = 1.5 / classes
     trials = outcome.study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     return {
         "task": task,
         "arm": arm,
@@ -224,6 +232,9 @@ def run_arm(args, task: str, arm: str, seed: int, source: str, out: Path) -> dic
         "best_params": outcome.best["params"],
         "complete": len(complete),
         "complete_at_chance": sum(t.value <= limit for t in complete),
+        # every finished trial (pruned ones too) by its last reported score
+        "finished": len(finished),
+        "finished_at_chance": sum(t.intermediate_values[t.last_step] <= limit for t in finished),
         "pruned": sum(t.state == TrialState.PRUNED for t in trials),
         "pruned_at_chance": sum(DEAD_AT_CHANCE in t.user_attrs for t in trials),
         "epochs_run": sum(t.user_attrs.get("epochs_run", 0) for t in trials),
@@ -237,12 +248,12 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(rows: list[dict]) -> dict:
+    """Per task and arm: means ± sd over seeds; per arm but ``before``: its difference from
+    ``before`` seed by seed (``difference`` for ``after``, ``difference_<arm>`` for others)."""
     out: dict = {}
     for task in sorted({r["task"] for r in rows}):
-        by = {
-            arm: [r for r in rows if r["task"] == task and r["arm"] == arm]
-            for arm in ("before", "after")
-        }
+        arms = [a for a in ARMS if any(r["task"] == task and r["arm"] == a for r in rows)]
+        by = {arm: [r for r in rows if r["task"] == task and r["arm"] == arm] for arm in arms}
         task_out = {}
         for arm, rs in by.items():
             share = [r["complete_at_chance"] / r["complete"] if r["complete"] else 0.0 for r in rs]
@@ -253,19 +264,26 @@ def summarize(rows: list[dict]) -> dict:
                 "test_accuracy": mean_sd([r["test_accuracy"] for r in rs]),
                 "share_complete_at_chance": mean_sd(share),
                 "share_complete_at_chance_pooled": pooled,
+                "share_finished_at_chance": mean_sd(
+                    [r["finished_at_chance"] / max(1, r["finished"]) for r in rs]
+                ),
                 "pruned_at_chance": sum(r["pruned_at_chance"] for r in rs),
                 "epochs_run": mean_sd([r["epochs_run"] for r in rs]),
             }
-        diffs = [
-            a["test_accuracy"] - b["test_accuracy"]
-            for b, a in zip(by["before"], by["after"], strict=True)
-        ]
-        task_out["difference"] = {
-            "mean_sd": mean_sd(diffs),
-            "per_seed": diffs,
-            "worst": min(diffs),
-            "after_better": sum(d > 0 for d in diffs),
-        }
+        for arm in arms:
+            if arm == "before" or "before" not in by:
+                continue
+            diffs = [
+                a["test_accuracy"] - b["test_accuracy"]
+                for b, a in zip(by["before"], by[arm], strict=True)
+            ]
+            task_out["difference" if arm == "after" else f"difference_{arm}"] = {
+                "arm": arm,
+                "mean_sd": mean_sd(diffs),
+                "per_seed": diffs,
+                "worst": min(diffs),
+                "after_better": sum(d > 0 for d in diffs),
+            }
         out[task] = task_out
     return out
 
@@ -283,6 +301,7 @@ def main(argv=None) -> int:
         "--max-per-class", type=int, default=40, help="digits: train + val labels per class"
     )
     p.add_argument("--shapes-per-class", type=int, default=100)
+    p.add_argument("--arms", nargs="+", default=["before", "after"], choices=ARMS)
     p.add_argument("--quick", action="store_true", help="1 seed, 4 trials x 3 epochs: a smoke run")
     p.add_argument("--out", type=Path, help="keep the studies here (default: a temporary folder)")
     p.add_argument("--json", type=Path, help="write every figure to this file")
@@ -319,7 +338,9 @@ def main(argv=None) -> int:
                 source = f"folder:{root}"
             else:
                 source = "digits"
-            for arm in ("before", "after"):
+            for arm in args.arms:
+                if arm == "after-free" and task != "digits":
+                    continue  # an ablation of the orientation setting: digits only
                 r = run_arm(args, task, arm, seed, source, out)
                 rows.append(r)
                 print(
@@ -332,18 +353,19 @@ def main(argv=None) -> int:
     summary = summarize(rows)
     print()
     for task, s in summary.items():
-        for arm in ("before", "after"):
+        for arm in (a for a in ARMS if a in s):
             (ma, sa), (mc, sc) = s[arm]["test_accuracy"], s[arm]["share_complete_at_chance"]
             print(
                 f"{task:6s} {arm:6s}: test accuracy {ma:.4f} ± {sa:.4f}; completed trials at "
                 f"<= 1.5x chance {mc:.1%} ± {sc:.1%} (pooled {s[arm]['share_complete_at_chance_pooled']:.1%}); "
-                f"pruned at chance {s[arm]['pruned_at_chance']}"
+                f"pruned at chance {s[arm]['pruned_at_chance']}; finished trials at chance "
+                f"(last score) {s[arm]['share_finished_at_chance'][0]:.1%}"
             )
-        d = s["difference"]
-        print(
-            f"{task:6s} after - before: {d['mean_sd'][0]:+.4f} ± {d['mean_sd'][1]:.4f}, worst "
-            f"seed {d['worst']:+.4f}, after better in {d['after_better']}/{len(d['per_seed'])}"
-        )
+        for d in (v for k, v in s.items() if k.startswith("difference")):
+            print(
+                f"{task:6s} {d['arm']} - before: {d['mean_sd'][0]:+.4f} ± {d['mean_sd'][1]:.4f}, "
+                f"worst seed {d['worst']:+.4f}, better in {d['after_better']}/{len(d['per_seed'])}"
+            )
     wall = time.perf_counter() - started
     print(f"\n{wall:.0f}s in all")
     if args.json:
