@@ -8,12 +8,30 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
+from ._util import NETWORK_FILESYSTEMS, filesystem_type
 from .space import SHOWN_PARAMS, effective_params
+from .storage import storage_kind
+from .trials import TrialSummary
+
+
+def catalog_path(config) -> Path:
+    """Where this process writes the study's catalog: ``catalog.db``, or ``catalog-<host>.db``
+    when the study folder is on a network filesystem and the storage is a database server
+    (several nodes). SQLite's WAL mode, which lets a node's workers write side by side, does
+    not work across hosts; one catalog per node does (read them together with datasette, or
+    ``sqlite-utils`` + ``ATTACH``)."""
+    paths = config.paths
+    if storage_kind(config.storage_url) == "rdb" and (
+        filesystem_type(paths.root) in NETWORK_FILESYSTEMS
+    ):
+        return paths.root / f"catalog-{socket.gethostname()}.db"
+    return paths.catalog
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -168,29 +186,24 @@ class Catalog:
 
     def record_trial(self, study: str, trial: Any) -> None:
         """Record an Optuna FrozenTrial (any state)."""
-        attrs = trial.user_attrs
-        duration = (
-            (trial.datetime_complete - trial.datetime_start).total_seconds()
-            if trial.datetime_complete and trial.datetime_start
-            else None
-        )
+        s = TrialSummary.of(trial)
         row = {
             "study": study,
-            "number": trial.number,
-            "state": trial.state.name,
+            "number": s.number,
+            "state": s.state,
             "value": trial.value if trial.values else None,
             # one column per parameter in its shown form; the stored names are in "params"
-            **dict(zip(SHOWN_PARAMS, map(effective_params(trial.params).get, SHOWN_PARAMS))),
-            "params": json.dumps(trial.params, sort_keys=True),
-            "duration_s": duration,
-            "epochs_run": attrs.get("epochs_run"),
-            "images_per_s": attrs.get("images_per_s"),
-            "batch_size": attrs.get("batch_size"),  # after out-of-memory halving
-            "feature_cache": attrs.get("feature_cache"),  # head on cached features
-            "device": attrs.get("device"),
-            "fail_reason": attrs.get("fail_reason"),
-            "started": _iso(trial.datetime_start),
-            "finished": _iso(trial.datetime_complete),
+            **dict(zip(SHOWN_PARAMS, map(effective_params(s.params).get, SHOWN_PARAMS))),
+            "params": json.dumps(s.params, sort_keys=True),
+            "duration_s": s.duration_s,
+            "epochs_run": s.epochs_run,
+            "images_per_s": s.images_per_s,
+            "batch_size": s.batch_size,  # after out-of-memory halving
+            "feature_cache": s.feature_cache,  # head on cached features
+            "device": s.device,
+            "fail_reason": s.fail_reason,
+            "started": s.started,
+            "finished": s.finished,
         }
         self._write(lambda: self.db["trials"].upsert(row, pk=("study", "number"), alter=True))
 

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import logging
-import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -18,24 +17,12 @@ from .errors import UserError
 log = logging.getLogger("automl_tl")
 
 
-_URL_PASSWORD = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s:/@]*:)[^\s@/]+@")
-
-
-def scrub(text: str) -> str:
-    """Hide the password of every URL in ``text``: ``postgresql://user:***@host/db``."""
-    return _URL_PASSWORD.sub(r"\1***@", text)
-
-
-class _ScrubPasswords(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = scrub(record.getMessage()), None
-        return True
-
-
-def _setup_logging(verbosity: int) -> None:
+def setup_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    from .storage import RedactFilter
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_ScrubPasswords())
+    handler.addFilter(RedactFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger("automl_tl")
     root.handlers[:] = [handler]
@@ -44,6 +31,8 @@ def _setup_logging(verbosity: int) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING if verbosity < 1 else optuna.logging.INFO)
+    for optuna_handler in logging.getLogger("optuna").handlers:  # Optuna's own lines too
+        optuna_handler.addFilter(RedactFilter())
     warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
 
@@ -60,18 +49,30 @@ def _load(args: argparse.Namespace, **overrides: Any):
     return config, pm, Registry.from_plugin_manager(pm)
 
 
+def _storage_arg(args: argparse.Namespace) -> str | None:
+    """``--storage``, else the ``AUTOML_TL_STORAGE`` environment variable (how ``--workers``
+    hands a URL with a password to its workers: ``ps`` shows argv, not the environment)."""
+    import os
+
+    from .storage import STORAGE_ENV
+
+    return getattr(args, "storage", None) or os.environ.get(STORAGE_ENV) or None
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "search.n_trials": getattr(args, "n_trials", None),
         "search.timeout": getattr(args, "timeout", None),
-        "search.storage": getattr(args, "storage", None),
+        "search.storage": _storage_arg(args),
         "data.seed": getattr(args, "seed", None),
     }
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .study import search
+    from .search import search
+    from .workers import die_with_parent
 
+    die_with_parent()  # a worker of `--workers N`: never outlive the parent
     config, pm, registry = _load(args, **_overrides(args))
     device = args.device or config.search.device
     if args.workers != 1:
@@ -98,25 +99,43 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def _print_weights_comparison(rows: list[dict[str, Any]] | None, metric: str) -> None:
-    """Transferred vs scratch (when [weights] is searched): one line per weight source."""
-    if rows:
-        from .transfer import summary_lines
+    """Transferred vs scratch (when [weights] is searched): one line per weight source, and
+    the difference between the best transferred and the best scratch model."""
+    if not rows:
+        return
+    from .leaderboard import transfer_difference
 
-        print("best per weight source (retrained, same budget):")
-        print("\n".join(summary_lines(rows, metric)))
+    print("best per weight source (retrained, same budget):")
+    for r in rows:
+        test = (r["test"] or {}).get(metric)
+        print(
+            f"  {r['weights']:<28} best trial #{r['trial']} ({r['backbone']}, {r['trials']} "
+            f"complete trials): val {r['val']:.4f}, test "
+            + (f"{test:.4f}" if test is not None else "n/a (not retrained)")
+        )
+    diff = transfer_difference(rows, metric)
+    if diff is not None:
+        d = diff["difference"]
+        print(
+            f"  transfer {'pays' if d > 0 else 'does not pay'}: best transferred "
+            f"({diff['weights']}) - scratch = {d:+.4f} test {metric}"
+        )
 
 
 def _search_with_workers(args: argparse.Namespace, config, registry, device: str) -> int:
     """``search --workers N``: N local worker processes on one study (see automl_tl.workers)."""
-    from .study import best_summary, count_finished
-    from .workers import password_to_env, retrain_once, run_workers, storage_for_workers
+    from .leaderboard import best_summary, count_finished
+    from .retrain import retrain_once, retrain_per_weights
+    from .storage import storage_for_workers, url_to_env
+    from .workers import run_workers
 
     config.search.storage = storage_for_workers(config, args.workers)
-    child_url, child_env = password_to_env(config.search.storage)  # off the workers' argv
+    child_url, child_env = url_to_env(config.search.storage)  # a password: off the workers' argv
 
     def child_args(slot) -> list[str]:
         argv = ["search", str(config.path), "--workers", "1", "--no-retrain"]
-        argv += ["--storage", child_url, "--device", "cuda" if slot.gpu else "cpu"]
+        argv += ["--storage", child_url] if child_url else []
+        argv += ["--device", "cuda" if slot.gpu else "cpu"]
         for flag, value in (("--n-trials", args.n_trials), ("--timeout", args.timeout)):
             argv += [flag, str(value)] if value is not None else []
         argv += ["--seed", str(args.seed)] if args.seed is not None else []
@@ -142,7 +161,10 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
         f"trial #{best['number']} val {config.search.metric} {best['value']:.4f}"
     )
     if not args.no_retrain and (finished >= budget or not result.failed):
-        retrained = retrain_once(config, registry, result.study, result.splits, device=device)
+        from .data import load_splits
+
+        splits = load_splits(config, registry)  # from the cache the workers shared
+        retrained = retrain_once(config, registry, result.study, splits, device=device)
         if retrained is not None:
             directory, metrics = retrained
             test = metrics["test"]
@@ -150,16 +172,14 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
                 f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
                 f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {directory}"
             )
-            from .transfer import retrain_per_weights
-
-            rows = retrain_per_weights(config, registry, result.study, result.splits, device=device)
+            rows = retrain_per_weights(config, registry, result.study, splits, device=device)
             _print_weights_comparison(rows, config.search.metric)
     return 1 if result.failed else 0
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     from .config import check_named_weights
-    from .study import retrain
+    from .retrain import retrain
 
     config, pm, registry = _load(args, **_overrides(args))
     check_named_weights(config, registry)  # a [weights] typo: one message, before training
@@ -190,11 +210,11 @@ def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .leaderboard import leaderboard
     from .space import SHOWN_PARAMS, effective_params
-    from .study import report
 
-    config = load_config(args.study, {"search.storage": args.storage})
-    data = report(config)
+    config = load_config(args.study, {"search.storage": _storage_arg(args)})
+    data = leaderboard(config)
     if not args.no_files:  # plots + index.html in <output>/report/; stdout stays the data
         from .report import write_report_files
 
@@ -308,8 +328,71 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print(result.format_text())
+        print(_format_data_check(result))
     return 0 if result.usable else 1
+
+
+def _format_data_check(check) -> str:
+    """``check-data``'s text: counts per class and split, sizes, modes, problems."""
+    from tabulate import tabulate
+
+    from .data import SPLIT_NAMES
+
+    lines = [
+        f"{check.source}: {check.files} image files, {len(check.bad)} unreadable, "
+        f"{len(check.class_names)} classes"
+    ]
+    s = check.settings
+    if check.split_kind == "stratified":
+        lines.append(
+            f"split: stratified, seed {s.get('seed')} (val {s.get('val_fraction')}, "
+            f"test {s.get('test_fraction')})"
+        )
+    else:
+        lines.append(f"split: {check.split_kind}")
+    if check.class_names:
+        columns = [c for c in (*SPLIT_NAMES, "unsplit") if c in check.counts]
+        rows = [
+            [cls, *(check.counts[c].get(cls, 0) for c in columns)]
+            + [sum(check.counts[c].get(cls, 0) for c in columns)]
+            for cls in check.class_names
+        ]
+        rows.append(["(all)", *(sum(r[i + 1] for r in rows) for i in range(len(columns) + 1))])
+        lines += ["", tabulate(rows, headers=["class", *columns, "total"]), ""]
+    if check.sizes:
+        lines.append(
+            f"image sizes (w x h): smallest {check.sizes['smallest']}, median "
+            f"{check.sizes['median']}, largest {check.sizes['largest']}"
+        )
+    if check.modes:
+        lines.append("modes: " + ", ".join(f"{k} {v}" for k, v in check.modes.items()))
+    if check.formats:
+        lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in check.formats.items()))
+    if check.bad:
+        lines.append(f"unreadable files ({len(check.bad)}):")
+        lines += [f"  {p}: {why}" for p, why in check.bad]
+    if check.warnings:
+        lines.append("warnings:")
+        lines += [f"  - {w}" for w in check.warnings]
+    if check.errors:
+        lines.append("errors:")
+        lines += [f"  - {e}" for e in check.errors]
+    if check.suggestions:
+        lines.append("suggestions:")
+        lines += [f"  - {s}" for s in check.suggestions]
+    if check.usable:
+        lines.append("usable as is")
+    else:
+        why = []
+        if check.bad:
+            why.append(
+                f"{len(check.bad)} unreadable file(s): fix or remove them, or set [data] "
+                'on_bad_image = "skip" to leave them out'
+            )
+        if check.errors:
+            why.append(f"{len(check.errors)} error(s) above")
+        lines.append("NOT usable as is: " + "; ".join(why))
+    return "\n".join(lines)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -356,10 +439,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_timm_export, export_onnx
 
     config = load_config(args.study)
-    if args.trial is None:
-        directory = config.output_dir / "best"
-    else:
-        directory = config.output_dir / "models" / f"trial-{args.trial}"
+    directory = config.paths.model(args.trial)
     files = check_timm_export(directory)
     print(f"timm export: {directory} ({', '.join(files)})")
     if args.onnx:
@@ -569,8 +649,10 @@ def _stop_on_sigterm():
 def main(argv: Sequence[str] | None = None) -> int:
     import signal
 
+    from .storage import scrub
+
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbosity)
+    setup_logging(args.verbosity)
     previous = _stop_on_sigterm()
     try:
         return args.func(args)

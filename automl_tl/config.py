@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import ConfigError, UserError, did_you_mean
-
-if TYPE_CHECKING:
-    from .components import Backbone
-    from .registry import Registry
+from . import weightsource
+from .errors import ConfigError, did_you_mean
+from .paths import StudyPaths
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -150,15 +147,20 @@ class StudyConfig:
         return self.base_dir / self.name
 
     @property
+    def paths(self) -> StudyPaths:
+        """The study folder's layout (:class:`automl_tl.paths.StudyPaths`)."""
+        return StudyPaths(self.output_dir)
+
+    @property
     def storage_url(self) -> str:
         """The Optuna storage URL; default SQLite in the output folder, or the journal file
         there once a ``--workers N`` search has made one (``journal:PATH``)."""
         if self.search.storage:
             return self.search.storage
-        journal = self.output_dir / "optuna-journal.log"
-        if journal.exists():
-            return f"journal:{journal}"
-        return f"sqlite:///{self.output_dir / 'optuna.db'}"
+        paths = self.paths
+        if paths.journal.exists():
+            return f"journal:{paths.journal}"
+        return f"sqlite:///{paths.sqlite}"
 
     def weights_entry(self, backbone: str) -> str | list[str]:
         """``[weights]``'s value for ``backbone`` as written: its own entry, else ``default``."""
@@ -169,18 +171,13 @@ class StudyConfig:
         value = self.weights_entry(backbone)
         return list(value) if isinstance(value, list) else None
 
-    def pretrained_path(self, backbone: str, source: str) -> Path:
-        """Where ``pretrain:SOURCE`` weights of ``backbone`` are kept (built by automl_tl.pretrain)."""
-        slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in source)
-        return self.output_dir / "pretrained" / f"{backbone}--{slug}.safetensors"
+    def searches_weights(self) -> bool:
+        """True when some backbone's weight source is a searched choice."""
+        return any(self.weight_choices(b) for b in self.search.backbones)
 
-    def weights_for(self, backbone: str, choice: str | None = None) -> str:
-        """The weight source for ``backbone`` as a backbone's ``create()`` takes it.
-
-        ``choice`` is the searched source when ``[weights]`` lists several. File and
-        ``local-dir:`` paths are resolved against the study folder; ``pretrain:SOURCE``
-        becomes the weights file :func:`automl_tl.pretrain.ensure_study_weights` writes.
-        """
+    def weight_source(self, backbone: str, choice: str | None = None) -> weightsource.WeightSource:
+        """``backbone``'s weight source, parsed (``choice``: the searched one, when
+        ``[weights]`` lists several)."""
         value = self.weights_entry(backbone)
         if isinstance(value, list):
             if choice not in value:  # e.g. a trial from before [weights] became this list
@@ -189,26 +186,21 @@ class StudyConfig:
                     f"{choice!r}; restore the study file's [weights] as it was for this study"
                 )
             value = choice
-        if value in ("none", "timm") or value.startswith("timm:"):
-            return value
-        if value.startswith("pretrain:"):
-            return str(self.pretrained_path(backbone, value[len("pretrain:") :]))
-        if is_named_source(value) and not (self.base_dir / value).exists():
-            return value  # a source the backbone's plugin names, e.g. torchvision:IMAGENET1K_V1
-        local_dir = value.startswith("local-dir:")
-        path = Path(value[len("local-dir:") :] if local_dir else value).expanduser()
-        path = path if path.is_absolute() else self.base_dir / path
-        return f"local-dir:{path}" if local_dir or path.is_dir() else str(path)
+        return weightsource.parse(value, self.base_dir)
 
+    def pretrained_path(self, backbone: str, source: str) -> Path:
+        """Where ``pretrain:SOURCE`` weights of ``backbone`` are kept (built by automl_tl.pretrain)."""
+        return self.paths.pretrained_weights(backbone, source)
 
-#: ``NAME`` or ``NAME:TAG`` (``torchvision``, ``torchvision:IMAGENET1K_V1``): a weight source a
-#: backbone plugin defines, handed to its create() as written (no path separator, no suffix).
-_NAMED_SOURCE = re.compile(r"[A-Za-z][A-Za-z0-9_]*(:[A-Za-z0-9_.\-]+)?")
-
-
-def is_named_source(value: str) -> bool:
-    """Whether a [weights] value names a plugin's weight source rather than a file."""
-    return bool(_NAMED_SOURCE.fullmatch(value))
+    def weights_for(self, backbone: str, choice: str | None = None) -> str:
+        """The weight source for ``backbone`` as a backbone's ``create()`` takes it: paths
+        resolved against the study folder, ``pretrain:SOURCE`` as the file
+        :func:`automl_tl.pretrain.ensure_study_weights` writes."""
+        source = self.weight_source(backbone, choice)
+        pretrained = (
+            self.pretrained_path(backbone, source.target) if source.kind == "pretrain" else None
+        )
+        return source.for_create(pretrained)
 
 
 _SECTIONS = {
@@ -333,7 +325,7 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
         isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
         for v in weights.values()
     ):
-        raise ConfigError(f"[weights] must map backbone names to {_WEIGHT_SOURCES} (or a list)")
+        raise ConfigError(f"[weights] must map backbone names to {weightsource.FORMS} (or a list)")
     sections = {k: _section(k, cls, raw.get(k, {})) for k, cls in _SECTIONS.items()}
     explicit = frozenset(
         f"{k}.{key}" for k in _SECTIONS if isinstance(raw.get(k), dict) for key in raw[k]
@@ -377,12 +369,8 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
 FIXED_ORIENTATION_SWAPS = {"flip_crop": "crop"}
 
 
-_WEIGHT_SOURCES = '"none", "timm", "timm:TAG", "pretrain:SOURCE", "local-dir:DIR" or a file path'
-
-
 def _check_weights(config: StudyConfig, backbone: str, value: str | list[str]) -> None:
     """One source, or a list of them searched as the ``weights`` parameter."""
-    choices = value if isinstance(value, list) else [value]
     key = f"[weights] {backbone}"
     if isinstance(value, list):
         if not value or len(set(value)) != len(value):
@@ -393,61 +381,17 @@ def _check_weights(config: StudyConfig, backbone: str, value: str | list[str]) -
                 f"[weights] lists differ ({', '.join(map(repr, lists))}); the searched `weights` "
                 "parameter has one set of choices: write the list once, as default"
             )
-    for choice in choices:
-        if choice.startswith("pretrain:") and not choice[len("pretrain:") :]:
-            raise ConfigError(f"{key}: write pretrain:SOURCE, e.g. pretrain:digits:0-4")
-        resolved = config.weights_for(backbone, choice)
-        if resolved in ("none", "timm") or resolved.startswith("timm:"):
-            continue
-        if choice.startswith("pretrain:") or resolved == choice and is_named_source(choice):
-            continue
-        if resolved.startswith("local-dir:"):
-            folder = Path(resolved[len("local-dir:") :])
-            if not (folder / "config.json").is_file():
-                raise ConfigError(
-                    f"{key} = {choice!r}: {folder} is not a timm export (no config.json); "
-                    "name a folder written by `automl-tl search`, e.g. studies/NAME/best"
-                )
-        elif not Path(resolved).is_file():
-            raise ConfigError(
-                f"{key} = {choice!r}: file {resolved} does not exist; use {_WEIGHT_SOURCES}"
-            )
+    for choice in value if isinstance(value, list) else [value]:
+        weightsource.validate(weightsource.parse(choice, config.base_dir), key)
 
 
-#: what every backbone takes besides its named sources: the end of a refused source's message
-HOST_SOURCES = '"none", a file, "local-dir:DIR", "pretrain:SOURCE"'
-
-
-def check_weight_source(
-    backbone: Backbone, source: str, label: str, others: str = HOST_SOURCES
-) -> None:
-    """Ask ``backbone`` (:meth:`~automl_tl.Backbone.check_weights`) whether it takes the named
-    ``source``; a refusal becomes one ConfigError: ``{label}: {why} (or use {others})``."""
-    try:
-        backbone.check_weights(source)
-    except (UserError, ValueError) as exc:
-        raise ConfigError(f"{label}: {exc} (or use {others})") from exc
-
-
-def check_named_weights(config: StudyConfig, registry: Registry) -> None:
-    """Every backbone of ``[search]`` takes every named source ``[weights]`` gives it
-    (``timm:TAG``, a plugin's ``NAME:TAG``; each choice of a list, ``default`` included).
-
-    Runs before anything trains (``check_names`` at the start of a search or a retrain):
-    a typo'd tag is one message naming the entry, the tags the backbone knows and the other
-    sources, not a failure in every trial. Files, ``local-dir:`` and ``pretrain:`` are
-    checked when the study file is read (:func:`config_from_dict`).
-    """
-    for backbone in config.search.backbones:
-        key = backbone if backbone in config.weights else "default"
-        value = config.weights.get(key, "none")
-        for source in value if isinstance(value, list) else [value]:
-            if source == "none" or source.startswith("pretrain:") or not is_named_source(source):
-                continue
-            if config.weights_for(backbone, source) != source:
-                continue  # a file of that name in the study folder
-            component = registry.get("backbones", backbone)
-            check_weight_source(component, source, f'[weights] {key} = "{source}"')
+def check_named_weights(config: StudyConfig, registry) -> None:
+    """Every backbone of ``[search]`` takes every named source ``[weights]`` gives it; run
+    before anything trains (files, ``local-dir:`` and ``pretrain:`` are checked when the
+    study file is read)."""
+    weightsource.check_named_sources(
+        config.weights, config.search.backbones, registry, config.base_dir
+    )
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> StudyConfig:

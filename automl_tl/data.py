@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._util import node_lock, pid_alive
 from .components import Dataset, Record
 from .errors import DataError, did_you_mean
 from .registry import Registry
@@ -624,36 +625,6 @@ def _split_hash(splits: dict[str, np.ndarray]) -> str:
 # the decoded cache
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """One process of this node at a time (flock, released even when the holder is killed)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no lock, the rename still keeps it safe
-        yield
-        return
-    with open(lock_path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process to finish decoding the image cache")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def _remove_stale_temporaries(path: Path) -> None:
     """Temporary files of this cache left by killed builds on this host (never used, only removed)."""
     host = socket.gethostname()
@@ -661,7 +632,7 @@ def _remove_stale_temporaries(path: Path) -> None:
     for tmp in path.parent.glob(f"{prefix}*.tmp"):
         owner = tmp.name[len(prefix) :].rsplit(".", 2)[0]  # "<host>.<pid>"
         tmp_host, _, pid = owner.rpartition(".")
-        if tmp_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+        if tmp_host == host and pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
@@ -726,7 +697,10 @@ def decoded_images(
     found = _open_cache(path, len(records), image_size)
     if found is None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(path.with_name(f".{path.stem}.lock")):
+        with node_lock(
+            path.with_name(f".{path.stem}.lock"),
+            "waiting for another process to finish decoding the image cache",
+        ):
             found = _open_cache(path, len(records), image_size)  # another worker built it
             if found is None:
                 _build_cache(records, image_size, path)
@@ -931,65 +905,6 @@ class DataCheck:
             "suggestions": self.suggestions,
         }
 
-    def format_text(self) -> str:
-        from tabulate import tabulate
-
-        lines = [
-            f"{self.source}: {self.files} image files, {len(self.bad)} unreadable, "
-            f"{len(self.class_names)} classes"
-        ]
-        s = self.settings
-        if self.split_kind == "stratified":
-            lines.append(
-                f"split: stratified, seed {s.get('seed')} (val {s.get('val_fraction')}, "
-                f"test {s.get('test_fraction')})"
-            )
-        else:
-            lines.append(f"split: {self.split_kind}")
-        if self.class_names:
-            columns = [c for c in (*SPLIT_NAMES, "unsplit") if c in self.counts]
-            rows = [
-                [cls, *(self.counts[c].get(cls, 0) for c in columns)]
-                + [sum(self.counts[c].get(cls, 0) for c in columns)]
-                for cls in self.class_names
-            ]
-            rows.append(["(all)", *(sum(r[i + 1] for r in rows) for i in range(len(columns) + 1))])
-            lines += ["", tabulate(rows, headers=["class", *columns, "total"]), ""]
-        if self.sizes:
-            lines.append(
-                f"image sizes (w x h): smallest {self.sizes['smallest']}, median "
-                f"{self.sizes['median']}, largest {self.sizes['largest']}"
-            )
-        if self.modes:
-            lines.append("modes: " + ", ".join(f"{k} {v}" for k, v in self.modes.items()))
-        if self.formats:
-            lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in self.formats.items()))
-        if self.bad:
-            lines.append(f"unreadable files ({len(self.bad)}):")
-            lines += [f"  {p}: {why}" for p, why in self.bad]
-        if self.warnings:
-            lines.append("warnings:")
-            lines += [f"  - {w}" for w in self.warnings]
-        if self.errors:
-            lines.append("errors:")
-            lines += [f"  - {e}" for e in self.errors]
-        if self.suggestions:
-            lines.append("suggestions:")
-            lines += [f"  - {s}" for s in self.suggestions]
-        if self.usable:
-            lines.append("usable as is")
-        else:
-            why = []
-            if self.bad:
-                why.append(
-                    f"{len(self.bad)} unreadable file(s): fix or remove them, or set [data] "
-                    'on_bad_image = "skip" to leave them out'
-                )
-            if self.errors:
-                why.append(f"{len(self.errors)} error(s) above")
-            lines.append("NOT usable as is: " + "; ".join(why))
-        return "\n".join(lines)
-
 
 def check_source(
     registry: Registry,
@@ -1075,4 +990,21 @@ def check_source(
             "orientation": orientation,
         },
         suggestions=suggestions,
+    )
+
+
+def load_splits(config, registry: Registry) -> Splits:
+    """The splits of a study (:class:`automl_tl.config.StudyConfig`), decoded into its cache."""
+    d = config.data
+    return prepare_data(
+        registry,
+        d.source,
+        image_size=d.image_size,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        seed=d.seed,
+        base_dir=config.base_dir,
+        cache_dir=config.paths.cache,
+        on_bad_image=d.on_bad_image,
+        max_per_class=d.max_per_class,
     )

@@ -12,7 +12,6 @@ writes ``<dir>/model.onnx`` and checks it against the PyTorch model.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -26,45 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._util import as_umask_allows, sha256_file, write_atomic
 from .components import Backbone, DataConfig
 from .data import IMAGE_SUFFIXES
 from .errors import UserError
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def as_umask_allows(path: str | Path) -> None:
-    """Give ``path`` (a folder: and all below it) the mode a plain ``open`` / ``mkdir`` would.
-
-    Temporary files and folders are private (``mkstemp``: 0600, ``mkdtemp``: 0700); a model,
-    weights or a report written through them must be readable by whoever reads the study
-    folder (a serving container, a colleague) as any other file there.
-    """
-    umask = os.umask(0o022)
-    os.umask(umask)
-    path = Path(path)
-    if path.is_dir():
-        for below in sorted(path.rglob("*")):
-            os.chmod(below, (0o777 if below.is_dir() else 0o666) & ~umask)
-        os.chmod(path, 0o777 & ~umask)
-    else:
-        os.chmod(path, 0o666 & ~umask)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    as_umask_allows(tmp)
-    os.replace(tmp, path)
 
 
 def export_model(
@@ -87,7 +51,7 @@ def export_model(
             data_config,
             {"study_metrics": "metrics.json"},
         )
-        write_json_atomic(staging / "metrics.json", metrics)
+        write_atomic(staging / "metrics.json", json.dumps(metrics, indent=2))
         digest = sha256_file(staging / "model.safetensors")
         as_umask_allows(staging)
         old = None

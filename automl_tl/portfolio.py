@@ -36,10 +36,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import optuna
-
 from .config import StudyConfig
-from .samplers import WrappingSampler
 from .space import is_scratch, lr_dimension
 
 #: the recipe a backbone starts with from random init (see the module docstring)
@@ -108,49 +105,3 @@ def portfolio(config: StudyConfig, size: int) -> list[dict[str, Any]]:
             params["aug_strength"] = recipe["aug_strength"]
         entries.append(params)
     return entries
-
-
-class PortfolioSampler(WrappingSampler):
-    """``base``, except that trial *n* < ``len(entries)`` takes ``entries[n]``.
-
-    A parameter an entry does not name (``weights``, a plugin's own) comes from ``base``; a
-    value its distribution does not allow (a study that changed its space) too. Every trial,
-    the portfolio's included, reaches ``base``'s ``before_trial`` / ``after_trial``.
-    """
-
-    def __init__(self, base: optuna.samplers.BaseSampler, entries: list[dict[str, Any]]) -> None:
-        super().__init__(base)
-        self.entries = list(entries)
-
-    def _entry(self, trial) -> dict[str, Any] | None:
-        return self.entries[trial.number] if trial.number < len(self.entries) else None
-
-    def infer_relative_search_space(self, study, trial):
-        if self._entry(trial) is not None:
-            return {}
-        return self.base.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study, trial, search_space):
-        if self._entry(trial) is not None:
-            return {}
-        return self.base.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        entry = self._entry(trial)
-        if entry is not None and param_name in entry:
-            value = entry[param_name]
-            if _allowed(param_distribution, value):
-                return value
-        return self.base.sample_independent(study, trial, param_name, param_distribution)
-
-
-def _allowed(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
-    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
-        return value in distribution.choices
-    if isinstance(distribution, optuna.distributions.FloatDistribution):
-        return (
-            isinstance(value, (int, float))
-            and math.isfinite(value)
-            and distribution.low <= value <= distribution.high
-        )
-    return False

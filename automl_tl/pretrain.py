@@ -18,20 +18,17 @@ retrain and replace both files (each written atomically).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from . import weightsource
+from ._util import node_lock, sha256_file, write_atomic
 from .errors import UserError
-from .export import as_umask_allows, sha256_file
 from .registry import Registry
 
 log = logging.getLogger("automl_tl")
@@ -72,19 +69,9 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _init_identity(init: str) -> str:
-    """A weight source as it enters the key: files by content, not by path."""
-    path = init[len("local-dir:") :] if init.startswith("local-dir:") else init
-    if init in ("none", "timm") or init.startswith("timm:") or not Path(path).exists():
-        return init
-    if Path(path).is_dir():
-        path = str(Path(path) / "model.safetensors")
-    return f"sha256:{sha256_file(Path(path))}" if Path(path).is_file() else init
-
-
 def cache_key(spec: PretrainSpec, data_fingerprint: str) -> str:
     """The content key: recipe version, data fingerprint and every setting of ``spec``."""
-    fields = {**asdict(spec), "init": _init_identity(spec.init)}
+    fields = {**asdict(spec), "init": weightsource.parse(spec.init).identity()}
     text = json.dumps(
         {"recipe": RECIPE_VERSION, "data": data_fingerprint, **fields}, sort_keys=True
     )
@@ -105,19 +92,6 @@ def _up_to_date(path: Path, key: str) -> dict[str, Any] | None:
         return None
     # the sidecar is written after the weights; a hash mismatch means a half-replaced pair
     return meta if meta.get("sha256") == sha256_file(path) else None
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        as_umask_allows(tmp)  # mkstemp's 0600 would hide the weights from other users
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def pretrain(
@@ -148,12 +122,13 @@ def pretrain(
     base_dir = base_dir or Path.cwd()
     backbone = registry.get("backbones", spec.backbone)
     registry.get("augmentation_policies", spec.augmentation)
-    if _is_named_init(spec.init):  # "timm:TAG", a plugin's source: known before any data
-        from .config import check_weight_source
-
-        check_weight_source(
-            backbone, spec.init, f'--init "{spec.init}"', '"none", a file, "local-dir:DIR"'
-        )
+    # "timm:TAG", a plugin's source: checked before any data is read
+    weightsource.check_named(
+        backbone,
+        weightsource.parse(spec.init),
+        f'--init "{spec.init}"',
+        '"none", a file, "local-dir:DIR"',
+    )
     dataset = load_dataset(registry, spec.source, base_dir)
     key = cache_key(spec, fingerprint(dataset.records))
     if not force:
@@ -162,19 +137,12 @@ def pretrain(
             log.info("pretrained %s on %s is up to date: %s", spec.backbone, spec.source, out)
             return PretrainResult(out, meta, cached=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(out.with_name(f".{out.name}.lock")):
+    with node_lock(out.with_name(f".{out.name}.lock")):
         # another worker of this node may have built it while we waited for the lock
         meta = None if force else _up_to_date(out, key)
         if meta is not None:
             return PretrainResult(out, meta, cached=True)
         return _train(spec, out, key, registry, base_dir, cache_dir, device)
-
-
-def _is_named_init(init: str) -> bool:
-    """Whether ``init`` names a backbone's weight source rather than "none", a file or a folder."""
-    from .config import is_named_source
-
-    return init != "none" and is_named_source(init) and not Path(init).exists()
 
 
 def _check_spec(spec: PretrainSpec, out: Path) -> None:
@@ -192,22 +160,6 @@ def _check_spec(spec: PretrainSpec, out: Path) -> None:
             f"pretrain needs lr > 0 (got {spec.lr}), weight decay >= 0 (got "
             f"{spec.weight_decay}) and an augmentation strength in [0, 1] (got {spec.aug_strength})"
         )
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One process of this node pretrains a given file at a time (flock)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover (Windows): atomic writes still keep files whole
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _train(
@@ -286,7 +238,7 @@ def _train(
         for k, v in result.model.state_dict().items()
         if k not in head and not k.startswith(head_prefixes)
     }
-    _atomic(out, lambda tmp: save_file(body, tmp, metadata={"format": "pt"}))
+    write_atomic(out, lambda tmp: save_file(body, tmp, metadata={"format": "pt"}))
     import timm
     import torch
 
@@ -314,7 +266,7 @@ def _train(
             "timm": timm.__version__,
         },
     }
-    _atomic(sidecar_path(out), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    write_atomic(sidecar_path(out), json.dumps(meta, indent=2))
     log.info(
         "pretrained %s on %s: held-out accuracy %.4f in %.1fs -> %s",
         spec.backbone,
@@ -330,14 +282,12 @@ def study_specs(config) -> list[tuple[PretrainSpec, Path]]:
     """Every ``pretrain:SOURCE`` weight source of a study, with the file it resolves to."""
     p = config.pretrain
     specs = []
-    for backbone in config.search.backbones:
-        value = config.weights_entry(backbone)
-        for source in value if isinstance(value, list) else [value]:
-            if not source.startswith("pretrain:"):
-                continue
+    for backbone, _, text in weightsource.entries(config.weights, config.search.backbones):
+        source = weightsource.parse(text, config.base_dir)
+        if source.kind == "pretrain":
             spec = PretrainSpec(
                 backbone=backbone,
-                source=source[len("pretrain:") :],
+                source=source.target,
                 image_size=config.data.image_size,
                 epochs=p.epochs,
                 lr=p.lr,
@@ -359,7 +309,7 @@ def ensure_study_weights(config, registry: Registry, device: str = "auto") -> li
             path,
             registry,
             base_dir=config.base_dir,
-            cache_dir=config.output_dir / "cache",
+            cache_dir=config.paths.cache,
             device=device,
         )
         for spec, path in study_specs(config)

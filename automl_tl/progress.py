@@ -310,9 +310,9 @@ class TrialProgress:
             return
         try:
             if self._study is None:
-                from .study import open_study
+                from .storage import open_study
 
-                self._study = open_study(self.config, create=False)
+                self._study = open_study(self.config)
             self.display.set_state(study_state(self._study))
         except Exception:  # the storage is the search's business; the display just waits
             log.debug("progress: cannot read the study", exc_info=True)
@@ -398,11 +398,11 @@ class StudyWatcher:
         """Read the storage once and update the lines (the thread does this every second)."""
         from optuna.trial import TrialState
 
-        from .study import open_study
+        from .storage import open_study
 
         if self._study is None:
             try:
-                self._study = open_study(self.config, create=False)
+                self._study = open_study(self.config)
             except Exception:  # not created yet: the workers are still starting
                 return
         trials = self._study.get_trials(deepcopy=False)

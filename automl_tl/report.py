@@ -47,6 +47,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ._util import write_atomic
 from .config import StudyConfig
 from .registry import Registry
 from .space import SHOWN_PARAMS, effective_params
@@ -90,7 +91,7 @@ class Report:
 
 
 @dataclass
-class _Context:
+class ReportContext:
     config: StudyConfig
     registry: Registry | None
     study: optuna.Study
@@ -114,9 +115,9 @@ class _Context:
     def complete(self) -> list[FrozenTrial]:
         return [t for t in self.trials if t.state == TrialState.COMPLETE and t.values]
 
-    def predictions(self) -> _Predictions:
+    def predictions(self) -> TestPredictions:
         if self._predictions is None:
-            self._predictions = _predict_test(self)
+            self._predictions = predict_test(self)
         if isinstance(self._predictions, Skipped):
             raise self._predictions
         return self._predictions
@@ -140,7 +141,7 @@ def _duration(trial: FrozenTrial) -> float | None:
     return None
 
 
-def _optimization_history(ctx: _Context):
+def _optimization_history(ctx: ReportContext):
     from optuna.visualization.matplotlib import plot_optimization_history
 
     if not ctx.complete():
@@ -150,7 +151,7 @@ def _optimization_history(ctx: _Context):
     return ax.figure
 
 
-def _param_importances(ctx: _Context):
+def _param_importances(ctx: ReportContext):
     from optuna.importance import PedAnovaImportanceEvaluator
     from optuna.visualization.matplotlib import plot_param_importances
 
@@ -169,7 +170,7 @@ def _param_importances(ctx: _Context):
     return ax.figure
 
 
-def _validation_curves(ctx: _Context):
+def _validation_curves(ctx: ReportContext):
     import matplotlib.lines as mlines
     from matplotlib.ticker import MaxNLocator
     from optuna.visualization.matplotlib import plot_intermediate_values
@@ -203,7 +204,7 @@ def _validation_curves(ctx: _Context):
     return ax.figure
 
 
-def _accuracy_vs_time(ctx: _Context):
+def _accuracy_vs_time(ctx: ReportContext):
     import matplotlib.pyplot as plt
 
     points = [
@@ -247,7 +248,7 @@ def _accuracy_vs_time(ctx: _Context):
     return fig
 
 
-def _depth_vs_strength(ctx: _Context):
+def _depth_vs_strength(ctx: ReportContext):
     import matplotlib.pyplot as plt
 
     finished = [
@@ -309,7 +310,7 @@ def _depth_vs_strength(ctx: _Context):
 
 
 @dataclass
-class _Predictions:
+class TestPredictions:
     class_names: list[str]
     images: Any  # (N, 3, S, S) uint8 tensor of the test split
     names: list[str]
@@ -319,15 +320,15 @@ class _Predictions:
     trial: int | None
 
 
-def _predict_test(ctx: _Context) -> _Predictions | Skipped:
+def predict_test(ctx: ReportContext) -> TestPredictions | Skipped:
     """The exported best model's predictions on the study's test split (or why there are none)."""
     import torch
 
+    from .data import load_splits
     from .errors import UserError
     from .export import load_model
-    from .study import load_splits
 
-    best_dir = ctx.config.output_dir / "best"
+    best_dir = ctx.config.paths.best
     metrics_path = best_dir / "metrics.json"
     if not metrics_path.is_file():
         return Skipped(
@@ -364,7 +365,7 @@ def _predict_test(ctx: _Context) -> _Predictions | Skipped:
             p, i = probs.max(1)
             predicted += i.tolist()
             confidence += p.tolist()
-    return _Predictions(
+    return TestPredictions(
         class_names=list(splits.class_names),
         images=test.x,
         names=list(test.names),
@@ -375,7 +376,7 @@ def _predict_test(ctx: _Context) -> _Predictions | Skipped:
     )
 
 
-def _confusion_matrix(ctx: _Context):
+def _confusion_matrix(ctx: ReportContext):
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -415,7 +416,7 @@ def _confusion_matrix(ctx: _Context):
     return fig
 
 
-def _misclassified(ctx: _Context):
+def _misclassified(ctx: ReportContext):
     import matplotlib.pyplot as plt
 
     pred = ctx.predictions()
@@ -453,7 +454,7 @@ def _misclassified(ctx: _Context):
     return fig
 
 
-FIGURES: list[tuple[str, str, str, Callable[[_Context], Any]]] = [
+FIGURES: list[tuple[str, str, str, Callable[[ReportContext], Any]]] = [
     (
         "optimization_history.png",
         "Optimization history",
@@ -512,7 +513,7 @@ FIGURES: list[tuple[str, str, str, Callable[[_Context], Any]]] = [
 # the page
 
 
-def _state_key(ctx: _Context) -> str:
+def _state_key(ctx: ReportContext) -> str:
     """Changes whenever a trial, the best model or the report's own format changes."""
     h = hashlib.sha256(f"v{REPORT_VERSION}|{ctx.metric}".encode())
     for t in ctx.trials:
@@ -529,7 +530,7 @@ def _state_key(ctx: _Context) -> str:
                 default=str,
             ).encode()
         )
-    best_model = ctx.config.output_dir / "best" / "model.safetensors"
+    best_model = ctx.config.paths.best / "model.safetensors"
     if best_model.is_file():
         stat = best_model.stat()
         h.update(f"{stat.st_size}|{stat.st_mtime_ns}".encode())
@@ -593,7 +594,7 @@ nav a { margin-right: 1rem; }
 """
 
 
-def _summary_html(ctx: _Context) -> str:
+def _summary_html(ctx: ReportContext) -> str:
     data = ctx.data
     counts: dict[str, int] = {}
     for t in data["trials"]:
@@ -638,7 +639,7 @@ def _summary_html(ctx: _Context) -> str:
     )
 
 
-def _page(ctx: _Context, files: list[ReportFile], directory: Path) -> str:
+def _page(ctx: ReportContext, files: list[ReportFile], directory: Path) -> str:
     data = ctx.data
     sections = []
     for f in files:
@@ -702,13 +703,13 @@ def build_report(
     """
     import matplotlib.pyplot as plt
 
-    from .study import open_study
-    from .study import report as leaderboard
+    from .leaderboard import leaderboard
+    from .storage import open_study
 
     data = data if data is not None else leaderboard(config)
-    study = open_study(config, create=False)
-    ctx = _Context(config, registry, study, study.get_trials(deepcopy=False), data, device)
-    directory = Path(directory) if directory else config.output_dir / "report"
+    study = open_study(config)
+    ctx = ReportContext(config, registry, study, study.get_trials(deepcopy=False), data, device)
+    directory = Path(directory) if directory else config.paths.report
     manifest_path = directory / "manifest.json"
     key = _state_key(ctx)
     if not force and manifest_path.is_file() and (directory / "index.html").is_file():
@@ -741,21 +742,15 @@ def build_report(
         files.append(entry)
     plt.close("all")
     index = directory / "index.html"
-    _write_atomic(index, _page(ctx, files, directory))
+    write_atomic(index, _page(ctx, files, directory))
     manifest = {
         "study": config.name,
         "state": key,
         "generated": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "files": [asdict(f) for f in files],
     }
-    _write_atomic(manifest_path, json.dumps(manifest, indent=2))
+    write_atomic(manifest_path, json.dumps(manifest, indent=2))
     return Report(directory, index, files)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_report_files(

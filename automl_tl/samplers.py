@@ -1,16 +1,25 @@
-"""A sampler that wraps the study's sampler and changes only what it says it changes."""
+"""Samplers and pruners of a search: the study's sampler (TPE, GP or random) wrapped by what
+automl-tl adds — the default portfolio first, weight sources taking turns — and the pruner.
+
+Each wrapper is a :class:`WrappingSampler` that forwards every call to the sampler it wraps
+and overrides only what it changes.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import optuna
+
+from .config import StudyConfig
+from .portfolio import portfolio
+from .storage import set_trial_attr
+from .trials import DEAD_AT_CHANCE
 
 
 class WrappingSampler(optuna.samplers.BaseSampler):
-    """Forwards every call to ``base``; a subclass overrides the calls it changes.
-
-    :class:`automl_tl.portfolio.PortfolioSampler` (the default start-up configurations) and
-    :class:`automl_tl.transfer.AlternatingSampler` (weight sources taking turns) are two.
-    """
+    """Forwards every call to ``base``; a subclass overrides the calls it changes."""
 
     def __init__(self, base: optuna.samplers.BaseSampler) -> None:
         self.base = base
@@ -34,11 +43,144 @@ class WrappingSampler(optuna.samplers.BaseSampler):
         self.base.reseed_rng()
 
 
+class PortfolioSampler(WrappingSampler):
+    """``base``, except that trial *n* < ``len(entries)`` takes ``entries[n]``.
+
+    A parameter an entry does not name (``weights``, a plugin's own) comes from ``base``; a
+    value its distribution does not allow (a study that changed its space) too. Every trial,
+    the portfolio's included, reaches ``base``'s ``before_trial`` / ``after_trial``.
+    """
+
+    def __init__(self, base: optuna.samplers.BaseSampler, entries: list[dict[str, Any]]) -> None:
+        super().__init__(base)
+        self.entries = list(entries)
+
+    def _entry(self, trial) -> dict[str, Any] | None:
+        return self.entries[trial.number] if trial.number < len(self.entries) else None
+
+    def infer_relative_search_space(self, study, trial):
+        if self._entry(trial) is not None:
+            return {}
+        return self.base.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        if self._entry(trial) is not None:
+            return {}
+        return self.base.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        entry = self._entry(trial)
+        if entry is not None and param_name in entry:
+            value = entry[param_name]
+            if _allowed(param_distribution, value):
+                return value
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+
+def _allowed(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return value in distribution.choices
+    if isinstance(distribution, optuna.distributions.FloatDistribution):
+        return (
+            isinstance(value, (int, float))
+            and math.isfinite(value)
+            and distribution.low <= value <= distribution.high
+        )
+    return False
+
+
+class AlternatingSampler(WrappingSampler):
+    """``base`` samples every parameter but ``param``, which cycles through ``choices``.
+
+    Trial *n* gets ``choices[n % len(choices)]``, so each choice gets every k-th trial of the
+    budget, with any number of workers. ``base`` never models ``param`` (it is left out of
+    its relative search space) but learns from every trial's other parameters.
+    """
+
+    def __init__(self, base: optuna.samplers.BaseSampler, param: str, choices: list) -> None:
+        super().__init__(base)
+        self.param, self.choices = param, list(choices)
+
+    def infer_relative_search_space(self, study, trial):
+        space = self.base.infer_relative_search_space(study, trial)
+        return {name: d for name, d in space.items() if name != self.param}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        if param_name == self.param:
+            return self.choices[trial.number % len(self.choices)]
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+
+def alternate_weights(
+    config: StudyConfig, sampler: optuna.samplers.BaseSampler
+) -> optuna.samplers.BaseSampler:
+    """``sampler``, wrapped so a searched ``weights`` source takes turns (else unchanged)."""
+    for backbone in config.search.backbones:
+        choices = config.weight_choices(backbone)
+        if choices:  # every list in [weights] is the same list (config.py checks)
+            return AlternatingSampler(sampler, "weights", choices)
+    return sampler
+
+
+def pruner_warning(config: StudyConfig) -> str | None:
+    """Why the study's pruner makes a searched weight source's comparison unfair, if it does."""
+    if config.searches_weights() and config.search.pruner != "none":
+        return (
+            f'[search] pruner = "{config.search.pruner}" compares trials of every weight '
+            "source at equal epochs, where pretrained ones lead early: it cuts scratch "
+            'trials short and flatters transfer. Set pruner = "none" for an even '
+            "comparison."
+        )
+    return None
+
+
+def startup_trials(config: StudyConfig) -> int:
+    """The model-based sampler's random start-up: a third of the budget, 4 to 10 trials
+    (Optuna's default of 10 would make a 20-trial study half random)."""
+    return max(4, min(10, config.search.n_trials // 3))
+
+
+def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+    """The study's sampler: TPE (multivariate, grouped, constant liar), GP or random; with
+    TPE/GP the default portfolio first (``[search] portfolio``); a searched ``[weights]``
+    source takes turns."""
+    seed = config.data.seed
+    name = config.search.sampler
+    if name == "random":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        if name == "gp":
+            sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(config))
+        else:
+            sampler = optuna.samplers.TPESampler(
+                multivariate=True,
+                group=True,
+                constant_liar=True,
+                seed=seed,
+                n_startup_trials=startup_trials(config),
+            )
+        if config.search.portfolio:
+            # the first start-up trials: one textbook configuration per backbone, then random
+            sampler = PortfolioSampler(sampler, portfolio(config, startup_trials(config)))
+    return alternate_weights(config, sampler)
+
+
+def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    """Hyperband over epochs (default), median, or none; the first two with the dead-trial
+    guard (:class:`DeadTrialGuard`: pruned at <= 1.5x chance from epoch 2 while another trial
+    has left chance)."""
+    name, epochs = config.search.pruner, config.search.epochs
+    if name == "hyperband":
+        return GuardedHyperbandPruner(
+            min_resource=1, max_resource=epochs, reduction_factor=3, epochs=epochs
+        )
+    if name == "median":
+        return GuardedMedianPruner(n_startup_trials=5, n_warmup_steps=1, epochs=epochs)
+    return optuna.pruners.NopPruner()
+
+
 # ---------------------------------------------------------------------------------------------
 # the dead-trial guard (issue 18)
-
-#: the user attribute a trial pruned by the guard carries: the epoch it was pruned after
-DEAD_AT_CHANCE = "dead_at_chance"
 
 
 class DeadTrialGuard:
@@ -88,9 +230,8 @@ class DeadTrialGuard:
             t.number != trial.number and any(v > limit for v in t.intermediate_values.values())
             for t in study.get_trials(deepcopy=False, states=states)
         )
-        if left:
-            # a pruner gets a frozen trial; the storage is where its attributes live
-            study._storage.set_trial_user_attr(trial._trial_id, DEAD_AT_CHANCE, step)
+        if left:  # a pruner gets a frozen trial: the attribute goes through the storage
+            set_trial_attr(study, trial, DEAD_AT_CHANCE, step)
         return left
 
 

@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from .components import flipped_outputs
 from .config import StudyConfig
 from .errors import ConfigError, UserError
-from .testing import flipped_outputs
 from .train import Choice
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ def check_space(config: StudyConfig, registry: Registry) -> None:
       ``[search] unfreeze``.
     - Under ``[data] orientation = "fixed"``, every policy of ``[search] augmentations`` must
       be orientation-safe, and behave so: a policy that declares itself safe but flips an
-      image (the contract suite's probe, :func:`automl_tl.testing.flipped_outputs`) is refused.
+      image (the contract suite's probe, :func:`automl_tl.components.flipped_outputs`) is refused.
     """
     s = config.search
     can_scratch = [b for b in s.backbones if _can_be_scratch(config, b)]

@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 
-from .components import AugmentationPolicy, Backbone, DatasetSource, UnfreezeStrategy
+from .components import (
+    AugmentationPolicy,
+    Backbone,
+    DatasetSource,
+    UnfreezeStrategy,
+    flipped_outputs,
+)
 
 NUM_CLASSES = 3
 IMAGE_SIZE = 32
@@ -104,58 +110,6 @@ def check_policy(policy: AugmentationPolicy, image_size: int = IMAGE_SIZE) -> No
             f"policy {policy.name!r} at strength {strength}: values left [0, 1] "
             f"({float(a.min()):.3f}..{float(a.max()):.3f}); clamp the output"
         )
-
-
-def orientation_probe(image_size: int = IMAGE_SIZE, n: int = 32) -> torch.Tensor:
-    """``n`` copies of an image whose mirror is told apart anywhere in it: diagonal stripes
-    rising to the right ("/"), tinted per channel. Crops, zooms, colour changes and small
-    rotations keep them rising; a horizontal or vertical flip makes them fall."""
-    i = torch.arange(image_size, dtype=torch.float32)
-    period = max(4.0, image_size / 5)
-    wave = torch.sin(2 * torch.pi * (i[:, None] + i[None, :]) / period)
-    tint = torch.tensor([0.35, 0.3, 0.25])[:, None, None]
-    image = 0.5 + tint * wave[None]
-    return image.expand(n, 3, image_size, image_size).contiguous()
-
-
-def stripe_direction(batch: torch.Tensor) -> torch.Tensor:
-    """Per image, which way the edges of its central half run, in [-1, 1]: the structure
-    tensor's normalised off-diagonal ``2 Σ gx·gy / Σ (gx² + gy²)`` of the channel mean. The
-    probe scores +1, its mirror -1, an image without edges 0 (the border, where rotations and
-    shears pad, is left out)."""
-    g = batch.float().mean(dim=1)
-    h, w = g.shape[-2:]
-    g = g[:, h // 4 : h - h // 4, w // 4 : w - w // 4]
-    gx = g[:, 1:-1, 2:] - g[:, 1:-1, :-2]
-    gy = g[:, 2:, 1:-1] - g[:, :-2, 1:-1]
-    cross = (gx * gy).sum(dim=(1, 2))
-    energy = (gx * gx + gy * gy).sum(dim=(1, 2))
-    return 2 * cross / energy.clamp_min(1e-8)
-
-
-#: :func:`stripe_direction` below this is a mirrored probe. A flip after the strongest crop of
-#: the built-ins (aspect ratio 3:4) scores <= -0.96; orientation-preserving ops score higher:
-#: a rotation by 30° +0.5, Kornia's strongest shear (54°, TrivialAugment) about -0.66
-MIRRORED = -0.9
-
-
-def flipped_outputs(
-    policy: AugmentationPolicy, image_size: int = IMAGE_SIZE, repeats: int = 8, seed: int = 0
-) -> int:
-    """How many of ``repeats`` × 32 augmentations of :func:`orientation_probe` at strength 1.0
-    came out mirrored (closer to the flipped probe than any orientation-keeping op gets:
-    :data:`MIRRORED`). 0 for a policy that keeps orientation. Probed at 32 px or more: on
-    fewer pixels, resampling blurs the stripes too much to tell."""
-    image_size = max(IMAGE_SIZE, image_size)
-    x = orientation_probe(image_size)
-    augment = policy.build(1.0, image_size)
-    flipped = 0
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        for _ in range(repeats):
-            with torch.no_grad():
-                flipped += int((stripe_direction(augment(x.clone())) < MIRRORED).sum())
-    return flipped
 
 
 def check_policy_orientation(policy: AugmentationPolicy, image_size: int = IMAGE_SIZE) -> None:

@@ -840,25 +840,27 @@ def _run_search(config, registry, pm, splits, device, stop: Callable[[Any, int],
     """Trials until ``stop(trial, epochs so far)``; [(epochs so far, value or None)]."""
     import optuna
 
-    from automl_tl.study import TrialFailed, _Search, make_pruner, make_sampler
+    from automl_tl.samplers import make_pruner, make_sampler
+    from automl_tl.search import Objective, TrialFailed, TrialRecorder
 
     study = optuna.create_study(
         sampler=make_sampler(config), pruner=make_pruner(config), direction="maximize"
     )
-    runner = _Search(config, registry, pm, splits, device)
+    objective = Objective(config, registry, pm, splits, device)
+    recorder = TrialRecorder(config, pm, objective.catalog)
     trace: list[tuple[int, float | None]] = []
     spent = 0
 
     def after(study, trial) -> None:
         nonlocal spent
-        runner.after_trial(study, trial)
+        recorder(study, trial)
         spent += int(trial.user_attrs.get("epochs_run") or 0)
         value = trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None
         trace.append((spent, value))
         if stop(trial, spent):
             study.stop()
 
-    study.optimize(runner.objective, callbacks=[after], catch=(TrialFailed,), gc_after_trial=False)
+    study.optimize(objective, callbacks=[after], catch=(TrialFailed,), gc_after_trial=False)
     return trace
 
 

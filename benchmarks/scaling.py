@@ -66,7 +66,7 @@ def write_study(folder: Path, n_trials: int, epochs: int) -> Path:
 def finished_trials(url: str, name: str = "scaling"):
     import optuna
 
-    from automl_tl.workers import open_storage
+    from automl_tl.storage import open_storage
 
     study = optuna.load_study(study_name=name, storage=open_storage(url, heartbeat_interval=60))
     return [t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")]
@@ -174,7 +174,7 @@ def overhead_run(kind: str, url: str, n_trials: int, epochs: int) -> dict:
     from automl_tl import get_plugin_manager
     from automl_tl.config import load_config
     from automl_tl.registry import Registry
-    from automl_tl.study import search
+    from automl_tl.search import search
 
     folder = Path(tempfile.mkdtemp(prefix=f"automl-tl-overhead-{kind}-"))
     study_path = write_study(folder, n_trials, epochs)

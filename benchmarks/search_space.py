@@ -142,31 +142,36 @@ def flat_portfolio(config, size: int) -> list[dict]:
 
 
 class Before:
-    """While active, automl_tl.study searches the flat space with the old portfolio and a
-    plain Hyperband (module functions swapped, as benchmarks/search_variants.py does)."""
+    """While active, automl_tl.search searches the flat space with the old portfolio and a
+    plain Hyperband (its module functions swapped, as benchmarks/search_variants.py does)."""
 
     def __enter__(self):
         import optuna
 
-        from automl_tl import study as study_mod
-        from automl_tl.portfolio import PortfolioSampler
+        from automl_tl import search as search_mod
+        from automl_tl.samplers import PortfolioSampler, startup_trials
 
-        self.module = study_mod
-        self.saved = (study_mod.suggest, study_mod.make_sampler, study_mod.make_pruner)
+        self.module = search_mod
+        self.saved = (search_mod.suggest, search_mod.make_sampler, search_mod.make_pruner)
 
-        def make_sampler(config):
-            base = study_mod._base_sampler(config)
-            base = base.base if isinstance(base, PortfolioSampler) else base
-            return PortfolioSampler(base, flat_portfolio(config, study_mod._startup_trials(config)))
+        def make_sampler(config):  # samplers.make_sampler's TPE, the old portfolio first
+            tpe = optuna.samplers.TPESampler(
+                multivariate=True,
+                group=True,
+                constant_liar=True,
+                seed=config.data.seed,
+                n_startup_trials=startup_trials(config),
+            )
+            return PortfolioSampler(tpe, flat_portfolio(config, startup_trials(config)))
 
         def make_pruner(config):
             return optuna.pruners.HyperbandPruner(
                 min_resource=1, max_resource=config.search.epochs, reduction_factor=3
             )
 
-        study_mod.suggest = flat_suggest
-        study_mod.make_sampler = make_sampler
-        study_mod.make_pruner = make_pruner
+        search_mod.suggest = flat_suggest
+        search_mod.make_sampler = make_sampler
+        search_mod.make_pruner = make_pruner
         return self
 
     def __exit__(self, *exc):
@@ -204,8 +209,8 @@ def run_arm(args, task: str, arm: str, seed: int, source: str, out: Path) -> dic
 
     from automl_tl import config_from_dict, registry_for
     from automl_tl.plugins import get_plugin_manager
-    from automl_tl.samplers import DEAD_AT_CHANCE
-    from automl_tl.study import search
+    from automl_tl.search import search
+    from automl_tl.trials import DEAD_AT_CHANCE
 
     # one study name for every arm (each in its own folder): Hyperband assigns a trial to a
     # bracket by hashing the study name and the trial number, so the arms prune alike

@@ -30,7 +30,8 @@ import run  # noqa: E402  (benchmarks/run.py)
 import torch  # noqa: E402
 
 from automl_tl import study as study_mod  # noqa: E402
-from automl_tl.portfolio import PortfolioSampler, portfolio  # noqa: E402
+from automl_tl.portfolio import portfolio  # noqa: E402
+from automl_tl.samplers import PortfolioSampler  # noqa: E402
 
 
 def _tpe(config, n_startup: int, **kw):

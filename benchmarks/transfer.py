@@ -68,7 +68,7 @@ def study_dict(args: argparse.Namespace, seed: int, weights: str, name: str) -> 
 def run_arm(args, seed: int, arm: str, out: Path) -> dict:
     from automl_tl import config_from_dict, registry_for
     from automl_tl.plugins import get_plugin_manager
-    from automl_tl.study import search
+    from automl_tl.search import search
 
     weights = f"pretrain:{args.source}" if arm == "pretrained" else "none"
     name = f"{arm}-seed{seed}"

@@ -54,6 +54,21 @@ pruner = "none"
 """
 
 
+def create_study(config):
+    """Create ``config``'s study empty, as a search would before its first trial (tests that
+    fill a study by hand; ``automl_tl.storage.open_study`` only opens existing ones)."""
+    import optuna
+
+    from automl_tl.storage import open_storage
+
+    return optuna.create_study(
+        study_name=config.name,
+        storage=open_storage(config.storage_url),
+        direction="maximize",
+        load_if_exists=True,
+    )
+
+
 @pytest.fixture
 def tiny_study(tmp_path):
     return write_study(tmp_path, TINY_STUDY)

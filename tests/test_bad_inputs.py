@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from automl_tl import DataError, UserError
-from automl_tl.cli import main, scrub
+from automl_tl.cli import main
 from automl_tl.data import (
     CachedImages,
     batches,
@@ -28,6 +28,7 @@ from automl_tl.data import (
     load_dataset,
     prepare_data,
 )
+from automl_tl.storage import scrub
 
 from .conftest import REPO, write_study
 
@@ -452,7 +453,7 @@ def test_killed_cache_build_is_never_used(registry, tmp_path):
 def test_changed_data_is_refused_naming_the_change(registry, tmp_path):
     import optuna
 
-    from automl_tl.study import check_data
+    from automl_tl.storage import check_data
 
     root = make_folder(tmp_path / "d", {"cat": 6, "dog": 6})
     study = optuna.create_study(study_name="s", direction="maximize")
@@ -598,7 +599,7 @@ def test_storage_password_never_appears(tmp_path, capsys):
 def test_passwords_scrubbed_from_logs_and_tracebacks(capsys):
     import logging
 
-    from automl_tl.cli import _setup_logging
+    from automl_tl.cli import setup_logging
 
     url = "postgresql+psycopg2://bob:hunter2@db:5432/x"
     assert (
@@ -607,7 +608,7 @@ def test_passwords_scrubbed_from_logs_and_tracebacks(capsys):
     assert scrub("sqlite:////tmp/a.db and https://example.org/a:b") == (
         "sqlite:////tmp/a.db and https://example.org/a:b"
     )
-    _setup_logging(0)
+    setup_logging(0)
     logging.getLogger("automl_tl").info("storage %s", url)
     assert "bob:***@db" in capsys.readouterr().err
 

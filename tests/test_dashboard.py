@@ -21,9 +21,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from automl_tl import load_config
-from automl_tl.study import open_study
 
-from .conftest import REPO, write_study
+from .conftest import REPO, create_study, write_study
 
 STUDY = """
 [data]
@@ -79,7 +78,7 @@ def test_dashboard_serves_the_study_from_its_storage(tmp_path, storage):
     if storage == "journal":  # what `search --workers N` leaves behind
         body = body.replace("[search]", f'[search]\nstorage = "journal:{tmp_path}/j.log"')
     config = load_config(write_study(tmp_path, body, name="dash"))
-    _fill(open_study(config))
+    _fill(create_study(config))
     # README: optuna-dashboard sqlite:///studies/<name>/optuna.db (the journal: its file path)
     target = (
         f"sqlite:///{config.output_dir / 'optuna.db'}"

@@ -22,18 +22,13 @@ import optuna
 import pytest
 from PIL import Image
 
+from automl_tl.budget import Budget, TrialSkipped, is_alive, worker_identity
 from automl_tl.config import config_from_dict, load_config
 from automl_tl.errors import DataError, UserError
-from automl_tl.workers import (
-    Budget,
-    TrialSkipped,
-    claim_retrain,
-    is_alive,
-    join_study,
-    open_storage,
-    plan_slots,
-    worker_identity,
-)
+from automl_tl.retrain import claim_retrain
+from automl_tl.search import open_search_study
+from automl_tl.storage import open_storage
+from automl_tl.workers import plan_slots
 
 from .conftest import REPO, run_cli, write_study
 from .postgres import PASSWORD
@@ -167,6 +162,33 @@ def retry_of(trials, killed) -> optuna.trial.FrozenTrial:
 # no server needed
 
 
+def test_more_workers_than_the_machine_runs_is_refused():
+    with pytest.raises(UserError, match=r"--workers 9 is more than .*2 CPU cores: at most 8"):
+        plan_slots(9, "cpu", gpus=[], cpus=2)
+    with pytest.raises(UserError, match=r"2 GPUs: at most 16"):
+        plan_slots(17, "auto", gpus=["0", "1"], cpus=1)
+    assert len(plan_slots(16, "auto", gpus=["0", "1"], cpus=1)) == 16
+
+
+def test_a_second_search_on_one_sqlite_file_is_refused_at_once(tmp_path):
+    from automl_tl.storage import one_search_per_sqlite
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with (
+        one_search_per_sqlite(url),
+        pytest.raises(UserError, match="another search is running on .*optuna.db"),
+        one_search_per_sqlite(url),
+    ):
+        pass
+    with one_search_per_sqlite(url):  # released
+        pass
+    with (
+        one_search_per_sqlite(f"journal:{tmp_path / 'j.log'}"),
+        one_search_per_sqlite(f"journal:{tmp_path / 'j.log'}"),
+    ):
+        pass  # the journal takes many workers
+
+
 def test_slots_round_robin_over_gpus_and_split_cpu_threads():
     slots = plan_slots(4, "auto", gpus=["0", "3"], cpus=16)
     assert [s.gpu for s in slots] == ["0", "3", "0", "3"]
@@ -204,7 +226,7 @@ def test_a_dead_or_zombie_process_is_not_alive():
 def test_file_storage_fails_and_retries_the_trial_of_a_dead_local_worker(tmp_path, monkeypatch):
     """No heartbeat on a journal file: a RUNNING trial whose worker process on this host is
     gone is failed and queued again, once, by whichever worker looks first."""
-    from automl_tl import workers
+    from automl_tl import budget as workers
 
     url = f"journal:{tmp_path / 'j.log'}"
     study = optuna.create_study(study_name="s", storage=open_storage(url, heartbeat_interval=1))
@@ -271,7 +293,7 @@ def test_sqlite_with_several_workers_is_refused(tmp_path):
 
 
 def test_a_worker_with_other_data_refuses_to_join(tmp_path, registry):
-    from automl_tl.study import load_splits
+    from automl_tl.data import load_splits
 
     make_study(tmp_path, 2)
     url = f"journal:{tmp_path / 'journal.log'}"
@@ -282,12 +304,12 @@ def test_a_worker_with_other_data_refuses_to_join(tmp_path, registry):
         return config_from_dict(raw, tmp_path / "tiny.toml")
 
     first = config(0)
-    study = join_study(first, load_splits(first, registry))
+    study = open_search_study(first, load_splits(first, registry))
     assert study.user_attrs["data"]["split_hash"]
-    join_study(first, load_splits(first, registry))  # same data: joins
+    open_search_study(first, load_splits(first, registry))  # same data: joins
     other = config(1)
     with pytest.raises(DataError, match=r"refuses to join: the data no longer matches study"):
-        join_study(other, load_splits(other, registry))
+        open_search_study(other, load_splits(other, registry))
 
 
 def run_budget_workers(url: str, workers: int, n_trials: int):
@@ -430,6 +452,38 @@ def test_sigterm_to_the_parent_stops_every_worker(tmp_path):
     me = worker_identity()
     assert len(pids) == 2
     assert not any(is_alive({"host": me["host"], "pid": p, "started": None}) for p in pids)
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGHUP])
+def test_workers_do_not_outlive_a_killed_or_hung_up_parent(tmp_path, how):
+    """SIGKILL of the --workers parent (an OOM kill) or SIGHUP (a closed terminal): no worker
+    is left running on its own (they get SIGTERM: a parent-death signal, or the parent's
+    forwarding), and their trials end as FAIL, never RUNNING."""
+    study = make_study(tmp_path, 4)
+    marker = tmp_path / "victim.json"
+    parent = Worker(study, "--workers", "2", env={"SLEEP_WORKER": "1", "SLEEP_MARKER": str(marker)})
+    wait_for(marker, parent)
+    children = _children_of(parent.pid)
+    assert len(children) == 2
+    parent.send_signal(how)
+    parent.finish(timeout=120)
+    me = worker_identity()
+    deadline = time.monotonic() + 60
+    while any(is_alive({"host": me["host"], "pid": p, "started": None}) for p in children):
+        assert time.monotonic() < deadline, "a worker outlived its parent"
+        time.sleep(0.2)
+    trials = trials_of(f"journal:{tmp_path / 'tiny' / 'optuna-journal.log'}")
+    assert all(t.state.name != "RUNNING" for t in trials)
 
 
 # ---------------------------------------------------------------------------------------------

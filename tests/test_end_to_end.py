@@ -169,7 +169,7 @@ def test_resume_runs_no_completed_trial_again(searched):
 def test_same_seed_gives_the_same_first_trial(tmp_path):
     from automl_tl import load_config, registry_for
     from automl_tl.plugins import get_plugin_manager
-    from automl_tl.study import search
+    from automl_tl.search import search
 
     values = []
     for run in ("a", "b"):

@@ -96,12 +96,15 @@ def _params(augmentation: str) -> dict:
 
 def _fault_study(tmp_path, body: str = FAULT_STUDY, queue=()):
     """A study with the fault plugin and these trials queued first (in this order)."""
-    from automl_tl.study import open_study
+    import optuna
 
     (tmp_path / "faults.py").write_text(FAULTS)
     config = load_config(write_study(tmp_path, body))
     pm, _ = get_plugin_manager(config.plugins, base_dir=config.base_dir)
-    study = open_study(config)
+    config.paths.root.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        study_name=config.name, storage=config.storage_url, direction="maximize"
+    )
     for augmentation in queue:
         study.enqueue_trial(_params(augmentation))
     return config, pm, Registry.from_plugin_manager(pm)
@@ -118,13 +121,14 @@ def _restore_logging():
 
 
 def test_nan_exception_and_out_of_memory_fail_and_the_study_goes_on(tmp_path, monkeypatch, capsys):
-    import automl_tl.study as study_module
+    import automl_tl.search as search_module
+    from automl_tl.leaderboard import leaderboard
 
     freed = []
-    monkeypatch.setattr(study_module, "_free_memory", lambda: freed.append(1))
+    monkeypatch.setattr(search_module, "release_memory", lambda device=None: freed.append(1))
     queue = ["nan_aug", "none", "raise_aug", "cuda_oom_aug", "cpu_oom_aug", "none"]
     config, pm, registry = _fault_study(tmp_path, queue=queue)
-    outcome = study_module.search(config, registry, pm, device="cpu", retrain_best=False)
+    outcome = search_module.search(config, registry, pm, device="cpu", retrain_best=False)
     trials = outcome.study.get_trials()
     assert [t.params["augmentation"] for t in trials] == queue  # nothing else ran
     assert [t.state.name for t in trials] == [
@@ -140,7 +144,7 @@ def test_nan_exception_and_out_of_memory_fail_and_the_study_goes_on(tmp_path, mo
     assert outcome.finished == 2 and outcome.ran == 6
     assert len(freed) == 2  # memory given back after each out-of-memory trial
 
-    report = study_module.report(config)
+    report = leaderboard(config)
     assert [t["fail_reason"] for t in report["trials"]] == [REASONS.get(a) for a in queue]
     db = sqlite3.connect(config.output_dir / "catalog.db")
     rows = db.execute("select number, state, fail_reason from trials order by number").fetchall()
@@ -244,7 +248,7 @@ def _search(study, events, run, hang_at=None, stop_with=None):
 def test_interrupt_and_resume(tmp_path):
     from PIL import Image
 
-    from automl_tl.study import report as study_report
+    from automl_tl.leaderboard import leaderboard as study_report
 
     rng = np.random.default_rng(0)
     for cls in ("a", "b"):
@@ -340,7 +344,7 @@ def test_a_signal_while_optuna_creates_a_trial_fails_that_trial(tmp_path, monkey
     RUNNING for ever; nothing else starts, and the same command resumes."""
     from optuna.trial import Trial
 
-    from automl_tl.study import report as study_report
+    from automl_tl.leaderboard import leaderboard as study_report
 
     study = write_study(tmp_path, TINY_STUDY.replace("n_trials = 4", "n_trials = 3"))
     init = Trial.__init__
@@ -367,9 +371,9 @@ def test_a_signal_while_optuna_creates_a_trial_fails_that_trial(tmp_path, monkey
 
 
 def test_signals_outside_the_held_window_are_raised_at_once():
-    from automl_tl.study import _Interrupts
+    from automl_tl.search import Interrupts
 
-    with _Interrupts() as interrupts:
+    with Interrupts() as interrupts:
         interrupts.hold()
         os.kill(os.getpid(), signal.SIGINT)  # held
         with pytest.raises(KeyboardInterrupt):

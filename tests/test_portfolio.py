@@ -7,10 +7,9 @@ import optuna
 import pytest
 
 from automl_tl import ConfigError, config_from_dict, registry_for
-from automl_tl.portfolio import PortfolioSampler, portfolio
+from automl_tl.portfolio import portfolio
+from automl_tl.samplers import AlternatingSampler, PortfolioSampler, make_sampler
 from automl_tl.space import suggest
-from automl_tl.study import make_sampler
-from automl_tl.transfer import AlternatingSampler
 
 SPACE = {
     "backbones": ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"],
@@ -140,3 +139,26 @@ def test_pretrained_weights_start_from_lp_ft_at_a_lower_lr():
     no_lp_ft = {"name": "f", "search": {"unfreeze": ["gradual", "top_k"]}}
     no_lp_ft["weights"] = {"default": "timm"}
     assert portfolio(config_from_dict(no_lp_ft), 1)[0]["unfreeze"] == "top_k"  # full fine-tuning
+
+
+def test_reading_a_study_does_not_warn_as_a_search_does(tmp_path):
+    """The pruner warning of a searched weight source belongs to the search; report and the
+    live display open the study read-only, without the search's sampler."""
+    import warnings
+
+    from automl_tl.samplers import pruner_warning
+    from automl_tl.storage import open_study
+
+    config = config_from_dict(
+        {
+            "name": "w",
+            "search": {"output": str(tmp_path), "backbones": ["test_resnet"]},
+            "weights": {"default": ["timm", "none"]},
+        }
+    )
+    assert "cuts scratch trials short" in pruner_warning(config)
+    optuna.create_study(study_name="w", storage=config.storage_url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        study = open_study(config)
+    assert study.study_name == "w"

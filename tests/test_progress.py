@@ -14,9 +14,9 @@ from optuna.distributions import CategoricalDistribution
 
 from automl_tl import get_plugin_manager, load_config
 from automl_tl.progress import LiveLines, StudyWatcher, TrialProgress, show_progress, study_state
-from automl_tl.study import open_study
+from automl_tl.storage import open_study
 
-from .conftest import run_cli, write_study
+from .conftest import create_study, run_cli, write_study
 
 STUDY = """
 [data]
@@ -61,7 +61,7 @@ def _complete(study, number, value, seconds):
 @pytest.fixture
 def config(tmp_path):
     config = load_config(write_study(tmp_path, STUDY.replace("n_trials = 1", "n_trials = 6")))
-    study = open_study(config)
+    study = create_study(config)
     _complete(study, 0, 0.7, 10)
     _complete(study, 1, 0.9, 30)
     return config
@@ -131,7 +131,7 @@ def test_no_live_lines_off_a_terminal_or_when_quiet(config, caplog):
 
 
 def test_study_watcher_shows_one_line_per_running_worker(config):
-    study = open_study(config, create=False)
+    study = open_study(config)
     for pid, epochs_run in ((101, 1), (202, 0)):
         trial = study.ask({"backbone": CategoricalDistribution(["test_resnet", "test_vit"])})
         trial.set_user_attr("worker", {"host": "node1", "pid": pid})
@@ -215,7 +215,7 @@ def test_live_lines_on_a_terminal_plain_logs_elsewhere_and_quiet(tmp_path):
     assert re.search(r"trial   0 COMPLETE accuracy=", screen)
     assert "study tiny: 1 trials finished" in screen
     assert "TrialState" not in screen and "Traceback" not in screen
-    assert study_state(open_study(load_config(study), create=False)).finished == 1
+    assert study_state(open_study(load_config(study))).finished == 1
 
     verbose = run_cli("search", str(study), "-v", "--no-retrain", "--n-trials", "2", env=ONE_THREAD)
     assert verbose.returncode == 0, verbose.stderr

@@ -19,12 +19,13 @@ from optuna.trial import TrialState
 from PIL import Image
 
 from automl_tl import load_config
+from automl_tl.data import load_splits
 from automl_tl.export import export_model
 from automl_tl.report import FIGURES, build_report
-from automl_tl.study import load_splits, open_study
+from automl_tl.storage import open_study
 from automl_tl.train import evaluate
 
-from .conftest import run_cli, write_study
+from .conftest import create_study, run_cli, write_study
 
 matplotlib.use("Agg")
 
@@ -82,7 +83,7 @@ def _make_study(folder, registry, *, with_model=True, trials=True):
     path = write_study(folder, STUDY)
     config = load_config(path)
     splits = load_splits(config, registry)
-    study = open_study(config)
+    study = create_study(config)
     study.set_user_attr("data", splits.summary())
     if trials:
         _add_trial(study, 0, TrialState.COMPLETE, "test_resnet", "none", 0.5, [0.5, 0.7, 0.8], 9)
@@ -165,12 +166,12 @@ def test_index_html_is_self_contained_and_holds_the_leaderboard(made):
 
 def test_confusion_matrix_and_misclassified_use_the_exported_model(made, registry):
     """The report's predictions are the model's own: same counts as evaluate() on test."""
-    from automl_tl.report import _Context, _predict_test
+    from automl_tl.report import ReportContext, predict_test
 
     config, splits, _ = made
-    study = open_study(config, create=False)
-    ctx = _Context(config, registry, study, study.get_trials(), {"metric": "accuracy"})
-    pred = _predict_test(ctx)
+    study = open_study(config)
+    ctx = ReportContext(config, registry, study, study.get_trials(), {"metric": "accuracy"})
+    pred = predict_test(ctx)
     assert len(pred.truth) == len(splits.test)
     n = len(splits.class_names)
     confusion = torch.zeros(n, n, dtype=torch.int64)
@@ -186,7 +187,7 @@ def test_report_is_rebuilt_only_when_the_study_changed(made):
     again = build_report(config, None)
     assert not again.rebuilt
     assert [f.file for f in again.written] == [f.file for f in first.written]
-    study = open_study(config, create=False)
+    study = open_study(config)
     _add_trial(study, 5, TrialState.COMPLETE, "test_resnet", "flip_crop", 0.9, [0.1, 0.2], 4)
     rebuilt = build_report(config, None)  # without plugins the model figures are skipped
     assert rebuilt.rebuilt
@@ -199,7 +200,7 @@ def test_report_is_rebuilt_only_when_the_study_changed(made):
 
 def test_a_study_with_nothing_finished_says_why_each_figure_is_missing(tmp_path, registry):
     config, _ = _make_study(tmp_path, registry, with_model=False, trials=False)
-    study = open_study(config, create=False)
+    study = open_study(config)
     _add_trial(study, 0, TrialState.FAIL, "test_resnet", "none", 0.5, [], 1, fail_reason="boom")
     report = build_report(config, registry)
     reasons = {f.file: f.reason for f in report.skipped}
@@ -258,7 +259,7 @@ def _scored(values, n_val):
 
 
 def test_a_validation_split_too_small_to_rank_by_is_pointed_out():
-    from automl_tl.study import selection_note
+    from automl_tl.leaderboard import selection_note
 
     # 12 images: one standard error of 0.75 is 0.125, so 0.75, 0.6667 and 0.6667 are a tie
     note = selection_note(_scored([0.75, 0.6667, 0.6667, 0.4167, 0.25], 12))

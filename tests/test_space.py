@@ -10,9 +10,10 @@ from optuna.trial import TrialState
 from torch import nn
 
 from automl_tl import AugmentationPolicy, ConfigError, UserError, config_from_dict
+from automl_tl.cli import _format_data_check
 from automl_tl.data import check_source, looks_orientation_sensitive
 from automl_tl.portfolio import portfolio
-from automl_tl.samplers import DEAD_AT_CHANCE, GuardedHyperbandPruner, GuardedMedianPruner
+from automl_tl.samplers import GuardedHyperbandPruner, GuardedMedianPruner, make_pruner
 from automl_tl.space import (
     FINETUNE_LR,
     check_space,
@@ -20,8 +21,8 @@ from automl_tl.space import (
     effective_params,
     suggest,
 )
-from automl_tl.study import make_pruner
 from automl_tl.testing import check_policy_orientation, check_strategy
+from automl_tl.trials import DEAD_AT_CHANCE
 
 from .conftest import run_cli, write_study
 
@@ -244,7 +245,7 @@ def test_check_data_suggests_fixed_orientation_for_digits(registry, tmp_path):
     assert not looks_orientation_sensitive(["class_1", "class_2"])
     found = check_source(registry, "digits:0-2", image_size=8, base_dir=tmp_path)
     assert any('orientation = "fixed"' in s for s in found.suggestions)
-    assert "suggestions:" in found.format_text() and found.to_dict()["suggestions"]
+    assert "suggestions:" in _format_data_check(found) and found.to_dict()["suggestions"]
     fixed = check_source(
         registry, "digits:0-2", image_size=8, base_dir=tmp_path, orientation="fixed"
     )

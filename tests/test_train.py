@@ -219,8 +219,9 @@ def test_backbone_too_slow_for_the_timeout_is_avoided(registry, digits, tmp_path
     from optuna.distributions import CategoricalDistribution
 
     from automl_tl import config_from_dict
+    from automl_tl.leaderboard import backbone_throughput
     from automl_tl.plugins import get_plugin_manager
-    from automl_tl.study import _Search, backbone_throughput
+    from automl_tl.search import Objective
 
     names = ["test_resnet", "test_vit", "test_convnext"]
     config = config_from_dict(
@@ -243,11 +244,11 @@ def test_backbone_too_slow_for_the_timeout_is_avoided(registry, digits, tmp_path
         )
     assert backbone_throughput(study, device="cpu") == {"test_resnet": 100.0, "test_vit": 1e6}
     assert backbone_throughput(study)["test_resnet"] == 200.0
-    runner = _Search(config, registry, get_plugin_manager()[0], digits, "cpu")
+    objective = Objective(config, registry, get_plugin_manager()[0], digits, "cpu")
     trial = study.ask()
     slow = Choice(backbone="test_resnet", unfreeze_depth=1.0, epochs=5)
-    assert "test_resnet trains at 100 images/s" in runner._too_slow(trial, slow)
+    assert "test_resnet trains at 100 images/s" in objective.too_slow(trial, slow)
     probe = Choice(backbone="test_resnet", unfreeze_depth=0.0, epochs=5)  # one cached pass
-    assert runner._too_slow(trial, probe) is None
-    assert runner._too_slow(trial, Choice(backbone="test_vit", epochs=5)) is None
-    assert runner._too_slow(trial, Choice(backbone="test_convnext", epochs=5)) is None
+    assert objective.too_slow(trial, probe) is None
+    assert objective.too_slow(trial, Choice(backbone="test_vit", epochs=5)) is None
+    assert objective.too_slow(trial, Choice(backbone="test_convnext", epochs=5)) is None

@@ -12,8 +12,8 @@ import pytest
 from automl_tl import ConfigError, config_from_dict, load_config, registry_for
 from automl_tl.data import prepare_data
 from automl_tl.plugins import get_plugin_manager
+from automl_tl.search import search
 from automl_tl.space import choice_from_params, suggest
-from automl_tl.study import search
 
 from .conftest import run_cli, write_study
 

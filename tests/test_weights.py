@@ -260,7 +260,7 @@ def _config(tmp_path, weights: str):
 
 def test_check_names_asks_each_backbone_about_each_named_source(registry, tmp_path):
     from automl_tl.errors import ConfigError
-    from automl_tl.study import check_names
+    from automl_tl.search import check_names
 
     (tmp_path / "w.safetensors").write_bytes(b"")  # files are checked when the file is read
     good = 'test_resnet = "timm:r160_in1k"\ndefault = "timm"'

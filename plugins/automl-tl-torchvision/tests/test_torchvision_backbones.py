@@ -163,7 +163,7 @@ def test_weight_sources_are_checked_against_the_enum_before_anything_runs(tmp_pa
     """check_weights looks the tag up in the weights enum (nothing downloaded, nothing built);
     a search's check_names turns a refusal into one message naming the [weights] entry."""
     from automl_tl.config import config_from_dict
-    from automl_tl.study import check_names
+    from automl_tl.search import check_names
 
     backbone = TorchvisionBackbone("resnet18")
     for source in ("none", "torchvision", "torchvision:IMAGENET1K_V1", "torchvision:DEFAULT"):

@@ -1,0 +1,235 @@
+"""What a finished or running study says, as plain data: the leaderboard of every trial, the
+best trial, a note when the validation split is too small to rank by, training throughput per
+backbone, and the transferred-vs-scratch comparison when the weight source is searched.
+
+``automl-tl report`` prints it (the command line owns the text); ``report.py`` draws it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from . import trials
+from .catalog import Catalog, catalog_path
+from .config import StudyConfig
+from .space import effective_params
+from .storage import open_study
+
+
+def describe_params(params: dict[str, Any]) -> str:
+    """A trial's configuration in one line: ``backbone[weights] policy(strength) strategy(depth) lr``
+    (a random-init trial's ``unfreeze_scratch`` at depth 1.0, ``lr_finetune`` as lr)."""
+    params = effective_params(params)
+    aug = params.get("augmentation", "?")
+    if "aug_strength" in params:
+        aug += f"({params['aug_strength']:.2f})"
+    backbone = params.get("backbone", "?")
+    if "weights" in params:  # a searched weight source
+        backbone += f"[{params['weights']}]"
+    return (
+        f"{backbone} {aug} {params.get('unfreeze', '?')}"
+        f"(depth {params.get('unfreeze_depth', 0):.2f}) lr={params.get('lr', 0):.1e}"
+    )
+
+
+def count_finished(study: optuna.Study) -> int:
+    """Trials that count towards the budget (COMPLETE or PRUNED)."""
+    return len(study.get_trials(deepcopy=False, states=trials.FINISHED))
+
+
+def best_summary(study: optuna.Study) -> dict[str, Any] | None:
+    """``{"number", "value", "params"}`` of the best complete trial, or None."""
+    try:
+        t = study.best_trial
+    except ValueError:
+        return None
+    return {"number": t.number, "value": t.value, "params": dict(t.params)}
+
+
+def selection_note(study: optuna.Study) -> str | None:
+    """A warning when the validation split is too small to tell the best trials apart.
+
+    Validation scores are fractions of ``n`` images, so one standard error of the best score
+    ``p`` is about ``sqrt(p (1 - p) / n)`` (binomial; at least one image). When three or more
+    complete trials lie within it of the best, picking "the best" among them is mostly chance,
+    and its test score will say so; the user should know before trusting the ranking.
+    """
+    n = ((study.user_attrs.get("data") or {}).get("sizes") or {}).get("val")
+    values = sorted(
+        (
+            t.value
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value)
+        ),
+        reverse=True,
+    )
+    if not n or len(values) < 3:
+        return None
+    best = values[0]
+    error = math.sqrt(max(best * (1 - best), 1 / n) / n)
+    close = sum(v >= best - error for v in values)
+    if close < 3:
+        return None
+    return (
+        f"{close} trials score within one standard error (±{error:.3f}) of the best on only {n} "
+        "validation images, so which of them is best is mostly chance; more validation images "
+        "([data] val_fraction, or more labelled data) make the choice reliable"
+    )
+
+
+def backbone_throughput(study: optuna.Study, device: str | None = None) -> dict[str, float]:
+    """Median training images/s per backbone over finished trials (on ``device`` if given).
+
+    Trials whose head trained on cached features are left out: their speed is not the
+    backbone's.
+    """
+    rates: dict[str, list[float]] = {}
+    for t in study.get_trials(deepcopy=False, states=trials.FINISHED):
+        rate, backbone = t.user_attrs.get(trials.IMAGES_PER_S), t.params.get("backbone")
+        if not rate or backbone is None or t.user_attrs.get(trials.FEATURE_CACHE):
+            continue
+        if device is not None and t.user_attrs.get(trials.DEVICE) != device:
+            continue
+        rates.setdefault(backbone, []).append(float(rate))
+    return {b: round(statistics.median(r), 1) for b, r in sorted(rates.items())}
+
+
+# ---------------------------------------------------------------------------------------------
+# weight sources compared
+
+
+def weights_label(config: StudyConfig, params: dict[str, Any]) -> str:
+    """A trial's weight source as written in ``[weights]`` (searched or fixed)."""
+    if "weights" in params:
+        return str(params["weights"])
+    value = config.weights_entry(params.get("backbone", ""))
+    return value if isinstance(value, str) else "?"
+
+
+def best_by_weights(config: StudyConfig, study: optuna.Study) -> dict[str, FrozenTrial]:
+    """The best complete trial of each weight source (only sources with a complete trial)."""
+    best: dict[str, FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        label = weights_label(config, t.params)
+        if label not in best or t.value > best[label].value:
+            best[label] = t
+    return best
+
+
+def retrained_model(config: StudyConfig, trial_number: int) -> Path | None:
+    """Where the retrained model of ``trial_number`` is (``best/`` or ``models/trial-N``), if
+    it has been retrained: its ``metrics.json`` names that trial."""
+    for folder in (config.paths.best, config.paths.model(trial_number)):
+        try:
+            metrics = json.loads((folder / "metrics.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if metrics.get("trial") == trial_number:
+            return folder
+    return None
+
+
+def comparison(config: StudyConfig, study: optuna.Study) -> list[dict[str, Any]] | None:
+    """Per weight source: its best trial, val score and the retrained model's test metrics.
+
+    None unless the study searched the weight source. Rows are sorted by test score (then val)
+    so the first row is the source that paid most.
+    """
+    if not config.searches_weights():
+        return None
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    rows = []
+    for label, t in best_by_weights(config, study).items():
+        folder = retrained_model(config, t.number)
+        test = None
+        if folder is not None:
+            metrics = json.loads((folder / "metrics.json").read_text())
+            test = {k: v for k, v in metrics.get("test", {}).items() if k != "confusion_matrix"}
+        rows.append(
+            {
+                "weights": label,
+                "scratch": label == "none",
+                "trial": t.number,
+                "backbone": t.params.get("backbone"),
+                "val": t.value,
+                "trials": sum(1 for x in complete if weights_label(config, x.params) == label),
+                "test": test,
+                "path": str(folder) if folder else None,
+            }
+        )
+    metric = config.search.metric
+    rows.sort(key=lambda r: ((r["test"] or {}).get(metric, -1.0), r["val"]), reverse=True)
+    return rows
+
+
+def transfer_difference(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """Best transferred minus best scratch test score, when both were retrained."""
+    scratch = [r for r in rows if r["scratch"] and r["test"]]
+    transferred = [r for r in rows if not r["scratch"] and r["test"]]
+    if not (scratch and transferred):
+        return None
+    return {
+        "weights": transferred[0]["weights"],
+        "difference": transferred[0]["test"][metric] - scratch[0]["test"][metric],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the leaderboard
+
+
+def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[str, Any]:
+    """Every trial of the study and what is known about the outcome, as plain data
+    (``automl-tl report --format json``)."""
+    study = study or open_study(config)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        s = trials.TrialSummary.of(t)
+        rows.append(
+            {
+                "number": s.number,
+                "state": s.state,
+                "value": s.value,
+                "params": s.params,
+                "duration_s": s.duration_s,
+                "epochs_run": s.epochs_run,
+                "fail_reason": s.fail_reason,
+                "images_per_s": s.images_per_s,
+                "batch_size": s.batch_size,
+            }
+        )
+    out: dict[str, Any] = {
+        "study": config.name,
+        "metric": config.search.metric,
+        "best": best_summary(study),
+        "trials": rows,
+        "throughput": backbone_throughput(study),  # training images/s per backbone
+        "selection_note": selection_note(study),  # a validation split too small to rank by
+        # trials the dead-trial guard pruned at chance (samplers.DeadTrialGuard)
+        "dead_at_chance": sum(
+            trials.DEAD_AT_CHANCE in t.user_attrs for t in study.get_trials(deepcopy=False)
+        ),
+    }
+    paths = config.paths
+    catalog = catalog_path(config)
+    if catalog.is_file():
+        out["skipped_images"] = Catalog(catalog).skipped(config.name)
+    metrics_path = paths.best / "metrics.json"
+    if metrics_path.is_file():
+        m = json.loads(metrics_path.read_text())
+        out["best_model"] = {
+            "path": str(metrics_path.parent),
+            "trial": m.get("trial"),
+            "test": {k: v for k, v in m.get("test", {}).items() if k != "confusion_matrix"},
+        }
+    rows = comparison(config, study)  # transferred vs scratch, when [weights] is searched
+    if rows is not None:
+        out["weights"] = rows
+    return out

@@ -1,0 +1,274 @@
+"""Retrain a finished trial's configuration afresh on ``[retrain] on``, score it on the test
+split, export it, and record it in the catalog — once per study however many workers end
+together, and again when the worker that claimed it died or its model went missing.
+
+- :func:`retrain` — any trial (the best by default) into ``best/`` or ``models/trial-N/``.
+- :func:`retrain_once` — the best trial, claimed so exactly one worker retrains it.
+- :func:`retrain_per_weights` — each weight source's best, for transferred vs scratch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from . import trials
+from .budget import describe_worker, is_alive, worker_identity
+from .catalog import Catalog, catalog_path
+from .config import StudyConfig
+from .data import Splits, load_splits
+from .errors import UserError
+from .export import export_model
+from .leaderboard import best_by_weights, comparison, describe_params, retrained_model
+from .paths import ensure_writable
+from .pretrain import ensure_study_weights
+from .registry import Registry
+from .space import choice_from_params
+from .storage import check_data, open_study, storage_of
+from .train import evaluate, fit, resolve_device
+
+log = logging.getLogger("automl_tl")
+
+
+def retrain(
+    config: StudyConfig,
+    registry: Registry,
+    *,
+    trial_number: int | None = None,
+    device: str = "auto",
+    study: optuna.Study | None = None,
+    splits: Splits | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Train a finished trial's configuration afresh (from its weights, not the trial's
+    checkpoint) on ``[retrain] on``, evaluate on test, export, and add it to the catalog.
+
+    The best trial (``trial_number`` None) goes to ``best/``, any other to
+    ``models/trial-N/``. ``best/`` is never replaced by a trial that scores lower than the
+    one it holds (two workers retraining at once): that one goes to ``models/trial-N/``.
+    """
+    paths = config.paths
+    ensure_writable(paths.root)
+    study = study or open_study(config)
+    if splits is None:
+        splits = load_splits(config, registry)
+        check_data(study, splits)
+    if trial_number is None:
+        try:
+            trial = study.best_trial
+        except ValueError as exc:
+            raise UserError(f"study {config.name!r} has no complete trial to retrain yet") from exc
+        directory = paths.best
+    else:
+        known = {t.number: t for t in study.get_trials(deepcopy=False)}
+        if trial_number not in known or not known[trial_number].params:
+            raise UserError(
+                f"study {config.name!r} has no trial {trial_number}; see `automl-tl report`"
+            )
+        trial = known[trial_number]
+        directory = paths.model(trial_number)
+    choice = choice_from_params(trial.params, config)
+    ensure_study_weights(config, registry, device=device)
+    device_t = resolve_device(device)
+    on = config.retrain.on
+    log.info("retraining trial %d on %s: %s", trial.number, on, describe_params(trial.params))
+    started = time.perf_counter()
+    result = fit(
+        choice,
+        splits,
+        registry,
+        device=device_t,
+        seed=config.data.seed + trial.number,
+        train_on=on,
+        evaluate_on=None,
+    )
+    num_classes = len(splits.class_names)
+    test = evaluate(result.model, splits.test, num_classes, result.data_config, device_t)
+    if on == "train":
+        val = evaluate(result.model, splits.val, num_classes, result.data_config, device_t)
+    else:
+        val = dict(trial.user_attrs.get(trials.VAL_METRICS) or {})
+    metrics = {
+        "study": config.name,
+        "trial": trial.number,
+        "metric": config.search.metric,
+        "params": dict(trial.params),
+        "retrained_on": on,
+        "epochs": choice.epochs,
+        "seconds": round(time.perf_counter() - started, 3),
+        "val": val,
+        "test": test,
+        "data": splits.summary(),
+    }
+    if directory == paths.best:  # another worker may have exported a better trial meanwhile
+        directory = best_dir_for(config, study, trial)
+    digest = export_model(
+        result.model, result.backbone, directory, splits.class_names, result.data_config, metrics
+    )
+    Catalog(catalog_path(config)).record_model(
+        config.name,
+        trial.number,
+        directory,
+        choice.backbone,
+        dict(trial.params),
+        splits.fingerprint,
+        metrics,
+        digest,
+    )
+    log.info(
+        "test %s %.4f; model written to %s",
+        config.search.metric,
+        test[config.search.metric],
+        directory,
+    )
+    return directory, metrics
+
+
+def best_dir_for(config: StudyConfig, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Path:
+    """``best/``, unless it holds a trial that scores higher than ``trial`` (then the trial's
+    own ``models/trial-N/``)."""
+    paths = config.paths
+    try:
+        held = json.loads((paths.best / "metrics.json").read_text()).get("trial")
+    except (OSError, ValueError):
+        return paths.best
+    if held is None or held == trial.number:
+        return paths.best
+    other = next((t for t in study.get_trials(deepcopy=False) if t.number == held), None)
+    if other is not None and other.value is not None and other.value > trial.value:
+        log.warning(
+            "best/ holds trial %d (val %.4f), better than trial %d (val %.4f): writing trial %d "
+            "to %s instead",
+            held,
+            other.value,
+            trial.number,
+            trial.value,
+            trial.number,
+            paths.model(trial.number),
+        )
+        return paths.model(trial.number)
+    return paths.best
+
+
+# ---------------------------------------------------------------------------------------------
+# the retrain claim
+
+
+def _claim_name(study_name: str, trial_number: int) -> str:
+    return f"{study_name}:retrain:trial-{trial_number}"
+
+
+def _stale(attrs: dict[str, Any], model_dir: Path | None, trial_number: int) -> str | None:
+    """Why a claim must be taken again (its holder never recorded itself, died before
+    finishing, or finished but the model is missing), or None while it holds."""
+    holder = attrs.get("claimed_by")
+    if not holder:
+        return "its holder never recorded itself"
+    if attrs.get("done"):
+        if model_dir is None or _holds(model_dir, trial_number):
+            return None
+        return f"its model {model_dir} is missing"
+    if not is_alive(holder):
+        return f"its holder ({describe_worker(holder)}) stopped before finishing"
+    return None
+
+
+def _holds(directory: Path, trial_number: int) -> bool:
+    try:
+        metrics = json.loads((directory / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return metrics.get("trial") == trial_number and (directory / "model.safetensors").is_file()
+
+
+def claim_retrain(
+    study: optuna.Study, trial_number: int, model_dir: Path | None = None
+) -> tuple[bool, dict[str, Any]]:
+    """Claim the retrain of ``trial_number``: True for exactly one caller across all workers.
+
+    The claim is a marker study named ``<study>:retrain:trial-<n>`` in the same storage:
+    creating a study whose name exists fails atomically on every Optuna storage. A claim whose
+    holder died before finishing (this host can tell; one on another host is assumed alive),
+    or that finished without its model in ``model_dir``, is taken again: the next generation's
+    marker study ``…:<generation>`` decides who takes it, atomically too. The loser gets the
+    holder's identity (host, pid, time) to report.
+    """
+    name = _claim_name(study.study_name, trial_number)
+    storage = storage_of(study)
+    me = {**worker_identity(), "at": datetime.datetime.now().isoformat(timespec="seconds")}
+    try:
+        claim = optuna.create_study(study_name=name, storage=storage)
+    except optuna.exceptions.DuplicatedStudyError:
+        claim = optuna.load_study(study_name=name, storage=storage)
+        deadline = time.monotonic() + 5
+        while "claimed_by" not in claim.user_attrs and time.monotonic() < deadline:
+            time.sleep(0.1)
+        attrs = claim.user_attrs
+        holder = dict(attrs.get("claimed_by", {}))
+        why = _stale(attrs, model_dir, trial_number)
+        if why is None:
+            return False, holder
+        generation = int(attrs.get("generation", 0)) + 1
+        try:
+            optuna.create_study(study_name=f"{name}:{generation}", storage=storage)
+        except optuna.exceptions.DuplicatedStudyError:
+            return False, holder  # another worker is taking it over right now
+        log.warning("the retrain of trial %d was claimed but %s: retraining it", trial_number, why)
+        claim.set_user_attr("generation", generation)
+    claim.set_user_attr("done", False)
+    claim.set_user_attr("claimed_by", me)
+    claim.set_user_attr("claim_of", study.study_name)
+    return True, me
+
+
+def finish_claim(study: optuna.Study, trial_number: int) -> None:
+    """Mark the claim of ``trial_number`` done: its model is exported."""
+    claim = optuna.load_study(
+        study_name=_claim_name(study.study_name, trial_number), storage=storage_of(study)
+    )
+    claim.set_user_attr("done", True)
+
+
+def retrain_once(
+    config: StudyConfig, registry: Registry, study: optuna.Study, splits: Splits, *, device: str
+) -> tuple[Path, dict[str, Any]] | None:
+    """Retrain the best trial unless another worker holds the claim; (dir, metrics) or None."""
+    best = study.best_trial
+    won, holder = claim_retrain(study, best.number, config.paths.best)
+    if not won:
+        log.info(
+            "trial %d is retrained by another worker (%s, %s); `automl-tl retrain` retrains it again",
+            best.number,
+            describe_worker(holder),
+            holder.get("at", "?"),
+        )
+        return None
+    directory, metrics = retrain(config, registry, device=device, study=study, splits=splits)
+    finish_claim(study, best.number)
+    return directory, metrics
+
+
+def retrain_per_weights(
+    config: StudyConfig,
+    registry: Registry,
+    study: optuna.Study,
+    splits: Splits,
+    *,
+    device: str = "auto",
+) -> list[dict[str, Any]] | None:
+    """Retrain the best trial of every weight source not yet retrained; return
+    :func:`automl_tl.leaderboard.comparison`."""
+    if not config.searches_weights():
+        return None
+    for label, t in best_by_weights(config, study).items():
+        if retrained_model(config, t.number) is None:
+            log.info("retraining the best %r trial (#%d) for the comparison", label, t.number)
+            retrain(
+                config, registry, trial_number=t.number, device=device, study=study, splits=splits
+            )
+    return comparison(config, study)
