@@ -49,12 +49,25 @@ def spreadsheet_safe(value: Any) -> Any:
     return "'" + value if value.startswith(_FORMULA_START) else value
 
 
+class _PrintableFilter(logging.Filter):
+    """Log records reach a terminal: a file or class name's escape sequences are shown, not
+    run (newlines of multi-line messages kept)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = printable(message, newlines=True)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
 def setup_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     from .storage import RedactFilter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactFilter())
+    handler.addFilter(_PrintableFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger("automl_tl")
     root.handlers[:] = [handler]

@@ -1181,10 +1181,12 @@ def check_source(
     warns = [str(w.message) for w in caught]
     records = dataset.records
     infos: list[dict] = []
-    bad_idx = _decode_into(records, image_size, None, infos, desc="checking images")
+    hashes: list[str] = []
+    bad_idx = _decode_into(records, image_size, None, infos, desc="checking images", hashes=hashes)
     bad = list(dataset.problems) + [(str(records[i].image), why) for i, why in bad_idx]
     skip = {i for i, _ in bad_idx}
     good = [r for i, r in enumerate(records) if i not in skip]
+    good_hashes = [h for i, h in enumerate(hashes) if i not in skip]
     class_names = list(dataset.class_names or sorted({r.label for r in records}))
     errors, class_warns = check_classes(good, class_names, source)
     warns += class_warns
@@ -1195,6 +1197,9 @@ def check_source(
         indices = assign_splits(good, class_names, val_fraction, test_fraction, seed)
         for name in SPLIT_NAMES:
             counts[name] = dict(Counter(good[i].label for i in indices[name].tolist()))
+        leak = _copies_across_splits(good, good_hashes, indices)  # the split a study would use
+        if leak:
+            warns.append(leak)
         split_kind = (
             "fixed by the source"
             if fixed >= {"train", "val", "test"} and None not in fixed
