@@ -33,6 +33,7 @@ BEST_EPOCH = "best_epoch"  #: the epoch (1-based) whose validation score was bes
 STOPPED_EARLY = "stopped_early"  #: True: no improvement for [search] patience epochs
 #: the best epoch's validation log-probabilities (float16, base64; automl_tl.scores.pack)
 VAL_LOG_PROBS = "val_log_probs"
+DEAD_AT_CHANCE = "dead_at_chance"  #: the epoch the dead-trial guard pruned it at (samplers.py)
 
 #: attributes that belong to one run of a trial, not to its configuration: a trial queued
 #: again (its worker died, it was interrupted) starts without them
@@ -51,6 +52,7 @@ RUN_ATTRS = (
     BEST_EPOCH,
     STOPPED_EARLY,
     VAL_LOG_PROBS,
+    DEAD_AT_CHANCE,
 )
 
 

@@ -337,6 +337,20 @@ def test_check_data_clean_folder_json_and_errors(tmp_path, capsys):
     assert err == f"error: folder path {tmp_path / 'nowhere'} does not exist; fix [data] source\n"
 
 
+def test_check_data_names_copies_across_splits(tmp_path, capsys):
+    """A byte-identical copy in another split (train/test leakage) is warned about by
+    check-data, as the search does, on the split the study would use."""
+    import shutil
+
+    root = make_folder(tmp_path / "d", {"a": 6, "b": 6})
+    first = sorted((root / "a").iterdir())[0]
+    for i in range(4):  # copies land in other splits than the original, whatever the seed
+        shutil.copy(first, root / "a" / f"copy{i}{first.suffix}")
+    assert main(["check-data", f"folder:{root}", "--format", "json"]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert any("byte-identical copies of images in another split" in w for w in warnings)
+
+
 # ---------------------------------------------------------------------------------------------
 # the decoded cache: memory-mapped, progress, never half-written
 
@@ -672,6 +686,9 @@ def test_passwords_scrubbed_from_logs_and_tracebacks(capsys):
     setup_logging(0)
     logging.getLogger("automl_tl").info("storage %s", url)
     assert "bob:***@db" in capsys.readouterr().err
+    # a class or file name's terminal escape is shown in a log line, not run
+    logging.getLogger("automl_tl").info("class %s", "cat\x1b]0;owned\x07")
+    assert "class cat\\x1b]0;owned\\x07" in capsys.readouterr().err
 
 
 def test_weights_are_never_unpickled(tmp_path):
