@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -17,12 +18,56 @@ from .errors import UserError
 log = logging.getLogger("automl_tl")
 
 
+#: C0/C1 control characters (ESC starts terminal escape sequences), bidi overrides, and lone
+#: surrogates (undecodable bytes of a file name, kept by Python as U+DC80…U+DCFF)
+_UNPRINTABLE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NEWLINE = re.compile("\n")
+#: a spreadsheet runs a cell that starts with one of these as a formula
+_FORMULA_START = ("=", "+", "-", "@")  # (tab and CR are escaped by printable() first)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte of a non-UTF-8 file name (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str, newlines: bool = False) -> str:
+    """``text`` safe to print on a terminal: control characters, terminal escapes, bidi
+    overrides and undecodable bytes of file names shown as ``\\xNN`` (newlines kept if asked)."""
+    text = _UNPRINTABLE.sub(lambda m: _escape(m.group()), text)
+    return text if newlines else _NEWLINE.sub("\\\\n", text)
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: printable, and a leading ``= + - @`` quoted
+    with ``'`` so a file or class name is never run as a formula. Numbers pass unchanged."""
+    if not isinstance(value, str):
+        return value
+    value = printable(value)
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+class _PrintableFilter(logging.Filter):
+    """Log records reach a terminal: a file or class name's escape sequences are shown, not
+    run (newlines of multi-line messages kept)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = printable(message, newlines=True)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
 def setup_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     from .storage import RedactFilter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactFilter())
+    handler.addFilter(_PrintableFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger("automl_tl")
     root.handlers[:] = [handler]
@@ -43,10 +88,17 @@ def _load(args: argparse.Namespace, **overrides: Any):
     from .registry import Registry
 
     config = load_config(args.study, overrides)
-    pm, infos = get_plugin_manager(
-        [*config.plugins, *getattr(args, "plugin", [])], base_dir=config.base_dir
-    )
+    # the study's plugin files are absolute (config.py); --plugin paths are the cwd's
+    pm, infos = get_plugin_manager([*config.plugins, *getattr(args, "plugin", [])])
     return config, pm, Registry.from_plugin_manager(pm)
+
+
+def _device(name: str | None) -> str:
+    """The device a command runs on, checked before anything starts (one message if bad)."""
+    from .train import resolve_device
+
+    resolve_device(name)
+    return name or "auto"
 
 
 def _storage_arg(args: argparse.Namespace) -> str | None:
@@ -74,7 +126,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     die_with_parent()  # a worker of `--workers N`: never outlive the parent
     config, pm, registry = _load(args, **_overrides(args))
-    device = args.device or config.search.device
+    device = _device(args.device or config.search.device)
     if args.workers != 1:
         return _search_with_workers(args, config, registry, device)
     from .progress import show_progress
@@ -184,7 +236,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     config, pm, registry = _load(args, **_overrides(args))
     check_named_weights(config, registry)  # a [weights] typo: one message, before training
     directory, metrics = retrain(
-        config, registry, trial_number=args.trial, device=args.device or config.search.device
+        config,
+        registry,
+        trial_number=args.trial,
+        device=_device(args.device or config.search.device),
     )
     test = metrics["test"]
     print(
@@ -196,7 +251,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     from tabulate import tabulate
 
-    return tabulate([[r.get(c) for c in columns] for r in rows], headers=columns, floatfmt=".4g")
+    def cell(value: Any) -> Any:
+        return printable(value) if isinstance(value, str) else value
+
+    return tabulate(
+        [[cell(r.get(c)) for c in columns] for r in rows], headers=columns, floatfmt=".4g"
+    )
 
 
 def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -204,21 +264,22 @@ def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({c: r.get(c) for c in columns})
+        writer.writerow({c: spreadsheet_safe(r.get(c)) for c in columns})
     return buf.getvalue()
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .config import load_config
     from .leaderboard import leaderboard
-    from .space import PARAM_NAMES
+    from .space import SHOWN_PARAMS, effective_params
 
     config = load_config(args.study, {"search.storage": _storage_arg(args)})
+    device = _device(args.device or "cpu")
     data = leaderboard(config)
     if not args.no_files:  # plots + index.html in <output>/report/; stdout stays the data
         from .report import write_report_files
 
-        data["report"] = write_report_files(config, data, args.plugin, args.device or "cpu")
+        data["report"] = write_report_files(config, data, args.plugin, device)
     if args.format == "json":
         print(json.dumps(data, indent=2))
         return 0
@@ -229,7 +290,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 "trial": t["number"],
                 "state": t["state"],
                 config.search.metric: t["value"],
-                **{k: t["params"].get(k) for k in PARAM_NAMES},
+                **{k: effective_params(t["params"]).get(k) for k in SHOWN_PARAMS},
                 "epochs": t["epochs_run"],
                 "seconds": t["duration_s"],
                 "fail_reason": t["fail_reason"],
@@ -239,7 +300,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         "trial",
         "state",
         config.search.metric,
-        *PARAM_NAMES,
+        *SHOWN_PARAMS,
         "epochs",
         "seconds",
         "fail_reason",
@@ -255,6 +316,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         more = f", … ({len(skipped)} in all)" if len(skipped) > 5 else ""
         print(
             f'\nskipped {len(skipped)} unreadable image(s) (on_bad_image = "skip"): {shown}{more}'
+        )
+    if data.get("dead_at_chance"):
+        print(
+            f"\n{data['dead_at_chance']} trial(s) pruned at chance (the dead-trial guard: "
+            "<= 1.5x chance from epoch 2 while another trial had left it)"
         )
     if data.get("selection_note"):
         print(f"\nnote: {data['selection_note']}")
@@ -274,7 +340,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .export import load_model, predict_paths
 
-    model = load_model(args.model, device=args.device or "cpu")
+    if args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k}: give 1 or more labels per image")
+    model = load_model(args.model, device=_device(args.device or "cpu"))
     rows = predict_paths(model, args.paths, top_k=args.top_k)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -292,9 +360,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_check_data(args: argparse.Namespace) -> int:
     from .config import config_from_dict, load_config
-    from .data import check_source
-    from .plugins import get_plugin_manager
-    from .registry import Registry
+    from .data import check_source, parse_source
+    from .plugins import registry_needing
 
     overrides = {
         "data.image_size": args.image_size,
@@ -308,21 +375,25 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         data = {"source": args.source}
         data.update({k.split(".")[1]: v for k, v in overrides.items() if v is not None})
         config = config_from_dict({"name": "check-data", "data": data})
-    pm, _ = get_plugin_manager([*config.plugins, *args.plugin], base_dir=config.base_dir)
     d = config.data
+    # the study file's plugins run only if its dataset source comes from one of them
+    registry = registry_needing(
+        config.plugins, args.plugin, {"datasets": [parse_source(d.source)[0]]}
+    )
     result = check_source(
-        Registry.from_plugin_manager(pm),
+        registry,
         d.source,
         image_size=d.image_size,
         val_fraction=d.val_fraction,
         test_fraction=d.test_fraction,
         seed=d.seed,
         base_dir=config.base_dir,
+        orientation=d.orientation,
     )
     if args.format == "json":
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print(_format_data_check(result))
+        print(printable(_format_data_check(result), newlines=True))
     return 0 if result.usable else 1
 
 
@@ -371,6 +442,9 @@ def _format_data_check(check) -> str:
     if check.errors:
         lines.append("errors:")
         lines += [f"  - {e}" for e in check.errors]
+    if check.suggestions:
+        lines.append("suggestions:")
+        lines += [f"  - {s}" for s in check.suggestions]
     if check.usable:
         lines.append("usable as is")
     else:
@@ -413,7 +487,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         out,
         Registry.from_plugin_manager(pm),
         cache_dir=out.parent / "cache",
-        device=args.device or "auto",
+        device=_device(args.device or "auto"),
         force=args.force,
     )
     meta = result.meta
@@ -422,6 +496,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         f"{meta['source']} ({len(meta['classes'])} classes, {meta['epochs']} epochs), held-out "
         f"accuracy {meta['accuracy']:.4f} -> {result.path} (+ {result.path.with_suffix('.json').name})"
     )
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """``clean STUDY``: what the study no longer needs, one line each, and the total."""
+    from .clean import clean
+
+    config, _, registry = _load(args)
+    found = clean(config, registry, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for item in found:
+        print(f"{verb} {item.path} ({item.bytes / 1e6:.1f} MB): {item.what}")
+    total = sum(item.bytes for item in found)
+    print(f"{config.name}: {verb} {len(found)} item(s), {total / 1e6:.1f} MB")
     return 0
 
 
@@ -609,6 +697,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser(
+        "clean",
+        help="remove decoded caches the study no longer uses and leftovers of killed exports",
+    )
+    common(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would go; remove nothing")
+    p.add_argument("--plugin", action="append", default=[])
+    p.set_defaults(func=cmd_clean)
+
     p = sub.add_parser("plugins", help="list plugins and what they register; --check one")
     common(p, study=False)
     p.add_argument("--format", choices=["table", "json"], default="table")
@@ -648,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"error: {scrub(str(exc))}", file=sys.stderr)
+        print(f"error: {printable(scrub(str(exc)), newlines=True)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         print(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+#: the largest val_fraction + test_fraction: at least a tenth of the data stays to train on
+MAX_HELD_OUT = 0.9
 SAMPLERS = ("tpe", "gp", "random")
 PRUNERS = ("hyperband", "median", "none")
 
@@ -38,11 +41,16 @@ class DataSection:
     image_size: int = field(default=32, metadata={"min": 8, "max": 1024})
     val_fraction: float = field(default=0.2, metadata={"min": 0.01, "max": 0.9})
     test_fraction: float = field(default=0.2, metadata={"min": 0.01, "max": 0.9})
-    seed: int = 0
+    #: numpy and torch take seeds in [0, 2**32)
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
     on_bad_image: str = field(default="error", metadata=_choices("error", "skip"))
     #: a few-label task: at most this many labelled images per class for train + val
     #: together (in the val_fraction proportion); test keeps all its images
     max_per_class: int | None = field(default=None, metadata={"min": 2})
+    #: "fixed": the label depends on orientation (digits, text, dials): no searched policy
+    #: flips or rotates beyond a small angle (AugmentationPolicy.orientation_safe). "free":
+    #: any policy (natural photos, where a mirrored cat is a cat)
+    orientation: str = field(default="free", metadata=_choices("free", "fixed"))
 
 
 @dataclass
@@ -66,12 +74,23 @@ class SearchSection:
         default_factory=lambda: ["top_k", "gradual", "lp_ft", "layer_decay"],
         metadata={"nonempty": True},
     )
+    #: the lr range of every trial when the study sets it; left out, it depends on the weight
+    #: source (automl_tl/space.py): this range from random init, a lower one for fine-tuning
     lr: list[float] = field(default_factory=lambda: [1e-4, 1e-2], metadata={"range": "log"})
     weight_decay: list[float] = field(
         default_factory=lambda: [1e-6, 1e-2], metadata={"range": "log"}
     )
+    #: the searched unfreeze depth (a fraction of the body's groups) of trials from pretrained
+    #: weights; [x, x] fixes it. Trials from random init have none: their whole body trains
+    unfreeze_depth: list[float] = field(
+        default_factory=lambda: [0.0, 1.0], metadata={"range": "unit"}
+    )
     epochs: int = field(default=5, metadata={"min": 1})
-    batch_size: int = field(default=64, metadata={"min": 1})
+    #: at least 2: a batch of one image is dropped (BatchNorm cannot train on it)
+    batch_size: int = field(
+        default=64,
+        metadata={"min": 2, "why": "batches of one image are dropped, so nothing trains"},
+    )
     device: str = "auto"
     max_consecutive_failures: int = field(default=5, metadata={"min": 1})
     heartbeat_interval: int = field(default=60, metadata={"min": 1})
@@ -115,6 +134,17 @@ class StudyConfig:
     #: the study file, or None for a config built in code
     path: Path | None = None
     base_dir: Path = field(default_factory=Path.cwd)
+    #: the keys the study file set, as "section.key" (e.g. "search.lr"); a default that
+    #: depends on something else (the lr range on the weight source) applies only to the others
+    explicit: frozenset[str] = frozenset()
+
+    def sets(self, key: str) -> bool:
+        """Whether the study file set ``key`` ("section.key") rather than leaving its default."""
+        return key in self.explicit
+
+    def trains_from_scratch(self, backbone: str) -> bool:
+        """Whether every trial of ``backbone`` starts from random init (``[weights]`` "none")."""
+        return self.weights_entry(backbone) == "none"
 
     @property
     def output_dir(self) -> Path:
@@ -138,7 +168,7 @@ class StudyConfig:
         paths = self.paths
         if paths.journal.exists():
             return f"journal:{paths.journal}"
-        return f"sqlite:///{paths.sqlite}"
+        return sqlite_url(paths.sqlite)
 
     def weights_entry(self, backbone: str) -> str | list[str]:
         """``[weights]``'s value for ``backbone`` as written: its own entry, else ``default``."""
@@ -179,6 +209,18 @@ class StudyConfig:
             self.pretrained_path(backbone, source.target) if source.kind == "pretrain" else None
         )
         return source.for_create(pretrained)
+
+
+def sqlite_url(path: Path) -> str:
+    """``sqlite:///PATH`` with the path percent-quoted: SQLAlchemy reads ``?`` as the start of
+    URL options and unquotes ``%2E%2E%2F``, so a study name or output folder holding them
+    would otherwise move ``optuna.db`` elsewhere."""
+    return "sqlite:///" + urllib.parse.quote(str(path), safe="/")
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a ``sqlite:///PATH`` URL (the inverse of :func:`sqlite_url`)."""
+    return Path(urllib.parse.unquote(url[len("sqlite:///") :].partition("?")[0]))
 
 
 _SECTIONS = {
@@ -225,12 +267,16 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
             if len(value) != 2:
                 raise ConfigError(f"{key} must be a range [low, high], got {value!r}")
             low, high = float(value[0]), float(value[1])
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ConfigError(f"{key} = {value!r}: both ends must be finite numbers")
             if low > high:
                 raise ConfigError(f"{key} = {value!r}: low > high; write [{value[1]}, {value[0]}]")
             if meta["range"] == "log" and low <= 0:
                 raise ConfigError(
                     f"{key} = {value!r} is searched on a log scale; both ends must be > 0"
                 )
+            if meta["range"] == "unit" and not (low >= 0.0 and high <= 1.0):
+                raise ConfigError(f"{key} = {value!r} is a fraction; both ends must lie in [0, 1]")
             return [low, high]
         if len(set(value)) != len(value):
             raise ConfigError(f"{key} lists a name twice: {value!r}")
@@ -256,7 +302,8 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
             f"choose one of: {', '.join(meta['choices'])}"
         )
     if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{key} = {value!r} is too small; it must be at least {meta['min']}")
+        why = f" ({meta['why']})" if "why" in meta else ""
+        raise ConfigError(f"{key} = {value!r} is too small{why}; it must be at least {meta['min']}")
     if "max" in meta and value > meta["max"]:
         raise ConfigError(f"{key} = {value!r} is too large; it must be at most {meta['max']}")
     return value
@@ -293,9 +340,16 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
         )
     if any(c in name for c in "/\\") or name in (".", ".."):
         raise ConfigError(f"name {name!r} must not contain path separators")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ConfigError(
+            f"name {name!r} must not contain control characters (a NUL byte, a newline, …); "
+            "it names the study and its output folder"
+        )
     plugins = raw.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f"plugins must be a list of module names or .py paths, got {plugins!r}")
+    # a plugin file is found beside the study file, never in whatever folder the command runs
+    plugins = [_plugin_path(p, base_dir) for p in plugins]
     weights = raw.get("weights", {})
     if not isinstance(weights, dict) or not all(
         isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
@@ -303,12 +357,28 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
     ):
         raise ConfigError(f"[weights] must map backbone names to {weightsource.FORMS} (or a list)")
     sections = {k: _section(k, cls, raw.get(k, {})) for k, cls in _SECTIONS.items()}
+    held_out = sections["data"].val_fraction + sections["data"].test_fraction
+    if held_out > MAX_HELD_OUT + 1e-9:
+        raise ConfigError(
+            f"[data] val_fraction + test_fraction = {held_out:g} leaves "
+            f"{'no' if held_out >= 1 else 'too few'} images to train on; keep their sum at most "
+            f"{MAX_HELD_OUT}"
+        )
+    explicit = frozenset(
+        f"{k}.{key}" for k in _SECTIONS if isinstance(raw.get(k), dict) for key in raw[k]
+    )
+    if sections["data"].orientation == "fixed" and "search.augmentations" not in explicit:
+        # the default list without its flip: crop for flip_crop (see kornia_policies.py)
+        sections["search"].augmentations = [
+            FIXED_ORIENTATION_SWAPS.get(a, a) for a in sections["search"].augmentations
+        ]
     config = StudyConfig(
         name=name,
         plugins=list(plugins),
         weights={"default": "none", **weights},
         path=path,
         base_dir=base_dir,
+        explicit=explicit,
         **sections,
     )
     for backbone, value in config.weights.items():
@@ -319,7 +389,29 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
                 f"{', '.join(config.search.backbones)}"
             )
         _check_weights(config, backbone, value)
+    if config.sets("search.unfreeze_depth") and all(
+        config.trains_from_scratch(b) for b in config.search.backbones
+    ):
+        raise ConfigError(
+            f"[search] unfreeze_depth = {config.search.unfreeze_depth!r} has no effect: every "
+            'backbone trains from random init ([weights] "none"), where the whole body always '
+            "trains and no depth is searched; remove unfreeze_depth, or give the backbones "
+            'pretrained weights in [weights] (e.g. default = "timm" or "pretrain:SOURCE")'
+        )
     return config
+
+
+#: under ``[data] orientation = "fixed"``, the default ``[search] augmentations`` with these
+#: built-in policies swapped for their orientation-safe twins
+FIXED_ORIENTATION_SWAPS = {"flip_crop": "crop"}
+
+
+def _plugin_path(spec: str, base_dir: Path) -> str:
+    """A plugin file of the study resolved against the study file's folder; a module as is."""
+    if not (spec.endswith(".py") or "/" in spec or "\\" in spec):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path if path.is_absolute() else base_dir / path)
 
 
 def _check_weights(config: StudyConfig, backbone: str, value: str | list[str]) -> None:
@@ -360,6 +452,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r}); "
+            "TOML files are UTF-8: save it as UTF-8"
+        ) from exc
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

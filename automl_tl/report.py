@@ -33,6 +33,7 @@ rebuilt only when the study or the best model changed since it was written.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import html
@@ -50,6 +51,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ._util import write_atomic
 from .config import StudyConfig
 from .registry import Registry
+from .space import SHOWN_PARAMS, effective_params
 
 #: Bump when the report's content changes, so existing reports are rebuilt.
 REPORT_VERSION = 2
@@ -253,7 +255,8 @@ def _depth_vs_strength(ctx: ReportContext):
     finished = [
         t
         for t in ctx.trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "unfreeze_depth" in t.params
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and "unfreeze_depth" in effective_params(t.params)  # random init: depth 1.0
     ]
     if not finished:
         raise Skipped("no trial has finished yet")
@@ -269,7 +272,7 @@ def _depth_vs_strength(ctx: ReportContext):
         if mine:
             mappable = ax.scatter(
                 [float(t.params.get("aug_strength", 0.0)) for t in mine],
-                [float(t.params["unfreeze_depth"]) for t in mine],
+                [float(effective_params(t.params)["unfreeze_depth"]) for t in mine],
                 c=[float(t.value) for t in mine],
                 cmap="viridis",
                 vmin=vmin,
@@ -288,7 +291,7 @@ def _depth_vs_strength(ctx: ReportContext):
         if pruned:
             ax.scatter(
                 [float(t.params.get("aug_strength", 0.0)) for t in pruned],
-                [float(t.params["unfreeze_depth"]) for t in pruned],
+                [float(effective_params(t.params)["unfreeze_depth"]) for t in pruned],
                 marker=markers[i % len(markers)],
                 s=40,
                 facecolors="none",
@@ -550,10 +553,9 @@ def _fmt(value: Any, key: str = "") -> str:
 
 
 def _leaderboard_html(data: dict[str, Any]) -> str:
-    from .space import PARAM_NAMES
-
     metric = data["metric"]
-    used = [k for k in PARAM_NAMES if any(t["params"].get(k) is not None for t in data["trials"])]
+    shown = {t["number"]: effective_params(t["params"]) for t in data["trials"]}
+    used = [k for k in SHOWN_PARAMS if any(p.get(k) is not None for p in shown.values())]
     columns = ["trial", "state", metric, *used, "epochs", "seconds", "fail_reason"]
     best = (data.get("best") or {}).get("number")
     trials = sorted(data["trials"], key=lambda t: (t["value"] is None, -(t["value"] or 0)))
@@ -564,7 +566,7 @@ def _leaderboard_html(data: dict[str, Any]) -> str:
             "trial": t["number"],
             "state": t["state"],
             metric: t["value"],
-            **{k: t["params"].get(k) for k in used},
+            **{k: shown[t["number"]].get(k) for k in used},
             "epochs": t.get("epochs_run"),
             "seconds": t.get("duration_s"),
             "fail_reason": t.get("fail_reason"),
@@ -617,6 +619,14 @@ def _summary_html(ctx: ReportContext) -> str:
     if best:
         params = ", ".join(f"{k}={_fmt(v, k)}" for k, v in best["params"].items())
         items.append(("best trial", f"#{best['number']}: {best['value']:.4f} ({params})"))
+    if data.get("dead_at_chance"):
+        items.append(
+            (
+                "pruned at chance",
+                f"{data['dead_at_chance']} trial(s) (the dead-trial guard: <= 1.5x chance from "
+                "epoch 2 while another trial had left it)",
+            )
+        )
     if data.get("selection_note"):
         items.append(("note", data["selection_note"]))
     model = data.get("best_model")
@@ -718,8 +728,9 @@ def build_report(
     for name, title, description, draw in FIGURES:
         entry = ReportFile(name, title, description)
         # Optuna's plots switch to the ggplot style (keep it local) and warn about small samples
-        # (the report says so in words)
-        with plt.rc_context(), warnings.catch_warnings():
+        # (the report says so in words); class and file names are text, never mathtext
+        # (a "$" in a name would be parsed as TeX and can crash the figure)
+        with plt.rc_context({"text.parse_math": False}), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 fig = draw(ctx)
@@ -755,12 +766,20 @@ def write_report_files(
 
     matplotlib.use("Agg")  # the command line never opens a window
 
+    from .data import parse_source
     from .errors import UserError
-    from .plugins import get_plugin_manager
+    from .plugins import registry_needing
 
+    # the study file's plugins are code: they run only when the best model's backbone or the
+    # dataset source comes from one of them
+    needs = {"datasets": [parse_source(config.data.source)[0]]}
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        exported = json.loads((config.output_dir / "best" / "config.json").read_text())
+        needs["backbones"] = [
+            exported.get("automl_tl", {}).get("backbone") or exported["architecture"]
+        ]
     try:
-        pm, _ = get_plugin_manager([*config.plugins, *plugins], base_dir=config.base_dir)
-        registry: Registry | None = Registry.from_plugin_manager(pm)
+        registry: Registry | None = registry_needing(config.plugins, plugins, needs)
     except UserError as exc:  # the plots of the search need no plugin; the model's do
         print(f"warning: {exc}; the best model's figures are skipped", file=sys.stderr)
         registry = None
