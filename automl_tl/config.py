@@ -120,8 +120,14 @@ class SelectionSection:
     folds: int = field(default=-1, metadata={"min": -1})
     #: how the raced winner is chosen: the mean score, or its lower confidence bound
     rule: str = field(default="mean", metadata=_choices("mean", "lcb"))
-    #: at most this many extra training runs (trial-equivalents) in all for racing
-    budget: int = field(default=20, metadata={"min": 1})
+    #: at most this many extra training runs (trial-equivalents) in all for racing; 0: as many
+    #: as the search's n_trials, at most 20 (racing never more than doubles a search)
+    budget: int = field(default=0, metadata={"min": 0})
+
+    def race_budget(self, n_trials: int) -> int:
+        """The racing budget in force: ``budget``, or for 0 ``min(20, n_trials)``."""
+        return self.budget or max(1, min(20, n_trials))
+
     #: greedy ensemble selection (Caruana 2004) over the finalists -> <output>/ensemble/
     ensemble: bool = True
     #: greedy weight soup (Wortsman 2022) of finalists sharing backbone and weights -> soup/

@@ -189,15 +189,16 @@ def plan_runs(config: StudyConfig, numbers: list[int], folds: int) -> Plan:
     ``[selection] budget`` runs: finalists are dropped from the last (down to two), then
     runs per finalist are cut."""
     sel = config.selection
+    budget = sel.race_budget(config.search.n_trials)
     per = sel.repeats * (folds or 1)
     notes = []
     kept = list(numbers)
-    while len(kept) > 2 and len(kept) * per > sel.budget:
+    while len(kept) > 2 and len(kept) * per > budget:
         kept.pop()
     if len(kept) < len(numbers):
         notes.append(
             f"racing {len(kept)} of {len(numbers)} finalists: {len(numbers)} x {per} runs would "
-            f"exceed [selection] budget = {sel.budget}"
+            f"exceed [selection] budget = {budget}"
         )
     runs = [
         Run(n, r, f if folds else -1, folds)
@@ -205,13 +206,13 @@ def plan_runs(config: StudyConfig, numbers: list[int], folds: int) -> Plan:
         for r in range(sel.repeats)
         for f in range(folds or 1)
     ]
-    if len(runs) > sel.budget:
-        keep_per = max(1, sel.budget // max(1, len(kept)))
+    if len(runs) > budget:
+        keep_per = max(1, budget // max(1, len(kept)))
         notes.append(
-            f"{keep_per} of {per} runs per finalist to stay within [selection] budget = {sel.budget}"
+            f"{keep_per} of {per} runs per finalist to stay within [selection] budget = {budget}"
         )
         runs = [r for n in kept for r in [x for x in runs if x.finalist == n][:keep_per]]
-    return Plan(kept, runs, folds, sel.repeats, sel.budget, notes)
+    return Plan(kept, runs, folds, sel.repeats, budget, notes)
 
 
 def fold_indices(splits: Splits, repeat: int, folds: int, seed: int) -> list[torch.Tensor]:
@@ -558,7 +559,7 @@ def select(
             "only the best trial is within one standard error of the best: nothing to race"
         )
     done: dict[str, FrozenTrial] = {}
-    plan = Plan(numbers, [], folds, sel.repeats, sel.budget)
+    plan = Plan(numbers, [], folds, sel.repeats, sel.race_budget(config.search.n_trials))
     if sel.race and len(numbers) >= 2:
         plan = plan_runs(config, numbers, folds)
         notes += plan.notes
@@ -572,7 +573,7 @@ def select(
             len(plan.runs),
             f"{folds} folds of train+val" if folds else "the study's split",
             sel.repeats,
-            sel.budget,
+            sel.race_budget(config.search.n_trials),
         )
         done = race(config, registry, study, splits, plan, device=device)
     numbers = plan.finalists
@@ -650,7 +651,7 @@ def select(
         val_images=found.val_images,
         folds=folds,
         repeats=sel.repeats,
-        budget=sel.budget,
+        budget=sel.race_budget(config.search.n_trials),
         runs=len(plan.runs),
         run_seconds=round(sum(r["run_seconds"] for r in rows), 3),
         epochs=epochs,

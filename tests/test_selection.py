@@ -295,6 +295,7 @@ def test_an_interrupted_race_resumes_with_the_runs_not_done(tmp_path, registry, 
     from automl_tl.data import load_splits
 
     config = load_config(write_study(tmp_path, STUDY))
+    config.selection.budget = 20  # more than the default's n_trials: every run is planned
     splits = load_splits(config, registry)
     study = optuna.create_study(
         study_name=config.name, storage=f"sqlite:///{tmp_path / 'o.db'}", direction="maximize"
@@ -448,3 +449,11 @@ def test_ensembles_and_soups_of_mismatched_models_are_refused(tmp_path, registry
     got = ensemble.calibrated_module()(ensemble.preprocess(x)).softmax(-1)
     assert torch.allclose(got, mean, atol=1e-5)
     assert ensemble.predict(x)[0][0][0] in ("x", "y")
+
+
+def test_the_default_race_budget_never_more_than_doubles_the_search():
+    from automl_tl.config import SelectionSection
+
+    assert SelectionSection().race_budget(4) == 4
+    assert SelectionSection().race_budget(60) == 20
+    assert SelectionSection(budget=7).race_budget(60) == 7
