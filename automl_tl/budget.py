@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
+import json
 import logging
 import os
+import secrets
 import socket
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import trials
 from ._util import pid_alive, proc_stat
-from .storage import fail_trial, storage_kind
+from .storage import fail_trial, storage_kind, storage_of
 
 log = logging.getLogger("automl_tl")
 
@@ -274,3 +279,60 @@ class Budget:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if not self.room():
             study.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# claims: one worker does a piece of work (a retrain, a race run), and it is taken again when
+# its holder is gone
+
+
+@dataclass
+class Claim:
+    won: bool
+    #: the identity of whoever holds it (this process when ``won``)
+    holder: dict[str, Any]
+    #: why an earlier holder's claim was taken over (None when it was new or is lost)
+    taken_over: str | None = None
+
+
+def claim_marker(
+    study: optuna.Study, name: str, stale: Callable[[dict[str, Any]], str | None]
+) -> Claim:
+    """Claim the work named ``name``: won by exactly one caller across all workers.
+
+    The claim is a marker study ``name`` in the study's storage: creating a study whose name
+    exists fails atomically on every Optuna storage. When it exists, ``stale(attrs)`` (its
+    user attributes) says why it may be taken again, or None while it holds; then a second
+    marker named after the exact state seen (``name:takeover:<digest>``) decides, atomically
+    too, which of the workers that saw that same stale state takes it. The winner's identity
+    (with a nonce, so no two claims look alike) is stored as ``claimed_by``; the flags
+    ``done`` and ``released`` are reset.
+    """
+    storage = storage_of(study)
+    me = {
+        **worker_identity(),
+        "at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "nonce": secrets.token_hex(6),
+    }
+    why = None
+    try:
+        marker = optuna.create_study(study_name=name, storage=storage)
+    except optuna.exceptions.DuplicatedStudyError:
+        marker = optuna.load_study(study_name=name, storage=storage)
+        deadline = time.monotonic() + 5
+        while "claimed_by" not in marker.user_attrs and time.monotonic() < deadline:
+            time.sleep(0.1)
+        attrs = marker.user_attrs
+        holder = dict(attrs.get("claimed_by") or {})
+        why = stale(attrs)
+        if why is None:
+            return Claim(False, holder)
+        seen = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()
+        try:
+            optuna.create_study(study_name=f"{name}:takeover:{seen[:16]}", storage=storage)
+        except optuna.exceptions.DuplicatedStudyError:
+            return Claim(False, holder)  # another worker saw the same state and took it
+    marker.set_user_attr("done", False)
+    marker.set_user_attr("released", False)
+    marker.set_user_attr("claimed_by", me)
+    return Claim(True, me, why)

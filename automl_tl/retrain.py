@@ -9,7 +9,6 @@ together, and again when the worker that claimed it died or its model went missi
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import time
@@ -20,7 +19,7 @@ import optuna
 import torch
 
 from . import trials
-from .budget import describe_worker, is_alive, worker_identity
+from .budget import claim_marker, describe_worker, is_alive
 from .catalog import Catalog, catalog_path
 from .config import StudyConfig
 from .data import Splits, load_splits
@@ -284,39 +283,28 @@ def claim_retrain(
 ) -> tuple[bool, dict[str, Any]]:
     """Claim the retrain of ``trial_number``: True for exactly one caller across all workers.
 
-    The claim is a marker study named ``<study>:retrain:trial-<n>`` in the same storage:
-    creating a study whose name exists fails atomically on every Optuna storage. A claim whose
-    holder died before finishing (this host can tell; one on another host is assumed alive),
-    or that finished without its model in ``model_dir``, is taken again: the next generation's
-    marker study ``…:<generation>`` decides who takes it, atomically too. The loser gets the
-    holder's identity (host, pid, time) to report.
+    The claim is the marker study ``<study>:retrain:trial-<n>``
+    (:func:`automl_tl.budget.claim_marker`). A claim whose holder died before finishing (this
+    host can tell; one on another host is assumed alive), or that finished without its model
+    in ``model_dir``, is taken again. The loser gets the holder's identity (host, pid, time)
+    to report.
     """
-    name = _claim_name(study.study_name, trial_number)
-    storage = storage_of(study)
-    me = {**worker_identity(), "at": datetime.datetime.now().isoformat(timespec="seconds")}
-    try:
-        claim = optuna.create_study(study_name=name, storage=storage)
-    except optuna.exceptions.DuplicatedStudyError:
-        claim = optuna.load_study(study_name=name, storage=storage)
-        deadline = time.monotonic() + 5
-        while "claimed_by" not in claim.user_attrs and time.monotonic() < deadline:
-            time.sleep(0.1)
-        attrs = claim.user_attrs
-        holder = dict(attrs.get("claimed_by", {}))
-        why = _stale(attrs, model_dir, trial_number)
-        if why is None:
-            return False, holder
-        generation = int(attrs.get("generation", 0)) + 1
-        try:
-            optuna.create_study(study_name=f"{name}:{generation}", storage=storage)
-        except optuna.exceptions.DuplicatedStudyError:
-            return False, holder  # another worker is taking it over right now
-        log.warning("the retrain of trial %d was claimed but %s: retraining it", trial_number, why)
-        claim.set_user_attr("generation", generation)
-    claim.set_user_attr("done", False)
-    claim.set_user_attr("claimed_by", me)
-    claim.set_user_attr("claim_of", study.study_name)
-    return True, me
+    claim = claim_marker(
+        study,
+        _claim_name(study.study_name, trial_number),
+        lambda attrs: _stale(attrs, model_dir, trial_number),
+    )
+    if claim.taken_over:
+        log.warning(
+            "the retrain of trial %d was claimed but %s: retraining it",
+            trial_number,
+            claim.taken_over,
+        )
+    if claim.won:
+        optuna.load_study(
+            study_name=_claim_name(study.study_name, trial_number), storage=storage_of(study)
+        ).set_user_attr("claim_of", study.study_name)
+    return claim.won, claim.holder
 
 
 def finish_claim(study: optuna.Study, trial_number: int) -> None:

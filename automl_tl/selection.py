@@ -42,7 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import trials
 from ._util import write_atomic
-from .budget import is_alive, worker_identity
+from .budget import claim_marker, is_alive, worker_identity
 from .catalog import Catalog, catalog_path
 from .config import StudyConfig
 from .data import Split, Splits
@@ -280,32 +280,25 @@ def _mine(holder: dict[str, Any]) -> bool:
     return all(holder.get(k) == me.get(k) for k in ("host", "pid", "started", "boot"))
 
 
+def _stale_run(attrs: dict[str, Any]) -> str | None:
+    """Why a race run's claim may be taken again, or None while its holder works on it."""
+    holder = attrs.get("claimed_by")
+    if not holder:
+        return "its holder never recorded itself"
+    if attrs.get("released"):
+        return "its holder was interrupted"
+    if not is_alive(holder):
+        return "its holder died"
+    if _mine(holder):
+        return "an earlier, interrupted call of this process held it"
+    return None
+
+
 def claim(study: optuna.Study, name: str) -> bool:
-    """True for exactly one caller across workers: a marker study ``name`` created
-    atomically; taken again (a next-generation marker decides who) when its holder released
-    it (interrupted), died, or is this very process (an earlier, interrupted call)."""
-    storage = storage_of(study)
-    me = {**worker_identity(), "at": datetime.datetime.now().isoformat(timespec="seconds")}
-    try:
-        marker = optuna.create_study(study_name=name, storage=storage)
-    except optuna.exceptions.DuplicatedStudyError:
-        marker = optuna.load_study(study_name=name, storage=storage)
-        deadline = time.monotonic() + 5
-        while "claimed_by" not in marker.user_attrs and time.monotonic() < deadline:
-            time.sleep(0.1)
-        attrs = marker.user_attrs
-        holder = attrs.get("claimed_by")
-        if holder and not attrs.get("released") and is_alive(holder) and not _mine(holder):
-            return False
-        generation = int(attrs.get("generation", 0)) + 1
-        try:
-            optuna.create_study(study_name=f"{name}:{generation}", storage=storage)
-        except optuna.exceptions.DuplicatedStudyError:
-            return False
-        marker.set_user_attr("generation", generation)
-    marker.set_user_attr("released", False)
-    marker.set_user_attr("claimed_by", me)
-    return True
+    """True for exactly one caller across workers (:func:`automl_tl.budget.claim_marker`);
+    taken again when its holder released it (interrupted), died, or is this very process (an
+    earlier, interrupted call)."""
+    return claim_marker(study, name, _stale_run).won
 
 
 def release(study: optuna.Study, name: str) -> None:

@@ -20,7 +20,7 @@ from automl_tl.budget import Budget, TrialSkipped, worker_identity
 from automl_tl.retrain import best_dir_for, claim_retrain, finish_claim
 from automl_tl.storage import open_storage, storage_of
 
-from .conftest import write_study
+from .conftest import run_main, write_study
 
 
 def _journal_study(tmp_path, name="s"):
@@ -212,7 +212,6 @@ def test_the_same_command_again_retrains_after_a_retrain_was_killed(tmp_path):
     """Ctrl-C or a kill during the retrain leaves a claim and no best/; running the search
     again (as the CLI advises) must retrain, not skip it as "retrained by another worker"."""
     from automl_tl import load_config
-    from automl_tl.cli import main
     from automl_tl.storage import open_study
 
     path = write_study(
@@ -231,13 +230,13 @@ def test_the_same_command_again_retrains_after_a_retrain_was_killed(tmp_path):
         pruner = "none"
         """,
     )
-    assert main(["search", str(path), "--device", "cpu", "--no-retrain", "-q"]) == 0
+    assert run_main("search", str(path), "--device", "cpu", "--no-retrain", "-q").returncode == 0
     config = load_config(path)
     study = open_study(config)
     assert claim_retrain(study, study.best_trial.number, config.paths.best)[0]
     _claim_study(study).set_user_attr("claimed_by", _dead_worker())  # the retrain was killed
     assert not config.paths.best.exists()
-    assert main(["search", str(path), "--device", "cpu", "-q"]) == 0
+    assert run_main("search", str(path), "--device", "cpu", "-q").returncode == 0
     assert logging.getLogger("optuna.study._optimize").filters == []  # search() cleans up
     metrics = json.loads((config.paths.best / "metrics.json").read_text())
     assert metrics["trial"] == study.best_trial.number
@@ -308,10 +307,16 @@ def test_passwords_hidden_in_every_url_form():
 def test_optunas_own_log_lines_are_scrubbed(capsys):
     from automl_tl.cli import setup_logging
 
+    logger = logging.getLogger("automl_tl")
+    optuna_handlers = logging.getLogger("optuna").handlers
+    saved = (logger.handlers[:], logger.level, logger.propagate, optuna.logging.get_verbosity())
+    saved_filters = [h.filters[:] for h in optuna_handlers]
     setup_logging(1)
     try:
         optuna.logging.get_logger("optuna.storages").warning("retrying mysql://root:topsecret@db/x")
         assert "topsecret" not in capsys.readouterr().err
     finally:
-        setup_logging(0)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        logger.handlers[:], logger.level, logger.propagate = saved[:3]
+        optuna.logging.set_verbosity(saved[3])
+        for handler, filters in zip(optuna_handlers, saved_filters):
+            handler.filters[:] = filters

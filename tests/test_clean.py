@@ -10,7 +10,7 @@ import sys
 from automl_tl import load_config, registry_for
 from automl_tl.data import load_splits
 
-from .conftest import write_study
+from .conftest import run_main, write_study
 
 STUDY = """
 [data]
@@ -28,8 +28,7 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_clean_removes_what_the_study_no_longer_uses_and_keeps_the_rest(tmp_path, capsys):
-    from automl_tl.cli import main
+def test_clean_removes_what_the_study_no_longer_uses_and_keeps_the_rest(tmp_path):
 
     registry = registry_for()
     path = write_study(tmp_path, STUDY)
@@ -52,18 +51,21 @@ def test_clean_removes_what_the_study_no_longer_uses_and_keeps_the_rest(tmp_path
     (old_best / "config.json").write_text("{}")
     keep = [paths.best / "config.json", in_use, in_use.with_suffix(".json")]
 
-    assert main(["clean", str(path), "--dry-run"]) == 0
-    out = capsys.readouterr().out
+    result = run_main("clean", str(path), "--dry-run")
+    assert result.returncode == 0
+    out = result.stdout
     listed = [line for line in out.splitlines() if line.startswith("would remove /")]
     assert len(listed) == 4  # stale .npy + .json, the temporary, the old best
     assert all(p.exists() for p in [*caches, killed_build, old_best])
 
-    assert main(["clean", str(path)]) == 0
-    out = capsys.readouterr().out
+    result = run_main("clean", str(path))
+    assert result.returncode == 0
+    out = result.stdout
     assert "removed 4 item(s)" in out.splitlines()[-1]
     assert sorted(paths.cache.glob("images-*.npy")) == [in_use]
     assert len(list(paths.cache.glob(".images-*.lock"))) == 1
     assert not killed_build.exists() and not old_best.exists()
     assert all(p.exists() for p in keep)
-    assert main(["clean", str(path)]) == 0
-    assert capsys.readouterr().out.strip().endswith("removed 0 item(s), 0.0 MB")
+    result = run_main("clean", str(path))
+    assert result.returncode == 0
+    assert result.stdout.strip().endswith("removed 0 item(s), 0.0 MB")
