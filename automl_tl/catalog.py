@@ -139,6 +139,9 @@ class Catalog:
                 "test_macro_f1": float,
                 "metrics": str,
                 "sha256": str,
+                "weights": str,
+                "weights_sha256": str,
+                "backbone_origin": str,
                 "created": str,
             },
             pk="id",
@@ -193,6 +196,7 @@ class Catalog:
             "state": s.state,
             "value": trial.value if trial.values else None,
             **{k: s.params.get(k) for k in PARAM_NAMES},
+            "weights": s.weights,  # resolved: fixed sources too, a file with its sha256
             "params": json.dumps(s.params, sort_keys=True),
             "duration_s": s.duration_s,
             "epochs_run": s.epochs_run,
@@ -218,6 +222,8 @@ class Catalog:
         sha256: str,
     ) -> int:
         test = metrics.get("test", {})
+        weights = metrics.get("weights") or {}
+        origin = metrics.get("backbone_origin")
         row = {
             "study": study,
             "trial": trial,
@@ -231,6 +237,9 @@ class Catalog:
             "test_macro_f1": test.get("macro_f1"),
             "metrics": json.dumps(metrics, sort_keys=True),
             "sha256": sha256,
+            "weights": weights.get("source"),
+            "weights_sha256": weights.get("sha256"),
+            "backbone_origin": json.dumps(origin, sort_keys=True) if origin else None,
             "created": _iso(dt.datetime.now(dt.timezone.utc)),
         }
         return self._write(lambda: self.db["models"].insert(row, alter=True).last_pk)

@@ -230,6 +230,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 "state": t["state"],
                 config.search.metric: t["value"],
                 **{k: t["params"].get(k) for k in PARAM_NAMES},
+                "weights": t.get("weights"),  # resolved, fixed sources too
                 "epochs": t["epochs_run"],
                 "seconds": t["duration_s"],
                 "fail_reason": t["fail_reason"],
@@ -274,7 +275,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .export import load_model, predict_paths
 
-    model = load_model(args.model, device=args.device or "cpu")
+    # installed plugins load by themselves; a file or module plugin comes with --plugin
+    model = load_model(args.model, device=args.device or "cpu", plugins=args.plugin)
     rows = predict_paths(model, args.paths, top_k=args.top_k)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -427,14 +429,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .export import check_timm_export, export_onnx
+    from .export import check_timm_export, export_onnx, plain_timm_loads
+    from .plugins import get_plugin_manager
+    from .registry import Registry
 
     config = load_config(args.study)
     directory = config.paths.model(args.trial)
     files = check_timm_export(directory)
-    print(f"timm export: {directory} ({', '.join(files)})")
+    if plain_timm_loads(directory):
+        print(f"timm export: {directory} ({', '.join(files)})")
+    else:  # a plugin's backbone: automl_tl.load_model with the plugin loaded
+        print(
+            f"export: {directory} ({', '.join(files)}); load it with automl_tl.load_model "
+            "and the backbone's plugin (plain timm cannot build this architecture)"
+        )
     if args.onnx:
-        result = export_onnx(directory, opset=args.opset)
+        pm, _ = get_plugin_manager([*config.plugins, *args.plugin], base_dir=config.base_dir)
+        registry = Registry.from_plugin_manager(pm)
+        result = export_onnx(directory, opset=args.opset, registry=registry)
         print(
             f"onnx: {result.path} (opset {result.opset}); max abs difference vs PyTorch on a batch "
             f"of {result.batch}: {result.max_abs_diff:.2e}"
@@ -551,6 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--device")
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        help="plugin module or .py file that registers the model's backbone (installed "
+        "plugins load by themselves)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -607,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write model.onnx and compare it with PyTorch (pip install 'automl-tl[onnx]')",
     )
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--plugin", action="append", default=[])
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plugins", help="list plugins and what they register; --check one")

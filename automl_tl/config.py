@@ -170,6 +170,23 @@ class StudyConfig:
         """Where ``pretrain:SOURCE`` weights of ``backbone`` are kept (built by automl_tl.pretrain)."""
         return self.paths.pretrained_weights(backbone, source)
 
+    def weights_record(self, backbone: str, choice: str | None = None) -> dict[str, Any]:
+        """Where ``backbone``'s weights come from, as a model records it: the source as
+        written, its kind and, for a local file (``pretrain:`` included), path and sha256."""
+        source = self.weight_source(backbone, choice)
+        pretrained = (
+            self.pretrained_path(backbone, source.target) if source.kind == "pretrain" else None
+        )
+        return source.describe(pretrained)
+
+    def weights_label(self, backbone: str, choice: str | None = None) -> str:
+        """:meth:`weights_record` in one line: as written, and a local file's short sha256."""
+        source = self.weight_source(backbone, choice)
+        pretrained = (
+            self.pretrained_path(backbone, source.target) if source.kind == "pretrain" else None
+        )
+        return source.label(pretrained)
+
     def weights_for(self, backbone: str, choice: str | None = None) -> str:
         """The weight source for ``backbone`` as a backbone's ``create()`` takes it: paths
         resolved against the study folder, ``pretrain:SOURCE`` as the file

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,9 @@ from torch import nn
 from ._util import as_umask_allows, sha256_file, write_atomic
 from .components import Backbone, DataConfig
 from .data import IMAGE_SUFFIXES
-from .errors import UserError
+from .errors import PluginError, UserError
+from .plugins import component_origin, get_plugin_manager, missing_plugin_message, origin_mismatch
+from .registry import Registry
 
 
 def export_model(
@@ -38,8 +41,14 @@ def export_model(
     label_names: list[str],
     data_config: DataConfig,
     metrics: dict[str, Any],
+    provenance: dict[str, Any] | None = None,
 ) -> str:
-    """Write the model into ``directory`` atomically (a new folder swapped in); return its sha256."""
+    """Write the model into ``directory`` atomically (a new folder swapped in); return its sha256.
+
+    ``provenance`` (``{"backbone_origin": …, "weights": …}``: where the backbone's code and
+    its starting weights came from) goes into ``config.json``'s ``automl_tl`` section, so a
+    loader can name the plugin to install and warn about another version of it.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
@@ -49,7 +58,7 @@ def export_model(
             staging,
             label_names,
             data_config,
-            {"study_metrics": "metrics.json"},
+            {"study_metrics": "metrics.json", **(provenance or {})},
         )
         write_atomic(staging / "metrics.json", json.dumps(metrics, indent=2))
         digest = sha256_file(staging / "model.safetensors")
@@ -120,12 +129,24 @@ class LoadedModel:
         ]
 
 
-def load_model(directory: str | Path, device: str = "cpu", registry=None) -> LoadedModel:
-    """Load an exported model (timm format) and its preprocessing.
+def load_model(
+    directory: str | Path,
+    device: str = "cpu",
+    registry=None,
+    plugins: Sequence[str] = (),
+) -> LoadedModel:
+    """Load an exported model and its preprocessing.
+
+    A timm architecture loads through timm; a plugin's backbone through the plugin that
+    registered it: installed plugins load by themselves, a file or module is given in
+    ``plugins`` (or a ``registry`` built with it). A missing plugin is one error naming what
+    to install or pass (from the model's ``config.json``); a plugin of another version than
+    the one that trained the model (another file content) gives a warning naming both.
 
     Example:
         >>> m = load_model("studies/digits/best")            # doctest: +SKIP
         >>> m.predict(["a.png", "b.png"], top_k=3)           # doctest: +SKIP
+        >>> load_model("studies/team/best", plugins=["my_backbone.py"])  # doctest: +SKIP
     """
     import timm
 
@@ -141,23 +162,45 @@ def load_model(directory: str | Path, device: str = "cpu", registry=None) -> Loa
     label_names = config.get("label_names") or config.get("pretrained_cfg", {}).get("label_names")
     cfg = config.get("pretrained_cfg", {})
     data_config = DataConfig(tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]))
+    record = config.get("automl_tl") or {}
     if timm.is_model(architecture):
         model = timm.create_model(f"local-dir:{directory}", pretrained=True)
     else:
         from safetensors.torch import load_file
 
         if registry is None:
-            from .plugins import get_plugin_manager
-            from .registry import Registry
-
-            registry = Registry.from_plugin_manager(get_plugin_manager()[0])
-        backbone = config.get("automl_tl", {}).get("backbone", architecture)
-        model = registry.get("backbones", backbone).create(
+            registry = Registry.from_plugin_manager(get_plugin_manager(list(plugins))[0])
+        backbone = record.get("backbone", architecture)
+        origin = record.get("backbone_origin")
+        if backbone not in registry.names("backbones"):
+            raise PluginError(missing_plugin_message(backbone, origin, str(directory)))
+        component = registry.get("backbones", backbone)
+        mismatch = origin_mismatch(
+            backbone,
+            origin,
+            component_origin(registry.plugin_of("backbones", backbone), component),
+            str(directory),
+        )
+        if mismatch:
+            warnings.warn(mismatch, stacklevel=2)
+        model = component.create(
             len(label_names), weights="none", image_size=data_config.input_size[-1]
         )
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
     device_t = torch.device(device)
     return LoadedModel(model.to(device_t).eval(), list(label_names), data_config, device_t)
+
+
+def plain_timm_loads(directory: str | Path) -> bool:
+    """Whether ``timm.create_model("local-dir:DIR", pretrained=True)`` loads the export with
+    no automl-tl and no plugin: its architecture is one timm knows."""
+    import timm
+
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return timm.is_model(config.get("architecture", ""))
 
 
 def find_images(paths: Iterable[str | Path]) -> list[Path]:
@@ -242,7 +285,13 @@ ONNX_TOLERANCE = 1e-3
 
 
 def export_onnx(
-    directory: str | Path, *, opset: int | None = None, batch: int = 8, seed: int = 0
+    directory: str | Path,
+    *,
+    opset: int | None = None,
+    batch: int = 8,
+    seed: int = 0,
+    registry=None,
+    plugins: Sequence[str] = (),
 ) -> OnnxExport:
     """Write ``<directory>/model.onnx`` beside the timm export and check it against PyTorch.
 
@@ -266,7 +315,7 @@ def export_onnx(
 
     directory = Path(directory)
     check_timm_export(directory)
-    loaded = load_model(directory, device="cpu")
+    loaded = load_model(directory, device="cpu", registry=registry, plugins=plugins)
     model = loaded.model.float().eval()
     size = loaded.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))

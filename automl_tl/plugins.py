@@ -22,6 +22,7 @@ from pathlib import Path
 import pluggy
 
 from . import hookspecs
+from ._util import sha256_file
 from .errors import PluginError
 
 DEFAULT_PLUGINS = (
@@ -45,8 +46,11 @@ class PluginInfo:
     location: str | None = None
 
 
+_FILE_MODULE_PREFIX = "automl_tl_plugin_"
+
+
 def _import_file(path: Path):
-    module_name = f"automl_tl_plugin_{path.stem}"
+    module_name = f"{_FILE_MODULE_PREFIX}{path.stem}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise PluginError(f"cannot import plugin file {path}: not a Python module")
@@ -169,6 +173,102 @@ def get_plugin_manager(
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"{exc}. Hook names are listed in docs/writing-plugins.md.") from exc
     return pm, infos
+
+
+# ---------------------------------------------------------------------------------------------
+# where a component came from, as an exported model records it
+
+
+def component_origin(plugin: str, component: object) -> dict[str, str | None]:
+    """Where the component a plugin registered came from, for an exported model's record:
+
+    - ``{"source": "automl-tl", "plugin", "version"}`` for the built-in plugins;
+    - ``{"source": "entry point", "plugin", "entry_point", "distribution", "version"}``;
+    - ``{"source": "file", "plugin", "path", "sha256"}`` for a ``--plugin my_backbone.py``;
+    - ``{"source": "module", "plugin", "module", "version"}`` for ``--plugin package.module``.
+    """
+    if plugin in DEFAULT_PLUGINS:
+        return {"source": "automl-tl", "plugin": plugin, "version": _own_version()}
+    module = sys.modules.get(type(component).__module__)
+    path = getattr(module, "__file__", None)
+    if type(component).__module__.startswith(_FILE_MODULE_PREFIX) and path:
+        return {"source": "file", "plugin": plugin, "path": path, "sha256": sha256_file(path)}
+    for ep in _entry_points():
+        if ep.name == plugin:
+            dist = ep.dist
+            return {
+                "source": "entry point",
+                "plugin": plugin,
+                "entry_point": f"{ENTRY_POINT_GROUP}:{ep.name} = {ep.value}",
+                "distribution": dist.name if dist else None,
+                "version": dist.version if dist else None,
+            }
+    return {
+        "source": "module",
+        "plugin": plugin,
+        "module": plugin,
+        "version": _module_version(plugin),
+    }
+
+
+def missing_plugin_message(backbone: str, origin: dict | None, where: str) -> str:
+    """What to install or pass when the plugin that built a model is not loaded."""
+    restricted = os.environ.get(LOAD_PLUGINS_ENV)
+    extra = (
+        f" ({LOAD_PLUGINS_ENV}={restricted!r} restricts the installed plugins that load)"
+        if restricted is not None
+        else ""
+    )
+    head = f"{where} was trained with backbone {backbone!r}"
+    source = (origin or {}).get("source")
+    if source == "entry point":
+        dist, version = origin.get("distribution"), origin.get("version")
+        pin = f"{dist}=={version}" if dist and version else dist or origin.get("plugin")
+        return (
+            f"{head} from the plugin package {dist} {version or ''}".rstrip()
+            + f", which is not installed{extra}: pip install '{pin}' (or pass --plugin "
+            "MODULE_OR_FILE with a plugin that registers it)"
+        )
+    if source == "file":
+        return (
+            f"{head} from the plugin file {origin.get('path')} (sha256 "
+            f"{(origin.get('sha256') or '')[:12]}), which is not loaded: pass --plugin "
+            f"{origin.get('path')}"
+        )
+    if source == "module":
+        version = f" {origin['version']}" if origin.get("version") else ""
+        return (
+            f"{head} from the plugin module {origin.get('module')}{version}, which is not "
+            f"loaded{extra}: pass --plugin {origin.get('module')} (install its package first)"
+        )
+    return (
+        f"{head}, which no loaded plugin registers{extra}: install the plugin package that "
+        "provides it, or pass --plugin MODULE_OR_FILE (a module or a .py file)"
+    )
+
+
+def origin_mismatch(backbone: str, recorded: dict | None, current: dict, where: str) -> str | None:
+    """A warning when the plugin loaded now is not the one that trained the model (another
+    version, another file content), naming both; None when they agree or nothing is known."""
+    if not recorded or recorded.get("source") == "automl-tl":
+        return None
+    if recorded.get("source") == "file" or current.get("source") == "file":
+        old, new = recorded.get("sha256"), current.get("sha256")
+        if old and new and old != new:
+            return (
+                f"{where} was trained with backbone {backbone!r} from plugin file "
+                f"{recorded.get('path')} (sha256 {old[:12]}); the loaded "
+                f"{current.get('path')} has sha256 {new[:12]}: predictions may differ"
+            )
+        return None
+    old, new = recorded.get("version"), current.get("version")
+    if old and new and old != new:
+        name = recorded.get("distribution") or recorded.get("module") or recorded.get("plugin")
+        return (
+            f"{where} was trained with backbone {backbone!r} from {name} {old}; {new} is "
+            f"loaded now: predictions may differ (pip install '{name}=={old}' to match)"
+        )
+    return None
 
 
 LIFECYCLE_HOOKS = ("trial_started", "epoch_finished", "trial_finished", "study_finished")

@@ -553,7 +553,11 @@ def _leaderboard_html(data: dict[str, Any]) -> str:
     from .space import PARAM_NAMES
 
     metric = data["metric"]
-    used = [k for k in PARAM_NAMES if any(t["params"].get(k) is not None for t in data["trials"])]
+    used = [
+        k
+        for k in PARAM_NAMES
+        if k == "weights" or any(t["params"].get(k) is not None for t in data["trials"])
+    ]
     columns = ["trial", "state", metric, *used, "epochs", "seconds", "fail_reason"]
     best = (data.get("best") or {}).get("number")
     trials = sorted(data["trials"], key=lambda t: (t["value"] is None, -(t["value"] or 0)))
@@ -565,6 +569,7 @@ def _leaderboard_html(data: dict[str, Any]) -> str:
             "state": t["state"],
             metric: t["value"],
             **{k: t["params"].get(k) for k in used},
+            "weights": t.get("weights") or t["params"].get("weights"),  # resolved, a file: sha256
             "epochs": t.get("epochs_run"),
             "seconds": t.get("duration_s"),
             "fail_reason": t.get("fail_reason"),

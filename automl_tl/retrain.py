@@ -27,6 +27,7 @@ from .errors import UserError
 from .export import export_model
 from .leaderboard import best_by_weights, comparison, describe_params, retrained_model
 from .paths import ensure_writable
+from .plugins import component_origin
 from .pretrain import ensure_study_weights
 from .registry import Registry
 from .space import choice_from_params
@@ -104,11 +105,22 @@ def retrain(
         "val": val,
         "test": test,
         "data": splits.summary(),
+        # where the model came from: the backbone's plugin and the weights it started from
+        "backbone_origin": component_origin(
+            registry.plugin_of("backbones", choice.backbone), result.backbone
+        ),
+        "weights": config.weights_record(choice.backbone, trial.params.get("weights")),
     }
     if directory == paths.best:  # another worker may have exported a better trial meanwhile
         directory = best_dir_for(config, study, trial)
     digest = export_model(
-        result.model, result.backbone, directory, splits.class_names, result.data_config, metrics
+        result.model,
+        result.backbone,
+        directory,
+        splits.class_names,
+        result.data_config,
+        metrics,
+        provenance={k: metrics[k] for k in ("backbone_origin", "weights")},
     )
     Catalog(catalog_path(config)).record_model(
         config.name,

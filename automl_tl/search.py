@@ -37,7 +37,7 @@ import optuna
 import pluggy
 from optuna.trial import FrozenTrial, TrialState
 
-from . import trials
+from . import trials, weightsource
 from ._util import failure_reason, is_out_of_memory
 from .budget import Budget, RetryStaleTrial, TrialSkipped, worker_identity
 from .catalog import Catalog, catalog_path
@@ -106,6 +106,32 @@ def check_backbones_run(config: StudyConfig, registry: Registry) -> None:
             raise UserError(
                 f"backbone {name!r} cannot run at [data] image_size = {size}: {failure_reason(exc)}. "
                 "Raise image_size or remove the backbone from [search] backbones."
+            ) from exc
+    check_weight_files(config, registry)
+
+
+def check_weight_files(config: StudyConfig, registry: Registry) -> None:
+    """Every weights file and ``local-dir:`` folder ``[weights]`` gives a backbone loads into
+    it, once before the first trial: a file from another network is one message naming the
+    entry, not a failure in every trial until the search gives up."""
+    size = config.data.image_size
+    for backbone, key, text in weightsource.entries(config.weights, config.search.backbones):
+        source = weightsource.parse(text, config.base_dir)
+        if source.kind not in ("file", "local-dir"):
+            continue
+        try:
+            registry.get("backbones", backbone).create(
+                2, weights=source.for_create(), image_size=size
+            )
+        except Exception as exc:
+            raise UserError(
+                f'[weights] {key} = "{text}" does not fit backbone {backbone!r}: '
+                f"{failure_reason(exc)}"
+                + (
+                    ""
+                    if isinstance(exc, UserError)
+                    else ". Point it at weights saved from this backbone's network"
+                )
             ) from exc
 
 
@@ -185,6 +211,10 @@ class Objective:
         name = self.config.name
         choice = suggest(trial, self.config)
         trial.set_user_attr(trials.DEVICE, str(self.device))
+        # the source as trained from, a file with its sha256 (leaderboard, catalog, index.html)
+        trial.set_user_attr(
+            trials.WEIGHTS, self.config.weights_label(choice.backbone, trial.params.get("weights"))
+        )
         self.hook.trial_started(
             study_name=name,
             trial_number=trial.number,

@@ -29,6 +29,7 @@ VAL_METRICS = "val_metrics"  #: every validation metric of the scored epoch
 BATCH_SIZE = "batch_size"  #: the batch size it trained with (halved on out-of-memory)
 FEATURE_CACHE = "feature_cache"  #: "hit" / "miss" / "used": the head trained on cached features
 TOO_SLOW = "too_slow"  #: why it was pruned before training under [search] timeout
+WEIGHTS = "weights"  #: its weight source as written, with a local file's short sha256
 
 #: attributes that belong to one run of a trial, not to its configuration: a trial queued
 #: again (its worker died, it was interrupted) starts without them
@@ -44,6 +45,7 @@ RUN_ATTRS = (
     BATCH_SIZE,
     FEATURE_CACHE,
     TOO_SLOW,
+    WEIGHTS,
 )
 
 
@@ -75,6 +77,8 @@ class TrialSummary:
     batch_size: int | None = None
     feature_cache: str | None = None
     device: str | None = None
+    #: the weight source it trained from (``[weights]`` as written; a file with its sha256)
+    weights: str | None = None
     started: str | None = None
     finished: str | None = None
 
@@ -94,6 +98,7 @@ class TrialSummary:
             batch_size=attrs.get(BATCH_SIZE),
             feature_cache=attrs.get(FEATURE_CACHE),
             device=attrs.get(DEVICE),
+            weights=attrs.get(WEIGHTS) or trial.params.get("weights"),
             started=_iso(trial.datetime_start),
             finished=_iso(trial.datetime_complete),
         )
