@@ -458,6 +458,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from .plugins import describe_plugins, format_plugins, get_plugin_manager
     from .registry import KINDS, Registry
 
+    if args.words:
+        return _plugins_subcommand(args)
     if args.check:
         return _check_plugin(args)
     pm, infos = get_plugin_manager(args.plugin)
@@ -472,6 +474,30 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     print(format_plugins(plugins))
+    return 0
+
+
+def _plugins_subcommand(args: argparse.Namespace) -> int:
+    """``plugins new NAME [--kind KIND] [--dir DIR]``: write a plugin package."""
+    from pathlib import Path
+
+    from .scaffold import PluginNames, new_plugin
+
+    if args.words[0] != "new" or len(args.words) != 2:
+        raise UserError(
+            f"`automl-tl plugins {' '.join(args.words)}`: write `automl-tl plugins new NAME "
+            "[--kind backbone|policy|strategy|dataset|tracker]`, or `automl-tl plugins` to list"
+        )
+    written = new_plugin(args.words[1], args.kind, Path(args.dir) if args.dir else None)
+    names = PluginNames.of(args.words[1])
+    folder = written[0].parent
+    print(f"wrote the {args.kind} plugin {names.name} ({names.distribution}) in {folder}:")
+    for path in written:
+        print(f"  {path.relative_to(folder)}")
+    print(
+        f"next, from {folder}: pip install -e '.[test]' && pytest tests/ && "
+        f"automl-tl plugins --check {names.name}"
+    )
     return 0
 
 
@@ -629,8 +655,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", action="append", default=[])
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("plugins", help="list plugins and what they register; --check one")
+    p = sub.add_parser(
+        "plugins",
+        help="list plugins and what they register; --check one; `plugins new NAME` writes one",
+    )
     common(p, study=False)
+    p.add_argument(
+        "words",
+        nargs="*",
+        metavar="new NAME",
+        help="`new NAME`: write a ready plugin package (pyproject with the entry point, the "
+        "component, its contract tests, a README) into ./automl-tl-NAME",
+    )
+    p.add_argument(
+        "--kind",
+        choices=["backbone", "policy", "strategy", "dataset", "tracker"],
+        default="backbone",
+        help="with `new`: what the plugin provides (default backbone)",
+    )
+    p.add_argument("--dir", help="with `new`: the folder to write (must not exist)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--plugin", action="append", default=[])
     p.add_argument(

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pluggy
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import Version
 
 from . import hookspecs
 from ._util import sha256_file
@@ -96,6 +98,7 @@ def load_plugin(pm: pluggy.PluginManager, spec: str, base_dir: Path | None = Non
             version=_module_version(spec),
             location=getattr(module, "__file__", None),
         )
+    check_compatible(module, info.name)
     if pm.get_plugin(info.name) is None and not pm.is_registered(module):
         _register(pm, module, info.name)
     return info
@@ -122,6 +125,63 @@ def _own_version() -> str:
     from . import __version__
 
     return __version__
+
+
+def automl_tl_version() -> str:
+    """The installed automl-tl's version (what a plugin's ``automl_tl_requires`` is checked
+    against)."""
+    return _own_version()
+
+
+#: What changed in the plugin contract, by the automl-tl version that changed it: the message
+#: for a plugin whose ``automl_tl_requires`` excludes this version names the changes it missed.
+CONTRACT_CHANGES: dict[str, str] = {
+    "0.1.0": "Backbone.check_weights(source) refuses unknown named weight sources before a "
+    "search; exported models record their plugin (config.json automl_tl.backbone_origin); "
+    "register_metrics(register) adds metrics",
+}
+
+#: the module attribute a plugin declares its supported automl-tl versions in (PEP 440)
+REQUIRES_ATTR = "automl_tl_requires"
+
+
+def check_compatible(module: object, name: str) -> None:
+    """Refuse a plugin whose ``automl_tl_requires`` (a PEP 440 specifier such as ``">=0.1,<0.3"``)
+    excludes this automl-tl, with one message naming the plugin and what changed."""
+    declared = getattr(module, REQUIRES_ATTR, None)
+    if declared is None:
+        return
+    try:
+        spec = SpecifierSet(str(declared))
+    except InvalidSpecifier as exc:
+        raise PluginError(
+            f"plugin {name!r}: {REQUIRES_ATTR} = {declared!r} is not a version specifier; "
+            'write e.g. ">=0.1,<0.3"'
+        ) from exc
+    current = Version(_own_version())
+    if spec.contains(current, prereleases=True):
+        return
+    newer = any(
+        s.operator in (">=", ">", "==", "~=", "===") and Version(s.version) > current
+        for s in spec
+        if "*" not in s.version
+    )
+    missed = [
+        f"{version}: {change}"
+        for version, change in CONTRACT_CHANGES.items()
+        if Version(version) <= current and not spec.contains(version, prereleases=True)
+    ]
+    if missed and not newer:
+        why = "it was written for an older plugin contract; since then " + "; ".join(missed)
+        fix = "install a release of the plugin that supports this automl-tl"
+    else:
+        why = "it needs a newer automl-tl"
+        fix = f"pip install 'automl-tl{spec}'"
+    raise PluginError(
+        f"plugin {name!r} supports automl-tl {spec}, but this is automl-tl {current}: {why}. "
+        f"Fix: {fix}, or update its {REQUIRES_ATTR} after checking it with "
+        f"`automl-tl plugins --check {name}`"
+    )
 
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
@@ -154,6 +214,7 @@ def get_plugin_manager(
             module = ep.load()
         except Exception as exc:
             raise _describe_import_failure(f"{ep.name!r} (entry point {ep.value})", exc) from exc
+        check_compatible(module, ep.name)
         if pm.get_plugin(ep.name) is None:
             _register(pm, module, ep.name)
         dist = ep.dist
