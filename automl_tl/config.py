@@ -49,7 +49,8 @@ class DataSection:
 class SearchSection:
     n_trials: int = field(default=20, metadata={"min": 1})
     timeout: float | None = field(default=None, metadata={"min": 1})
-    metric: str = field(default="accuracy", metadata=_choices(*METRICS))
+    #: a built-in (METRICS) or a plugin's metric (register_metrics), checked by the search
+    metric: str = field(default="accuracy")
     sampler: str = field(default="tpe", metadata=_choices(*SAMPLERS))
     pruner: str = field(default="hyperband", metadata=_choices(*PRUNERS))
     storage: str = ""

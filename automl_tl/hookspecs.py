@@ -7,7 +7,7 @@ from typing import Any
 
 import pluggy
 
-from .components import AugmentationPolicy, Backbone, DatasetSource, UnfreezeStrategy
+from .components import AugmentationPolicy, Backbone, DatasetSource, Metric, UnfreezeStrategy
 
 hookspec = pluggy.HookspecMarker("automl_tl")
 hookimpl = pluggy.HookimplMarker("automl_tl")
@@ -31,6 +31,11 @@ def register_unfreeze_strategies(register: Callable[[UnfreezeStrategy], None]) -
 @hookspec
 def register_datasets(register: Callable[[DatasetSource], None]) -> None:
     """Call ``register(source)`` for each DatasetSource this plugin provides."""
+
+
+@hookspec
+def register_metrics(register: Callable[[Metric], None]) -> None:
+    """Call ``register(metric)`` for each Metric this plugin provides."""
 
 
 @hookspec

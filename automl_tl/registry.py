@@ -11,7 +11,7 @@ from typing import Any
 
 import pluggy
 
-from .components import AugmentationPolicy, Backbone, DatasetSource, UnfreezeStrategy
+from .components import AugmentationPolicy, Backbone, DatasetSource, Metric, UnfreezeStrategy
 from .errors import PluginError, UnknownNameError, did_you_mean
 
 #: kind -> (hook name, component base class, user-facing name, study-file key)
@@ -30,6 +30,7 @@ KINDS: dict[str, tuple[str, type, str, str]] = {
         "[search] unfreeze",
     ),
     "datasets": ("register_datasets", DatasetSource, "dataset", "[data] source"),
+    "metrics": ("register_metrics", Metric, "metric", "[search] metric"),
 }
 
 

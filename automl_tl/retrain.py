@@ -32,7 +32,7 @@ from .pretrain import ensure_study_weights
 from .registry import Registry
 from .space import choice_from_params
 from .storage import check_data, open_study, storage_of
-from .train import evaluate, fit, resolve_device
+from .train import evaluate, fit, plugin_metrics, resolve_device
 
 log = logging.getLogger("automl_tl")
 
@@ -89,9 +89,14 @@ def retrain(
         evaluate_on=None,
     )
     num_classes = len(splits.class_names)
-    test = evaluate(result.model, splits.test, num_classes, result.data_config, device_t)
+    metrics_ = plugin_metrics(registry)
+    test = evaluate(
+        result.model, splits.test, num_classes, result.data_config, device_t, metrics=metrics_
+    )
     if on == "train":
-        val = evaluate(result.model, splits.val, num_classes, result.data_config, device_t)
+        val = evaluate(
+            result.model, splits.val, num_classes, result.data_config, device_t, metrics=metrics_
+        )
     else:
         val = dict(trial.user_attrs.get(trials.VAL_METRICS) or {})
     metrics = {

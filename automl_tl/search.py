@@ -41,9 +41,9 @@ from . import trials, weightsource
 from ._util import failure_reason, is_out_of_memory
 from .budget import Budget, RetryStaleTrial, TrialSkipped, worker_identity
 from .catalog import Catalog, catalog_path
-from .config import StudyConfig, check_named_weights
+from .config import METRICS, StudyConfig, check_named_weights
 from .data import Splits, load_splits, parse_source
-from .errors import UserError
+from .errors import ConfigError, UnknownNameError, UserError, did_you_mean
 from .leaderboard import (
     backbone_throughput,
     best_summary,
@@ -87,7 +87,28 @@ def check_names(config: StudyConfig, registry: Registry) -> None:
         for name in names:
             registry.get(kind, name)
     registry.get("datasets", parse_source(config.data.source)[0])
+    check_metric_name(config, registry)
     check_named_weights(config, registry)
+
+
+def check_metric_name(config: StudyConfig, registry: Registry) -> None:
+    """``[search] metric`` is a built-in metric or one a plugin registered that Optuna can
+    maximize (a lower-is-better metric is reported, not searched by)."""
+    name = config.search.metric
+    if name in METRICS:
+        return
+    known = [*METRICS, *registry.names("metrics")]
+    if name not in registry.names("metrics"):
+        raise UnknownNameError(
+            f"unknown metric {name!r} in [search] metric{did_you_mean(name, known)}; known: "
+            f"{', '.join(known)} (a plugin adds more with register_metrics)"
+        )
+    if not registry.get("metrics", name).higher_is_better:
+        raise ConfigError(
+            f"[search] metric = {name!r} is lower-is-better; the search maximizes its metric, so "
+            "choose a higher-is-better one (the report still shows this one for every model), "
+            "or register its complement (e.g. 1 - error)"
+        )
 
 
 def check_backbones_run(config: StudyConfig, registry: Registry) -> None:

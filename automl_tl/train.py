@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import features as _features
-from .components import Backbone, DataConfig, UnfreezeStrategy
+from .components import Backbone, DataConfig, Metric, UnfreezeStrategy
 from .data import Split, Splits, batches
 from .registry import Registry
 
@@ -256,6 +256,39 @@ def _add_predictions(confusion: torch.Tensor, yb, pred, num_classes: int) -> Non
     confusion += torch.bincount(yb * num_classes + pred, minlength=num_classes**2)
 
 
+def plugin_metrics(registry: Registry) -> list[Metric]:
+    """Every metric the plugins registered (``register_metrics``), computed beside the
+    built-in ones wherever a model is evaluated."""
+    return [registry.get("metrics", name) for name in registry.names("metrics")]
+
+
+class _Scores:
+    """What an evaluation collects: the confusion matrix, and labels and probabilities when
+    a plugin metric needs them."""
+
+    def __init__(self, num_classes: int, device: torch.device, metrics: Sequence[Metric]):
+        self.num_classes, self.metrics = num_classes, list(metrics)
+        self.confusion = _confusion(num_classes, device)
+        self.labels: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor, yb: torch.Tensor) -> None:
+        _add_predictions(self.confusion, yb, logits.argmax(1), self.num_classes)
+        if self.metrics:
+            self.labels.append(yb.cpu())
+            self.probs.append(logits.float().softmax(1).cpu())
+
+    def result(self) -> dict[str, Any]:
+        n = self.num_classes
+        out = classification_metrics(self.confusion.view(n, n).cpu())
+        if self.metrics and self.labels:
+            y_true = torch.cat(self.labels).numpy().astype("int64")
+            probs = torch.cat(self.probs).numpy().astype("float32")
+            for metric in self.metrics:
+                out[metric.name] = metric.checked(y_true, probs)
+        return out
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -264,31 +297,38 @@ def evaluate(
     data_config: DataConfig,
     device: torch.device,
     batch_size: int = 256,
+    metrics: Sequence[Metric] = (),
 ) -> dict[str, Any]:
-    """Metrics of ``model`` on ``split`` (no augmentation)."""
+    """Metrics of ``model`` on ``split`` (no augmentation): the built-in ones and ``metrics``
+    (plugin metrics, :func:`plugin_metrics`)."""
     model.eval()
     inputs = _Inputs(data_config, device, memory_format_for(model, device))
     amp = _autocast(device)
-    confusion = _confusion(num_classes, device)
+    scores = _Scores(num_classes, device, metrics)
     for xb, yb in batches(on_device(split, device), batch_size, device=device):
         with amp():
-            pred = model(inputs(xb)).argmax(1)
-        _add_predictions(confusion, yb, pred, num_classes)
-    return classification_metrics(confusion.view(num_classes, num_classes).cpu())
+            logits = model(inputs(xb))
+        scores.add(logits, yb)
+    return scores.result()
 
 
 @torch.inference_mode()
 def _evaluate_head(
-    head: nn.Module, features: Split, num_classes: int, device: torch.device, batch_size: int
+    head: nn.Module,
+    features: Split,
+    num_classes: int,
+    device: torch.device,
+    batch_size: int,
+    metrics: Sequence[Metric] = (),
 ) -> dict[str, Any]:
     head.eval()
     amp = _autocast(device)
-    confusion = _confusion(num_classes, device)
+    scores = _Scores(num_classes, device, metrics)
     for fb, yb in batches(features, batch_size, device=device):
         with amp():
-            pred = head(fb).reshape(len(fb), -1).argmax(1)
-        _add_predictions(confusion, yb, pred, num_classes)
-    return classification_metrics(confusion.view(num_classes, num_classes).cpu())
+            logits = head(fb).reshape(len(fb), -1)
+        scores.add(logits, yb)
+    return scores.result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +515,7 @@ def _fit(
     generator = torch.Generator().manual_seed(seed)
     num_classes = len(data.class_names)
     start = time.perf_counter()
+    metrics = plugin_metrics(registry)  # scored beside the built-in ones every epoch
 
     backbone: Backbone = registry.get("backbones", choice.backbone)
     policy = registry.get("augmentation_policies", choice.augmentation)
@@ -596,9 +637,13 @@ def _fit(
         )
         if held_out is not None:
             if probe is not None:
-                val = _evaluate_head(head_module, eval_source, num_classes, device, eval_batch)
+                val = _evaluate_head(
+                    head_module, eval_source, num_classes, device, eval_batch, metrics
+                )
             else:
-                val = evaluate(step, held_out, num_classes, data_config, device, eval_batch)
+                val = evaluate(
+                    step, held_out, num_classes, data_config, device, eval_batch, metrics
+                )
             result.val = {k: v for k, v in val.items() if k != "confusion_matrix"}
         history.append(result)
         on_epoch(result)
