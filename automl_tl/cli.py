@@ -76,7 +76,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     config, pm, registry = _load(args, **_overrides(args))
     device = args.device or config.search.device
     if args.workers != 1:
-        return _search_with_workers(args, config, registry, device)
+        return _search_with_workers(args, config, pm, registry, device)
     from .progress import show_progress
 
     with show_progress(config, args.verbosity, pm=pm):  # live lines on a terminal
@@ -122,10 +122,11 @@ def _print_weights_comparison(rows: list[dict[str, Any]] | None, metric: str) ->
         )
 
 
-def _search_with_workers(args: argparse.Namespace, config, registry, device: str) -> int:
+def _search_with_workers(args: argparse.Namespace, config, pm, registry, device: str) -> int:
     """``search --workers N``: N local worker processes on one study (see automl_tl.workers)."""
     from .leaderboard import best_summary, count_finished
     from .retrain import retrain_once, retrain_per_weights
+    from .search import announce_export
     from .storage import storage_for_workers, url_to_env
     from .workers import run_workers
 
@@ -167,6 +168,7 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
         retrained = retrain_once(config, registry, result.study, splits, device=device)
         if retrained is not None:
             directory, metrics = retrained
+            announce_export(pm, config, directory, metrics)
             test = metrics["test"]
             print(
                 f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
@@ -180,12 +182,14 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
 def cmd_retrain(args: argparse.Namespace) -> int:
     from .config import check_named_weights
     from .retrain import retrain
+    from .search import announce_export
 
     config, pm, registry = _load(args, **_overrides(args))
     check_named_weights(config, registry)  # a [weights] typo: one message, before training
     directory, metrics = retrain(
         config, registry, trial_number=args.trial, device=args.device or config.search.device
     )
+    announce_export(pm, config, directory, metrics)
     test = metrics["test"]
     print(
         f"trial {metrics['trial']} retrained on {metrics['retrained_on']}: test accuracy {test['accuracy']:.4f} -> {directory}"

@@ -62,3 +62,10 @@ def trial_finished(
 @hookspec
 def study_finished(study_name: str, best: dict[str, Any] | None, output_dir: str) -> None:
     """A search run ended; best is {number, value, params} or None when no trial completed."""
+
+
+@hookspec
+def model_exported(
+    study_name: str, trial_number: int, model_dir: str, metrics: dict[str, Any], best: bool
+) -> None:
+    """A retrained model was exported to model_dir (best: it is the study's best/)."""

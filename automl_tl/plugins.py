@@ -104,6 +104,19 @@ def load_plugin(pm: pluggy.PluginManager, spec: str, base_dir: Path | None = Non
     return info
 
 
+def _stale_egg_info(ep: importlib.metadata.EntryPoint, exc: BaseException) -> str | None:
+    """A hint when the entry point comes from a ``*.egg-info`` folder whose module is gone:
+    metadata copied along with a plugin template (``cp -r``) and found before the real one."""
+    path = getattr(ep.dist, "_path", None)
+    if not isinstance(exc, ImportError) or path is None or not str(path).endswith(".egg-info"):
+        return None
+    return (
+        f"Its metadata comes from {path}, which names a module that does not import: if the "
+        "package was copied from a template, that egg-info is stale: delete it (rm -rf "
+        f"{path}) and run `pip install -e .` again"
+    )
+
+
 def _module_version(module_name: str) -> str | None:
     """The version of the installed distribution that provides ``module_name``, if any."""
     top = module_name.split(".")[0]
@@ -213,7 +226,9 @@ def get_plugin_manager(
         try:
             module = ep.load()
         except Exception as exc:
-            raise _describe_import_failure(f"{ep.name!r} (entry point {ep.value})", exc) from exc
+            error = _describe_import_failure(f"{ep.name!r} (entry point {ep.value})", exc)
+            stale = _stale_egg_info(ep, exc)
+            raise (PluginError(f"{error} {stale}") if stale else error) from exc
         check_compatible(module, ep.name)
         if pm.get_plugin(ep.name) is None:
             _register(pm, module, ep.name)
@@ -332,7 +347,13 @@ def origin_mismatch(backbone: str, recorded: dict | None, current: dict, where: 
     return None
 
 
-LIFECYCLE_HOOKS = ("trial_started", "epoch_finished", "trial_finished", "study_finished")
+LIFECYCLE_HOOKS = (
+    "trial_started",
+    "epoch_finished",
+    "trial_finished",
+    "study_finished",
+    "model_exported",
+)
 
 
 def describe_plugins(

@@ -80,7 +80,10 @@ class Registry:
         if name in table:
             raise PluginError(
                 f"{label} {name!r} is registered twice: by plugin {table[name].plugin!r} and by "
-                f"plugin {plugin!r}. Rename one of them or stop loading one plugin."
+                f"plugin {plugin!r}. Rename one of them or stop loading one plugin: an installed "
+                "package that is also passed as a file or module (--plugin, `plugins = [...]`) "
+                "loads twice; drop the --plugin, or set AUTOML_TL_LOAD_PLUGINS to the installed "
+                "plugins to load (empty: none)."
             )
         table[name] = Entry(component, plugin)
 

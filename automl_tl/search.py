@@ -91,6 +91,19 @@ def check_names(config: StudyConfig, registry: Registry) -> None:
     check_named_weights(config, registry)
 
 
+def announce_export(
+    pm: pluggy.PluginManager, config: StudyConfig, directory: Path, metrics: dict[str, Any]
+) -> None:
+    """The ``model_exported`` hook for a model :func:`automl_tl.retrain.retrain` wrote."""
+    pm.hook.model_exported(
+        study_name=config.name,
+        trial_number=int(metrics["trial"]),
+        model_dir=str(directory),
+        metrics=metrics,
+        best=Path(directory) == config.paths.best,
+    )
+
+
 def check_metric_name(config: StudyConfig, registry: Registry) -> None:
     """``[search] metric`` is a built-in metric or one a plugin registered that Optuna can
     maximize (a lower-is-better metric is reported, not searched by)."""
@@ -616,6 +629,7 @@ def _search(
         retrained = retrain_once(config, registry, study, splits, device=device)
         if retrained is not None:
             outcome.model_dir, outcome.metrics = retrained
+            announce_export(pm, config, *retrained)
             # [weights] searched: retrain each source's best too (transferred vs scratch)
             outcome.comparison = retrain_per_weights(config, registry, study, splits, device=device)
     return outcome

@@ -60,9 +60,11 @@ def check_backbone(backbone: Backbone, image_size: int = IMAGE_SIZE) -> None:
     flat = [n for g in groups for n in g]
     assert len(flat) == len(set(flat)), f"{backbone.name}: a parameter appears in two layer groups"
     assert not set(flat) & set(head), f"{backbone.name}: layer_groups() must not include the head"
-    assert set(flat) | set(head) == set(names), (
-        f"{backbone.name}: parameters in no group and not in the head: "
-        f"{sorted(set(names) - set(flat) - set(head))[:5]}"
+    missing = [n for n in names if n not in set(flat) | set(head)]
+    assert not missing, (
+        f"{backbone.name}: {len(missing)} parameter(s) in no layer group and not in the head: "
+        f"{', '.join(missing[:10])}{', …' if len(missing) > 10 else ''}. Add them to a group "
+        "in layer_groups() (ordered input -> output) or name them in head_parameters()"
     )
     order = {n: i for i, n in enumerate(names)}
     firsts = [min(order[n] for n in g) for g in groups]

@@ -57,6 +57,15 @@ class TinyBackbone(automl_tl.Backbone):
 @automl_tl.hookimpl
 def register_backbones(register):
     register(TinyBackbone())
+
+
+@automl_tl.hookimpl
+def model_exported(study_name, trial_number, model_dir, metrics, best):
+    import json, pathlib
+
+    line = {"study": study_name, "trial": trial_number, "dir": model_dir, "best": best}
+    with open(pathlib.Path(model_dir).parent / "exported.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\\n")
 """
 
 STUDY = """
@@ -128,6 +137,18 @@ def test_the_export_records_the_plugin_file_and_the_weights_file(team_study):
         assert record["weights"]["source"] == "team.safetensors"
         assert record["weights"]["kind"] == "file"
         assert record["weights"]["sha256"] == weights_sha
+
+
+def test_the_model_exported_hook_names_the_best_model(team_study):
+    folder, _ = team_study
+    lines = [json.loads(x) for x in (folder / "team" / "exported.jsonl").read_text().splitlines()]
+    best = json.loads((folder / "team" / "best" / "metrics.json").read_text())["trial"]
+    assert lines[0] == {
+        "study": "team",
+        "trial": best,
+        "dir": str(folder / "team" / "best"),
+        "best": True,
+    }
 
 
 def test_every_trial_shows_its_weights_file_in_leaderboard_catalog_and_index(team_study):
