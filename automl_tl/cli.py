@@ -466,6 +466,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         return _plugins_subcommand(args)
     if args.check:
         return _check_plugin(args)
+    if args.bench:
+        return _bench_plugin(args)
     pm, infos = get_plugin_manager(args.plugin)
     registry = Registry.from_plugin_manager(pm)
     plugins = describe_plugins(pm, infos, registry)
@@ -503,6 +505,33 @@ def _plugins_subcommand(args: argparse.Namespace) -> int:
         f"automl-tl plugins --check {names.name}"
     )
     return 0
+
+
+def _bench_plugin(args: argparse.Namespace) -> int:
+    """``plugins --bench NAME``: the scorecard of a plugin's backbones (automl_tl.bench)."""
+    from pathlib import Path
+
+    from .bench import bench_plugin, format_card, to_dicts
+    from .plugins import get_plugin_manager
+    from .registry import Registry
+
+    pm, _ = get_plugin_manager(args.plugin)
+    name = Path(args.bench).stem if args.bench.endswith(".py") else args.bench
+    if args.bench.endswith(".py") and args.bench not in args.plugin:
+        pm, _ = get_plugin_manager([*args.plugin, args.bench])
+    out = Path(args.out or "bench")
+    rows = bench_plugin(name, Registry.from_plugin_manager(pm), out, device=args.device or "cpu")
+    card = format_card(name, rows)
+    card_path = out / f"{name}-card.md"
+    card_path.write_text(card)
+    if args.format == "json":
+        print(
+            json.dumps({"plugin": name, "card": str(card_path), "rows": to_dicts(rows)}, indent=2)
+        )
+    else:
+        print(card)
+        print(f"card: {card_path}; rows: {out / 'catalog.db'} (table benchmarks)")
+    return 1 if any(r.error for r in rows if not r.reference) else 0
 
 
 def _check_plugin(args: argparse.Namespace) -> int:
@@ -678,6 +707,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="with `new`: what the plugin provides (default backbone)",
     )
     p.add_argument("--dir", help="with `new`: the folder to write (must not exist)")
+    p.add_argument(
+        "--bench",
+        metavar="NAME",
+        help="scorecard: each backbone of plugin NAME (entry-point name, module or .py file) "
+        "beside two built-ins on a fixed suite of digits tasks",
+    )
+    p.add_argument("--out", help="with --bench: results folder (default ./bench)")
+    p.add_argument("--device", help="with --bench: cpu, cuda … (default cpu)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--plugin", action="append", default=[])
     p.add_argument(
