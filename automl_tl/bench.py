@@ -69,6 +69,7 @@ class BenchRow:
     onnx: str
     plain_timm: bool | None
     error: str | None = None
+    weights: str = "none"
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -88,9 +89,14 @@ def bench_plugin(
     image_size: int = 32,
     tasks: tuple[Task, ...] | None = None,
     seed: int = 0,
+    weights: dict[str, str] | None = None,
 ) -> list[BenchRow]:
     """Run the suite for every backbone ``plugin`` registered and the references; record
-    the rows in ``<out>/catalog.db`` (table ``benchmarks``) and return them."""
+    the rows in ``<out>/catalog.db`` (table ``benchmarks``) and return them.
+
+    ``weights`` maps a plugin backbone to its own weights (a file, ``local-dir:DIR`` or a
+    named source it defines): it then runs from them *and* from scratch, so the card shows
+    what its weights are worth on few labels and on the other tasks."""
     backbones = [
         b for b in registry.names("backbones") if registry.plugin_of("backbones", b) == plugin
     ]
@@ -125,10 +131,10 @@ def bench_plugin(
     return rows
 
 
-def _run(plugin, name, reference, task, splits, registry, device, seed) -> BenchRow:
+def _run(plugin, name, reference, task, splits, registry, device, seed, weights) -> BenchRow:
     choice = Choice(
         backbone=name,
-        weights="none",
+        weights=weights,
         augmentation="none",
         aug_strength=0.0,
         unfreeze=RECIPE["unfreeze"],
@@ -147,7 +153,9 @@ def _run(plugin, name, reference, task, splits, registry, device, seed) -> Bench
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    row = BenchRow(plugin, name, reference, task.name, None, None, None, None, "not run", None)
+    row = BenchRow(
+        plugin, name, reference, task.name, None, None, None, None, "not run", None, weights=weights
+    )
     try:
         result = fit(
             choice,
@@ -187,7 +195,7 @@ def format_card(plugin: str, rows: list[BenchRow]) -> str:
     lines = [
         f"# Scorecard: {plugin}",
         "",
-        f"Fixed recipe (no search): {json.dumps(RECIPE)}, from scratch, batch 64. Built-ins for "
+        f"Fixed recipe (no search): {json.dumps(RECIPE)}, from scratch (and from a backbone's own weights where given), batch 64. Built-ins for "
         f"comparison: {', '.join(REFERENCES)}. Peak memory: the process's peak resident set on "
         "CPU (grows over the run), allocated memory on CUDA.",
     ]
@@ -205,6 +213,8 @@ def format_card(plugin: str, rows: list[BenchRow]) -> str:
         ]
         for r in task_rows:
             label = f"{r.backbone} (built-in)" if r.reference else f"**{r.backbone}**"
+            if r.weights != "none":
+                label += f" from {r.weights}"
             if r.error:
                 lines.append(f"| {label} | failed: {r.error} | | | | | |")
                 continue

@@ -520,7 +520,17 @@ def _bench_plugin(args: argparse.Namespace) -> int:
     if args.bench.endswith(".py") and args.bench not in args.plugin:
         pm, _ = get_plugin_manager([*args.plugin, args.bench])
     out = Path(args.out or "bench")
-    rows = bench_plugin(name, Registry.from_plugin_manager(pm), out, device=args.device or "cpu")
+    weights = {}
+    for item in args.bench_weights:
+        backbone, sep, source = item.partition("=")
+        if not sep or not source:
+            raise UserError(
+                f"--weights {item!r}: write BACKBONE=SOURCE, e.g. team_cnn=team.safetensors"
+            )
+        weights[backbone] = str(Path(source).resolve()) if Path(source).exists() else source
+    rows = bench_plugin(
+        name, Registry.from_plugin_manager(pm), out, device=args.device or "cpu", weights=weights
+    )
     card = format_card(name, rows)
     card_path = out / f"{name}-card.md"
     card_path.write_text(card)
@@ -714,6 +724,15 @@ def build_parser() -> argparse.ArgumentParser:
         "beside two built-ins on a fixed suite of digits tasks",
     )
     p.add_argument("--out", help="with --bench: results folder (default ./bench)")
+    p.add_argument(
+        "--weights",
+        dest="bench_weights",
+        action="append",
+        default=[],
+        metavar="BACKBONE=SOURCE",
+        help="with --bench: a backbone's own weights (a file, local-dir:DIR …); it runs from "
+        "them and from scratch",
+    )
     p.add_argument("--device", help="with --bench: cpu, cuda … (default cpu)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--plugin", action="append", default=[])

@@ -54,12 +54,18 @@ def test_bench_json_for_ci(tmp_path, monkeypatch, capsys):
     plugin.write_text(PLUGIN)
     monkeypatch.setattr(bench, "SUITE", SUITE[:1])
     monkeypatch.setattr(bench, "REFERENCES", REFERENCES[:1])
+    from .test_plugin_models import _write_plugin_and_weights
+
+    _write_plugin_and_weights(tmp_path)  # team.safetensors: the backbone's own weights
     argv = ["plugins", "--bench", str(plugin), "--out", str(tmp_path / "o"), "--format", "json"]
+    argv += ["--weights", f"team_cnn={tmp_path / 'team.safetensors'}"]
     assert main(argv) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["plugin"] == "team_backbone"
-    assert [(r["backbone"], r["task"]) for r in data["rows"]] == [
-        ("team_cnn", SUITE[0].name),
-        (REFERENCES[0], SUITE[0].name),
+    assert [(r["backbone"], r["weights"], r["task"]) for r in data["rows"]] == [
+        ("team_cnn", "none", SUITE[0].name),
+        ("team_cnn", str(tmp_path / "team.safetensors"), SUITE[0].name),
+        (REFERENCES[0], "none", SUITE[0].name),
     ]
+    assert all(r["error"] is None for r in data["rows"])
     assert (tmp_path / "o" / "team_backbone-card.md").read_text().startswith("# Scorecard")
