@@ -121,9 +121,11 @@ def bench_plugin(
         )
         splits = load_splits(config, registry)
         for name in [*backbones, *REFERENCES]:
-            rows.append(
-                _run(plugin, name, name in REFERENCES, task, splits, registry, device_t, seed)
-            )
+            reference = name in REFERENCES
+            for source in ["none"] + ([weights[name]] if name in (weights or {}) else []):
+                rows.append(
+                    _run(plugin, name, reference, task, splits, registry, device_t, seed, source)
+                )
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     Catalog(out / "catalog.db").db["benchmarks"].insert_all(
         ({**asdict(r), "created": created} for r in rows), alter=True

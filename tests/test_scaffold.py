@@ -17,8 +17,9 @@ from .conftest import REPO, run_cli, write_study
 KINDS = ["backbone", "policy", "strategy", "dataset", "tracker"]
 
 
-def _own_tests(package, extra_env=None):
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{package / 'src'}", **(extra_env or {})}
+def _own_tests(package, installed=False):
+    path = str(REPO) if installed else f"{REPO}{os.pathsep}{package / 'src'}"
+    env = {**os.environ, "PYTHONPATH": path}
     return subprocess.run(
         [
             sys.executable,
@@ -106,6 +107,8 @@ def test_an_installed_scaffold_trains_exports_and_predicts_by_its_entry_point(tm
     assert installed.returncode == 0, installed.stderr
     env = {"AUTOML_TL_LOAD_PLUGINS": name}  # this plugin only, not the developer's others
     try:
+        tests = _own_tests(package, installed=True)  # its own tests, against the install
+        assert tests.returncode == 0, tests.stdout + tests.stderr
         listed = run_cli("plugins", "--format", "json", env=env)
         assert listed.returncode == 0, listed.stderr
         plugins = {p["name"]: p for p in json.loads(listed.stdout)["plugins"]}
