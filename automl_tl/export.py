@@ -67,7 +67,12 @@ def export_model(
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
             os.replace(directory, old)
-        os.replace(staging, directory)
+        try:
+            os.replace(staging, directory)
+        except BaseException:  # Ctrl-C or an error between the two renames: the old one back
+            if old is not None:
+                os.replace(old, directory)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return digest

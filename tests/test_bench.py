@@ -11,13 +11,13 @@ import pytest
 from automl_tl import registry_for
 from automl_tl.bench import REFERENCES, SUITE, bench_plugin, format_card
 
-from .conftest import run_cli
+from .conftest import needs, run_cli
 from .test_plugin_models import PLUGIN
 
 
 @pytest.mark.slow
 def test_the_scorecard_compares_the_plugin_backbone_with_built_ins(tmp_path):
-    pytest.importorskip("onnxruntime")
+    needs("onnxruntime")
     plugin = tmp_path / "team_backbone.py"
     plugin.write_text(PLUGIN)
     rows = bench_plugin(

@@ -4,7 +4,7 @@ import pytest
 
 from automl_tl import ConfigError, config_from_dict, load_config
 
-from .conftest import REPO, run_cli, write_study
+from .conftest import REPO, run_main, write_study
 
 
 def test_embedded_study_is_valid():
@@ -66,7 +66,7 @@ def test_bad_values_name_the_key(tmp_path, raw, message):
 
 def test_cli_reports_a_bad_key_without_traceback(tmp_path):
     path = write_study(tmp_path, "[search]\nbackbone = ['test_resnet']\n")
-    result = run_cli("search", str(path))
+    result = run_main("search", str(path))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "unknown key 'backbone' in [search] (did you mean \"backbones\"?)" in result.stderr
@@ -75,7 +75,7 @@ def test_cli_reports_a_bad_key_without_traceback(tmp_path):
 
 def test_cli_reports_unknown_backbone_with_close_names(tmp_path):
     path = write_study(tmp_path, "[search]\nbackbones = ['test_resnett']\n")
-    result = run_cli("search", str(path))
+    result = run_main("search", str(path))
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "unknown backbone 'test_resnett'" in result.stderr
@@ -84,7 +84,7 @@ def test_cli_reports_unknown_backbone_with_close_names(tmp_path):
 
 def test_cli_reports_unknown_policy_listing_the_known_ones(tmp_path):
     path = write_study(tmp_path, "[search]\naugmentations = ['mixup']\n")
-    result = run_cli("search", str(path))
+    result = run_main("search", str(path))
     assert result.returncode == 2
     assert (
         "unknown augmentation policy 'mixup' in [search] augmentations; known: autoaugment, color, flip_crop, none, randaugment, trivialaugment"
@@ -93,7 +93,7 @@ def test_cli_reports_unknown_policy_listing_the_known_ones(tmp_path):
 
 
 def test_missing_study_file(tmp_path):
-    result = run_cli("report", str(tmp_path / "nope.toml"))
+    result = run_main("report", str(tmp_path / "nope.toml"))
     assert result.returncode == 2
     assert "study file" in result.stderr and "does not exist" in result.stderr
 
@@ -109,7 +109,7 @@ def test_backbone_that_cannot_run_at_the_image_size(tmp_path):
     path = write_study(
         tmp_path, "[data]\nimage_size = 16\n[search]\nbackbones = ['test_convnext']\n"
     )
-    result = run_cli("search", str(path))
+    result = run_main("search", str(path))
     assert result.returncode == 2
     assert "backbone 'test_convnext' cannot run at [data] image_size = 16" in result.stderr
     assert not (tmp_path / "tiny" / "optuna.db").exists()

@@ -30,7 +30,7 @@ from automl_tl.search import open_search_study
 from automl_tl.storage import open_storage
 from automl_tl.workers import plan_slots
 
-from .conftest import REPO, run_cli, write_study
+from .conftest import REPO, run_cli, run_main, write_study
 from .postgres import PASSWORD
 
 # Holds one worker's trial open (the victim: AUTOML_TL_WORKER == SLEEP_WORKER) after writing a
@@ -90,8 +90,13 @@ unfreeze = ["top_k", "layer_decay"]
 epochs = 1
 batch_size = 32
 pruner = "none"
-heartbeat_interval = 1
+heartbeat_interval = {heartbeat}
 """
+
+# Optuna's grace period is twice the interval: 10 s, so a live worker on a loaded machine (its
+# heartbeat thread held up by the scheduler) is never taken for dead; a killed one is found
+# within 10 s.
+HEARTBEAT = 5
 
 
 def make_study(folder: Path, n_trials: int) -> Path:
@@ -105,7 +110,7 @@ def make_study(folder: Path, n_trials: int) -> Path:
             pixels = np.clip(np.array(color) + noise, 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(d / f"{i}.png")
     (folder / "sleeper.py").write_text(SLEEPER)
-    return write_study(folder, STUDY.format(n_trials=n_trials))
+    return write_study(folder, STUDY.format(n_trials=n_trials, heartbeat=HEARTBEAT))
 
 
 def trials_of(url: str, name: str = "tiny") -> list[optuna.trial.FrozenTrial]:
@@ -211,10 +216,12 @@ def test_a_dead_or_zombie_process_is_not_alive():
     assert is_alive(me)
     assert is_alive({**me, "host": "some-other-node"})  # can't tell: assume alive
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 120
     while (
         Path(f"/proc/{proc.pid}/stat").exists()
         and "Z" not in Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1][:3]
     ):
+        assert time.monotonic() < deadline, "the child never exited"
         time.sleep(0.05)
     assert not is_alive({"host": me["host"], "pid": proc.pid, "started": None})  # zombie
     proc.wait()
@@ -279,7 +286,7 @@ def test_without_a_server_postgres_tests_fail_in_ci_and_skip_elsewhere(tmp_path)
 
 def test_sqlite_with_several_workers_is_refused(tmp_path):
     study = write_study(tmp_path, '[search]\nbackbones = ["test_resnet"]\n')
-    result = run_cli("search", str(study), "--workers", "2", "--storage", "sqlite:///x.db")
+    result = run_main("search", str(study), "--workers", "2", "--storage", "sqlite:///x.db")
     assert result.returncode == 2
     assert result.stderr.startswith("error: --workers 2 cannot share sqlite:///x.db: SQLite")
     assert "--storage journal:PATH" in result.stderr and "postgresql://" in result.stderr
@@ -287,7 +294,7 @@ def test_sqlite_with_several_workers_is_refused(tmp_path):
     # a study already in its default SQLite file is not silently moved to a journal file
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "optuna.db").write_bytes(b"")
-    result = run_cli("search", str(study), "--workers", "2")
+    result = run_main("search", str(study), "--workers", "2")
     assert result.returncode == 2
     assert "this study's SQLite storage" in result.stderr and "--workers 1" in result.stderr
 
@@ -312,9 +319,11 @@ def test_a_worker_with_other_data_refuses_to_join(tmp_path, registry):
         open_search_study(other, load_splits(other, registry))
 
 
-def run_budget_workers(url: str, workers: int, n_trials: int):
+def run_budget_workers(url: str, workers: int, n_trials: int, seed: int = 0):
     """``workers`` threads, each with its own storage connection (as separate processes have),
-    racing over a budget of very short trials; then each claims the retrain."""
+    racing over a budget of very short trials; then each claims the retrain. The jitter is
+    seeded (worker ``i`` draws from ``Random(seed * 1000 + i)``): a rare interleaving is not
+    reproduced by the thread scheduler, but the delays that led to it are."""
     import random
     import threading
 
@@ -323,11 +332,12 @@ def run_budget_workers(url: str, workers: int, n_trials: int):
     errors: list[BaseException] = []
     start = threading.Barrier(workers)
 
-    def worker() -> None:
+    def worker(index: int) -> None:
+        rng = random.Random(seed * 1000 + index)
         try:
             study = optuna.create_study(
                 study_name="budget",
-                storage=open_storage(url, heartbeat_interval=1),
+                storage=open_storage(url, heartbeat_interval=HEARTBEAT),
                 direction="maximize",
                 load_if_exists=True,
             )
@@ -335,11 +345,11 @@ def run_budget_workers(url: str, workers: int, n_trials: int):
 
             def objective(trial):
                 budget.admit(trial)
-                time.sleep(random.uniform(0, 0.03))
+                time.sleep(rng.uniform(0, 0.03))
                 return trial.suggest_float("x", 0, 1)
 
             def jitter(study, trial):  # a worker may be held up between deciding and asking
-                time.sleep(random.uniform(0, 0.03))
+                time.sleep(rng.uniform(0, 0.03))
 
             start.wait()
             if budget.room():
@@ -350,12 +360,14 @@ def run_budget_workers(url: str, workers: int, n_trials: int):
             errors.append(exc)
             start.abort()
 
-    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(workers)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 300
     for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), f"budget workers still running (seed {seed})"
+    assert not errors, (seed, errors)
     study = optuna.load_study(study_name="budget", storage=open_storage(url, heartbeat_interval=60))
     return study.get_trials(deepcopy=False), outcomes
 
@@ -511,7 +523,12 @@ def test_three_workers_share_one_study_on_postgres(tmp_path, postgres_url, postg
         for extra in (["--workers", "2"], [])
     ]
     peak, children = 0, {}
+    deadline = time.monotonic() + 480
     while any(n.poll() is None for n in nodes):  # connections held at once; workers' argv
+        if time.monotonic() > deadline:
+            for n in nodes:
+                n.kill()
+            pytest.fail("the workers did not finish within 480 s")
         peak = max(peak, postgres_server.connections(postgres_url))
         for proc in Path("/proc").glob("[0-9]*"):  # the --workers node's worker processes
             with contextlib.suppress(OSError, IndexError, ValueError):
@@ -560,7 +577,7 @@ def test_killed_worker_on_postgres_is_retried_by_the_survivor(tmp_path, postgres
     assert out.count("retrained on") == 1
     assert f"trial {killed_number} lost its worker" in err
     # restarting the killed worker just rejoins: the budget is spent, the retrain claimed
-    again = run_cli("search", str(study), "--storage", postgres_url, cwd=tmp_path)
+    again = run_main("search", str(study), "--storage", postgres_url, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "4 trials finished (0 run now)" in again.stdout
     assert "retrained on" not in again.stdout and "is retrained by another worker" in again.stderr
@@ -577,7 +594,7 @@ def test_killed_worker_on_postgres_is_retried_by_the_survivor(tmp_path, postgres
 def test_a_wrong_password_is_one_line_without_the_password(tmp_path, postgres_server):
     study = write_study(tmp_path, '[search]\nbackbones = ["test_resnet"]\n')
     url = postgres_server.url().replace(PASSWORD, "wrong-" + PASSWORD[::-1])
-    result = run_cli("report", str(study), "--storage", url)
+    result = run_main("report", str(study), "--storage", url, "--no-files")
     assert result.returncode == 2
     assert result.stderr.startswith(
         "error: cannot open storage postgresql://postgres:***@127.0.0.1"

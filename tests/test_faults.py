@@ -20,7 +20,7 @@ from automl_tl.cli import main
 from automl_tl.plugins import get_plugin_manager
 from automl_tl.registry import Registry
 
-from .conftest import REPO, TINY_STUDY, run_cli, write_study
+from .conftest import REPO, SMALL_STUDY, run_main, write_study
 
 FAULTS = """
 import torch
@@ -167,7 +167,7 @@ def test_too_many_failures_in_a_row_stop_with_the_common_reason(tmp_path, capsys
         "at runtime). Completed trials are kept; fix the cause and run the same command again "
         "to resume (raise [search] max_consecutive_failures to tolerate more)."
     )
-    data = json.loads(run_cli("report", str(config.path), "--format", "json").stdout)
+    data = json.loads(run_main("report", str(config.path), "--format", "json", "--no-files").stdout)
     assert [t["state"] for t in data["trials"]] == ["FAIL", "FAIL", "FAIL", "WAITING"]  # no "none"
 
 
@@ -346,7 +346,7 @@ def test_a_signal_while_optuna_creates_a_trial_fails_that_trial(tmp_path, monkey
 
     from automl_tl.leaderboard import leaderboard as study_report
 
-    study = write_study(tmp_path, TINY_STUDY.replace("n_trials = 4", "n_trials = 3"))
+    study = write_study(tmp_path, SMALL_STUDY.replace("n_trials = 4", "n_trials = 3"))
     init = Trial.__init__
     created = []
 

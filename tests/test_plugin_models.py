@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from .conftest import run_cli, write_study
+from .conftest import needs, run_cli, write_study
 
 pytestmark = pytest.mark.slow  # each path runs a real (tiny) search in a subprocess
 
@@ -185,7 +185,7 @@ def test_predict_without_the_plugin_names_the_file_to_pass(team_study):
 
 
 def test_predict_load_model_and_onnx_with_the_plugin(team_study, tmp_path):
-    pytest.importorskip("onnxruntime")
+    needs("onnxruntime")
     import numpy as np
     from PIL import Image
 

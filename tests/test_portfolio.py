@@ -95,13 +95,18 @@ def test_portfolio_is_capped_by_the_startup_and_wraps_searched_weights():
 
 
 def test_a_value_outside_the_distribution_comes_from_the_base_sampler():
+    """An entry value the distribution cannot hold is not used (nor clipped into it): the
+    base sampler's own value is, exactly what the base sampler alone gives."""
+
+    def first(sampler):
+        trial = optuna.create_study(sampler=sampler).ask()
+        return trial.suggest_float("x", 0, 1), trial.suggest_categorical("c", ["a", "b"])
+
     entries = [{"x": 5.0, "c": "z"}]
-    study = optuna.create_study(
-        sampler=PortfolioSampler(optuna.samplers.RandomSampler(seed=0), entries)
-    )
-    trial = study.ask()
-    assert 0 <= trial.suggest_float("x", 0, 1) <= 1
-    assert trial.suggest_categorical("c", ["a", "b"]) in ("a", "b")
+    portfolio_first = first(PortfolioSampler(optuna.samplers.RandomSampler(seed=0), entries))
+    assert portfolio_first == first(optuna.samplers.RandomSampler(seed=0))
+    inside = first(PortfolioSampler(optuna.samplers.RandomSampler(seed=0), [{"x": 0.25, "c": "b"}]))
+    assert inside == (0.25, "b")  # one the distribution holds is used
 
 
 def test_pretrained_weights_start_from_lp_ft_at_a_lower_lr():

@@ -9,15 +9,16 @@ from safetensors.torch import load_file
 from automl_tl import UserError, load_config
 from automl_tl.pretrain import PretrainSpec, ensure_study_weights, pretrain, read_sidecar
 
-from .conftest import run_cli, write_study
+from .conftest import run_main, write_study
+from .shared import PRETRAIN_SPEC
 
-SPEC = PretrainSpec("test_resnet", "digits:0-4", image_size=32, epochs=3, batch_size=32)
+SPEC = PretrainSpec(**PRETRAIN_SPEC)
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, registry):
-    out = tmp_path_factory.mktemp("pretrain") / "w" / "test_resnet.safetensors"
-    return pretrain(SPEC, out, registry, device="cpu")
+@pytest.fixture
+def pretrained(pretrained_digits):
+    """Built once per session (tests/shared.py; test_transfer.py starts from it too)."""
+    return pretrained_digits
 
 
 def test_writes_head_free_weights_and_a_sidecar(pretrained, registry):
@@ -88,14 +89,14 @@ def test_cli_pretrain_then_instant_rerun(tmp_path):
         "--device",
         "cpu",
     ]
-    first = run_cli(*args)
+    first = run_main(*args)
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith(
         "pretrained: test_efficientnet on digits:0-1 (2 classes, 1 epochs)"
     )
     meta = json.loads((tmp_path / "eff.json").read_text())
     assert set(meta) >= {"source", "classes", "epochs", "accuracy", "key", "sha256"}
-    second = run_cli(*args)
+    second = run_main(*args)
     assert second.returncode == 0, second.stderr
     assert second.stdout.startswith("up to date (cached): test_efficientnet")
     assert "pretrain epoch" not in second.stderr  # nothing trained
@@ -112,7 +113,7 @@ def test_cli_pretrain_then_instant_rerun(tmp_path):
 def test_cli_pretrain_errors_are_one_line(tmp_path, extra, message):
     args = {"--backbone": "test_resnet", "--data": "digits:0-1", "--out": "w.safetensors"}
     args.update(dict(zip(extra[::2], extra[1::2])))
-    result = run_cli("pretrain", *[x for kv in args.items() for x in kv], cwd=tmp_path)
+    result = run_main("pretrain", *[x for kv in args.items() for x in kv], cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 

@@ -16,7 +16,7 @@ from automl_tl import get_plugin_manager, load_config
 from automl_tl.progress import LiveLines, StudyWatcher, TrialProgress, show_progress, study_state
 from automl_tl.storage import open_study
 
-from .conftest import create_study, run_cli, write_study
+from .conftest import create_study, run_main, write_study
 
 STUDY = """
 [data]
@@ -217,13 +217,13 @@ def test_live_lines_on_a_terminal_plain_logs_elsewhere_and_quiet(tmp_path):
     assert "TrialState" not in screen and "Traceback" not in screen
     assert study_state(open_study(load_config(study))).finished == 1
 
-    verbose = run_cli("search", str(study), "-v", "--no-retrain", "--n-trials", "2", env=ONE_THREAD)
+    verbose = run_main("search", str(study), "-v", "--no-retrain", "--n-trials", "2")
     assert verbose.returncode == 0, verbose.stderr
     assert re.search(r"trial   1 epoch 1/1: train_loss [\d.]+  val accuracy", verbose.stderr)
     assert re.search(r"trial   1 COMPLETE accuracy=", verbose.stderr)
     assert "\r" not in verbose.stderr and "\x1b[A" not in verbose.stderr  # no bars in a pipe
 
-    quiet = run_cli("search", str(study), "-q", "--no-retrain", "--n-trials", "3", env=ONE_THREAD)
+    quiet = run_main("search", str(study), "-q", "--no-retrain", "--n-trials", "3")
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout.startswith("study tiny: 3 trials finished (1 run now)")
     assert quiet.stderr == ""

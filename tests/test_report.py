@@ -25,7 +25,7 @@ from automl_tl.report import FIGURES, build_report
 from automl_tl.storage import open_study
 from automl_tl.train import evaluate
 
-from .conftest import create_study, run_cli, write_study
+from .conftest import create_study, run_main, write_study
 
 matplotlib.use("Agg")
 
@@ -119,9 +119,22 @@ def _make_study(folder, registry, *, with_model=True, trials=True):
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, registry):
+    """A study with its report built once; read-only for the tests (a test that changes the
+    study works on a copy: ``made_copy``)."""
     folder = tmp_path_factory.mktemp("report")
     config, splits = _make_study(folder, registry)
     return config, splits, build_report(config, registry)
+
+
+@pytest.fixture
+def made_copy(made, tmp_path):
+    """The ``made`` study's folder copied, with its config and report re-read from the copy."""
+    import shutil
+
+    config, splits, report = made
+    shutil.copytree(config.base_dir, tmp_path / "copy")
+    copy = load_config(tmp_path / "copy" / config.path.name)
+    return copy, splits, report
 
 
 def _embedded_images(page: str) -> list[bytes]:
@@ -182,8 +195,8 @@ def test_confusion_matrix_and_misclassified_use_the_exported_model(made, registr
     assert all(0.0 < c <= 1.0 for c in pred.confidence)
 
 
-def test_report_is_rebuilt_only_when_the_study_changed(made):
-    config, _, first = made
+def test_report_is_rebuilt_only_when_the_study_changed(made_copy):
+    config, _, first = made_copy
     again = build_report(config, None)
     assert not again.rebuilt
     assert [f.file for f in again.written] == [f.file for f in first.written]
@@ -229,8 +242,7 @@ def test_model_figures_are_skipped_when_the_data_changed(tmp_path, registry):
 def test_report_command_writes_the_folder_and_keeps_stdout_for_data(tmp_path, registry):
     config, _ = _make_study(tmp_path, registry)
     study_file = str(config.path)
-    one_thread = {"OMP_NUM_THREADS": "1"}  # no fight over the cores with the test run
-    result = run_cli("report", study_file, "--format", "json", env=one_thread)
+    result = run_main("report", study_file, "--format", "json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)  # stdout is only the JSON
     assert data["report"]["index"] == str(config.output_dir / "report" / "index.html")
@@ -244,7 +256,7 @@ def test_report_command_writes_the_folder_and_keeps_stdout_for_data(tmp_path, re
     assert image.width > 300
 
     (config.output_dir / "report" / "index.html").unlink()
-    quiet = run_cli("report", study_file, "--no-files", "--format", "csv", env=one_thread)
+    quiet = run_main("report", study_file, "--no-files", "--format", "csv")
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout.startswith("trial,state,accuracy")
     assert not (config.output_dir / "report" / "index.html").exists()

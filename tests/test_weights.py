@@ -46,9 +46,21 @@ def test_weights_of_another_architecture_list_the_keys(registry, tmp_path):
         registry.get("backbones", "test_resnet").create(10, weights=str(path), image_size=32)
 
 
-def test_hub_weights_offline_give_one_clear_message(registry, monkeypatch, tmp_path):
+@pytest.fixture
+def empty_hf_cache(monkeypatch, tmp_path):
+    """An empty Hugging Face cache, whatever this machine's own cache holds: the variables for
+    new processes, and huggingface_hub's constant (read once at import) for this one."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "empty-hf-cache"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.setenv("HF_HOME", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache / "hub"))
+    return cache
+
+
+def test_hub_weights_offline_give_one_clear_message(registry, empty_hf_cache):
     with pytest.raises(UserError) as info:
         registry.get("backbones", "resnet18").create(10, weights="timm", image_size=32)
     message = str(info.value)
@@ -127,7 +139,7 @@ def test_unknown_hub_tag_lists_the_known_ones(registry):
         registry.get("backbones", "resnet18").create(10, weights="timm:bogus")
 
 
-def test_hub_error_names_the_file_and_both_ways_to_supply_it(registry):
+def test_hub_error_names_the_file_and_both_ways_to_supply_it(registry, empty_hf_cache):
     with pytest.raises(UserError) as info:
         registry.get("backbones", "test_resnet").create(10, weights="timm", image_size=32)
     message = str(info.value)
@@ -279,7 +291,7 @@ def test_check_names_asks_each_backbone_about_each_named_source(registry, tmp_pa
 
 
 def test_a_mistyped_hub_tag_stops_the_search_before_any_trial(tmp_path):
-    from .conftest import run_cli, write_study
+    from .conftest import run_main, write_study
 
     study = write_study(
         tmp_path,
@@ -298,7 +310,7 @@ def test_a_mistyped_hub_tag_stops_the_search_before_any_trial(tmp_path):
         test_resnet = "timm:in1k_typo"
         """,
     )
-    result = run_cli("search", str(study), "--device", "cpu")
+    result = run_main("search", str(study), "--device", "cpu")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr == (
         'error: [weights] test_resnet = "timm:in1k_typo": test_resnet has no pretrained tag '
@@ -306,7 +318,7 @@ def test_a_mistyped_hub_tag_stops_the_search_before_any_trial(tmp_path):
         '"pretrain:SOURCE")\n'
     )
     assert not (tmp_path / "tiny" / "optuna.db").exists()  # no study, so no trial
-    retrain = run_cli("retrain", str(study), "--device", "cpu")  # the same check, the same words
+    retrain = run_main("retrain", str(study), "--device", "cpu")  # the same check, the same words
     assert retrain.returncode == 2 and retrain.stderr == result.stderr
 
 
