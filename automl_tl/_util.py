@@ -83,7 +83,9 @@ def node_lock(
     except ImportError:  # pragma: no cover - Windows: no lock; atomic renames keep files whole
         yield
         return
-    with open(lock_path, "a+") as f:
+    # never through a symbolic link planted at the lock's (predictable) name
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "r+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -17,12 +18,56 @@ from .errors import UserError
 log = logging.getLogger("automl_tl")
 
 
+#: C0/C1 control characters (ESC starts terminal escape sequences), bidi overrides, and lone
+#: surrogates (undecodable bytes of a file name, kept by Python as U+DC80…U+DCFF)
+_UNPRINTABLE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_NEWLINE = re.compile("\n")
+#: a spreadsheet runs a cell that starts with one of these as a formula
+_FORMULA_START = ("=", "+", "-", "@")  # (tab and CR are escaped by printable() first)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte of a non-UTF-8 file name (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str, newlines: bool = False) -> str:
+    """``text`` safe to print on a terminal: control characters, terminal escapes, bidi
+    overrides and undecodable bytes of file names shown as ``\\xNN`` (newlines kept if asked)."""
+    text = _UNPRINTABLE.sub(lambda m: _escape(m.group()), text)
+    return text if newlines else _NEWLINE.sub("\\\\n", text)
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: printable, and a leading ``= + - @`` quoted
+    with ``'`` so a file or class name is never run as a formula. Numbers pass unchanged."""
+    if not isinstance(value, str):
+        return value
+    value = printable(value)
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+class _PrintableFilter(logging.Filter):
+    """Log records reach a terminal: a file or class name's escape sequences are shown, not
+    run (newlines of multi-line messages kept)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = printable(message, newlines=True)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
 def setup_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     from .storage import RedactFilter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactFilter())
+    handler.addFilter(_PrintableFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     root = logging.getLogger("automl_tl")
     root.handlers[:] = [handler]
@@ -43,10 +88,17 @@ def _load(args: argparse.Namespace, **overrides: Any):
     from .registry import Registry
 
     config = load_config(args.study, overrides)
-    pm, infos = get_plugin_manager(
-        [*config.plugins, *getattr(args, "plugin", [])], base_dir=config.base_dir
-    )
+    # the study's plugin files are absolute (config.py); --plugin paths are the cwd's
+    pm, infos = get_plugin_manager([*config.plugins, *getattr(args, "plugin", [])])
     return config, pm, Registry.from_plugin_manager(pm)
+
+
+def _device(name: str | None) -> str:
+    """The device a command runs on, checked before anything starts (one message if bad)."""
+    from .train import resolve_device
+
+    resolve_device(name)
+    return name or "auto"
 
 
 def _storage_arg(args: argparse.Namespace) -> str | None:
@@ -74,7 +126,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     die_with_parent()  # a worker of `--workers N`: never outlive the parent
     config, pm, registry = _load(args, **_overrides(args))
-    device = args.device or config.search.device
+    device = _device(args.device or config.search.device)
     if args.workers != 1:
         return _search_with_workers(args, config, pm, registry, device)
     from .progress import show_progress
@@ -187,7 +239,10 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     config, pm, registry = _load(args, **_overrides(args))
     check_named_weights(config, registry)  # a [weights] typo: one message, before training
     directory, metrics = retrain(
-        config, registry, trial_number=args.trial, device=args.device or config.search.device
+        config,
+        registry,
+        trial_number=args.trial,
+        device=_device(args.device or config.search.device),
     )
     announce_export(pm, config, directory, metrics)
     test = metrics["test"]
@@ -200,7 +255,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     from tabulate import tabulate
 
-    return tabulate([[r.get(c) for c in columns] for r in rows], headers=columns, floatfmt=".4g")
+    def cell(value: Any) -> Any:
+        return printable(value) if isinstance(value, str) else value
+
+    return tabulate(
+        [[cell(r.get(c)) for c in columns] for r in rows], headers=columns, floatfmt=".4g"
+    )
 
 
 def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -208,7 +268,7 @@ def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({c: r.get(c) for c in columns})
+        writer.writerow({c: spreadsheet_safe(r.get(c)) for c in columns})
     return buf.getvalue()
 
 
@@ -218,11 +278,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .space import PARAM_NAMES
 
     config = load_config(args.study, {"search.storage": _storage_arg(args)})
+    device = _device(args.device or "cpu")
     data = leaderboard(config)
     if not args.no_files:  # plots + index.html in <output>/report/; stdout stays the data
         from .report import write_report_files
 
-        data["report"] = write_report_files(config, data, args.plugin, args.device or "cpu")
+        data["report"] = write_report_files(config, data, args.plugin, device)
     if args.format == "json":
         print(json.dumps(data, indent=2))
         return 0
@@ -279,8 +340,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .export import load_model, predict_paths
 
+    if args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k}: give 1 or more labels per image")
     # installed plugins load by themselves; a file or module plugin comes with --plugin
-    model = load_model(args.model, device=args.device or "cpu", plugins=args.plugin)
+    model = load_model(args.model, device=_device(args.device or "cpu"), plugins=args.plugin)
     rows = predict_paths(model, args.paths, top_k=args.top_k)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -298,9 +361,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_check_data(args: argparse.Namespace) -> int:
     from .config import config_from_dict, load_config
-    from .data import check_source
-    from .plugins import get_plugin_manager
-    from .registry import Registry
+    from .data import check_source, parse_source
+    from .plugins import registry_needing
 
     overrides = {
         "data.image_size": args.image_size,
@@ -314,10 +376,13 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         data = {"source": args.source}
         data.update({k.split(".")[1]: v for k, v in overrides.items() if v is not None})
         config = config_from_dict({"name": "check-data", "data": data})
-    pm, _ = get_plugin_manager([*config.plugins, *args.plugin], base_dir=config.base_dir)
     d = config.data
+    # the study file's plugins run only if its dataset source comes from one of them
+    registry = registry_needing(
+        config.plugins, args.plugin, {"datasets": [parse_source(d.source)[0]]}
+    )
     result = check_source(
-        Registry.from_plugin_manager(pm),
+        registry,
         d.source,
         image_size=d.image_size,
         val_fraction=d.val_fraction,
@@ -328,7 +393,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print(_format_data_check(result))
+        print(printable(_format_data_check(result), newlines=True))
     return 0 if result.usable else 1
 
 
@@ -419,7 +484,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         out,
         Registry.from_plugin_manager(pm),
         cache_dir=out.parent / "cache",
-        device=args.device or "auto",
+        device=_device(args.device or "auto"),
         force=args.force,
     )
     meta = result.meta
@@ -431,11 +496,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    """``clean STUDY``: what the study no longer needs, one line each, and the total."""
+    from .clean import clean
+
+    config, _, registry = _load(args)
+    found = clean(config, registry, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for item in found:
+        print(f"{verb} {item.path} ({item.bytes / 1e6:.1f} MB): {item.what}")
+    total = sum(item.bytes for item in found)
+    print(f"{config.name}: {verb} {len(found)} item(s), {total / 1e6:.1f} MB")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .config import load_config
     from .export import check_timm_export, export_onnx, plain_timm_loads
-    from .plugins import get_plugin_manager
-    from .registry import Registry
+    from .plugins import registry_needing
 
     config = load_config(args.study)
     directory = config.paths.model(args.trial)
@@ -448,8 +526,12 @@ def cmd_export(args: argparse.Namespace) -> int:
             "and the backbone's plugin (plain timm cannot build this architecture)"
         )
     if args.onnx:
-        pm, _ = get_plugin_manager([*config.plugins, *args.plugin], base_dir=config.base_dir)
-        registry = Registry.from_plugin_manager(pm)
+        # the study's plugins run only when the model's backbone needs one (a trust boundary)
+        record = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        backbone = (record.get("automl_tl") or {}).get("backbone") or record.get("architecture")
+        registry = registry_needing(
+            config.plugins, args.plugin, {"backbones": [backbone]}, base_dir=config.base_dir
+        )
         result = export_onnx(directory, opset=args.opset, registry=registry)
         print(
             f"onnx: {result.path} (opset {result.opset}); max abs difference vs PyTorch on a batch "
@@ -699,6 +781,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
+        "clean",
+        help="remove decoded caches the study no longer uses and leftovers of killed exports",
+    )
+    common(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would go; remove nothing")
+    p.add_argument("--plugin", action="append", default=[])
+    p.set_defaults(func=cmd_clean)
+
+    p = sub.add_parser(
         "plugins",
         help="list plugins and what they register; --check one; `plugins new NAME` writes one",
     )
@@ -771,7 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"error: {scrub(str(exc))}", file=sys.stderr)
+        print(f"error: {printable(scrub(str(exc)), newlines=True)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
         print(

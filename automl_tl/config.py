@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+#: the largest val_fraction + test_fraction: at least a tenth of the data stays to train on
+MAX_HELD_OUT = 0.9
 SAMPLERS = ("tpe", "gp", "random")
 PRUNERS = ("hyperband", "median", "none")
 
@@ -38,7 +41,8 @@ class DataSection:
     image_size: int = field(default=32, metadata={"min": 8, "max": 1024})
     val_fraction: float = field(default=0.2, metadata={"min": 0.01, "max": 0.9})
     test_fraction: float = field(default=0.2, metadata={"min": 0.01, "max": 0.9})
-    seed: int = 0
+    #: numpy and torch take seeds in [0, 2**32)
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
     on_bad_image: str = field(default="error", metadata=_choices("error", "skip"))
     #: a few-label task: at most this many labelled images per class for train + val
     #: together (in the val_fraction proportion); test keeps all its images
@@ -72,7 +76,11 @@ class SearchSection:
         default_factory=lambda: [1e-6, 1e-2], metadata={"range": "log"}
     )
     epochs: int = field(default=5, metadata={"min": 1})
-    batch_size: int = field(default=64, metadata={"min": 1})
+    #: at least 2: a batch of one image is dropped (BatchNorm cannot train on it)
+    batch_size: int = field(
+        default=64,
+        metadata={"min": 2, "why": "batches of one image are dropped, so nothing trains"},
+    )
     device: str = "auto"
     max_consecutive_failures: int = field(default=5, metadata={"min": 1})
     heartbeat_interval: int = field(default=60, metadata={"min": 1})
@@ -139,7 +147,7 @@ class StudyConfig:
         paths = self.paths
         if paths.journal.exists():
             return f"journal:{paths.journal}"
-        return f"sqlite:///{paths.sqlite}"
+        return sqlite_url(paths.sqlite)
 
     def weights_entry(self, backbone: str) -> str | list[str]:
         """``[weights]``'s value for ``backbone`` as written: its own entry, else ``default``."""
@@ -199,6 +207,18 @@ class StudyConfig:
         return source.for_create(pretrained)
 
 
+def sqlite_url(path: Path) -> str:
+    """``sqlite:///PATH`` with the path percent-quoted: SQLAlchemy reads ``?`` as the start of
+    URL options and unquotes ``%2E%2E%2F``, so a study name or output folder holding them
+    would otherwise move ``optuna.db`` elsewhere."""
+    return "sqlite:///" + urllib.parse.quote(str(path), safe="/")
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a ``sqlite:///PATH`` URL (the inverse of :func:`sqlite_url`)."""
+    return Path(urllib.parse.unquote(url[len("sqlite:///") :].partition("?")[0]))
+
+
 _SECTIONS = {
     "data": DataSection,
     "search": SearchSection,
@@ -243,6 +263,8 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
             if len(value) != 2:
                 raise ConfigError(f"{key} must be a range [low, high], got {value!r}")
             low, high = float(value[0]), float(value[1])
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ConfigError(f"{key} = {value!r}: both ends must be finite numbers")
             if low > high:
                 raise ConfigError(f"{key} = {value!r}: low > high; write [{value[1]}, {value[0]}]")
             if meta["range"] == "log" and low <= 0:
@@ -274,7 +296,8 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
             f"choose one of: {', '.join(meta['choices'])}"
         )
     if "min" in meta and value < meta["min"]:
-        raise ConfigError(f"{key} = {value!r} is too small; it must be at least {meta['min']}")
+        why = f" ({meta['why']})" if "why" in meta else ""
+        raise ConfigError(f"{key} = {value!r} is too small{why}; it must be at least {meta['min']}")
     if "max" in meta and value > meta["max"]:
         raise ConfigError(f"{key} = {value!r} is too large; it must be at most {meta['max']}")
     return value
@@ -311,9 +334,16 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
         )
     if any(c in name for c in "/\\") or name in (".", ".."):
         raise ConfigError(f"name {name!r} must not contain path separators")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ConfigError(
+            f"name {name!r} must not contain control characters (a NUL byte, a newline, …); "
+            "it names the study and its output folder"
+        )
     plugins = raw.get("plugins", [])
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f"plugins must be a list of module names or .py paths, got {plugins!r}")
+    # a plugin file is found beside the study file, never in whatever folder the command runs
+    plugins = [_plugin_path(p, base_dir) for p in plugins]
     weights = raw.get("weights", {})
     if not isinstance(weights, dict) or not all(
         isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
@@ -321,6 +351,13 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
     ):
         raise ConfigError(f"[weights] must map backbone names to {weightsource.FORMS} (or a list)")
     sections = {k: _section(k, cls, raw.get(k, {})) for k, cls in _SECTIONS.items()}
+    held_out = sections["data"].val_fraction + sections["data"].test_fraction
+    if held_out > MAX_HELD_OUT + 1e-9:
+        raise ConfigError(
+            f"[data] val_fraction + test_fraction = {held_out:g} leaves "
+            f"{'no' if held_out >= 1 else 'too few'} images to train on; keep their sum at most "
+            f"{MAX_HELD_OUT}"
+        )
     config = StudyConfig(
         name=name,
         plugins=list(plugins),
@@ -338,6 +375,14 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
             )
         _check_weights(config, backbone, value)
     return config
+
+
+def _plugin_path(spec: str, base_dir: Path) -> str:
+    """A plugin file of the study resolved against the study file's folder; a module as is."""
+    if not (spec.endswith(".py") or "/" in spec or "\\" in spec):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path if path.is_absolute() else base_dir / path)
 
 
 def _check_weights(config: StudyConfig, backbone: str, value: str | list[str]) -> None:
@@ -378,6 +423,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r}); "
+            "TOML files are UTF-8: save it as UTF-8"
+        ) from exc
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

@@ -18,10 +18,13 @@ val/test, too few images to split, severe imbalance) are errors or warnings.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
+import shutil
 import socket
 import warnings
 from collections import Counter
@@ -42,7 +45,7 @@ log = logging.getLogger("automl_tl")
 
 #: Image file extensions read by the folder source and `predict` (matched case-insensitively).
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the sidecar holds each image's content digest
 SPLIT_NAMES = ("train", "val", "test")
 #: RGBA / LA / palette-with-transparency images are composited on this background (white).
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -178,6 +181,9 @@ class Splits:
     split_hash: str  # identity of the train/val/test assignment
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     class_hashes: dict[str, str] = field(default_factory=dict)  # per-class identity
+    #: identity of the images' contents (see :func:`content_fingerprint`); "" when unknown
+    content_hash: str = ""
+    content_class_hashes: dict[str, str] = field(default_factory=dict)
 
     def part(self, name: str) -> Split:
         """``"train"``, ``"val"``, ``"test"`` or ``"train+val"``."""
@@ -202,6 +208,8 @@ class Splits:
             "class_hashes": self.class_hashes,
             "fingerprint": self.fingerprint,
             "split_hash": self.split_hash,
+            "content": self.content_hash,
+            "content_classes": self.content_class_hashes,
         }
 
 
@@ -235,6 +243,14 @@ def describe_changes(stored: dict, current: dict) -> list[str]:
             if touched
             else "file names, sizes or labels changed"
         )
+    old_content, new_content = stored.get("content"), current.get("content")
+    if old_content and new_content and old_content != new_content and not changes:
+        old_h = stored.get("content_classes") or {}
+        new_h = current.get("content_classes") or {}
+        touched = [c for c in new_classes if old_h.get(c) != new_h.get(c)]
+        changes.append(
+            f"the contents of images changed (same names and sizes) in class(es) {touched}"
+        )
     if stored.get("split_hash") != current.get("split_hash") and not changes:
         changes.append("the train/val/test assignment changed ([data] seed or fractions)")
     return changes
@@ -258,22 +274,75 @@ def load_dataset(registry: Registry, source: str, base_dir: Path) -> Dataset:
 # decoding
 
 
+#: Image formats Pillow may open (by content; the file name does not decide): the formats of
+#: :data:`IMAGE_SUFFIXES`. Anything else (EPS, which runs Ghostscript; PDF; exotic decoders)
+#: is "not an image", whatever its name.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "GIF", "WEBP", "TIFF")  # JPEG: also MPO
+#: Environment variable: the largest image (in pixels) decoded; default Pillow's warning limit.
+MAX_PIXELS_ENV = "AUTOML_TL_MAX_IMAGE_PIXELS"
+#: Rows of a high-bit-depth image converted at a time (bounds the temporary memory).
+_CONVERT_PIXELS = 1 << 20
+
+
+def max_image_pixels() -> int | None:
+    """The largest image decoded, in pixels: ``AUTOML_TL_MAX_IMAGE_PIXELS`` if set, else
+    Pillow's ``Image.MAX_IMAGE_PIXELS`` (about 89 MP; None: no limit)."""
+    from PIL import Image
+
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if raw:
+        try:
+            return int(float(raw))
+        except ValueError:
+            raise DataError(f"{MAX_PIXELS_ENV}={raw!r} is not a number of pixels") from None
+    return Image.MAX_IMAGE_PIXELS
+
+
 def _to_8bit(img):
-    """High-bit-depth grayscale (I;16, I, F) -> 8-bit by the mode's real range, not clipping."""
+    """High-bit-depth grayscale (I;16, I, F) -> 8-bit by the mode's real range, not clipping.
+
+    Converted a block of rows at a time in integer (16-bit data) or float32 arithmetic, so a
+    large 16-bit image costs a few bytes per pixel, not the five float64 copies it used to.
+    """
     from PIL import Image
 
     arr = np.asarray(img)
-    if img.mode.startswith("I;16") or (arr.dtype == np.uint16):
-        arr = arr.astype(np.float64) / 65535.0
-    elif img.mode == "F" and arr.size and float(np.nanmax(arr)) <= 1.0:
-        arr = arr.astype(np.float64)  # float images in [0, 1]
-    elif img.mode in ("I", "F"):
-        arr = arr.astype(np.float64)
-        hi = arr.max() if arr.size else 0
+    out = np.empty(arr.shape, dtype=np.uint8)
+    rows = max(1, _CONVERT_PIXELS // max(1, arr.shape[1] if arr.ndim > 1 else 1))
+    sixteen = img.mode.startswith("I;16") or arr.dtype == np.uint16
+    if img.mode == "I" and arr.size:
+        low, hi = int(arr.min()), int(arr.max())
         # 32-bit containers usually hold 16-bit data (PNG loads 16-bit as "I").
-        arr = arr / (65535.0 if hi > 255 else 255.0)
-    arr = np.nan_to_num(arr, nan=0.0)
-    return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), mode="L")
+        sixteen = low >= 0 and 255 < hi <= 65535
+        scale = 65535.0 if hi > 255 else 255.0
+    elif img.mode == "F" and arr.size:
+        hi = float(np.nanmax(arr)) if not np.isnan(arr).all() else 0.0
+        scale = 1.0 if hi <= 1.0 else (65535.0 if hi > 255 else 255.0)
+    else:
+        scale = 255.0
+    for start in range(0, arr.shape[0], rows):
+        block = arr[start : start + rows]
+        if sixteen:  # round(v * 255 / 65535) exactly, in integers
+            wide = block.astype(np.uint32)
+            wide *= 255
+            wide += 32767
+            wide //= 65535
+            out[start : start + rows] = wide
+        else:
+            f = block.astype(np.float32)
+            np.nan_to_num(f, copy=False, nan=0.0)
+            f *= 255.0 / scale
+            np.clip(f, 0, 255, out=f)
+            np.rint(f, out=f)
+            out[start : start + rows] = f
+    return Image.fromarray(out, mode="L")
+
+
+def _digest(data: bytes | np.ndarray) -> str:
+    """The content identity of one image: the sha256 of its file's bytes (or array)."""
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data).tobytes()
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def decode_image(
@@ -285,10 +354,12 @@ def decode_image(
     real range, so a 16-bit image does not come out white); composites transparency on
     :data:`ALPHA_BACKGROUND`; resizes (bicubic, antialiased) to a square. Large JPEGs are
     decoded at a reduced scale first (never below ``size``). ``info``, when given, receives
-    the file's ``format``, ``mode`` and ``size`` (width, height).
+    the file's ``format``, ``mode``, ``size`` (width, height) and ``sha256`` (of its bytes,
+    read once for both: the data identity costs no second read).
 
-    Raises whatever PIL raises for an unreadable file, and :class:`DataError` for an
-    unsupported mode.
+    Only the formats of :data:`IMAGE_FORMATS` are opened, and images over
+    :func:`max_image_pixels` are refused before they are decoded. Raises whatever PIL raises
+    for an unreadable file, and :class:`DataError` for an unsupported mode or a too large image.
     """
     from PIL import Image, ImageOps
 
@@ -298,16 +369,26 @@ def decode_image(
             raise DataError(f"in-memory image has dtype {arr.dtype}; expected uint8")
         img = Image.fromarray(arr if arr.ndim == 2 or arr.shape[-1] in (3, 4) else arr.squeeze())
         if info is not None:
-            info.update(format="array", mode=img.mode, size=img.size)
+            info.update(format="array", mode=img.mode, size=img.size, sha256=_digest(arr))
     else:
-        with Image.open(image) as opened:
+        data = Path(image).read_bytes()
+        if info is not None:
+            info["sha256"] = _digest(data)
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
             if info is not None:
                 info.update(format=opened.format, mode=opened.mode, size=opened.size)
+            limit = max_image_pixels()
+            width, height = opened.size
+            if limit is not None and width * height > limit:
+                raise DataError(
+                    f"image too large: {width}x{height} = {width * height / 1e6:.0f} MP (limit "
+                    f"{limit / 1e6:.0f} MP); downscale it, or raise {MAX_PIXELS_ENV}"
+                )
             if opened.format == "JPEG":
                 opened.draft(None, (size, size))  # DCT scaling: a 24 MP photo decodes fast
             opened.load()
             img = ImageOps.exif_transpose(opened) or opened
-            img = img.copy()
+            img = img.copy() if img is opened else img
     if img.mode not in SUPPORTED_MODES:
         raise DataError(f"unsupported image mode {img.mode!r}")
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -355,8 +436,10 @@ def _decode_into(
     out: np.ndarray | None,
     infos: list[dict] | None = None,
     desc: str = "decoding images",
+    hashes: list[str] | None = None,
 ) -> list[tuple[int, str]]:
-    """Decode every record into ``out[i]`` (or only check it when ``out`` is None)."""
+    """Decode every record into ``out[i]`` (or only check it when ``out`` is None); append
+    each record's content digest to ``hashes`` ("" where the file cannot be read)."""
     from tqdm.auto import tqdm
 
     bad: list[tuple[int, str]] = []
@@ -385,6 +468,8 @@ def _decode_into(
                 out[i] = decoded
         if infos is not None:
             infos.append(info)
+        if hashes is not None:
+            hashes.append(info.get("sha256", ""))
     bar.close()
     return bad
 
@@ -424,8 +509,56 @@ def fingerprint(records: list[Record]) -> str:
     root = _common_root(records)
     h = hashlib.sha256()
     for r in records:
-        h.update(f"{_record_identity(r, root)}|{r.label}|{r.split or ''}\n".encode())
+        h.update(_encode(f"{_record_identity(r, root)}|{r.label}|{r.split or ''}\n"))
     return h.hexdigest()
+
+
+def _encode(text: str) -> bytes:
+    """UTF-8, keeping the undecodable bytes of a non-UTF-8 file name as they are on disk."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def content_fingerprint(records: list[Record], hashes: list[str]) -> tuple[str, dict[str, str]]:
+    """A hash of every image's content digest with its relative path, label and split, and
+    the same per class: a same-size edit of one image changes it (:func:`fingerprint`,
+    paths and sizes only, does not see it). ``hashes`` come from decoding
+    (:func:`decoded_images`), which reads every byte anyway."""
+    root = _common_root(records)
+    whole = hashlib.sha256()
+    per_class: dict[str, Any] = {}
+    for r, digest in zip(records, hashes):
+        line = _encode(f"{_record_identity(r, root)}|{digest}|{r.label}|{r.split or ''}\n")
+        whole.update(line)
+        per_class.setdefault(r.label, hashlib.sha256()).update(line)
+    return whole.hexdigest(), {c: h.hexdigest()[:12] for c, h in sorted(per_class.items())}
+
+
+def record_digests(
+    records: list[Record], image_size: int | None = None, cache_dir: Path | None = None
+) -> list[str]:
+    """Each record's content digest (as :func:`decode_image` takes it): from the decoded
+    cache's sidecar when one holds these exact files at ``image_size`` (no file is read),
+    else by reading every file ("" for a file that cannot be read)."""
+    if cache_dir is not None and image_size:
+        path = Path(cache_dir) / f"images-{_local_cache_key(records, image_size)}.npy"
+        found = _open_cache(path, len(records), image_size)
+        if found is not None and len(found[2]) == len(records):
+            return found[2]
+    digests = []
+    for r in records:
+        if isinstance(r.image, np.ndarray):
+            digests.append(_digest(r.image))
+            continue
+        h = hashlib.sha256()
+        try:
+            with open(r.image, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError:
+            digests.append("")
+            continue
+        digests.append(h.hexdigest()[:32])
+    return digests
 
 
 def _class_hashes(records: list[Record]) -> dict[str, str]:
@@ -434,13 +567,13 @@ def _class_hashes(records: list[Record]) -> dict[str, str]:
     hashes: dict[str, Any] = {}
     for r in records:
         h = hashes.setdefault(r.label, hashlib.sha256())
-        h.update(f"{_record_identity(r, root)}|{r.split or ''}\n".encode())
+        h.update(_encode(f"{_record_identity(r, root)}|{r.split or ''}\n"))
     return {label: h.hexdigest()[:12] for label, h in sorted(hashes.items())}
 
 
 def _local_cache_key(records: list[Record], image_size: int) -> str:
     """Like :func:`fingerprint` plus mtimes: a cache is valid only for these exact files."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{image_size}|{fingerprint(records)}".encode())
+    h = hashlib.sha256(_encode(f"v{CACHE_VERSION}|{image_size}|{fingerprint(records)}"))
     for r in records:
         if not isinstance(r.image, np.ndarray):
             try:
@@ -583,6 +716,16 @@ def assign_splits(
         frac = val_fraction / max(1e-9, 1.0 - (test_fraction if len(fixed["test"]) == 0 else 0.0))
         pool, out["val"] = _stratified(pool, labels, min(frac, 0.9), rng)
     out["train"] = pool
+    if len(fixed["val"]) == 0 or len(fixed["test"]) == 0:
+        trained = set(labels[pool].tolist())
+        held = sorted({int(c) for c in labels[np.concatenate([out["val"], out["test"]])]})
+        starved = [class_names[c] for c in held if c not in trained]
+        if starved:
+            raise DataError(
+                f"class(es) {starved} have no training image left after the val and test splits "
+                f"(val_fraction {val_fraction}, test_fraction {test_fraction}); lower the "
+                "fractions or add images"
+            )
     return out
 
 
@@ -624,18 +767,56 @@ def _split_hash(splits: dict[str, np.ndarray]) -> str:
 # the decoded cache
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporary files of this cache left by killed builds on this host (never used, only removed)."""
+def _remove_stale_temporaries(path: Path, *, dry_run: bool = False) -> list[Path]:
+    """Temporary files of this cache left by killed builds on this host (never used, only
+    removed); returns them."""
     host = socket.gethostname()
     prefix = f".{path.name}."
+    stale = []
     for tmp in path.parent.glob(f"{prefix}*.tmp"):
-        owner = tmp.name[len(prefix) :].rsplit(".", 2)[0]  # "<host>.<pid>"
+        owner = tmp.name[len(prefix) :].rsplit(".", 3)[0]  # "<host>.<pid>"(.<random>.npy.tmp)
         tmp_host, _, pid = owner.rpartition(".")
         if tmp_host == host and pid.isdigit() and not pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+            stale.append(tmp)
+            if not dry_run:
+                tmp.unlink(missing_ok=True)
+    return stale
 
 
-def _open_cache(path: Path, n: int, image_size: int) -> tuple[np.ndarray, list] | None:
+def cache_file(records: list[Record], image_size: int, cache_dir: Path) -> Path:
+    """The decoded cache ``records`` at ``image_size`` use in ``cache_dir``."""
+    return Path(cache_dir) / f"images-{_local_cache_key(records, image_size)}.npy"
+
+
+def stale_cache_files(cache_dir: Path, in_use: set[Path], *, dry_run: bool = False) -> list[Path]:
+    """Decoded caches in ``cache_dir`` (and their sidecars and locks) that none of ``in_use``
+    is, plus temporaries of builds killed on this host; removed unless ``dry_run``. A cache
+    being built right now (its lock held) is left alone."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    keep = {p.name for p in in_use}
+    stale: list[Path] = []
+    for npy in sorted(cache_dir.glob("images-*.npy")):
+        stale += _remove_stale_temporaries(npy, dry_run=dry_run)
+        if npy.name in keep:
+            continue
+        lock = npy.with_name(f".{npy.stem}.lock")
+        try:
+            with node_lock(lock, block=False):
+                for f in (npy, npy.with_suffix(".json")):
+                    if f.exists():
+                        stale.append(f)
+                        if not dry_run:
+                            f.unlink(missing_ok=True)
+                if not dry_run:
+                    lock.unlink(missing_ok=True)  # its cache is gone: nobody waits on it
+        except BlockingIOError:
+            continue  # another process is building or reading it now
+    return stale
+
+
+def _open_cache(path: Path, n: int, image_size: int) -> tuple[np.ndarray, list, list] | None:
     """The finished cache at ``path``, or None when there is none (or it is not this one)."""
     meta_path = path.with_suffix(".json")
     if not (path.is_file() and meta_path.is_file()):
@@ -647,51 +828,109 @@ def _open_cache(path: Path, n: int, image_size: int) -> tuple[np.ndarray, list] 
         return None
     if meta.get("version") != CACHE_VERSION or images.shape != (n, 3, image_size, image_size):
         return None
-    return images, [tuple(b) for b in meta["bad"]]
+    return images, [tuple(b) for b in meta["bad"]], list(meta.get("hashes") or [""] * n)
 
 
-def _build_cache(records: list[Record], image_size: int, path: Path) -> list[tuple[int, str]]:
-    """Decode every record into ``path`` atomically; return (index, reason) for bad images.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
-    The images go to ``.<name>.<host>.<pid>.tmp`` and the sidecar to its own temporary file;
-    both are renamed into place only after the last image is written and flushed, the
-    sidecar first: a reader needs both, so a kill at any moment leaves no usable half cache.
+
+def _allocate_cache(tmp: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new ``.npy`` file at ``tmp`` with every block of its data allocated on disk.
+
+    A sparse file would get its blocks only as rows are written through the memory map, and
+    a full disk then kills the process with SIGBUS ("Bus error") and no message; allocated
+    up front, a full disk is one clear error before anything is decoded. The file is created
+    exclusively and never through a symbolic link.
     """
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
+    header["shape"] = shape
+    nbytes = int(np.prod(shape))
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+    fd = os.open(tmp, flags, 0o644)
+    with os.fdopen(fd, "wb+") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        offset = f.tell()
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, offset + nbytes)
+            else:  # pragma: no cover - macOS, Windows: sparse, as before
+                f.truncate(offset + nbytes)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", -1)):
+                f.truncate(offset + nbytes)  # a filesystem that cannot preallocate
+            else:
+                tmp.unlink(missing_ok=True)
+                raise DataError(_no_room_message(tmp.parent, offset + nbytes, exc)) from exc
+    return np.memmap(tmp, dtype=np.uint8, mode="r+", offset=offset, shape=shape)
+
+
+def _no_room_message(folder: Path, nbytes: int, exc: OSError) -> str:
+    try:
+        free = f"{shutil.disk_usage(folder).free / 1e9:.2f} GB free"
+    except OSError:
+        free = "free space unknown"
+    size = f" ({nbytes / 1e9:.2f} GB)" if nbytes >= 1e9 else f" ({nbytes / 1e6:.1f} MB)"
+    size = size if nbytes else ""
+    return (
+        f"cannot write the decoded image cache{size} in {folder}: "
+        f"{exc.strerror or exc} ({free}). Free disk space, lower [data] image_size, or point "
+        "[search] output at a larger disk"
+    )
+
+
+def _build_cache(records: list[Record], image_size: int, path: Path) -> None:
+    """Decode every record into ``path`` atomically, with the bad images and every image's
+    content digest in the ``.json`` sidecar.
+
+    The images go to ``.<name>.<host>.<pid>.<random>.npy.tmp`` and the sidecar to its own
+    temporary file (both created exclusively, never through a symbolic link); both are
+    renamed into place only after the last image is written and flushed, the sidecar first:
+    a reader needs both, so a kill at any moment leaves no usable half cache. The image file
+    is allocated in full first, so a full disk is a clear error, not a "Bus error".
+    """
+    import secrets
+
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
-    stem = f".{path.name}.{socket.gethostname()}.{os.getpid()}"
+    stem = f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(6)}"
     tmp = path.with_name(f"{stem}.npy.tmp")
     meta_tmp = path.with_name(f"{stem}.json.tmp")
     log.info("decoding %d images at %d px into %s", len(records), image_size, path.parent)
     try:
-        arr = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.uint8, shape=(len(records), 3, image_size, image_size)
-        )
-        bad = _decode_into(records, image_size, arr)
+        arr = _allocate_cache(tmp, (len(records), 3, image_size, image_size))
+        hashes: list[str] = []
+        bad = _decode_into(records, image_size, arr, hashes=hashes)
         arr.flush()
         del arr
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        meta = {"version": CACHE_VERSION, "bad": bad, "n": len(records)}
-        meta_tmp.write_text(json.dumps(meta))
+        meta = {"version": CACHE_VERSION, "bad": bad, "n": len(records), "hashes": hashes}
+        fd = os.open(meta_tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f)
         os.replace(meta_tmp, path.with_suffix(".json"))
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise DataError(_no_room_message(path.parent, 0, exc)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
         meta_tmp.unlink(missing_ok=True)
-    return [tuple(b) for b in bad]
 
 
 def decoded_images(
     records: list[Record], image_size: int, cache_dir: Path | None
-) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """All records decoded at ``image_size`` and the (index, reason) of the unreadable ones.
+) -> tuple[np.ndarray, list[tuple[int, str]], list[str]]:
+    """All records decoded at ``image_size``, the (index, reason) of the unreadable ones and
+    each record's content digest (the sha256 of its bytes, taken while decoding).
 
     With ``cache_dir`` the result is the memory-mapped cache, built once per node.
     """
     if cache_dir is None:
         out = np.zeros((len(records), 3, image_size, image_size), np.uint8)
-        return out, _decode_into(records, image_size, out)
+        hashes: list[str] = []
+        return out, _decode_into(records, image_size, out, hashes=hashes), hashes
     path = Path(cache_dir) / f"images-{_local_cache_key(records, image_size)}.npy"
     found = _open_cache(path, len(records), image_size)
     if found is None:
@@ -750,13 +989,14 @@ def prepare_data(
     """
     dataset = load_dataset(registry, source, base_dir or Path.cwd())
     all_records = dataset.records
-    images, bad = decoded_images(all_records, image_size, cache_dir)
+    images, bad, all_hashes = decoded_images(all_records, image_size, cache_dir)
     problems = list(dataset.problems) + [(str(all_records[i].image), why) for i, why in bad]
     if problems and on_bad_image == "error":
         raise _bad_images_error(source, problems)
     bad_idx = {i for i, _ in bad}
     keep = [i for i in range(len(all_records)) if i not in bad_idx]
     records = [all_records[i] for i in keep]
+    hashes = [all_hashes[i] for i in keep]
     # every label listed, so a class whose images are all unreadable is named, not dropped
     class_names = list(dataset.class_names or sorted({r.label for r in all_records}))
     errors, warns = check_classes(records, class_names, source)
@@ -769,6 +1009,10 @@ def prepare_data(
         label_ids = np.array([class_names.index(r.label) for r in records], dtype=np.int64)
         indices = limit_per_class(indices, label_ids, max_per_class, seed)
     labels = torch.tensor([class_names.index(r.label) for r in records], dtype=torch.int64)
+    leak = _copies_across_splits(records, hashes, indices)
+    if leak:
+        warnings.warn(leak, stacklevel=2)
+    content_hash, content_classes = content_fingerprint(records, hashes)
     keep_rows = np.asarray(keep, dtype=np.int64)
     per_image = 3 * image_size * image_size
     mapped = isinstance(images, np.memmap) and len(keep_rows) * per_image > in_memory_limit()
@@ -802,6 +1046,40 @@ def prepare_data(
         split_hash=_split_hash(indices),
         skipped=problems,
         class_hashes=_class_hashes(records),
+        content_hash=content_hash,
+        content_class_hashes=content_classes,
+    )
+
+
+def _copies_across_splits(
+    records: list[Record], hashes: list[str], indices: dict[str, np.ndarray]
+) -> str | None:
+    """A warning when byte-identical images sit in different splits (a copy of a training
+    image in val or test inflates its score), naming a few; None when there are none."""
+    split_of = {int(i): name for name in SPLIT_NAMES for i in indices[name]}
+    seen: dict[str, int] = {}
+    pairs: list[tuple[int, int]] = []
+    for i in sorted(split_of):
+        digest = hashes[i]
+        if not digest:
+            continue
+        first = seen.setdefault(digest, i)
+        if first != i and split_of[first] != split_of[i]:
+            pairs.append((first, i))
+    if not pairs:
+        return None
+
+    def name(i: int) -> str:
+        image = records[i].image
+        return f"#{i}" if isinstance(image, np.ndarray) else str(image)
+
+    shown = ", ".join(
+        f"{name(a)} ({split_of[a]}) = {name(b)} ({split_of[b]})" for a, b in pairs[:3]
+    )
+    more = f", … ({len(pairs)} in all)" if len(pairs) > 3 else ""
+    return (
+        f"{len(pairs)} image(s) are byte-identical copies of images in another split: "
+        f"{shown}{more}; the copies inflate the val/test score: remove them"
     )
 
 
@@ -903,10 +1181,12 @@ def check_source(
     warns = [str(w.message) for w in caught]
     records = dataset.records
     infos: list[dict] = []
-    bad_idx = _decode_into(records, image_size, None, infos, desc="checking images")
+    hashes: list[str] = []
+    bad_idx = _decode_into(records, image_size, None, infos, desc="checking images", hashes=hashes)
     bad = list(dataset.problems) + [(str(records[i].image), why) for i, why in bad_idx]
     skip = {i for i, _ in bad_idx}
     good = [r for i, r in enumerate(records) if i not in skip]
+    good_hashes = [h for i, h in enumerate(hashes) if i not in skip]
     class_names = list(dataset.class_names or sorted({r.label for r in records}))
     errors, class_warns = check_classes(good, class_names, source)
     warns += class_warns
@@ -917,6 +1197,9 @@ def check_source(
         indices = assign_splits(good, class_names, val_fraction, test_fraction, seed)
         for name in SPLIT_NAMES:
             counts[name] = dict(Counter(good[i].label for i in indices[name].tolist()))
+        leak = _copies_across_splits(good, good_hashes, indices)  # the split a study would use
+        if leak:
+            warns.append(leak)
         split_kind = (
             "fixed by the source"
             if fixed >= {"train", "val", "test"} and None not in fixed

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
@@ -33,6 +34,129 @@ from .errors import PluginError, UserError
 from .plugins import component_origin, get_plugin_manager, missing_plugin_message, origin_mismatch
 from .registry import Registry
 
+#: Signals held back while ``best/`` is swapped, so Ctrl-C or SIGTERM cannot fall between the
+#: two renames (a SIGKILL or a crash there is repaired by :func:`recover_export`).
+_HELD_SIGNALS = {getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)}
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file below ``path`` and the folders themselves to disk."""
+    for below in sorted(path.rglob("*"), reverse=True):
+        if below.is_file() and not below.is_symlink():
+            with open(below, "rb") as f:
+                os.fsync(f.fileno())
+    for folder in (path, *(p for p in path.rglob("*") if p.is_dir())):
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems cannot fsync a folder
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT / SIGTERM / SIGHUP until the block ends (main thread only; else a no-op)."""
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        yield
+        return
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def _export_lock(directory: Path):
+    """One export of ``directory`` at a time on this node: ``flock`` on the folder that holds
+    it (no lock file is left beside ``best/``)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: the renames still keep best/ whole
+        yield
+        return
+    fd = os.open(directory.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _leftovers(directory: Path, kind: str) -> list[Path]:
+    """``.<name>.old.*`` (kind "old") or ``.<name>.staging.*`` folders beside ``directory``."""
+    prefix = f".{directory.name}.{kind}."
+    if not directory.parent.is_dir():
+        return []
+    found = [
+        p
+        for p in directory.parent.iterdir()
+        if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink()
+    ]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def _staging_owner_gone(staging: Path, directory: Path) -> bool:
+    """Whether the export that made ``staging`` (``.<name>.staging.<host>.<pid>.<random>``)
+    is over: its process is gone (this host) or it is more than a day old (another host)."""
+    import socket
+    import time
+
+    owner = staging.name[len(f".{directory.name}.staging.") :].rsplit(".", 1)[0]
+    host, _, pid = owner.rpartition(".")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return int(pid) == os.getpid()  # ours, from an export that did not finish
+    return time.time() - staging.stat().st_mtime > 86400
+
+
+def recover_export(directory: str | Path) -> bool:
+    """Repair what an export killed mid-way left beside ``directory`` (e.g. ``best/``).
+
+    A missing ``directory`` with a ``.<name>.old.*`` folder beside it (killed between the two
+    renames of :func:`export_model`) gets the newest complete old folder back; old folders
+    next to a present ``directory`` and staging folders whose export is over are removed.
+    Returns whether ``directory`` was restored. Safe to call at any time; serialised with
+    :func:`export_model` on this node.
+    """
+    directory = Path(directory)
+    if not directory.parent.is_dir():
+        return False
+    with _export_lock(directory):
+        return _recover_locked(directory)
+
+
+def _recover_locked(directory: Path) -> bool:
+    restored = False
+    old = [
+        p for p in _leftovers(directory, "old") if (p / "config.json").is_file()
+    ]  # an empty placeholder (killed before the first rename) holds nothing to restore
+    if not directory.exists() and old:
+        os.replace(old[-1], directory)
+        _fsync_dir(directory.parent)
+        restored = True
+    for leftover in _leftovers(directory, "old"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    for staging in _leftovers(directory, "staging"):
+        if _staging_owner_gone(staging, directory):
+            shutil.rmtree(staging, ignore_errors=True)
+    return restored
+
 
 def export_model(
     model: nn.Module,
@@ -48,37 +172,53 @@ def export_model(
     ``provenance`` (``{"backbone_origin": …, "weights": …}``: where the backbone's code and
     its starting weights came from) goes into ``config.json``'s ``automl_tl`` section, so a
     loader can name the plugin to install and warn about another version of it.
+
+    The new folder is written and flushed to disk under a private, unpredictable name, then
+    swapped in with two renames (the old folder aside, the new one in place) while Ctrl-C and
+    SIGTERM are held; a crash between them is repaired by :func:`recover_export`, which the
+    next export (and :func:`load_model`) runs first. Readers see the old model or the new one.
     """
+    import socket
+
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
-        backbone.export(
-            model.cpu().float().eval(),
-            staging,
-            label_names,
-            data_config,
-            {"study_metrics": "metrics.json", **(provenance or {})},
-        )
-        write_atomic(staging / "metrics.json", json.dumps(metrics, indent=2))
-        digest = sha256_file(staging / "model.safetensors")
-        as_umask_allows(staging)
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old.{os.getpid()}")
-            os.replace(directory, old)
+    prefix = f".{directory.name}.staging.{socket.gethostname()}.{os.getpid()}."
+    with _export_lock(directory):
+        _recover_locked(directory)
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=prefix))
         try:
-            os.replace(staging, directory)
-        except BaseException:  # Ctrl-C or an error between the two renames: the old one back
-            if old is not None:
-                os.replace(old, directory)
-            raise
-        if old is not None:
+            backbone.export(
+                model.cpu().float().eval(),
+                staging,
+                label_names,
+                data_config,
+                {"study_metrics": "metrics.json", **(provenance or {})},
+            )
+            write_atomic(staging / "metrics.json", json.dumps(metrics, indent=2))
+            digest = sha256_file(staging / "model.safetensors")
+            as_umask_allows(staging)
+            _fsync_tree(staging)
+            # a fresh, unpredictable, empty folder: rename() replaces an empty folder, so no
+            # leftover of an earlier export (or a reused pid) can be in the way
+            old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old."))
+            with _signals_held():
+                moved = directory.exists()
+                if moved:
+                    os.replace(directory, old)
+                try:
+                    os.replace(staging, directory)
+                except BaseException:  # an error between the two renames: the old one back
+                    if moved:
+                        os.replace(old, directory)
+                    else:
+                        old.rmdir()
+                    raise
+                _fsync_dir(directory.parent)
             shutil.rmtree(old, ignore_errors=True)
-        return digest
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+            return digest
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclass
@@ -134,6 +274,48 @@ class LoadedModel:
         ]
 
 
+#: The ``model_args`` of an export's config.json that :func:`load_model` lets timm pass to the
+#: model's constructor: shape and layout only. Anything else (``checkpoint_path``,
+#: ``pretrained_cfg_overlay``, layer factories …) could make the constructor read other files
+#: or build something else than the export describes, so it is refused.
+ALLOWED_MODEL_ARGS = frozenset(
+    {
+        "num_classes",
+        "in_chans",
+        "global_pool",
+        "img_size",
+        "patch_size",
+        "dynamic_img_size",
+        "dynamic_img_pad",
+        "class_token",
+        "reg_tokens",
+        "no_embed_class",
+        "num_features",
+    }
+)
+
+
+def _check_model_args(config: dict[str, Any], config_path: Path) -> None:
+    args = config.get("model_args", {})
+    plain = (int, float, str, bool, type(None))
+    if not isinstance(args, dict):
+        raise UserError(f"{config_path}: model_args must be a mapping; re-export the model")
+    bad = sorted(
+        k
+        for k, v in args.items()
+        if k not in ALLOWED_MODEL_ARGS
+        or not (
+            isinstance(v, plain) or (isinstance(v, list) and all(isinstance(x, plain) for x in v))
+        )
+    )
+    if bad:
+        raise UserError(
+            f"{config_path}: model_args {bad} are not passed to the model's constructor (allowed: "
+            f"{', '.join(sorted(ALLOWED_MODEL_ARGS))}, with plain values); remove them or "
+            "re-export the model with automl-tl"
+        )
+
+
 def load_model(
     directory: str | Path,
     device: str = "cpu",
@@ -157,17 +339,23 @@ def load_model(
 
     directory = Path(directory)
     config_path = directory / "config.json"
+    if not config_path.is_file():
+        with contextlib.suppress(OSError):  # an export killed mid-swap: restore the old model
+            recover_export(directory)
     if not config_path.is_file() or not (directory / "model.safetensors").is_file():
         raise UserError(
             f"{directory} is not an exported model (needs config.json and model.safetensors); "
             "run `automl-tl search` or `automl-tl retrain` first"
         )
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_path} is not valid JSON ({exc}); re-export the model") from exc
+    _check_model_args(config, config_path)
     architecture = config.get("architecture", "")
     label_names = config.get("label_names") or config.get("pretrained_cfg", {}).get("label_names")
     cfg = config.get("pretrained_cfg", {})
     data_config = DataConfig(tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]))
-    record = config.get("automl_tl") or {}
     if timm.is_model(architecture):
         model = timm.create_model(f"local-dir:{directory}", pretrained=True)
     else:
@@ -175,6 +363,7 @@ def load_model(
 
         if registry is None:
             registry = Registry.from_plugin_manager(get_plugin_manager(list(plugins))[0])
+        record = config.get("automl_tl") or {}
         backbone = record.get("backbone", architecture)
         origin = record.get("backbone_origin")
         if backbone not in registry.names("backbones"):
@@ -202,7 +391,7 @@ def plain_timm_loads(directory: str | Path) -> bool:
     import timm
 
     try:
-        config = json.loads((Path(directory) / "config.json").read_text())
+        config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return timm.is_model(config.get("architecture", ""))
@@ -267,6 +456,9 @@ def predict_paths(
 def check_timm_export(directory: str | Path) -> list[str]:
     """The files of an exported model folder; a clear error when it is not one."""
     directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        with contextlib.suppress(OSError):  # an export killed mid-swap: restore the old model
+            recover_export(directory)
     if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
         raise UserError(
             f"{directory} is not an exported model (needs config.json and model.safetensors); "

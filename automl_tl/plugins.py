@@ -26,6 +26,7 @@ from packaging.version import Version
 from . import hookspecs
 from ._util import sha256_file
 from .errors import PluginError
+from .registry import Registry
 
 DEFAULT_PLUGINS = (
     "automl_tl.default_plugins.timm_backbones",
@@ -69,16 +70,33 @@ def _describe_import_failure(what: str, exc: BaseException) -> PluginError:
     )
 
 
+def is_plugin_file(spec: str) -> bool:
+    """Whether a plugin spec names a ``.py`` file (else a module name)."""
+    return spec.endswith(".py") or os.sep in spec or "/" in spec
+
+
 def load_plugin(pm: pluggy.PluginManager, spec: str, base_dir: Path | None = None) -> PluginInfo:
-    """Register a plugin given as a module name or a path to a ``.py`` file."""
-    looks_like_file = spec.endswith(".py") or os.sep in spec or "/" in spec
-    if looks_like_file:
+    """Register a plugin given as a module name or a path to a ``.py`` file.
+
+    A relative file path is taken relative to ``base_dir`` (the study file's folder) when
+    given, never the current directory first: a same-named file where the command happens to
+    run must not run instead. Two plugin files with the same name (stem) are refused.
+    """
+    if is_plugin_file(spec):
         path = Path(spec).expanduser()
-        if not path.is_absolute() and base_dir is not None and not path.exists():
+        if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         if not path.is_file():
             raise PluginError(
-                f"plugin file {spec} does not exist; give a module name or a .py path"
+                f"plugin file {path} does not exist; give a module name or a .py path"
+            )
+        name = f"{path.stem}"
+        existing = pm.get_plugin(name)
+        location = getattr(existing, "__file__", None)
+        if existing is not None and location and Path(location).resolve() != path.resolve():
+            raise PluginError(
+                f"two plugin files are named {path.name}: {location} and {path.resolve()}; "
+                "rename one (a plugin file is registered by its name)"
             )
         try:
             module = _import_file(path.resolve())
@@ -345,6 +363,34 @@ def origin_mismatch(backbone: str, recorded: dict | None, current: dict, where: 
             f"loaded now: predictions may differ (pip install '{name}=={old}' to match)"
         )
     return None
+
+
+def registry_needing(
+    study_plugins: Iterable[str],
+    extra: Iterable[str] = (),
+    needs: dict[str, Iterable[str]] | None = None,
+    base_dir: Path | None = None,
+) -> Registry:
+    """The registry for a command that only reads (``report``, ``check-data``).
+
+    A study file's ``plugins = [...]`` are code that runs when loaded, so they are loaded
+    only when a component the command needs (``needs``: kind -> names) is not registered
+    without them. ``extra`` (``--plugin``, given on the command line) always loads.
+    """
+    extra = list(extra)
+    pm, _ = get_plugin_manager(extra, base_dir=base_dir)
+    registry = Registry.from_plugin_manager(pm)
+    study_plugins = list(study_plugins)
+    missing = [
+        name
+        for kind, names in (needs or {}).items()
+        for name in names
+        if name not in registry.names(kind)
+    ]
+    if study_plugins and missing:
+        pm, _ = get_plugin_manager([*study_plugins, *extra], base_dir=base_dir)
+        registry = Registry.from_plugin_manager(pm)
+    return registry
 
 
 LIFECYCLE_HOOKS = (

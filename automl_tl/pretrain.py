@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,7 +116,7 @@ def pretrain(
         device: ``auto``, ``cpu``, ``cuda``, ...
         force: retrain even when ``out`` is up to date.
     """
-    from .data import fingerprint, load_dataset
+    from .data import content_fingerprint, fingerprint, load_dataset, record_digests
 
     out = Path(out)
     _check_spec(spec, out)
@@ -130,7 +131,11 @@ def pretrain(
         '"none", a file, "local-dir:DIR"',
     )
     dataset = load_dataset(registry, spec.source, base_dir)
-    key = cache_key(spec, fingerprint(dataset.records))
+    records = dataset.records
+    # paths + sizes, and the bytes: a same-size edit of an image is a new data set (the
+    # digests come from the decoded cache when it is current, else one read of each file)
+    content, _ = content_fingerprint(records, record_digests(records, spec.image_size, cache_dir))
+    key = cache_key(spec, f"{fingerprint(records)}|{content}")
     if not force:
         meta = _up_to_date(out, key)
         if meta is not None:
@@ -155,7 +160,15 @@ def _check_spec(spec: PretrainSpec, out: Path) -> None:
     ):
         if value < low:
             raise UserError(f"pretrain {name} = {value} is too small; it must be at least {low}")
-    if not spec.lr > 0 or not 0.0 <= spec.aug_strength <= 1.0 or spec.weight_decay < 0:
+    if not 0 <= spec.seed < 2**32:
+        raise UserError(f"pretrain seed = {spec.seed} is out of range; use 0 … {2**32 - 1}")
+    finite = all(math.isfinite(v) for v in (spec.lr, spec.weight_decay, spec.aug_strength))
+    if (
+        not finite
+        or not spec.lr > 0
+        or not 0.0 <= spec.aug_strength <= 1.0
+        or spec.weight_decay < 0
+    ):
         raise UserError(
             f"pretrain needs lr > 0 (got {spec.lr}), weight decay >= 0 (got "
             f"{spec.weight_decay}) and an augmentation strength in [0, 1] (got {spec.aug_strength})"

@@ -33,6 +33,7 @@ rebuilt only when the study or the best model changed since it was written.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import html
@@ -723,8 +724,9 @@ def build_report(
     for name, title, description, draw in FIGURES:
         entry = ReportFile(name, title, description)
         # Optuna's plots switch to the ggplot style (keep it local) and warn about small samples
-        # (the report says so in words)
-        with plt.rc_context(), warnings.catch_warnings():
+        # (the report says so in words); class and file names are text, never mathtext
+        # (a "$" in a name would be parsed as TeX and can crash the figure)
+        with plt.rc_context({"text.parse_math": False}), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
                 fig = draw(ctx)
@@ -760,12 +762,20 @@ def write_report_files(
 
     matplotlib.use("Agg")  # the command line never opens a window
 
+    from .data import parse_source
     from .errors import UserError
-    from .plugins import get_plugin_manager
+    from .plugins import registry_needing
 
+    # the study file's plugins are code: they run only when the best model's backbone or the
+    # dataset source comes from one of them
+    needs = {"datasets": [parse_source(config.data.source)[0]]}
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        exported = json.loads((config.output_dir / "best" / "config.json").read_text())
+        needs["backbones"] = [
+            exported.get("automl_tl", {}).get("backbone") or exported["architecture"]
+        ]
     try:
-        pm, _ = get_plugin_manager([*config.plugins, *plugins], base_dir=config.base_dir)
-        registry: Registry | None = Registry.from_plugin_manager(pm)
+        registry: Registry | None = registry_needing(config.plugins, plugins, needs)
     except UserError as exc:  # the plots of the search need no plugin; the model's do
         print(f"warning: {exc}; the best model's figures are skipped", file=sys.stderr)
         registry = None

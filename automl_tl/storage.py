@@ -39,7 +39,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ._util import node_lock
-from .config import StudyConfig
+from .config import StudyConfig, sqlite_path
 from .data import describe_changes
 from .errors import DataError, UserError
 
@@ -160,8 +160,8 @@ def open_storage(
             path.parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         if kind == "sqlite":
-            if url.startswith("sqlite:///"):
-                Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+            if url.startswith("sqlite:///"):  # the path is percent-quoted (config.sqlite_url)
+                sqlite_path(url).parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.RDBStorage(url)
         kwargs: dict[str, Any] = {}
         if heartbeat_interval:
@@ -255,7 +255,7 @@ def one_search_per_sqlite(url: str) -> Iterator[None]:
     if storage_kind(url) != "sqlite" or not url.startswith("sqlite:///"):
         yield
         return
-    db = Path(url[len("sqlite:///") :])
+    db = sqlite_path(url)
     db.parent.mkdir(parents=True, exist_ok=True)
     try:
         with node_lock(db.with_name(f".{db.name}.search.lock"), block=False):

@@ -41,6 +41,7 @@ from torch import nn
 from . import features as _features
 from .components import Backbone, DataConfig, Metric, UnfreezeStrategy
 from .data import Split, Splits, batches
+from .errors import ConfigError, DataError
 from .registry import Registry
 
 log = logging.getLogger("automl_tl")
@@ -112,10 +113,37 @@ class FitResult:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` / ``None`` -> CUDA when available, else CPU."""
+    """``"auto"`` / ``None`` -> CUDA when available, else CPU; else the device named.
+
+    Raises :class:`ConfigError` for a name torch does not know (``"cdua"``) or a device this
+    machine does not have (``"cuda"`` without a visible GPU, ``"cuda:7"`` with two).
+    """
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if isinstance(device, torch.device):
+        return device
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(
+            f"device {device!r} is not a device name; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"device {device!r}: no CUDA device is visible here; use cpu (or auto)"
+            )
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(
+                f"device {device!r}: only {count} CUDA device(s) are visible "
+                f"(cuda:0 … cuda:{count - 1})"
+            )
+    elif resolved.type == "mps" and not (
+        hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    ):
+        raise ConfigError(f"device {device!r}: MPS is not available here; use cpu (or auto)")
+    return resolved
 
 
 def depth_to_groups(fraction: float, num_groups: int) -> int:
@@ -621,6 +649,13 @@ def _fit(
             scheduler.step()
             loss_sum += loss.detach() * len(yb)
             seen += len(yb)
+        if seen == 0:  # every batch was dropped: the model would leave untrained, as if fine
+            raise DataError(
+                f"no training step ran: the {train_on} split has {len(train_source)} image(s) and "
+                f"batches of batch size {batch_size} with fewer than 2 images are dropped "
+                "(BatchNorm needs 2); use [search] batch_size >= 2 and a train split of at least "
+                "2 images"
+            )
         train_loss = float(loss_sum) / max(1, seen)  # the one host sync per epoch
         seconds = time.perf_counter() - t0
         train_seconds += seconds

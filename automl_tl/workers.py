@@ -162,6 +162,19 @@ def _pump(proc: subprocess.Popen, prefix: str, outcome: WorkerOutcome) -> None:
         sys.stderr.flush()
 
 
+def python_module_command(module: str) -> list[str]:
+    """``python -m MODULE`` without the current directory on ``sys.path`` (``-P``, and the
+    same by hand before Python 3.11): a folder named like the package where the command runs
+    cannot shadow the installed one."""
+    if sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", module]
+    code = (
+        "import runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    return [sys.executable, "-c", code]
+
+
 def run_workers(
     config: StudyConfig,
     registry,
@@ -217,7 +230,9 @@ def run_workers(
     try:
         for slot in slots:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "automl_tl.cli", *child_args(slot)],
+                # issue 13: not `python -m`, which puts the cwd first on sys.path (an
+                # automl_tl/ folder there would run instead of the installed package)
+                [*python_module_command("automl_tl.cli"), *child_args(slot)],
                 env={**os.environ, **(env or {}), **slot.env(), PARENT_ENV: str(os.getpid())},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

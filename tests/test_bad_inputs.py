@@ -3,6 +3,7 @@ test asserts the exact outcome (the decoded pixels, the reason, the message, the
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -177,6 +178,7 @@ def test_tiny_and_huge_images_are_resized_to_the_study_size(tmp_path):
         "format": "JPEG",
         "mode": "RGB",
         "size": (6000, 4000),
+        "sha256": hashlib.sha256((tmp_path / "huge.jpg").read_bytes()).hexdigest()[:32],
     }
     tiny = decode_image(tmp_path / "tiny.png", 32)
     assert tiny.shape == (3, 32, 32) and tiny[:, 31, 31].tolist() == [9, 8, 7]
@@ -335,6 +337,20 @@ def test_check_data_clean_folder_json_and_errors(tmp_path, capsys):
     assert err == f"error: folder path {tmp_path / 'nowhere'} does not exist; fix [data] source\n"
 
 
+def test_check_data_names_copies_across_splits(tmp_path, capsys):
+    """A byte-identical copy in another split (train/test leakage) is warned about by
+    check-data, as the search does, on the split the study would use."""
+    import shutil
+
+    root = make_folder(tmp_path / "d", {"a": 6, "b": 6})
+    first = sorted((root / "a").iterdir())[0]
+    for i in range(4):  # copies land in other splits than the original, whatever the seed
+        shutil.copy(first, root / "a" / f"copy{i}{first.suffix}")
+    assert main(["check-data", f"folder:{root}", "--format", "json"]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert any("byte-identical copies of images in another split" in w for w in warnings)
+
+
 # ---------------------------------------------------------------------------------------------
 # the decoded cache: memory-mapped, progress, never half-written
 
@@ -445,7 +461,7 @@ def test_killed_cache_build_is_never_used(registry, tmp_path):
     assert not [n for n in left if n.startswith("images-")]  # no cache, no sidecar
     assert [n for n in left if n.endswith(".npy.tmp")]  # only the dead build's temporary file
     records = load_dataset(registry, "digits:0-1", tmp_path).records
-    images, bad = decoded_images(records, 8, cache)
+    images, bad, _ = decoded_images(records, 8, cache)
     assert images.shape == (360, 3, 8, 8) and bad == [] and int(images[-1].max()) > 0
     assert not list(cache.glob(".images-*.tmp"))  # the dead build's leftovers are removed
 
@@ -471,7 +487,7 @@ def test_changed_data_is_refused_naming_the_change(registry, tmp_path):
     with pytest.raises(DataError, match=r"(dog: 2 -> 1|dog: 6 -> 5|dog: 4 -> 3) images"):
         check_data(study, prepare_data(registry, f"folder:{root}", image_size=8))
     with pytest.raises(DataError, match=r"seed or fractions"):
-        make_folder(root, {"dog": 6})
+        make_folder(root, {"cat": 6, "dog": 6})  # the original files again
         check_data(study, prepare_data(registry, f"folder:{root}", image_size=8, seed=5))
 
 
@@ -543,6 +559,32 @@ CONFIG_CASES = {
     "unwritable output": (
         ("[search]", '[search]\noutput = "a-file/out"'),
         "error: output folder {tmp}/a-file/out is not writable (",
+    ),
+    "batch of one": (
+        ("epochs = 1", "epochs = 1\nbatch_size = 1"),
+        "error: [search] batch_size = 1 is too small (batches of one image are dropped, so "
+        "nothing trains); it must be at least 2",
+    ),
+    "nothing left to train on": (
+        ("image_size = 32", "image_size = 32\nval_fraction = 0.5\ntest_fraction = 0.5"),
+        "error: [data] val_fraction + test_fraction = 1 leaves no images to train on; keep "
+        "their sum at most 0.9",
+    ),
+    "NaN in a range": (
+        ("[search]", "[search]\nlr = [nan, 0.1]"),
+        "error: [search] lr = [nan, 0.1]: both ends must be finite numbers",
+    ),
+    "inf in a range": (
+        ("[search]", "[search]\nweight_decay = [1e-6, inf]"),
+        "error: [search] weight_decay = [1e-06, inf]: both ends must be finite numbers",
+    ),
+    "negative seed": (
+        ("image_size = 32", "image_size = 32\nseed = -1"),
+        "error: [data] seed = -1 is too small; it must be at least 0",
+    ),
+    "seed of 2**32": (
+        ("image_size = 32", "image_size = 32\nseed = 4294967296"),
+        "error: [data] seed = 4294967296 is too large; it must be at most 4294967295",
     ),
 }
 
@@ -644,6 +686,9 @@ def test_passwords_scrubbed_from_logs_and_tracebacks(capsys):
     setup_logging(0)
     logging.getLogger("automl_tl").info("storage %s", url)
     assert "bob:***@db" in capsys.readouterr().err
+    # a class or file name's terminal escape is shown in a log line, not run
+    logging.getLogger("automl_tl").info("class %s", "cat\x1b]0;owned\x07")
+    assert "class cat\\x1b]0;owned\\x07" in capsys.readouterr().err
 
 
 def test_weights_are_never_unpickled(tmp_path):
@@ -705,3 +750,113 @@ def test_skipped_images_are_in_the_catalog_and_the_report(tmp_path, capsys):
         f'skipped 2 unreadable image(s) (on_bad_image = "skip"): {expected[0][0]} (empty file '
         f"(0 bytes)), {expected[1][0]} (truncated image)" in capsys.readouterr().out
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# more bad input: one message, exit 2, no traceback (issue 13)
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+def test_nul_byte_in_the_study_name(tmp_path, capsys):
+    study = tmp_path / "nul.toml"
+    study.write_text('name = "a\\u0000b"\n' + STUDY)
+    assert main(["search", str(study), "--device", "cpu"]) == 2
+    assert _one_error_line(capsys).startswith(
+        "error: name 'a\\x00b' must not contain control characters"
+    )
+
+
+def test_study_file_that_is_not_utf8(tmp_path, capsys):
+    study = tmp_path / "latin1.toml"
+    study.write_bytes('name = "caf\u00e9"\n'.encode("latin-1") + STUDY.encode())
+    assert main(["search", str(study), "--device", "cpu"]) == 2
+    line = _one_error_line(capsys)
+    assert "is not UTF-8 text" in line and "save it as UTF-8" in line
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [
+        ("cdua", "error: device 'cdua' is not a device name; use auto, cpu, cuda, cuda:N or mps"),
+        ("cuda:99", "error: device 'cuda:99': "),
+    ],
+)
+def test_bad_device_is_one_message(tmp_path, capsys, device, expected):
+    study = write_study(tmp_path, STUDY)
+    assert main(["search", str(study), "--device", device]) == 2
+    assert _one_error_line(capsys).startswith(expected)
+    assert not (tmp_path / "tiny" / "optuna.db").exists()
+
+
+@pytest.mark.parametrize("k", ["0", "-3"])
+def test_predict_top_k_below_one(tmp_path, capsys, k):
+    assert main(["predict", str(tmp_path), str(tmp_path), "--top-k", k]) == 2
+    assert _one_error_line(capsys) == f"error: --top-k {k}: give 1 or more labels per image"
+
+
+def test_fractions_that_starve_a_small_class_are_refused(registry, tmp_path):
+    root = make_folder(tmp_path / "d", {"few": 3, "many": 12})
+    with pytest.raises(DataError, match=r"class\(es\) \['few'\] have no training image left"):
+        prepare_data(
+            registry, f"folder:{root}", image_size=8, val_fraction=0.45, test_fraction=0.45
+        )
+
+
+def test_a_batch_size_that_trains_nothing_fails_instead_of_exporting(registry):
+    """fit() never returns an untrained model as if it were fine (every batch dropped)."""
+    from automl_tl import Choice, fit
+
+    data = prepare_data(registry, "digits:0-1", image_size=16, seed=0, max_per_class=6)
+    choice = Choice(backbone="test_resnet", epochs=1, batch_size=1)
+    with pytest.raises(DataError, match="no training step ran"):
+        fit(choice, data, registry, device="cpu", seed=0)
+
+
+def test_a_same_size_edit_of_an_image_is_noticed(registry, tmp_path):
+    """Path + size is not the data's identity: the bytes are (hashed while decoding)."""
+    import optuna
+
+    from automl_tl.study import check_data
+
+    root = make_folder(tmp_path / "d", {"cat": 6, "dog": 6})
+    study = optuna.create_study(study_name="s", direction="maximize")
+    cache = tmp_path / "cache"
+    check_data(study, prepare_data(registry, f"folder:{root}", image_size=8, cache_dir=cache))
+    target = root / "cat" / "2.png"
+    size, stat = target.stat().st_size, target.stat()
+    _noise(seed=999).save(target)  # noise does not compress: the same size, other pixels
+    assert target.stat().st_size == size
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # an edit moves mtime
+    with pytest.raises(DataError, match=r"contents of images changed .* in class\(es\) \['cat'\]"):
+        check_data(study, prepare_data(registry, f"folder:{root}", image_size=8, cache_dir=cache))
+
+
+def test_byte_identical_copies_across_splits_warn(registry, tmp_path):
+    root = make_folder(tmp_path / "d", {"cat": 6, "dog": 6})
+    for i in range(6):  # every dog is a copy of a cat: some land in another split
+        (root / "dog" / f"{i}.png").write_bytes((root / "cat" / f"{i}.png").read_bytes())
+    with pytest.warns(UserWarning, match=r"byte-identical copies of images in another split"):
+        prepare_data(registry, f"folder:{root}", image_size=8)
+
+
+def test_a_csv_that_lists_an_image_twice_is_refused(registry, tmp_path):
+    make_folder(tmp_path, {"a": 4, "b": 4})
+    rows = [f"a/{i}.png,a" for i in range(4)] + [f"b/{i}.png,b" for i in range(4)]
+    (tmp_path / "m.csv").write_text("path,label\n" + "\n".join([*rows, "a/1.png,a"]) + "\n")
+    with pytest.raises(
+        DataError, match=r"lists 1 image\(s\) more than once.*a/1.png \(lines 3, 10\)"
+    ):
+        load_dataset(registry, "csv:m.csv", tmp_path)
+
+
+def test_a_csv_that_is_not_utf8_is_one_message(registry, tmp_path):
+    make_folder(tmp_path, {"a": 4})
+    (tmp_path / "m.csv").write_bytes("path,label\na/0.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"m.csv is not UTF-8 text .* save it as UTF-8"):
+        load_dataset(registry, "csv:m.csv", tmp_path)

@@ -383,3 +383,109 @@ def test_signals_outside_the_held_window_are_raised_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs at the next bytecode; never reached
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ---------------------------------------------------------------------------------------------
+# the best/ swap: no leftover, pid or interruption loses the exported model
+
+
+def _export_tiny(registry, directory, bias: float = 0.0):
+    import torch
+
+    from automl_tl.components import DataConfig
+    from automl_tl.export import export_model
+
+    backbone = registry.get("backbones", "test_resnet")
+    torch.manual_seed(0)
+    model = backbone.create(2, image_size=16)
+    with torch.no_grad():
+        model.fc.bias.fill_(bias)
+    cfg = DataConfig((3, 16, 16), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return export_model(model, backbone, directory, ["a", "b"], cfg, {"bias": bias})
+
+
+@pytest.fixture
+def export_registry():
+    from automl_tl import registry_for
+
+    return registry_for()
+
+
+def test_export_ignores_a_leftover_old_folder_with_our_pid(tmp_path, export_registry):
+    """Containers reuse pids: a `.best.old.<pid>` from an earlier run must not fail the export."""
+    best = tmp_path / "best"
+    _export_tiny(export_registry, best, 0.0)
+    leftover = tmp_path / f".best.old.{os.getpid()}"
+    leftover.mkdir()
+    (leftover / "junk.txt").write_text("from a killed run")
+    _export_tiny(export_registry, best, 1.0)
+    assert json.loads((best / "metrics.json").read_text()) == {"bias": 1.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_a_kill_between_the_two_renames_keeps_the_old_model(tmp_path, export_registry):
+    """What a SIGKILL between `best -> .best.old.*` and `staging -> best` leaves behind:
+    no best/, the old model aside. Loading it (and the next export) puts the old one back."""
+    from automl_tl import load_model
+    from automl_tl.export import recover_export
+
+    best = tmp_path / "best"
+    _export_tiny(export_registry, best, 0.5)
+    os.replace(best, tmp_path / ".best.old.4242abcd")
+    (tmp_path / ".best.staging.elsewhere.1.x").mkdir()  # another host's, recent: kept
+    m = load_model(best)
+    assert m.label_names == ["a", "b"]
+    assert json.loads((best / "metrics.json").read_text()) == {"bias": 0.5}
+    assert not (tmp_path / ".best.old.4242abcd").exists()
+    assert (tmp_path / ".best.staging.elsewhere.1.x").exists()
+    assert recover_export(best) is False  # nothing left to repair
+
+
+def test_stale_staging_folders_of_dead_exports_are_removed(tmp_path, export_registry):
+    import socket
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    stale = tmp_path / f".best.staging.{socket.gethostname()}.{pid}.k2j3"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+    _export_tiny(export_registry, tmp_path / "best", 0.0)
+    assert not stale.exists()
+    assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# a full disk while the image cache is written: one message, not "Bus error"
+
+DISK_FULL = """
+import resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: EFBIG, like a full disk
+from automl_tl import registry_for
+from automl_tl.data import prepare_data
+registry = registry_for()
+resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))  # the cache needs ~5.5 MB
+prepare_data(registry, "digits", image_size=32, cache_dir=Path(sys.argv[1]))
+"""
+
+
+def test_a_full_disk_while_caching_is_one_message(tmp_path):
+    code = (
+        "import sys\nfrom automl_tl.cli import main\nfrom automl_tl.errors import UserError\n"
+        "try:\n" + "".join(f"    {line}\n" for line in DISK_FULL.strip().splitlines()) + ""
+        "except UserError as exc:\n    print('error:', exc, file=sys.stderr); sys.exit(2)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "cannot write the decoded image cache (5.5 MB) in " in result.stderr
+    assert "Free disk space" in result.stderr
+    assert not any((tmp_path / "cache").glob("*.tmp"))  # nothing half written is left

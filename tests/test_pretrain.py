@@ -150,3 +150,30 @@ def test_pretrain_refuses_bad_settings(registry, tmp_path):
         pretrain(
             PretrainSpec("test_resnet", "digits:0-1", lr=0.0), tmp_path / "w.safetensors", registry
         )
+
+
+def test_a_same_size_edit_of_a_source_image_retrains(registry, tmp_path):
+    """The pretrain cache key holds the images' bytes, not only their paths and sizes."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / cls / f"{i}.png")
+    spec = PretrainSpec("test_resnet", f"folder:{root}", image_size=16, epochs=1, batch_size=8)
+    out = tmp_path / "w.safetensors"
+    first = pretrain(spec, out, registry, device="cpu", cache_dir=tmp_path / "cache")
+    assert not first.cached
+    target = root / "a" / "0.png"
+    size = target.stat().st_size
+    Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(target)
+    assert target.stat().st_size == size  # noise: the same size, other bytes
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    again = pretrain(spec, out, registry, device="cpu", cache_dir=tmp_path / "cache")
+    assert not again.cached

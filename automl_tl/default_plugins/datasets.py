@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,33 @@ from automl_tl.data import IMAGE_SUFFIXES
 from automl_tl.errors import DataError
 
 SPLITS = ("train", "val", "test")
+#: Environment variable: "1" follows symbolic links that lead out of a dataset folder.
+FOLLOW_SYMLINKS_ENV = "AUTOML_TL_FOLLOW_SYMLINKS"
+#: Files that mark a folder as a study's output (``[search] output``), never a class.
+STUDY_OUTPUT_MARKERS = ("catalog.db", "optuna.db", "optuna-journal.log")
+
+
+def _follow_links() -> bool:
+    return os.environ.get(FOLLOW_SYMLINKS_ENV, "") not in ("", "0")
+
+
+def _outside(path: Path, root: Path) -> bool:
+    """Whether ``path`` (after its symbolic links) lies outside ``root`` (already resolved)."""
+    try:
+        path.resolve().relative_to(root)
+    except ValueError:
+        return True
+    return False
+
+
+def _link_escapes(path: Path, root: Path) -> str | None:
+    """Why ``path`` must not be read: a link out of ``root``; None when it may be."""
+    if _follow_links() or not _outside(path, root):
+        return None
+    return (
+        f"symbolic link to {path.resolve()}, outside the dataset folder {root}; copy it in, "
+        f"or set {FOLLOW_SYMLINKS_ENV}=1 to follow links"
+    )
 
 
 def _hidden(path: Path) -> bool:
@@ -71,8 +99,29 @@ def _digit_subset(argument: str) -> list[str]:
     return [str(d) for d in digits]
 
 
-def _class_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p))
+def _is_study_output(folder: Path) -> bool:
+    return any((folder / marker).is_file() for marker in STUDY_OUTPUT_MARKERS)
+
+
+def _class_folders(root: Path, real_root: Path | None = None) -> list[Path]:
+    """Class folders of ``root``: not hidden, not a study's output folder (its report/ holds
+    PNGs), and, unless links are followed, not a symbolic link out of ``real_root``."""
+    folders = []
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or _hidden(p):
+            continue
+        if _is_study_output(p):
+            warnings.warn(
+                f"ignored {p}: it is a study's output folder, not a class "
+                "(put [search] output outside the dataset folder)",
+                stacklevel=3,
+            )
+            continue
+        why = _link_escapes(p, real_root) if real_root is not None else None
+        if why:
+            raise DataError(f"class folder {p} is a {why}")
+        folders.append(p)
+    return folders
 
 
 def _files_in(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -106,6 +155,8 @@ class Folder(DatasetSource):
         root = _resolve(argument, base_dir, "folder")
         if not root.is_dir():
             raise DataError(f"folder {root} is not a directory")
+        real_root = root.resolve()  # the root itself may be a link (data/pets -> /mnt/pets)
+        escaping: list[tuple[str, str]] = []
         records: list[Record] = []
         classes: set[str] = set()
         ignored: list[Path] = []
@@ -115,21 +166,30 @@ class Folder(DatasetSource):
                 raise DataError(
                     f"{root} has {', '.join(d.name for d in split_dirs)}/ but no train/ folder"
                 )
-            extra = [p.name for p in _class_folders(root) if p.name not in SPLITS]
+            extra = [p.name for p in _class_folders(root, real_root) if p.name not in SPLITS]
             if extra:
                 warnings.warn(
                     f"{root} has train/ val/ test/ folders, so its other folders {extra} are "
                     "ignored; move them into train/ (or remove them)",
                     stacklevel=2,
                 )
-            groups = [(d, cls) for d in split_dirs for cls in _class_folders(d)]
+            for d in split_dirs:
+                why = _link_escapes(d, real_root)
+                if why:
+                    raise DataError(f"split folder {d} is a {why}")
+            groups = [(d, cls) for d in split_dirs for cls in _class_folders(d, real_root)]
         else:
-            groups = [(None, cls) for cls in _class_folders(root)]
+            groups = [(None, cls) for cls in _class_folders(root, real_root)]
         for split_dir, cls in groups:
             images, others = _files_in(cls)
             classes.add(cls.name)
             split = split_dir.name if split_dir is not None else None
-            records += [Record(str(p), cls.name, split) for p in images]
+            for p in images:
+                why = _link_escapes(p, real_root)
+                if why:
+                    escaping.append((str(p), why))
+                else:
+                    records.append(Record(str(p), cls.name, split))
             ignored += others
         if ignored:
             shown = ", ".join(str(p.relative_to(root)) for p in ignored[:5])
@@ -144,7 +204,7 @@ class Folder(DatasetSource):
                 f"no images found under {root}; expected {root}/<class>/*.png|jpg|… "
                 "or train/ val/ test/ subfolders holding class folders"
             )
-        return Dataset(records=records, class_names=sorted(classes))
+        return Dataset(records=records, class_names=sorted(classes), problems=escaping)
 
 
 class CsvManifest(DatasetSource):
@@ -156,6 +216,16 @@ class CsvManifest(DatasetSource):
 
     def load(self, argument, base_dir):
         path = _resolve(argument, base_dir, "csv")
+        try:
+            return self._read(path)
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path} is not UTF-8 text (byte {exc.start}: "
+                f"{exc.object[exc.start : exc.start + 1]!r}); save it as UTF-8"
+            ) from None
+
+    def _read(self, path: Path) -> Dataset:
+        lines: dict[str, list[int]] = {}
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = [c.strip() for c in reader.fieldnames or []]
@@ -177,8 +247,20 @@ class CsvManifest(DatasetSource):
                 if not image.is_absolute():
                     image = path.parent / image
                 records.append(Record(str(image), row["label"], split))
+                lines.setdefault(os.path.normpath(image), []).append(line_no)
         if not records:
             raise DataError(f"{path} lists no images")
+        repeated = {p: n for p, n in lines.items() if len(n) > 1}
+        if repeated:  # a repeated image can land in train and in test: a leak
+            shown = "; ".join(
+                f"{os.path.relpath(p, path.parent)} (lines {', '.join(map(str, n))})"
+                for p, n in list(repeated.items())[:5]
+            )
+            more = f"; … ({len(repeated)} in all)" if len(repeated) > 5 else ""
+            raise DataError(
+                f"{path} lists {len(repeated)} image(s) more than once: {shown}{more}. A "
+                "repeated image can land in train and in val/test; remove the repeated rows"
+            )
         return Dataset(records=records)
 
 

@@ -246,3 +246,22 @@ def test_a_study_searches_exports_and_reports_a_torchvision_backbone(tmp_path, m
     loaded = automl_tl.load_model(best, registry=automl_tl.registry_for(["automl_tl_torchvision"]))
     assert loaded.label_names == ["0", "1", "2"]
     assert loaded.predict(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))[0][0][0] in "012"
+
+
+def test_a_hub_cache_file_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    """torchvision unpickles its hub cache in full; the plugin reads it with weights_only=True."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    backbone = TorchvisionBackbone("squeezenet1_1")
+    weights = backbone.torchvision_weights("torchvision")
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save({"w": Evil()}, checkpoints / os.path.basename(weights.url))
+    with pytest.raises(automl_tl.UserError, match="cannot get torchvision weights"):
+        backbone.create(3, weights="torchvision", image_size=64)
+    assert not marker.exists()

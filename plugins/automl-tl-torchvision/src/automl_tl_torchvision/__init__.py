@@ -13,7 +13,9 @@ per backbone in the study's ``[weights]``:
 starts with one message listing the model's tags.
 
 torchvision downloads weights into ``$TORCH_HOME/hub/checkpoints`` the first time they are
-asked for, and only then; offline, copy that folder from a connected machine.
+asked for, and only then; offline, copy that folder from a connected machine. The files there
+are read with ``torch.load(weights_only=True)`` (torchvision's own loader unpickles them in
+full): a file that holds more than tensors is refused, never run.
 
 Layer groups (for the unfreeze depth) follow the model's own structure: its top-level blocks,
 opening the container that holds most of the network (``features``, ``layers``,
@@ -37,6 +39,36 @@ from automl_tl.weights import load_weights
 __version__ = "0.1.0"
 
 PREFIX = "tv_"
+
+
+def _get_model(name: str, weights, **kwargs) -> nn.Module:
+    """``torchvision.models.get_model(name, weights=weights)``, the weights' file read safely.
+
+    torchvision reads its hub cache with ``torch.hub.load_state_dict_from_url``, which
+    unpickles with ``weights_only=False``: a file put in that folder would run code. Here the
+    state dict is read first with ``weights_only=True`` (downloaded and hash-checked if not
+    cached), and torchvision's builder gets that state dict in place of reading the file.
+    """
+    if weights is None:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    enum = type(weights)
+    own = enum.__dict__.get("get_state_dict")  # normally none: WeightsEnum's
+    base = torchvision.models.WeightsEnum.get_state_dict
+
+    def read(self, *args, **kw):
+        return state if self is weights else base(self, *args, **{**kw, "weights_only": True})
+
+    enum.get_state_dict = read
+    try:
+        return torchvision.models.get_model(name, weights=weights, **kwargs)
+    finally:
+        if own is None:
+            del enum.get_state_dict
+        else:
+            enum.get_state_dict = own
+
+
 WEIGHTS = "torchvision"
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -144,13 +176,13 @@ class TorchvisionBackbone(automl_tl.Backbone):
                 kwargs["image_size"] = image_size
             elif weights.meta["min_size"][0] != image_size:
                 return self._vit_at(weights, image_size)
-        return torchvision.models.get_model(self.model_name, weights=weights, **kwargs)
+        return _get_model(self.model_name, weights, **kwargs)
 
     def _vit_at(self, weights, image_size: int) -> nn.Module:
         """A ViT with pretrained weights at another image size: position embeddings resized."""
         from torchvision.models.vision_transformer import interpolate_embeddings
 
-        native = torchvision.models.get_model(self.model_name, weights=weights)
+        native = _get_model(self.model_name, weights)
         state = interpolate_embeddings(image_size, native.patch_size, native.state_dict())
         model = torchvision.models.get_model(
             self.model_name,
