@@ -15,7 +15,7 @@ from typing import Any
 import sqlite_utils
 
 from ._util import NETWORK_FILESYSTEMS, filesystem_type
-from .space import PARAM_NAMES
+from .space import SHOWN_PARAMS, effective_params
 from .storage import storage_kind
 from .trials import TrialSummary
 
@@ -87,7 +87,7 @@ class Catalog:
     def _create_tables(self) -> None:
         params = {
             name: (str if name in ("backbone", "weights", "augmentation", "unfreeze") else float)
-            for name in PARAM_NAMES
+            for name in SHOWN_PARAMS
         }
         self.db["trials"].create(
             {
@@ -195,7 +195,8 @@ class Catalog:
             "number": s.number,
             "state": s.state,
             "value": trial.value if trial.values else None,
-            **{k: s.params.get(k) for k in PARAM_NAMES},
+            # one column per parameter in its shown form; the stored names are in "params"
+            **dict(zip(SHOWN_PARAMS, map(effective_params(s.params).get, SHOWN_PARAMS))),
             "weights": s.weights,  # resolved: fixed sources too, a file with its sha256
             "params": json.dumps(s.params, sort_keys=True),
             "duration_s": s.duration_s,

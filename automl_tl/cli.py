@@ -275,7 +275,7 @@ def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def cmd_report(args: argparse.Namespace) -> int:
     from .config import load_config
     from .leaderboard import leaderboard
-    from .space import PARAM_NAMES
+    from .space import SHOWN_PARAMS, effective_params
 
     config = load_config(args.study, {"search.storage": _storage_arg(args)})
     device = _device(args.device or "cpu")
@@ -294,8 +294,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                 "trial": t["number"],
                 "state": t["state"],
                 config.search.metric: t["value"],
-                **{k: t["params"].get(k) for k in PARAM_NAMES},
-                "weights": t.get("weights"),  # resolved, fixed sources too
+                **{k: effective_params(t["params"]).get(k) for k in SHOWN_PARAMS},
+                "weights": t.get("weights"),  # resolved: fixed sources too, a file's sha256
                 "epochs": t["epochs_run"],
                 "seconds": t["duration_s"],
                 "fail_reason": t["fail_reason"],
@@ -305,7 +305,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         "trial",
         "state",
         config.search.metric,
-        *PARAM_NAMES,
+        *SHOWN_PARAMS,
         "epochs",
         "seconds",
         "fail_reason",
@@ -321,6 +321,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         more = f", … ({len(skipped)} in all)" if len(skipped) > 5 else ""
         print(
             f'\nskipped {len(skipped)} unreadable image(s) (on_bad_image = "skip"): {shown}{more}'
+        )
+    if data.get("dead_at_chance"):
+        print(
+            f"\n{data['dead_at_chance']} trial(s) pruned at chance (the dead-trial guard: "
+            "<= 1.5x chance from epoch 2 while another trial had left it)"
         )
     if data.get("selection_note"):
         print(f"\nnote: {data['selection_note']}")
@@ -389,6 +394,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         test_fraction=d.test_fraction,
         seed=d.seed,
         base_dir=config.base_dir,
+        orientation=d.orientation,
     )
     if args.format == "json":
         print(json.dumps(result.to_dict(), indent=2))
@@ -442,6 +448,9 @@ def _format_data_check(check) -> str:
     if check.errors:
         lines.append("errors:")
         lines += [f"  - {e}" for e in check.errors]
+    if check.suggestions:
+        lines.append("suggestions:")
+        lines += [f"  - {s}" for s in check.suggestions]
     if check.usable:
         lines.append("usable as is")
     else:

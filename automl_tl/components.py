@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from .errors import UserError
@@ -162,6 +163,16 @@ class Backbone(ABC):
         (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
+#: The largest rotation (degrees) a policy may apply under ``[data] orientation = "fixed"``:
+#: the ±30° of RandAugment / TrivialAugment / AutoAugment keep a digit or a letter what it is;
+#: a flip, or a half turn, does not (a mirrored 2 or a 6 turned into a 9).
+MAX_FIXED_ORIENTATION_ROTATION = 30.0
+
+
+#: the size the orientation probe runs at (at least: fewer pixels blur the stripes)
+PROBE_SIZE = 32
+
+
 class AugmentationPolicy(ABC):
     """A family of training-time augmentations with one strength knob.
 
@@ -173,10 +184,79 @@ class AugmentationPolicy(ABC):
 
     name: str = ""
     description: str = ""
+    #: Whether the policy may mirror an image (horizontally or vertically) at some strength.
+    flips: bool = False
+    #: The largest rotation, in degrees, the policy may apply at strength 1.0 (0: none).
+    max_rotation_deg: float = 0.0
+
+    @property
+    def orientation_safe(self) -> bool:
+        """Whether the policy keeps labels that depend on orientation (digits, text): it never
+        flips and rotates by at most :data:`MAX_FIXED_ORIENTATION_ROTATION` degrees. Only such
+        policies are searched under ``[data] orientation = "fixed"``; the contract suite checks
+        that a policy declared safe does not flip (:func:`automl_tl.testing.check_policy`)."""
+        return not self.flips and self.max_rotation_deg <= MAX_FIXED_ORIENTATION_ROTATION
 
     @abstractmethod
     def build(self, strength: float, image_size: int) -> nn.Module:
         """Return the augmentation module for ``strength`` in [0, 1]."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the orientation probe: how "orientation_safe" is checked (testing.check_policy_orientation,
+# and the search's start under [data] orientation = "fixed")
+
+
+def orientation_probe(image_size: int = PROBE_SIZE, n: int = 32) -> torch.Tensor:
+    """``n`` copies of an image whose mirror is told apart anywhere in it: diagonal stripes
+    rising to the right ("/"), tinted per channel. Crops, zooms, colour changes and small
+    rotations keep them rising; a horizontal or vertical flip makes them fall."""
+    i = torch.arange(image_size, dtype=torch.float32)
+    period = max(4.0, image_size / 5)
+    wave = torch.sin(2 * torch.pi * (i[:, None] + i[None, :]) / period)
+    tint = torch.tensor([0.35, 0.3, 0.25])[:, None, None]
+    image = 0.5 + tint * wave[None]
+    return image.expand(n, 3, image_size, image_size).contiguous()
+
+
+def stripe_direction(batch: torch.Tensor) -> torch.Tensor:
+    """Per image, which way the edges of its central half run, in [-1, 1]: the structure
+    tensor's normalised off-diagonal ``2 Σ gx·gy / Σ (gx² + gy²)`` of the channel mean. The
+    probe scores +1, its mirror -1, an image without edges 0 (the border, where rotations and
+    shears pad, is left out)."""
+    g = batch.float().mean(dim=1)
+    h, w = g.shape[-2:]
+    g = g[:, h // 4 : h - h // 4, w // 4 : w - w // 4]
+    gx = g[:, 1:-1, 2:] - g[:, 1:-1, :-2]
+    gy = g[:, 2:, 1:-1] - g[:, :-2, 1:-1]
+    cross = (gx * gy).sum(dim=(1, 2))
+    energy = (gx * gx + gy * gy).sum(dim=(1, 2))
+    return 2 * cross / energy.clamp_min(1e-8)
+
+
+#: :func:`stripe_direction` below this is a mirrored probe. A flip after the strongest crop of
+#: the built-ins (aspect ratio 3:4) scores <= -0.96; orientation-preserving ops score higher:
+#: a rotation by 30° +0.5, Kornia's strongest shear (54°, TrivialAugment) about -0.66
+MIRRORED = -0.9
+
+
+def flipped_outputs(
+    policy: AugmentationPolicy, image_size: int = PROBE_SIZE, repeats: int = 8, seed: int = 0
+) -> int:
+    """How many of ``repeats`` × 32 augmentations of :func:`orientation_probe` at strength 1.0
+    came out mirrored (closer to the flipped probe than any orientation-keeping op gets:
+    :data:`MIRRORED`). 0 for a policy that keeps orientation. Probed at 32 px or more: on
+    fewer pixels, resampling blurs the stripes too much to tell."""
+    image_size = max(PROBE_SIZE, image_size)
+    x = orientation_probe(image_size)
+    augment = policy.build(1.0, image_size)
+    flipped = 0
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for _ in range(repeats):
+            with torch.no_grad():
+                flipped += int((stripe_direction(augment(x.clone())) < MIRRORED).sum())
+    return flipped
 
 
 @dataclass(frozen=True)
@@ -198,6 +278,13 @@ class UnfreezeStrategy(ABC):
 
     name: str = ""
     description: str = ""
+    #: Whether the strategy makes sense from random init, applied at full depth: the whole body
+    #: trains from the first epoch at full lr (``top_k``). A strategy that keeps part of the
+    #: body frozen for some epochs (``gradual``, ``lp_ft``) or slows the lower layers down
+    #: (``layer_decay``) protects pretrained features; from random init it trains a head on
+    #: random features, so the search offers only ``from_scratch`` strategies to trials without
+    #: pretrained weights (see the space table in docs/architecture.md).
+    from_scratch: bool = False
 
     @abstractmethod
     def param_groups(

@@ -47,6 +47,10 @@ class DataSection:
     #: a few-label task: at most this many labelled images per class for train + val
     #: together (in the val_fraction proportion); test keeps all its images
     max_per_class: int | None = field(default=None, metadata={"min": 2})
+    #: "fixed": the label depends on orientation (digits, text, dials): no searched policy
+    #: flips or rotates beyond a small angle (AugmentationPolicy.orientation_safe). "free":
+    #: any policy (natural photos, where a mirrored cat is a cat)
+    orientation: str = field(default="free", metadata=_choices("free", "fixed"))
 
 
 @dataclass
@@ -71,9 +75,16 @@ class SearchSection:
         default_factory=lambda: ["top_k", "gradual", "lp_ft", "layer_decay"],
         metadata={"nonempty": True},
     )
+    #: the lr range of every trial when the study sets it; left out, it depends on the weight
+    #: source (automl_tl/space.py): this range from random init, a lower one for fine-tuning
     lr: list[float] = field(default_factory=lambda: [1e-4, 1e-2], metadata={"range": "log"})
     weight_decay: list[float] = field(
         default_factory=lambda: [1e-6, 1e-2], metadata={"range": "log"}
+    )
+    #: the searched unfreeze depth (a fraction of the body's groups) of trials from pretrained
+    #: weights; [x, x] fixes it. Trials from random init have none: their whole body trains
+    unfreeze_depth: list[float] = field(
+        default_factory=lambda: [0.0, 1.0], metadata={"range": "unit"}
     )
     epochs: int = field(default=5, metadata={"min": 1})
     #: at least 2: a batch of one image is dropped (BatchNorm cannot train on it)
@@ -124,6 +135,17 @@ class StudyConfig:
     #: the study file, or None for a config built in code
     path: Path | None = None
     base_dir: Path = field(default_factory=Path.cwd)
+    #: the keys the study file set, as "section.key" (e.g. "search.lr"); a default that
+    #: depends on something else (the lr range on the weight source) applies only to the others
+    explicit: frozenset[str] = frozenset()
+
+    def sets(self, key: str) -> bool:
+        """Whether the study file set ``key`` ("section.key") rather than leaving its default."""
+        return key in self.explicit
+
+    def trains_from_scratch(self, backbone: str) -> bool:
+        """Whether every trial of ``backbone`` starts from random init (``[weights]`` "none")."""
+        return self.weights_entry(backbone) == "none"
 
     @property
     def output_dir(self) -> Path:
@@ -271,6 +293,8 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
                 raise ConfigError(
                     f"{key} = {value!r} is searched on a log scale; both ends must be > 0"
                 )
+            if meta["range"] == "unit" and not (low >= 0.0 and high <= 1.0):
+                raise ConfigError(f"{key} = {value!r} is a fraction; both ends must lie in [0, 1]")
             return [low, high]
         if len(set(value)) != len(value):
             raise ConfigError(f"{key} lists a name twice: {value!r}")
@@ -358,12 +382,21 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
             f"{'no' if held_out >= 1 else 'too few'} images to train on; keep their sum at most "
             f"{MAX_HELD_OUT}"
         )
+    explicit = frozenset(
+        f"{k}.{key}" for k in _SECTIONS if isinstance(raw.get(k), dict) for key in raw[k]
+    )
+    if sections["data"].orientation == "fixed" and "search.augmentations" not in explicit:
+        # the default list without its flip: crop for flip_crop (see kornia_policies.py)
+        sections["search"].augmentations = [
+            FIXED_ORIENTATION_SWAPS.get(a, a) for a in sections["search"].augmentations
+        ]
     config = StudyConfig(
         name=name,
         plugins=list(plugins),
         weights={"default": "none", **weights},
         path=path,
         base_dir=base_dir,
+        explicit=explicit,
         **sections,
     )
     for backbone, value in config.weights.items():
@@ -374,7 +407,21 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
                 f"{', '.join(config.search.backbones)}"
             )
         _check_weights(config, backbone, value)
+    if config.sets("search.unfreeze_depth") and all(
+        config.trains_from_scratch(b) for b in config.search.backbones
+    ):
+        raise ConfigError(
+            f"[search] unfreeze_depth = {config.search.unfreeze_depth!r} has no effect: every "
+            'backbone trains from random init ([weights] "none"), where the whole body always '
+            "trains and no depth is searched; remove unfreeze_depth, or give the backbones "
+            'pretrained weights in [weights] (e.g. default = "timm" or "pretrain:SOURCE")'
+        )
     return config
+
+
+#: under ``[data] orientation = "fixed"``, the default ``[search] augmentations`` with these
+#: built-in policies swapped for their orientation-safe twins
+FIXED_ORIENTATION_SWAPS = {"flip_crop": "crop"}
 
 
 def _plugin_path(spec: str, base_dir: Path) -> str:

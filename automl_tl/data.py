@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import warnings
@@ -1119,6 +1120,27 @@ def batches(
 # ---------------------------------------------------------------------------------------------
 # automl-tl check-data
 
+#: a class name that is a character or a number, bare or after a word saying so ("7", "a",
+#: "digit_3", "letter-B", "char 5"): its orientation is part of its identity
+_GLYPH_CLASS = re.compile(
+    r"(?:(?:digit|number|num|char|character|letter|glyph)[\s_\-]*)?(?:\d+|[^\W\d_])",
+    re.IGNORECASE,
+)
+
+
+def looks_orientation_sensitive(class_names: list[str]) -> bool:
+    """Whether every class names a digit, number or single character (``0``-``9``,
+    ``digit_3``, ``A``): a mirrored or turned image of one may be another class (or none),
+    so ``[data] orientation = "fixed"`` is the safe setting."""
+    return len(class_names) >= 2 and all(_GLYPH_CLASS.fullmatch(c.strip()) for c in class_names)
+
+
+ORIENTATION_SUGGESTION = (
+    "the class names are digits or characters ({names}), whose orientation is part of the "
+    'label (a mirrored 2 or a 6 turned into a 9); set [data] orientation = "fixed" so that '
+    "no augmentation flips or turns them"
+)
+
 
 @dataclass
 class DataCheck:
@@ -1136,6 +1158,8 @@ class DataCheck:
     errors: list[str]
     warnings: list[str]
     settings: dict[str, Any] = field(default_factory=dict)
+    #: settings the data suggests (``[data] orientation = "fixed"`` for digits, say)
+    suggestions: list[str] = field(default_factory=list)
 
     @property
     def usable(self) -> bool:
@@ -1156,6 +1180,7 @@ class DataCheck:
             "bad_files": [{"path": p, "reason": r} for p, r in self.bad],
             "errors": self.errors,
             "warnings": self.warnings,
+            "suggestions": self.suggestions,
         }
 
 
@@ -1168,11 +1193,14 @@ def check_source(
     test_fraction: float = 0.2,
     seed: int = 0,
     base_dir: Path | None = None,
+    orientation: str = "free",
 ) -> DataCheck:
     """Run every data check on ``source`` without training or writing anything.
 
     Every file is decoded (and discarded) to find the unreadable ones; the class checks run on
     the readable ones, and the split is the one a study with these settings would use.
+    With ``orientation = "free"`` and classes that name digits or characters, it suggests
+    ``"fixed"`` (:func:`looks_orientation_sensitive`).
     Raises :class:`DataError` only when the source cannot be listed at all.
     """
     with warnings.catch_warnings(record=True) as caught:
@@ -1219,6 +1247,10 @@ def check_source(
             "median": as_text[len(as_text) // 2],
             "largest": as_text[-1],
         }
+    suggestions = []
+    if orientation == "free" and looks_orientation_sensitive(class_names):
+        shown = ", ".join(class_names[:5]) + (", …" if len(class_names) > 5 else "")
+        suggestions.append(ORIENTATION_SUGGESTION.format(names=shown))
     modes = Counter(info.get("mode") for info in infos if info.get("mode"))
     formats = Counter(info.get("format") for info in infos if info.get("format"))
     return DataCheck(
@@ -1238,7 +1270,9 @@ def check_source(
             "seed": seed,
             "val_fraction": val_fraction,
             "test_fraction": test_fraction,
+            "orientation": orientation,
         },
+        suggestions=suggestions,
     )
 
 

@@ -19,11 +19,14 @@ from optuna.trial import FrozenTrial, TrialState
 from . import trials
 from .catalog import Catalog, catalog_path
 from .config import StudyConfig
+from .space import effective_params
 from .storage import open_study
 
 
 def describe_params(params: dict[str, Any]) -> str:
-    """A trial's configuration in one line: ``backbone[weights] policy(strength) strategy(depth) lr``."""
+    """A trial's configuration in one line: ``backbone[weights] policy(strength) strategy(depth) lr``
+    (a random-init trial's ``unfreeze_scratch`` at depth 1.0, ``lr_finetune`` as lr)."""
+    params = effective_params(params)
     aug = params.get("augmentation", "?")
     if "aug_strength" in params:
         aug += f"({params['aug_strength']:.2f})"
@@ -211,6 +214,10 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
         "trials": rows,
         "throughput": backbone_throughput(study),  # training images/s per backbone
         "selection_note": selection_note(study),  # a validation split too small to rank by
+        # trials the dead-trial guard pruned at chance (samplers.DeadTrialGuard)
+        "dead_at_chance": sum(
+            trials.DEAD_AT_CHANCE in t.user_attrs for t in study.get_trials(deepcopy=False)
+        ),
     }
     paths = config.paths
     catalog = catalog_path(config)

@@ -7,18 +7,21 @@ there. AutoGluon's zero-shot presets and Auto-sklearn's meta-learned portfolios 
 from configurations known to work in general; ``[search] portfolio = true`` does the same with
 one configuration per backbone, the textbook recipe for its weights (not tuned to any dataset):
 
-- random init (``none``): full training, ``top_k`` with ``unfreeze_depth = 1.0`` (the only
-  sensible choice without features to keep), ``lr`` at the centre (log scale) of the study's
-  range;
+- random init (``none``): full training (``unfreeze_scratch = "top_k"``: the random-init
+  branch of the space has no depth, see automl_tl/space.py), ``lr`` at the centre (log
+  scale) of the study's range;
 - pretrained weights (anything else): linear probe, then fine-tune everything (``lp_ft``,
   depth 1.0; Kumar et al. 2022: fine-tuning from a trained head distorts pretrained features
-  less), ``top_k`` when the study does not search ``lp_ft``; ``lr`` a third of the way up the
-  study's range on a log scale, i.e. lower than from scratch, as fine-tuning wants;
+  less), ``top_k`` when the study does not search ``lp_ft``; ``lr`` at the centre of the
+  fine-tuning range (``lr_finetune``, 3e-4) when the study leaves ``[search] lr`` out, else a
+  third of the way up the study's range on a log scale, i.e. lower than from scratch, as
+  fine-tuning wants;
 - ``weight_decay`` at the centre of its range. The range is the user's prior; for the default
-  ranges these are the textbook values (``lr = 1e-3`` from scratch, ~5e-4 fine-tuning;
+  ranges these are the textbook values (``lr = 1e-3`` from scratch, 3e-4 fine-tuning;
   ``weight_decay = 1e-4``);
 - mild geometric augmentation: ``flip_crop`` at strength 0.5 (random-resized crop and flip,
-  the standard ImageNet fine-tuning transform, at the middle of the strength range).
+  the standard ImageNet fine-tuning transform, at the middle of the strength range); under
+  ``[data] orientation = "fixed"`` ``crop`` (the same without the flip).
 
 When ``[weights]`` is searched (sources taking turns by trial number), entry *n* follows the
 source trial *n* gets. A strategy or policy the study does not search is replaced by its first
@@ -34,6 +37,7 @@ import math
 from typing import Any
 
 from .config import StudyConfig
+from .space import is_scratch, lr_dimension
 
 #: the recipe a backbone starts with from random init (see the module docstring)
 RECIPE: dict[str, Any] = {
@@ -43,12 +47,15 @@ RECIPE: dict[str, Any] = {
     "unfreeze_depth": 1.0,
     "lr_at": 0.5,  # where in the lr range, on a log scale (0 = low end, 1 = high end)
 }
-#: ... and from pretrained weights
+#: ... and from pretrained weights (``lr_at`` in a range the study set for both; in the
+#: fine-tuning range of automl_tl.space, the centre)
 PRETRAINED_RECIPE: dict[str, Any] = {
     **RECIPE,
     "unfreeze": "lp_ft",
     "lr_at": 1 / 3,
 }
+#: the augmentation of both recipes under ``[data] orientation = "fixed"``
+FIXED_ORIENTATION_AUGMENTATION = "crop"
 
 
 def _log_at(bounds: list[float], at: float) -> float:
@@ -60,13 +67,11 @@ def _log_centre(bounds: list[float]) -> float:
     return _log_at(bounds, 0.5)
 
 
-def _weights_of(config: StudyConfig, backbone: str, number: int) -> str:
-    """The weight source trial ``number`` of ``backbone`` trains from (automl_tl.transfer's
-    AlternatingSampler gives searched sources turns by trial number)."""
+def _weights_of(config: StudyConfig, backbone: str, number: int) -> str | None:
+    """The searched weight source trial ``number`` of ``backbone`` trains from (automl_tl.
+    transfer's AlternatingSampler gives sources turns by trial number); None when fixed."""
     choices = config.weight_choices(backbone)
-    if choices:
-        return choices[number % len(choices)]
-    return config.weights_entry(backbone)
+    return choices[number % len(choices)] if choices else None
 
 
 def portfolio(config: StudyConfig, size: int) -> list[dict[str, Any]]:
@@ -74,23 +79,28 @@ def portfolio(config: StudyConfig, size: int) -> list[dict[str, Any]]:
     s = config.search
     entries = []
     for number, backbone in enumerate(s.backbones[: max(0, size)]):
-        pretrained = _weights_of(config, backbone, number) != "none"
-        recipe = PRETRAINED_RECIPE if pretrained else RECIPE
-        if recipe["augmentation"] in s.augmentations:
-            augmentation = recipe["augmentation"]
+        scratch = is_scratch(config, backbone, _weights_of(config, backbone, number))
+        recipe = RECIPE if scratch else PRETRAINED_RECIPE
+        wanted = recipe["augmentation"]
+        if config.data.orientation == "fixed":
+            wanted = FIXED_ORIENTATION_AUGMENTATION
+        if wanted in s.augmentations:
+            augmentation = wanted
         else:
             augmentation = "none" if "none" in s.augmentations else s.augmentations[0]
-        unfreeze = next(
-            (u for u in (recipe["unfreeze"], RECIPE["unfreeze"]) if u in s.unfreeze), s.unfreeze[0]
-        )
-        params: dict[str, Any] = {
-            "backbone": backbone,
-            "augmentation": augmentation,
-            "unfreeze": unfreeze,
-            "unfreeze_depth": recipe["unfreeze_depth"],
-            "lr": _log_at(s.lr, recipe["lr_at"]),
-            "weight_decay": _log_centre(s.weight_decay),
-        }
+        lr_name, lr_range = lr_dimension(config, scratch)
+        lr_at = recipe["lr_at"] if lr_name == "lr" else 0.5  # the fine-tuning range's centre
+        params: dict[str, Any] = {"backbone": backbone, "augmentation": augmentation}
+        if scratch:  # no depth: a value the space does not allow comes from the base sampler
+            params["unfreeze_scratch"] = RECIPE["unfreeze"]
+        else:
+            params["unfreeze"] = next(
+                (u for u in (recipe["unfreeze"], RECIPE["unfreeze"]) if u in s.unfreeze),
+                s.unfreeze[0],
+            )
+            params["unfreeze_depth"] = recipe["unfreeze_depth"]
+        params[lr_name] = _log_at(list(lr_range), lr_at)
+        params["weight_decay"] = _log_centre(s.weight_decay)
         if augmentation != "none":
             params["aug_strength"] = recipe["aug_strength"]
         entries.append(params)

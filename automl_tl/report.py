@@ -51,6 +51,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ._util import write_atomic
 from .config import StudyConfig
 from .registry import Registry
+from .space import SHOWN_PARAMS, effective_params
 
 #: Bump when the report's content changes, so existing reports are rebuilt.
 REPORT_VERSION = 2
@@ -254,7 +255,8 @@ def _depth_vs_strength(ctx: ReportContext):
     finished = [
         t
         for t in ctx.trials
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "unfreeze_depth" in t.params
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and "unfreeze_depth" in effective_params(t.params)  # random init: depth 1.0
     ]
     if not finished:
         raise Skipped("no trial has finished yet")
@@ -270,7 +272,7 @@ def _depth_vs_strength(ctx: ReportContext):
         if mine:
             mappable = ax.scatter(
                 [float(t.params.get("aug_strength", 0.0)) for t in mine],
-                [float(t.params["unfreeze_depth"]) for t in mine],
+                [float(effective_params(t.params)["unfreeze_depth"]) for t in mine],
                 c=[float(t.value) for t in mine],
                 cmap="viridis",
                 vmin=vmin,
@@ -289,7 +291,7 @@ def _depth_vs_strength(ctx: ReportContext):
         if pruned:
             ax.scatter(
                 [float(t.params.get("aug_strength", 0.0)) for t in pruned],
-                [float(t.params["unfreeze_depth"]) for t in pruned],
+                [float(effective_params(t.params)["unfreeze_depth"]) for t in pruned],
                 marker=markers[i % len(markers)],
                 s=40,
                 facecolors="none",
@@ -551,13 +553,12 @@ def _fmt(value: Any, key: str = "") -> str:
 
 
 def _leaderboard_html(data: dict[str, Any]) -> str:
-    from .space import PARAM_NAMES
-
     metric = data["metric"]
+    shown = {t["number"]: effective_params(t["params"]) for t in data["trials"]}
     used = [
         k
-        for k in PARAM_NAMES
-        if k == "weights" or any(t["params"].get(k) is not None for t in data["trials"])
+        for k in SHOWN_PARAMS  # every trial's weight source, resolved, also when fixed
+        if k == "weights" or any(p.get(k) is not None for p in shown.values())
     ]
     columns = ["trial", "state", metric, *used, "epochs", "seconds", "fail_reason"]
     best = (data.get("best") or {}).get("number")
@@ -569,8 +570,8 @@ def _leaderboard_html(data: dict[str, Any]) -> str:
             "trial": t["number"],
             "state": t["state"],
             metric: t["value"],
-            **{k: t["params"].get(k) for k in used},
-            "weights": t.get("weights") or t["params"].get("weights"),  # resolved, a file: sha256
+            **{k: shown[t["number"]].get(k) for k in used},
+            "weights": t.get("weights") or shown[t["number"]].get("weights"),  # resolved
             "epochs": t.get("epochs_run"),
             "seconds": t.get("duration_s"),
             "fail_reason": t.get("fail_reason"),
@@ -623,6 +624,14 @@ def _summary_html(ctx: ReportContext) -> str:
     if best:
         params = ", ".join(f"{k}={_fmt(v, k)}" for k, v in best["params"].items())
         items.append(("best trial", f"#{best['number']}: {best['value']:.4f} ({params})"))
+    if data.get("dead_at_chance"):
+        items.append(
+            (
+                "pruned at chance",
+                f"{data['dead_at_chance']} trial(s) (the dead-trial guard: <= 1.5x chance from "
+                "epoch 2 while another trial had left it)",
+            )
+        )
     if data.get("selection_note"):
         items.append(("note", data["selection_note"]))
     model = data.get("best_model")

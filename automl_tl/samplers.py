@@ -14,6 +14,8 @@ import optuna
 
 from .config import StudyConfig
 from .portfolio import portfolio
+from .storage import set_trial_attr
+from .trials import DEAD_AT_CHANCE
 
 
 class WrappingSampler(optuna.samplers.BaseSampler):
@@ -164,12 +166,86 @@ def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
-    """Hyperband over epochs (default), median, or none."""
+    """Hyperband over epochs (default), median, or none; the first two with the dead-trial
+    guard (:class:`DeadTrialGuard`: pruned at <= 1.5x chance from epoch 2 while another trial
+    has left chance)."""
     name, epochs = config.search.pruner, config.search.epochs
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(
-            min_resource=1, max_resource=epochs, reduction_factor=3
+        return GuardedHyperbandPruner(
+            min_resource=1, max_resource=epochs, reduction_factor=3, epochs=epochs
         )
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+        return GuardedMedianPruner(n_startup_trials=5, n_warmup_steps=1, epochs=epochs)
     return optuna.pruners.NopPruner()
+
+
+# ---------------------------------------------------------------------------------------------
+# the dead-trial guard (issue 18)
+
+
+class DeadTrialGuard:
+    """Prunes a trial still at chance after its first epochs while others have left chance.
+
+    Mixed into a pruner class (:class:`GuardedHyperbandPruner`, :class:`GuardedMedianPruner`),
+    so that Optuna still sees a ``HyperbandPruner`` (its samplers then model each bracket's
+    trials, as without the guard). The rule, checked at each report from epoch ``after`` on
+    (default 2), except the last epoch, which completes the trial as usual:
+
+    - the trial's score is at most ``factor`` × chance (default 1.5 × 1 / classes: for 10
+      classes, accuracy <= 0.15), and
+    - some other trial of the study has reported a score above that.
+
+    Then it is pruned, with the attribute ``dead_at_chance`` = the epoch; ``report`` counts
+    them. A trial from random init with a frozen body, or a learning rate that diverged, stays
+    there; a slow starter that has left chance by epoch 2 is not touched. Until the study knows
+    its classes (``user_attrs["data"]``, stored when a search starts) the guard does nothing.
+    The base pruner is asked first.
+    """
+
+    def _guard(self, epochs: int, after: int = 2, factor: float = 1.5) -> None:
+        self.guard_epochs, self.guard_after, self.guard_factor = epochs, after, factor
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        if super().prune(study, trial):  # type: ignore[misc]
+            return True
+        return self.dead(study, trial)
+
+    def threshold(self, study: optuna.Study) -> float | None:
+        classes = ((study.user_attrs.get("data") or {}).get("classes")) or []
+        return self.guard_factor / len(classes) if len(classes) >= 2 else None
+
+    def dead(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or not (self.guard_after <= step < self.guard_epochs):
+            return False
+        limit = self.threshold(study)
+        if limit is None or trial.intermediate_values[step] > limit:
+            return False
+        states = (
+            optuna.trial.TrialState.COMPLETE,
+            optuna.trial.TrialState.PRUNED,
+            optuna.trial.TrialState.RUNNING,
+        )
+        left = any(
+            t.number != trial.number and any(v > limit for v in t.intermediate_values.values())
+            for t in study.get_trials(deepcopy=False, states=states)
+        )
+        if left:  # a pruner gets a frozen trial: the attribute goes through the storage
+            set_trial_attr(study, trial, DEAD_AT_CHANCE, step)
+        return left
+
+
+class GuardedHyperbandPruner(DeadTrialGuard, optuna.pruners.HyperbandPruner):
+    """Optuna's ``HyperbandPruner`` (same arguments) with the :class:`DeadTrialGuard`."""
+
+    def __init__(self, *args, epochs: int, after: int = 2, factor: float = 1.5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard(epochs, after, factor)
+
+
+class GuardedMedianPruner(DeadTrialGuard, optuna.pruners.MedianPruner):
+    """Optuna's ``MedianPruner`` (same arguments) with the :class:`DeadTrialGuard`."""
+
+    def __init__(self, *args, epochs: int, after: int = 2, factor: float = 1.5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard(epochs, after, factor)

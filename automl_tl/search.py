@@ -56,7 +56,7 @@ from .pretrain import ensure_study_weights
 from .registry import Registry
 from .retrain import retrain_once, retrain_per_weights
 from .samplers import make_pruner, make_sampler, pruner_warning
-from .space import suggest
+from .space import check_space, suggest
 from .storage import fail_trial, join_study, one_search_per_sqlite, open_storage, redact
 from .train import EpochResult, expected_seconds, fit, release_memory, resolve_device
 
@@ -89,6 +89,7 @@ def check_names(config: StudyConfig, registry: Registry) -> None:
     registry.get("datasets", parse_source(config.data.source)[0])
     check_metric_name(config, registry)
     check_named_weights(config, registry)
+    check_space(config, registry)  # no empty branch; no flipping policy under fixed orientation
 
 
 def announce_export(
@@ -243,7 +244,7 @@ class Objective:
 
     def _train(self, trial: optuna.Trial) -> float:
         name = self.config.name
-        choice = suggest(trial, self.config)
+        choice = suggest(trial, self.config, self.registry)
         trial.set_user_attr(trials.DEVICE, str(self.device))
         # the source as trained from, a file with its sha256 (leaderboard, catalog, index.html)
         trial.set_user_attr(

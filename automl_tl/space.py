@@ -1,22 +1,71 @@
 """The search space: registry + study config -> Optuna suggestions, and params -> a Choice.
 
-Parameter names (stable; reports and the catalog use them): ``backbone``, ``weights`` (the
-weight source as written in ``[weights]``, only when it lists several for the backbone, e.g.
-``"pretrain:digits:0-4"`` or ``"none"``), ``augmentation``, ``aug_strength`` (only when the
-policy is not ``none``), ``unfreeze``, ``unfreeze_depth`` (a fraction of the backbone's layer
-groups, so it means the same for every backbone), ``lr``, ``weight_decay``.
+The space is conditional, and this module is the one place that says how (Optuna's
+define-by-run: a dimension that does not apply to a trial is never suggested, so TPE and GP
+model each branch from the trials that have it). ``docs/architecture.md`` has the same table.
+
+=================== ======================================= ====================================
+parameter           exists when                             values
+=================== ======================================= ====================================
+``backbone``        always                                  ``[search] backbones``
+``weights``         ``[weights]`` lists several sources     that list (sources take turns)
+                    for the backbone
+``augmentation``    always                                  ``[search] augmentations``; under
+                                                            ``[data] orientation = "fixed"``
+                                                            only orientation-safe policies
+``aug_strength``    the policy is not ``none``              [0, 1]
+``unfreeze``        pretrained weights                      ``[search] unfreeze``
+``unfreeze_depth``  pretrained weights                      ``[search] unfreeze_depth``
+                                                            (default [0, 1])
+``unfreeze_scratch`` random init (``"none"``)               the ``from_scratch`` strategies of
+                                                            ``[search] unfreeze``, at full depth
+``lr``              random init, or any trial when the      ``[search] lr`` (default
+                    study sets ``[search] lr``              [1e-4, 1e-2], log)
+``lr_finetune``     pretrained weights, and the study       :data:`FINETUNE_LR` [3e-5, 3e-3],
+                    leaves ``[search] lr`` out              log
+``weight_decay``    always                                  ``[search] weight_decay`` (log)
+=================== ======================================= ====================================
+
+Why separate names: Optuna keeps one distribution per parameter name (a categorical's choices
+may not change between trials), and a sampler models one name as one quantity; a random-init
+trial's strategy (chosen from fewer strategies) and a fine-tuning lr (from another range) are
+other quantities. A random-init trial trains its whole body from the first epoch: no depth,
+no strategy that freezes (``UnfreezeStrategy.from_scratch``). Stored parameters of studies
+from before this table (``unfreeze`` and ``unfreeze_depth`` on every trial) still load:
+:func:`choice_from_params` and :func:`effective_params` read both forms.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
+from .components import flipped_outputs
 from .config import StudyConfig
+from .errors import ConfigError, UserError
 from .train import Choice
 
+if TYPE_CHECKING:
+    from .registry import Registry
+
 PARAM_NAMES = (
+    "backbone",
+    "weights",
+    "augmentation",
+    "aug_strength",
+    "unfreeze",
+    "unfreeze_depth",
+    "unfreeze_scratch",
+    "lr",
+    "lr_finetune",
+    "weight_decay",
+)
+
+#: the parameters as reports, the catalog and log lines show them (:func:`effective_params`):
+#: a random-init trial's ``unfreeze_scratch`` as ``unfreeze`` at depth 1.0, ``lr_finetune`` as
+#: ``lr``
+SHOWN_PARAMS = (
     "backbone",
     "weights",
     "augmentation",
@@ -27,18 +76,101 @@ PARAM_NAMES = (
     "weight_decay",
 )
 
+#: the default lr range of trials from pretrained weights (when ``[search] lr`` is not set):
+#: fine-tuning wants a lower lr than training from random init (``[search] lr``'s default,
+#: [1e-4, 1e-2]); its log-centre, 3e-4, is the usual AdamW fine-tuning rate
+FINETUNE_LR = (3e-5, 3e-3)
 
-def suggest(trial: optuna.Trial, config: StudyConfig) -> Choice:
-    """Sample one configuration (define-by-run) from the study's space."""
+
+def is_scratch(config: StudyConfig, backbone: str, source: str | None) -> bool:
+    """Whether a trial of ``backbone`` with searched source ``source`` starts from random init."""
+    return config.weights_for(backbone, source) == "none"
+
+
+def lr_dimension(config: StudyConfig, scratch: bool) -> tuple[str, tuple[float, float]]:
+    """The lr parameter's name and range for a trial from random init or not."""
+    if scratch or config.sets("search.lr"):
+        return "lr", (config.search.lr[0], config.search.lr[1])
+    return "lr_finetune", FINETUNE_LR
+
+
+def scratch_strategies(config: StudyConfig, registry: Registry) -> list[str]:
+    """The strategies of ``[search] unfreeze`` a random-init trial chooses from."""
+    return [
+        u
+        for u in config.search.unfreeze
+        if getattr(registry.get("unfreeze_strategies", u), "from_scratch", False)
+    ]
+
+
+def check_space(config: StudyConfig, registry: Registry) -> None:
+    """Refuse, before anything trains, a space with an empty branch or an unsafe policy.
+
+    - A backbone that trains from random init needs a ``from_scratch`` strategy in
+      ``[search] unfreeze``.
+    - Under ``[data] orientation = "fixed"``, every policy of ``[search] augmentations`` must
+      be orientation-safe, and behave so: a policy that declares itself safe but flips an
+      image (the contract suite's probe, :func:`automl_tl.components.flipped_outputs`) is refused.
+    """
+    s = config.search
+    can_scratch = [b for b in s.backbones if _can_be_scratch(config, b)]
+    if can_scratch and not scratch_strategies(config, registry):
+        raise ConfigError(
+            f"[search] unfreeze = {s.unfreeze!r} has no strategy that trains from random init, "
+            f'but {", ".join(can_scratch)} start(s) from random init ([weights] "none"), where '
+            'freezing layers trains a head on random features; add "top_k" (full training) '
+            "to [search] unfreeze, or give those backbones pretrained weights in [weights]"
+        )
+    if config.data.orientation != "fixed":
+        return
+    for name in s.augmentations:
+        policy = registry.get("augmentation_policies", name)
+        if not policy.orientation_safe:
+            what = "flips images" if policy.flips else f"rotates up to {policy.max_rotation_deg}°"
+            safe = [
+                n
+                for n in registry.names("augmentation_policies")
+                if registry.get("augmentation_policies", n).orientation_safe
+            ]
+            raise ConfigError(
+                f"[search] augmentations lists {name!r}, which {what}, but [data] orientation = "
+                '"fixed" (the label depends on orientation); remove it, or use a policy that '
+                f"keeps orientation: {', '.join(safe)}"
+            )
+        flipped = flipped_outputs(policy, config.data.image_size)
+        if flipped:
+            raise UserError(
+                f"augmentation policy {name!r} declares that it keeps orientation (flips = False)"
+                f" but mirrored {flipped} of the probe images; its plugin must set flips = True, "
+                'or remove it from [search] augmentations while [data] orientation = "fixed"'
+            )
+
+
+def _can_be_scratch(config: StudyConfig, backbone: str) -> bool:
+    choices = config.weight_choices(backbone)
+    return any(is_scratch(config, backbone, c) for c in (choices or [None]))
+
+
+def suggest(trial: optuna.Trial, config: StudyConfig, registry: Registry) -> Choice:
+    """Sample one configuration (define-by-run) from the study's conditional space."""
     s = config.search
     backbone = trial.suggest_categorical("backbone", s.backbones)
     sources = config.weight_choices(backbone)
     source = trial.suggest_categorical("weights", sources) if sources else None
+    scratch = is_scratch(config, backbone, source)
     augmentation = trial.suggest_categorical("augmentation", s.augmentations)
     strength = 0.0 if augmentation == "none" else trial.suggest_float("aug_strength", 0.0, 1.0)
-    unfreeze = trial.suggest_categorical("unfreeze", s.unfreeze)
-    depth = trial.suggest_float("unfreeze_depth", 0.0, 1.0)
-    lr = trial.suggest_float("lr", s.lr[0], s.lr[1], log=True)
+    if scratch:
+        choices = scratch_strategies(config, registry)
+        if not choices:
+            check_space(config, registry)  # raises, naming the fix
+        unfreeze = trial.suggest_categorical("unfreeze_scratch", choices)
+        depth = 1.0
+    else:
+        unfreeze = trial.suggest_categorical("unfreeze", s.unfreeze)
+        depth = trial.suggest_float("unfreeze_depth", *s.unfreeze_depth)
+    lr_name, (lr_low, lr_high) = lr_dimension(config, scratch)
+    lr = trial.suggest_float(lr_name, lr_low, lr_high, log=True)
     weight_decay = trial.suggest_float(
         "weight_decay", s.weight_decay[0], s.weight_decay[1], log=True
     )
@@ -56,18 +188,38 @@ def suggest(trial: optuna.Trial, config: StudyConfig) -> Choice:
     )
 
 
+def effective_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's parameters with the branch names folded into one form: ``unfreeze``,
+    ``unfreeze_depth`` (1.0 for a random-init trial: its whole body trained) and ``lr``,
+    whichever branch the trial took (reports and log lines show this form)."""
+    out = {k: v for k, v in params.items() if k not in ("unfreeze_scratch", "lr_finetune")}
+    if "unfreeze_scratch" in params:
+        out["unfreeze"] = params["unfreeze_scratch"]
+        out.setdefault("unfreeze_depth", 1.0)
+    if "lr_finetune" in params:
+        out["lr"] = params["lr_finetune"]
+    return out
+
+
 def choice_from_params(params: dict[str, Any], config: StudyConfig) -> Choice:
-    """Rebuild the Choice of a finished trial (for retrain) from its parameters."""
+    """Rebuild the Choice of a finished trial (for retrain) from its parameters (either form:
+    this module's conditional names, or the flat ones of older studies)."""
     known = set(PARAM_NAMES)
+    p = effective_params(params)
+    missing = [
+        k for k in ("backbone", "augmentation", "unfreeze", "lr", "weight_decay") if k not in p
+    ]
+    if missing:
+        raise UserError(f"the trial's parameters {sorted(params)} lack {missing}")
     return Choice(
-        backbone=params["backbone"],
-        weights=config.weights_for(params["backbone"], params.get("weights")),
-        augmentation=params["augmentation"],
-        aug_strength=float(params.get("aug_strength", 0.0)),
-        unfreeze=params["unfreeze"],
-        unfreeze_depth=float(params["unfreeze_depth"]),
-        lr=float(params["lr"]),
-        weight_decay=float(params["weight_decay"]),
+        backbone=p["backbone"],
+        weights=config.weights_for(p["backbone"], p.get("weights")),
+        augmentation=p["augmentation"],
+        aug_strength=float(p.get("aug_strength", 0.0)),
+        unfreeze=p["unfreeze"],
+        unfreeze_depth=float(p.get("unfreeze_depth", 1.0)),
+        lr=float(p["lr"]),
+        weight_decay=float(p["weight_decay"]),
         epochs=config.search.epochs,
         batch_size=config.search.batch_size,
         extra={k: v for k, v in params.items() if k not in known},

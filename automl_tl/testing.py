@@ -30,7 +30,14 @@ from typing import Any
 
 import torch
 
-from .components import AugmentationPolicy, Backbone, DatasetSource, Metric, UnfreezeStrategy
+from .components import (
+    AugmentationPolicy,
+    Backbone,
+    DatasetSource,
+    Metric,
+    UnfreezeStrategy,
+    flipped_outputs,
+)
 
 NUM_CLASSES = 3
 IMAGE_SIZE = 32
@@ -108,6 +115,24 @@ def check_policy(policy: AugmentationPolicy, image_size: int = IMAGE_SIZE) -> No
         )
 
 
+def check_policy_orientation(policy: AugmentationPolicy, image_size: int = IMAGE_SIZE) -> None:
+    """A policy declared orientation-safe (``flips = False``, ``max_rotation_deg`` at most
+    30°) never mirrors the probe image in 256 draws at strength 1.0; declarations are typed."""
+    assert isinstance(policy.flips, bool), f"policy {policy.name!r}: flips must be a bool"
+    assert isinstance(policy.max_rotation_deg, (int, float)) and policy.max_rotation_deg >= 0, (
+        f"policy {policy.name!r}: max_rotation_deg must be a number >= 0"
+    )
+    if not policy.orientation_safe:
+        return
+    flipped = flipped_outputs(policy, image_size)
+    assert not flipped, (
+        f"policy {policy.name!r} declares flips = False and max_rotation_deg = "
+        f"{policy.max_rotation_deg}, but {flipped} of 256 augmented probe images came out "
+        "mirrored (closer to the flipped image than to the original); set flips = True on the "
+        'policy (it is then left out of studies with [data] orientation = "fixed")'
+    )
+
+
 def check_strategy(strategy: UnfreezeStrategy) -> None:
     """Depth 0 trains only the head; every parameter group is known; full depth reaches the input."""
     assert isinstance(strategy, UnfreezeStrategy), (
@@ -155,6 +180,16 @@ def check_strategy(strategy: UnfreezeStrategy) -> None:
     assert set(groups[0]) <= final, (
         f"strategy {strategy.name!r}: at full depth the lowest group must train by the last epoch"
     )
+    assert isinstance(strategy.from_scratch, bool), (
+        f"strategy {strategy.name!r}: from_scratch must be a bool"
+    )
+    if strategy.from_scratch:  # random-init trials get it at full depth: everything trains
+        for epoch in range(epochs):
+            assert strategy.trainable(epoch, epochs, groups, head, len(groups)) == everything, (
+                f"strategy {strategy.name!r} declares from_scratch = True, so at full depth the "
+                f"whole body must train from the first epoch (epoch {epoch} freezes some); "
+                "set from_scratch = False"
+            )
 
 
 def check_dataset_source(source: DatasetSource) -> None:
@@ -286,7 +321,10 @@ _CHECKS = {
         ("loads a weights file saved from itself", check_backbone_weights),
         ("refuses a weight source it does not know", check_backbone_weight_sources),
     ],
-    "augmentation_policies": [("contract (identity at 0, shape, range, seed)", check_policy)],
+    "augmentation_policies": [
+        ("contract (identity at 0, shape, range, seed)", check_policy),
+        ("keeps orientation when it says so (no flips)", check_policy_orientation),
+    ],
     "unfreeze_strategies": [("contract (linear probe at 0, param groups)", check_strategy)],
     "datasets": [("contract (name, argument)", check_dataset_source)],
     "metrics": [("contract (finite, in its range, on any predictions)", check_metric)],

@@ -29,6 +29,7 @@ VAL_METRICS = "val_metrics"  #: every validation metric of the scored epoch
 BATCH_SIZE = "batch_size"  #: the batch size it trained with (halved on out-of-memory)
 FEATURE_CACHE = "feature_cache"  #: "hit" / "miss" / "used": the head trained on cached features
 TOO_SLOW = "too_slow"  #: why it was pruned before training under [search] timeout
+DEAD_AT_CHANCE = "dead_at_chance"  #: the epoch the dead-trial guard pruned it at (samplers.py)
 WEIGHTS = "weights"  #: its weight source as written, with a local file's short sha256
 
 #: attributes that belong to one run of a trial, not to its configuration: a trial queued
@@ -45,6 +46,7 @@ RUN_ATTRS = (
     BATCH_SIZE,
     FEATURE_CACHE,
     TOO_SLOW,
+    DEAD_AT_CHANCE,
     WEIGHTS,
 )
 

@@ -58,3 +58,43 @@ def test_unknown_benchmark_is_refused():
         timeout=300,
     )
     assert proc.returncode == 2 and "unknown ['nope']" in proc.stderr
+
+
+@pytest.mark.slow
+def test_search_space_benchmark_quick_mode(tmp_path):
+    """benchmarks/search_space.py --quick: both tasks, both arms, one seed, every figure."""
+    out = tmp_path / "space.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "search_space.py"),
+            "--quick",
+            "--json",
+            str(out),
+            "--out",
+            str(tmp_path / "studies"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    rows = results["seeds"]
+    assert {(r["task"], r["arm"]) for r in rows} == {
+        (t, a) for t in ("shapes", "digits") for a in ("before", "after")
+    }
+    for r in rows:
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        assert 0 <= r["complete_at_chance"] <= r["complete"]
+        if r["arm"] == "before":  # the flat space: every trial has a depth
+            assert "unfreeze_depth" in r["best_params"]
+        else:  # random init: the conditional space's own branch
+            assert "unfreeze_scratch" in r["best_params"]
+            assert "unfreeze_depth" not in r["best_params"]
+    for task in ("shapes", "digits"):
+        summary = results["summary"][task]
+        assert math.isfinite(summary["difference"]["mean_sd"][0])
+        assert f"{task} after - before" in proc.stdout
+    assert "--quick" in results["command"]

@@ -87,7 +87,7 @@ def test_cli_reports_unknown_policy_listing_the_known_ones(tmp_path):
     result = run_main("search", str(path))
     assert result.returncode == 2
     assert (
-        "unknown augmentation policy 'mixup' in [search] augmentations; known: autoaugment, color, flip_crop, none, randaugment, trivialaugment"
+        "unknown augmentation policy 'mixup' in [search] augmentations; known: autoaugment, color, crop, flip_crop, none, randaugment, trivialaugment"
         in result.stderr
     )
 

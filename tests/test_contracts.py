@@ -9,6 +9,7 @@ from automl_tl.testing import (
     check_backbone_weights,
     check_dataset_source,
     check_policy,
+    check_policy_orientation,
     check_strategy,
 )
 
@@ -57,6 +58,11 @@ def test_contract_catches_a_backbone_that_takes_any_weight_source(registry):
 @pytest.mark.parametrize("name", _registry.names("augmentation_policies"))
 def test_policy_contract(registry, name):
     check_policy(registry.get("augmentation_policies", name))
+
+
+@pytest.mark.parametrize("name", _registry.names("augmentation_policies"))
+def test_policy_keeps_orientation_when_it_says_so(registry, name):
+    check_policy_orientation(registry.get("augmentation_policies", name))
 
 
 @pytest.mark.parametrize("name", _registry.names("unfreeze_strategies"))

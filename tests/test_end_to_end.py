@@ -90,14 +90,15 @@ def test_report_json_and_table(searched):
     for t in data["trials"]:
         assert set(t) >= {"number", "state", "value", "params", "duration_s", "fail_reason"}
         assert t["fail_reason"] is None and t["epochs_run"] == 2
+        # random init (the study's weights): the space's random-init branch, no depth
         assert set(t["params"]) >= {
             "backbone",
             "augmentation",
-            "unfreeze",
-            "unfreeze_depth",
+            "unfreeze_scratch",
             "lr",
             "weight_decay",
         }
+        assert "unfreeze_depth" not in t["params"] and "unfreeze" not in t["params"]
     best = max(data["trials"], key=lambda t: t["value"])
     assert data["best"]["value"] == best["value"] and data["best"]["number"] == best["number"]
     metrics = json.loads((tmp / "tiny" / "best" / "metrics.json").read_text())

@@ -44,6 +44,7 @@ def test_default_plugins_register_every_kind():
     assert set(registry.names("augmentation_policies")) >= {
         "none",
         "flip_crop",
+        "crop",
         "color",
         "randaugment",
         "trivialaugment",
@@ -424,6 +425,16 @@ def test_third_party_dataset_and_strategy_are_searched(tmp_path):
             """
         )
     )
+    # a linear probe needs features to probe: from random init the search offers only
+    # from_scratch strategies (automl_tl/space.py), so the body starts from a weights file
+    from safetensors.torch import save_file
+
+    from automl_tl import registry_for
+
+    body = registry_for().get("backbones", "test_resnet").create(2, image_size=32)
+    save_file(
+        {k: v.contiguous() for k, v in body.state_dict().items()}, str(tmp_path / "w.safetensors")
+    )
     study = tmp_path / "s.toml"
     study.write_text(
         textwrap.dedent(
@@ -440,6 +451,8 @@ def test_third_party_dataset_and_strategy_are_searched(tmp_path):
             unfreeze = ["head_only"]
             epochs = 1
             pruner = "none"
+            [weights]
+            default = "w.safetensors"
             """
         )
     )

@@ -6,7 +6,7 @@ import math
 import optuna
 import pytest
 
-from automl_tl import ConfigError, config_from_dict
+from automl_tl import ConfigError, config_from_dict, registry_for
 from automl_tl.portfolio import portfolio
 from automl_tl.samplers import AlternatingSampler, PortfolioSampler, make_sampler
 from automl_tl.space import suggest
@@ -20,6 +20,9 @@ SPACE = {
 }
 
 
+REGISTRY = registry_for()
+
+
 def _config(**search):
     return config_from_dict({"name": "p", "search": {**SPACE, "n_trials": 12, **search}})
 
@@ -29,7 +32,7 @@ def _params(config, n):
     study = optuna.create_study(sampler=make_sampler(config), direction="maximize")
     for i in range(n):
         trial = study.ask()
-        suggest(trial, config)
+        suggest(trial, config, REGISTRY)
         study.tell(trial, float(i % 3))
     return [t.params for t in study.trials]
 
@@ -47,15 +50,20 @@ def test_the_default_study_starts_with_the_textbook_recipe():
     for e in entries:  # default ranges: their log-centres are AdamW's textbook values
         assert math.isclose(e["lr"], 1e-3) and math.isclose(e["weight_decay"], 1e-4)
         assert e["augmentation"] == "flip_crop" and e["aug_strength"] == 0.5
-        assert e["unfreeze"] == "top_k" and e["unfreeze_depth"] == 1.0
+        # random init: full training, in the space's random-init branch (no depth)
+        assert e["unfreeze_scratch"] == "top_k" and "unfreeze_depth" not in e
+        assert "unfreeze" not in e
 
 
 def test_entries_follow_the_study_space():
     entries = portfolio(_config(augmentations=["randaugment", "color"], unfreeze=["lp_ft"]), 2)
     assert [e["backbone"] for e in entries] == ["test_resnet", "test_efficientnet"]  # size 2
     assert entries[0]["augmentation"] == "randaugment"  # no flip_crop, no none: the first
-    assert entries[0]["unfreeze"] == "lp_ft"
+    assert entries[0]["unfreeze_scratch"] == "top_k"  # not searched: the base sampler decides
     assert math.isclose(entries[0]["lr"], 3e-3)  # the log-centre of [3e-4, 3e-2]
+    tuned = _config(unfreeze=["lp_ft"])
+    tuned.weights = {"default": "timm"}
+    assert portfolio(tuned, 1)[0]["unfreeze"] == "lp_ft"
     none = portfolio(_config(augmentations=["randaugment", "none"]), 1)[0]
     assert none["augmentation"] == "none" and "aug_strength" not in none
 
@@ -123,15 +131,16 @@ def test_pretrained_weights_start_from_lp_ft_at_a_lower_lr():
     pretrained, scratch = entries[0], entries[1]  # trials 0, 2: pretrained; 1, 3: none
     assert pretrained["unfreeze"] == "lp_ft" and pretrained["unfreeze_depth"] == 1.0
     assert math.isclose(pretrained["lr"], (3e-4**2 * 3e-2) ** (1 / 3))  # ~1.4e-3
-    assert scratch["unfreeze"] == "top_k" and math.isclose(scratch["lr"], 3e-3)
-    assert entries[2]["unfreeze"] == "lp_ft" and entries[3]["unfreeze"] == "top_k"
+    assert scratch["unfreeze_scratch"] == "top_k" and math.isclose(scratch["lr"], 3e-3)
+    assert entries[2]["unfreeze"] == "lp_ft" and entries[3]["unfreeze_scratch"] == "top_k"
     params = _params(config, 4)
     assert [p["weights"] for p in params] == ["pretrain:digits:0-4", "none"] * 2
     assert [{k: v for k, v in p.items() if k != "weights"} for p in params] == entries
 
     fixed = portfolio(config_from_dict({"name": "f", "weights": {"default": "timm"}}), 1)[0]
     assert fixed["unfreeze"] == "lp_ft"
-    assert math.isclose(fixed["lr"], 1e-4 ** (2 / 3) * 1e-2 ** (1 / 3))  # ~4.6e-4: default range
+    # no [search] lr: the fine-tuning range's own parameter, at its log-centre
+    assert "lr" not in fixed and math.isclose(fixed["lr_finetune"], 3e-4)
     no_lp_ft = {"name": "f", "search": {"unfreeze": ["gradual", "top_k"]}}
     no_lp_ft["weights"] = {"default": "timm"}
     assert portfolio(config_from_dict(no_lp_ft), 1)[0]["unfreeze"] == "top_k"  # full fine-tuning

@@ -103,13 +103,13 @@ def test_max_per_class_limits_labels_not_the_test_split(registry):
     assert few.split_hash != full.split_hash  # a capped study is another study
 
 
-def test_weights_list_is_a_searched_parameter(tmp_path):
+def test_weights_list_is_a_searched_parameter(tmp_path, registry):
     config = _study(tmp_path, "t", '["pretrain:digits:0-4", "none"]', n_trials=2)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(12):
         trial = study.ask()
-        choice = suggest(trial, config)
+        choice = suggest(trial, config, registry)
         source = trial.params["weights"]
         seen.add(source)
         expected = (
@@ -121,10 +121,10 @@ def test_weights_list_is_a_searched_parameter(tmp_path):
     assert seen == {"pretrain:digits:0-4", "none"}
 
 
-def test_a_fixed_source_adds_no_parameter(tmp_path):
+def test_a_fixed_source_adds_no_parameter(tmp_path, registry):
     config = _study(tmp_path, "t", '"none"', n_trials=2)
     trial = optuna.create_study().ask()
-    assert suggest(trial, config).weights == "none" and "weights" not in trial.params
+    assert suggest(trial, config, registry).weights == "none" and "weights" not in trial.params
 
 
 @pytest.mark.parametrize(

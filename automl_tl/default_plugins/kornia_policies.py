@@ -8,6 +8,7 @@ policy          mapping
 none            identity at every strength
 flip_crop       RandomResizedCrop scale = (1 - 0.6 s, 1), ratio = (1 - 0.25 s, 1 + 0.25 s);
                 RandomHorizontalFlip p = 0.5 s
+crop            flip_crop without the flip (for ``[data] orientation = "fixed"``)
 color           ColorJitter brightness = contrast = saturation = 0.4 s, hue = 0.1 s
                 (p = 1), RandomGrayscale p = 0.2 s
 randaugment     RandAugment n = 2, m = round(20 s) clipped to [1, 29] on Kornia's (0, 30)
@@ -16,6 +17,12 @@ trivialaugment  TrivialAugment (magnitude drawn per batch by the method itself) 
                 each image with probability s
 autoaugment     AutoAugment ImageNet policy applied to each image with probability s
 =============== =====================================================================
+
+Geometry each declares (``flips``, ``max_rotation_deg``; see
+:attr:`automl_tl.AugmentationPolicy.orientation_safe`): ``flip_crop`` flips; RandAugment,
+TrivialAugment and AutoAugment rotate by at most 30° (Kornia's ``("rotate", -30, 30)``) and
+never flip; the others do neither. So under ``[data] orientation = "fixed"`` every policy
+but ``flip_crop`` is searched, and ``crop`` takes its place in the default list.
 """
 
 from __future__ import annotations
@@ -51,8 +58,11 @@ class ApplyToFraction(nn.Module):
 
 
 class _Policy(AugmentationPolicy):
-    def __init__(self, name: str, description: str, builder) -> None:
+    def __init__(
+        self, name: str, description: str, builder, *, flips=False, max_rotation_deg=0.0
+    ) -> None:
         self.name, self.description, self._builder = name, description, builder
+        self.flips, self.max_rotation_deg = flips, max_rotation_deg
 
     def build(self, strength: float, image_size: int) -> nn.Module:
         if not 0.0 <= strength <= 1.0:
@@ -71,6 +81,12 @@ def _flip_crop(s: float, size: int) -> nn.Module:
     )
 
 
+def _crop(s: float, size: int) -> nn.Module:
+    return K.RandomResizedCrop(
+        (size, size), scale=(1.0 - 0.6 * s, 1.0), ratio=(1 - 0.25 * s, 1 + 0.25 * s)
+    )
+
+
 def _color(s: float, size: int) -> nn.Module:
     return nn.Sequential(
         K.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s, p=1.0),
@@ -84,18 +100,31 @@ def _randaugment(s: float, size: int) -> nn.Module:
 
 POLICIES = [
     _Policy("none", "no augmentation", lambda s, size: nn.Identity()),
-    _Policy("flip_crop", "random resized crop and horizontal flip (geometric)", _flip_crop),
+    _Policy(
+        "flip_crop",
+        "random resized crop and horizontal flip (geometric)",
+        _flip_crop,
+        flips=True,
+    ),
+    _Policy("crop", "random resized crop, no flip (geometric, keeps orientation)", _crop),
     _Policy("color", "colour jitter and random grayscale (photometric)", _color),
-    _Policy("randaugment", "RandAugment, 2 ops at magnitude 20·s of 30", _randaugment),
+    _Policy(
+        "randaugment",
+        "RandAugment, 2 ops at magnitude 20·s of 30",
+        _randaugment,
+        max_rotation_deg=30.0,
+    ),
     _Policy(
         "trivialaugment",
         "TrivialAugment applied to a fraction s of images",
         lambda s, size: ApplyToFraction(TrivialAugment(), s),
+        max_rotation_deg=30.0,
     ),
     _Policy(
         "autoaugment",
         "AutoAugment (ImageNet policy) applied to a fraction s of images",
         lambda s, size: ApplyToFraction(AutoAugment("imagenet"), s),
+        max_rotation_deg=30.0,
     ),
 ]
 

@@ -10,6 +10,12 @@
   ``DECAY`` per group going down (the head at the full rate).
 
 Depth 0 is a linear probe for every strategy.
+
+From random init (``[weights]`` ``"none"``) there are no features to keep, so the search gives
+such trials only strategies with ``from_scratch = True``, at full depth: of these, ``top_k``
+(at full depth: plain full training). ``gradual`` and ``lp_ft`` would keep random layers
+frozen for half the epochs or more, and ``layer_decay`` would train the lowest random layers
+at a fraction of the lr (0.7 per group), which is a prior for pretrained features only.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ def _flat(groups: list[LayerGroup]) -> list[str]:
 class TopK(UnfreezeStrategy):
     name = "top_k"
     description = "train the top k layer groups and the head"
+    from_scratch = True  # at full depth: the whole body trains from the first epoch
 
     def param_groups(self, groups, head, depth):
         return [ParamGroup(list(head) + _flat(_top(groups, depth)))]
@@ -40,6 +47,7 @@ class TopK(UnfreezeStrategy):
 class Gradual(TopK):
     name = "gradual"
     description = "head first, then unfreeze top-down until k groups train in the last epoch"
+    from_scratch = False  # random layers frozen for most epochs
 
     def trainable(self, epoch, epochs, groups, head, depth):
         unfrozen = math.ceil(depth * epoch / max(1, epochs - 1))
@@ -49,6 +57,7 @@ class Gradual(TopK):
 class LinearProbeThenFineTune(TopK):
     name = "lp_ft"
     description = "linear probe for the first half of the epochs, then fine-tune the top k"
+    from_scratch = False  # probes random features for half the epochs
 
     @staticmethod
     def probe_epochs(epochs: int) -> int:
