@@ -147,6 +147,24 @@ class Catalog:
             pk="id",
             if_not_exists=True,
         )
+        self.db["races"].create(
+            {
+                "study": str,
+                "key": str,
+                "finalist": int,
+                "repeat": int,
+                "fold": int,
+                "folds": int,
+                "seed": int,
+                "value": float,
+                "images": int,
+                "best_epoch": int,
+                "seconds": float,
+                "finished": str,
+            },
+            pk=("study", "key"),
+            if_not_exists=True,
+        )
         self.db["skipped_images"].create(
             {"study": str, "path": str, "reason": str},
             pk=("study", "path"),
@@ -176,6 +194,14 @@ class Catalog:
             row["number"]: row["state"]
             for row in self.db["trials"].rows_where("study = ?", [study], select="number, state")
         }
+
+    def record_race(self, study: str, row: dict[str, Any]) -> None:
+        """One finished run of the finalists' race (automl_tl.selection)."""
+        row = {"study": study, **row}
+        self._write(lambda: self.db["races"].upsert(row, pk=("study", "key"), alter=True))
+
+    def races(self, study: str) -> list[dict[str, Any]]:
+        return list(self.db["races"].rows_where("study = ?", [study], order_by="finalist, key"))
 
     def record_epoch(self, study: str, trial: int, epoch: int, metrics: dict[str, Any]) -> None:
         row = {"study": study, "trial": trial, "epoch": epoch}

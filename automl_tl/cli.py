@@ -141,13 +141,68 @@ def cmd_search(args: argparse.Namespace) -> int:
         f"#{outcome.best['number']} val {config.search.metric} {outcome.best['value']:.4f}"
     )
     if outcome.metrics:
-        test = outcome.metrics["test"]
-        print(
-            f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
-            f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {outcome.model_dir}"
-        )
+        _print_retrained(config, outcome.metrics, outcome.model_dir)
+    _print_selection(outcome.selection)
     _print_weights_comparison(outcome.comparison, config.search.metric)
     return 0
+
+
+def _interval(metrics: dict[str, Any], key: str) -> str:
+    low_high = (metrics.get("test_interval") or {}).get(key)
+    return f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else ""
+
+
+def _print_retrained(config, metrics: dict[str, Any], directory) -> None:
+    """The retrained model's test scores with their 95 % intervals, and its calibration."""
+    test = metrics["test"]
+    print(
+        f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
+        f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {directory}"
+    )
+    if metrics.get("test_interval"):
+        print(
+            f"  trial #{metrics['trial']}; 95 % intervals on {metrics.get('test_images', '?')} "
+            f"test images: accuracy{_interval(metrics, 'accuracy')}, balanced"
+            f"{_interval(metrics, 'balanced_accuracy')}, macro F1{_interval(metrics, 'macro_f1')}"
+        )
+    cal = metrics.get("calibration")
+    if cal and cal.get("fitted_on"):
+        print(
+            f"calibrated: temperature {cal['temperature']:.3f} (fitted on {cal['fitted_on']}); "
+            f"expected calibration error on test {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}"
+        )
+
+
+def _print_selection(data: dict[str, Any] | None) -> None:
+    """The race (finalists, their scores, the winner) and single vs ensemble vs soup."""
+    if not data:
+        return
+    sel = data["selection"]
+    if sel["runs"]:
+        how = f"{sel['folds']} folds of train+val" if sel["folds"] else "the study's split"
+        print(
+            f"race: {len(sel['finalists'])} finalists within ±{sel['standard_error']:.3f} of the "
+            f"best, {sel['runs']} extra runs ({how}, {sel['repeats']} repeat(s); budget "
+            f"{sel['budget']}, {sel['run_seconds']:.0f}s), chosen by {sel['rule']}:"
+        )
+        for r in sel["finalists"]:
+            mark = "*" if r["trial"] == sel["winner"] else " "
+            print(
+                f"  {mark} trial #{r['trial']:<4} search {r['value']:.4f}  mean {r['mean']:.4f}  "
+                f"lcb {r['lcb']:.4f}  ({len(r['scores'])} scores)"
+            )
+    for note in sel.get("notes") or []:
+        print(f"  note: {note}")
+    rows = [("single best", data.get("single")), ("ensemble", data.get("ensemble"))]
+    rows.append(("soup", data.get("soup")))
+    for label, row in rows:
+        if not row:
+            continue
+        print(
+            f"  {label:<12} test accuracy {row['test']['accuracy']:.4f}"
+            f"{_interval(row, 'accuracy')}  ECE {row['ece']:.3f}  {row['ms_per_image']:.2f} ms/image"
+            f"  {row['members']} model(s), {row['parameters']:,} parameters"
+        )
 
 
 def _print_weights_comparison(rows: list[dict[str, Any]] | None, metric: str) -> None:
@@ -168,17 +223,26 @@ def _print_weights_comparison(rows: list[dict[str, Any]] | None, metric: str) ->
     diff = transfer_difference(rows, metric)
     if diff is not None:
         d = diff["difference"]
+        verdict = "pays" if d > 0 else "does not pay"
+        if diff.get("inside_noise"):
+            tail = (
+                f", inside the noise (95 % interval ±{diff['noise']:.4f}): "
+                "not a difference these test images can show"
+            )
+        else:
+            tail = f" (95 % interval ±{diff['noise']:.4f})" if "noise" in diff else ""
         print(
-            f"  transfer {'pays' if d > 0 else 'does not pay'}: best transferred "
-            f"({diff['weights']}) - scratch = {d:+.4f} test {metric}"
+            f"  transfer {verdict}: best transferred ({diff['weights']}) - scratch = {d:+.4f} "
+            f"test {metric}{tail}"
         )
 
 
 def _search_with_workers(args: argparse.Namespace, config, pm, registry, device: str) -> int:
     """``search --workers N``: N local worker processes on one study (see automl_tl.workers)."""
     from .leaderboard import best_summary, count_finished
-    from .retrain import retrain_once, retrain_per_weights
+    from .retrain import retrain_per_weights
     from .search import announce_export
+    from .selection import select_and_retrain
     from .storage import storage_for_workers, url_to_env
     from .workers import run_workers
 
@@ -217,15 +281,15 @@ def _search_with_workers(args: argparse.Namespace, config, pm, registry, device:
         from .data import load_splits
 
         splits = load_splits(config, registry)  # from the cache the workers shared
-        retrained = retrain_once(config, registry, result.study, splits, device=device)
+        # the race, the winner's retrain, the ensemble and the soup (automl_tl.selection)
+        retrained, chosen = select_and_retrain(
+            config, registry, result.study, splits, device=device
+        )
         if retrained is not None:
             directory, metrics = retrained
             announce_export(pm, config, directory, metrics)
-            test = metrics["test"]
-            print(
-                f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
-                f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {directory}"
-            )
+            _print_retrained(config, metrics, directory)
+            _print_selection(chosen)
             rows = retrain_per_weights(config, registry, result.study, splits, device=device)
             _print_weights_comparison(rows, config.search.metric)
     return 1 if result.failed else 0
@@ -333,9 +397,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         bm = data["best_model"]
         print(
             f"\nbest model (trial {bm['trial']}): test "
-            + ", ".join(f"{k} {v:.4f}" for k, v in bm["test"].items())
+            + ", ".join(f"{k} {v:.4f}{_interval(bm, k)}" for k, v in bm["test"].items())
             + f" -> {bm['path']}"
         )
+    if data.get("selection"):
+        _print_selection(data["selection"])
     if data.get("weights"):
         print()
         _print_weights_comparison(data["weights"], config.search.metric)
@@ -525,7 +591,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .plugins import registry_needing
 
     config = load_config(args.study)
-    directory = config.paths.model(args.trial)
+    if args.model != "best" and args.trial is not None:
+        raise UserError("give --trial N or --model ensemble|soup, not both")
+    directory = (
+        config.paths.root / args.model if args.model != "best" else config.paths.model(args.trial)
+    )
     files = check_timm_export(directory)
     if plain_timm_loads(directory):
         print(f"timm export: {directory} ({', '.join(files)})")
@@ -536,16 +606,72 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     if args.onnx:
         # the study's plugins run only when the model's backbone needs one (a trust boundary)
-        record = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        backbone = (record.get("automl_tl") or {}).get("backbone") or record.get("architecture")
         registry = registry_needing(
-            config.plugins, args.plugin, {"backbones": [backbone]}, base_dir=config.base_dir
+            config.plugins,
+            args.plugin,
+            {"backbones": _export_backbones(directory)},
+            base_dir=config.base_dir,
         )
         result = export_onnx(directory, opset=args.opset, registry=registry)
         print(
             f"onnx: {result.path} (opset {result.opset}); max abs difference vs PyTorch on a batch "
             f"of {result.batch}: {result.max_abs_diff:.2e}"
         )
+    return 0
+
+
+def _export_backbones(directory) -> list[str]:
+    """The backbones an exported folder needs: its own, or its ensemble members'."""
+    from .export import ENSEMBLE_FILE
+
+    folders = [directory]
+    if (directory / ENSEMBLE_FILE).is_file():
+        spec = json.loads((directory / ENSEMBLE_FILE).read_text(encoding="utf-8"))
+        folders = [directory / m["path"] for m in spec.get("members", [])]
+    names = []
+    for folder in folders:
+        try:
+            record = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        names.append((record.get("automl_tl") or {}).get("backbone") or record.get("architecture"))
+    return [n for n in names if n]
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """``automl-tl ensemble A B ... -o DIR [--soup]``."""
+    from pathlib import Path
+
+    from .export import check_timm_export, export_ensemble
+
+    folders = [Path(m) for m in args.models]
+    for f in folders:
+        check_timm_export(f)
+    if args.soup:
+        import json as _json
+
+        from .export import export_model
+        from .plugins import get_plugin_manager
+        from .registry import Registry
+        from .selection import soup_models
+
+        soup = soup_models(folders)
+        config = _json.loads((folders[0] / "config.json").read_text())
+        registry = Registry.from_plugin_manager(get_plugin_manager(args.plugin)[0])
+        backbone = registry.get("backbones", config.get("automl_tl", {}).get("backbone"))
+        export_model(
+            soup.model,
+            backbone,
+            Path(args.output),
+            soup.label_names,
+            soup.data_config,
+            {"kind": "soup", "ingredients": [str(f) for f in folders]},
+            extra={"temperature": soup.temperature},
+        )
+        print(f"soup of {len(folders)} models -> {args.output}")
+    else:
+        export_ensemble(folders, Path(args.output), metrics={"kind": "ensemble"})
+        print(f"ensemble of {len(folders)} models -> {args.output}")
     return 0
 
 
@@ -787,7 +913,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--plugin", action="append", default=[])
+    p.add_argument(
+        "--model",
+        choices=["best", "ensemble", "soup"],
+        default="best",
+        help="which of the study's models: best/ (default), ensemble/ or soup/",
+    )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "ensemble",
+        help="combine exported models into one: an ensemble (default) or a weight soup (--soup)",
+        description="An ensemble averages its members' probabilities (members must predict the "
+        "same classes); a soup averages the weights of models of one backbone fine-tuned from "
+        "the same weights. Either loads, predicts and exports to ONNX like one model.",
+    )
+    common(p, study=False)
+    p.add_argument("models", nargs="+", help="exported model folders")
+    p.add_argument("--output", "-o", required=True, help="folder to write")
+    p.add_argument("--soup", action="store_true", help="average the weights instead")
+    p.add_argument("--plugin", action="append", default=[])
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser(
         "clean",

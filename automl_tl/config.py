@@ -100,6 +100,41 @@ class SearchSection:
     #: tpe / gp: start with one textbook configuration per backbone (automl_tl/portfolio.py)
     #: in place of the first random start-up trials; false: random start-up only
     portfolio: bool = True
+    #: early stopping: a trial stops when its validation score has not improved for this
+    #: many epochs, and scores as its best epoch (0 = off: every trial runs all epochs)
+    patience: int = field(default=0, metadata={"min": 0})
+
+
+@dataclass
+class SelectionSection:
+    """How the winner is chosen after the search (automl_tl/selection.py)."""
+
+    #: race the finalists (complete trials within one standard error of the best) again;
+    #: false: the plain argmax of the search, as before
+    race: bool = True
+    #: at most this many finalists are raced
+    finalists: int = field(default=5, metadata={"min": 1})
+    #: extra training runs (other seeds) per finalist and fold
+    repeats: int = field(default=1, metadata={"min": 1})
+    #: k-fold cross-validation over train+val while racing; -1 = chosen from the images per
+    #: class (folds when the validation split has fewer than 10 images per class), 0 = off
+    folds: int = field(default=-1, metadata={"min": -1})
+    #: how the raced winner is chosen: the mean score, or its lower confidence bound
+    rule: str = field(default="mean", metadata=_choices("mean", "lcb"))
+    #: at most this many extra training runs (trial-equivalents) in all for racing; 0: as many
+    #: as the search's n_trials, at most 20 (racing never more than doubles a search)
+    budget: int = field(default=0, metadata={"min": 0})
+
+    def race_budget(self, n_trials: int) -> int:
+        """The racing budget in force: ``budget``, or for 0 ``min(20, n_trials)``."""
+        return self.budget or max(1, min(20, n_trials))
+
+    #: greedy ensemble selection (Caruana 2004) over the finalists -> <output>/ensemble/
+    ensemble: bool = True
+    #: greedy weight soup (Wortsman 2022) of finalists sharing backbone and weights -> soup/
+    soup: bool = True
+    #: temperature scaling fitted on held-out validation predictions
+    calibrate: bool = True
 
 
 @dataclass
@@ -129,6 +164,7 @@ class StudyConfig:
     search: SearchSection = field(default_factory=SearchSection)
     retrain: RetrainSection = field(default_factory=RetrainSection)
     pretrain: PretrainSection = field(default_factory=PretrainSection)
+    selection: SelectionSection = field(default_factory=SelectionSection)
     #: per-backbone weight source; "default" applies to backbones not named. A list makes the
     #: source a searched choice (the ``weights`` parameter), e.g. ["pretrain:digits:0-4", "none"]
     weights: dict[str, str | list[str]] = field(default_factory=lambda: {"default": "none"})
@@ -246,8 +282,9 @@ _SECTIONS = {
     "search": SearchSection,
     "retrain": RetrainSection,
     "pretrain": PretrainSection,
+    "selection": SelectionSection,
 }
-_TOP_LEVEL = ("name", "plugins", "data", "search", "retrain", "pretrain", "weights")
+_TOP_LEVEL = ("name", "plugins", "data", "search", "retrain", "pretrain", "selection", "weights")
 
 
 def _type_name(value: Any) -> str:
@@ -399,6 +436,13 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
         explicit=explicit,
         **sections,
     )
+    asked = (raw.get("selection") or {}).get("finalists")
+    if asked is not None and asked > config.search.n_trials:
+        raise ConfigError(
+            f"[selection] finalists = {asked} is more than the {config.search.n_trials} trials "
+            f"of [search] n_trials, so there cannot be that many; set [selection] finalists to "
+            f"at most {config.search.n_trials} or raise n_trials"
+        )
     for backbone, value in config.weights.items():
         if backbone != "default" and backbone not in config.search.backbones:
             raise ConfigError(

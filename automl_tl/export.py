@@ -144,7 +144,9 @@ def recover_export(directory: str | Path) -> bool:
 def _recover_locked(directory: Path) -> bool:
     restored = False
     old = [
-        p for p in _leftovers(directory, "old") if (p / "config.json").is_file()
+        p
+        for p in _leftovers(directory, "old")
+        if (p / "config.json").is_file() or (p / ENSEMBLE_FILE).is_file()
     ]  # an empty placeholder (killed before the first rename) holds nothing to restore
     if not directory.exists() and old:
         os.replace(old[-1], directory)
@@ -165,37 +167,43 @@ def export_model(
     label_names: list[str],
     data_config: DataConfig,
     metrics: dict[str, Any],
-    provenance: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> str:
-    """Write the model into ``directory`` atomically (a new folder swapped in); return its sha256.
-
-    ``provenance`` (``{"backbone_origin": …, "weights": …}``: where the backbone's code and
-    its starting weights came from) goes into ``config.json``'s ``automl_tl`` section, so a
-    loader can name the plugin to install and warn about another version of it.
+    """Write the model into ``directory`` atomically (a new folder swapped in); return its
+    sha256. ``extra`` goes into config.json's ``automl_tl`` table (e.g. ``temperature``).
 
     The new folder is written and flushed to disk under a private, unpredictable name, then
     swapped in with two renames (the old folder aside, the new one in place) while Ctrl-C and
     SIGTERM are held; a crash between them is repaired by :func:`recover_export`, which the
     next export (and :func:`load_model`) runs first. Readers see the old model or the new one.
     """
+
+    def write(staging: Path) -> str:
+        backbone.export(
+            model.cpu().float().eval(),
+            staging,
+            label_names,
+            data_config,
+            {"study_metrics": "metrics.json", **(extra or {})},
+        )
+        write_atomic(staging / "metrics.json", json.dumps(metrics, indent=2))
+        return sha256_file(staging / "model.safetensors")
+
+    return _write_folder(Path(directory), write)
+
+
+def _write_folder(directory: Path, write) -> Any:
+    """``write(staging)`` into a private folder, then swap it in for ``directory`` (see
+    :func:`export_model`); returns what ``write`` returned."""
     import socket
 
-    directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{directory.name}.staging.{socket.gethostname()}.{os.getpid()}."
     with _export_lock(directory):
         _recover_locked(directory)
         staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=prefix))
         try:
-            backbone.export(
-                model.cpu().float().eval(),
-                staging,
-                label_names,
-                data_config,
-                {"study_metrics": "metrics.json", **(provenance or {})},
-            )
-            write_atomic(staging / "metrics.json", json.dumps(metrics, indent=2))
-            digest = sha256_file(staging / "model.safetensors")
+            digest = write(staging)
             as_umask_allows(staging)
             _fsync_tree(staging)
             # a fresh, unpredictable, empty folder: rename() replaces an empty folder, so no
@@ -221,14 +229,74 @@ def export_model(
                 shutil.rmtree(staging, ignore_errors=True)
 
 
+class Scaled(nn.Module):
+    """``model(x) / temperature``: calibrated logits (temperature scaling) in one module."""
+
+    def __init__(self, model: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("inv_temperature", torch.tensor(1.0 / float(temperature)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float() * self.inv_temperature
+
+
+class Averaged(nn.Module):
+    """An ensemble as one module: the weighted mean of its members' probabilities, returned
+    as log-probabilities (divided by the ensemble's temperature, then re-normalized). Input
+    is normalized with the first member's mean/std; each member re-normalizes with its own."""
+
+    def __init__(
+        self,
+        members: list[nn.Module],
+        weights: list[float],
+        norms: list[tuple[Sequence[float], Sequence[float]]],
+        temperature: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        w = torch.tensor(weights, dtype=torch.float32)
+        self.register_buffer("weights", w / w.sum())
+        mean0, std0 = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in norms[0])
+        scales, shifts = [], []
+        for mean, std in norms:  # x_i = (x * std0 + mean0 - mean_i) / std_i = x * a_i + b_i
+            m, s_ = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+            scales.append(std0 / s_)
+            shifts.append((mean0 - m) / s_)
+        self.register_buffer("scales", torch.stack(scales))
+        self.register_buffer("shifts", torch.stack(shifts))
+        self.register_buffer("inv_temperature", torch.tensor(1.0 / float(temperature)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for i, member in enumerate(self.members):
+            probs = member(x * self.scales[i] + self.shifts[i]).float().softmax(-1)
+            total = probs * self.weights[i] if total is None else total + probs * self.weights[i]
+        return (total.clamp_min(1e-12).log() * self.inv_temperature).log_softmax(-1)
+
+
 @dataclass
 class LoadedModel:
-    """An exported model with its preprocessing: ``predict(images)`` takes paths, PIL images or tensors."""
+    """An exported model with its preprocessing: ``predict(images)`` takes paths, PIL images or tensors.
+
+    An ensemble export (``ensemble.json``) loads as one too: :attr:`model` is then the
+    :class:`Averaged` module of its members. :attr:`temperature` (temperature scaling) is
+    applied by :meth:`predict` and by the ONNX export.
+    """
 
     model: nn.Module
     label_names: list[str]
     data_config: DataConfig
     device: torch.device
+    temperature: float = 1.0
+    #: for an ensemble: its members' folders and weights
+    members: list[tuple[Path, float]] | None = None
+
+    def calibrated_module(self) -> nn.Module:
+        """The module whose outputs are the calibrated logits (what ONNX exports)."""
+        if isinstance(self.model, Averaged) or self.temperature == 1.0:
+            return self.model
+        return Scaled(self.model, self.temperature).to(self.device)
 
     @property
     def image_size(self) -> int:
@@ -264,8 +332,9 @@ class LoadedModel:
     def predict(
         self, images: Sequence[Any] | torch.Tensor, top_k: int = 1
     ) -> list[list[tuple[str, float]]]:
-        """Top-k (label, probability) per image."""
-        probs = self.model(self.preprocess(images)).float().softmax(-1).cpu()
+        """Top-k (label, probability) per image (calibrated probabilities)."""
+        logits = self.calibrated_module()(self.preprocess(images)).float()
+        probs = logits.softmax(-1).cpu()
         k = min(top_k, probs.shape[1])
         values, indices = probs.topk(k, dim=1)
         return [
@@ -338,6 +407,10 @@ def load_model(
     import timm
 
     directory = Path(directory)
+    if (directory / ENSEMBLE_FILE).is_file():
+        if registry is None and plugins:
+            registry = Registry.from_plugin_manager(get_plugin_manager(list(plugins))[0])
+        return load_ensemble(directory, device=device, registry=registry)
     config_path = directory / "config.json"
     if not config_path.is_file():
         with contextlib.suppress(OSError):  # an export killed mid-swap: restore the old model
@@ -382,7 +455,96 @@ def load_model(
         )
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
     device_t = torch.device(device)
-    return LoadedModel(model.to(device_t).eval(), list(label_names), data_config, device_t)
+    temperature = float(config.get("automl_tl", {}).get("temperature") or 1.0)
+    return LoadedModel(
+        model.to(device_t).eval(), list(label_names), data_config, device_t, temperature
+    )
+
+
+#: the file that makes a folder an ensemble export
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def load_ensemble(directory: Path, device: str = "cpu", registry=None) -> LoadedModel:
+    """Load an ensemble export: ``ensemble.json`` names member folders (relative) and weights."""
+    spec = json.loads((directory / ENSEMBLE_FILE).read_text())
+    loaded = [
+        load_model(directory / m["path"], device="cpu", registry=registry) for m in spec["members"]
+    ]
+    check_same_classes(
+        [directory / m["path"] for m in spec["members"]], [m.label_names for m in loaded]
+    )
+    module = Averaged(
+        [m.model for m in loaded],
+        [float(m["weight"]) for m in spec["members"]],
+        [(m.data_config.mean, m.data_config.std) for m in loaded],
+        float(spec.get("temperature") or 1.0),
+    )
+    device_t = torch.device(device)
+    return LoadedModel(
+        module.to(device_t).eval(),
+        loaded[0].label_names,
+        loaded[0].data_config,
+        device_t,
+        float(spec.get("temperature") or 1.0),
+        members=[(directory / m["path"], float(m["weight"])) for m in spec["members"]],
+    )
+
+
+def check_same_classes(folders: Sequence[Path], label_lists: Sequence[list[str]]) -> None:
+    """An ensemble's members predict the same classes in the same order, or a clear error."""
+    first = list(label_lists[0])
+    for folder, labels in zip(folders[1:], label_lists[1:]):
+        if list(labels) != first:
+            raise UserError(
+                f"cannot ensemble models with different class lists: {folders[0]} predicts "
+                f"{first}, {folder} predicts {list(labels)}; ensemble models of one study"
+            )
+
+
+def export_ensemble(
+    members: Sequence[str | Path],
+    directory: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    temperature: float = 1.0,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write an ensemble export: ``members/<i>-<name>/`` copies of the member exports plus
+    ``ensemble.json`` (and ``metrics.json``), swapped in atomically. ``load_model``,
+    ``predict`` and ``export --onnx`` take the folder like any exported model."""
+    members = [Path(m) for m in members]
+    if not members:
+        raise UserError("an ensemble needs at least one member model")
+    for m in members:
+        check_timm_export(m)
+    labels = []
+    for m in members:
+        config = json.loads((m / "config.json").read_text())
+        labels.append(
+            config.get("label_names") or config.get("pretrained_cfg", {}).get("label_names")
+        )
+    check_same_classes(members, labels)
+    weights = list(weights) if weights is not None else [1.0] * len(members)
+
+    def write(staging: Path) -> None:
+        spec_members = []
+        for i, (m, w) in enumerate(zip(members, weights)):
+            rel = f"members/{i}-{m.name}"
+            shutil.copytree(m, staging / rel, ignore=shutil.ignore_patterns("model.onnx", ".*"))
+            spec_members.append({"path": rel, "weight": float(w), "source": str(m)})
+        spec = {
+            "kind": "ensemble",
+            "label_names": list(labels[0]),
+            "members": spec_members,
+            "temperature": round(float(temperature), 4),
+        }
+        write_atomic(staging / ENSEMBLE_FILE, json.dumps(spec, indent=2))
+        write_atomic(staging / "metrics.json", json.dumps(metrics or {}, indent=2))
+
+    directory = Path(directory)
+    _write_folder(directory, write)
+    return directory
 
 
 def plain_timm_loads(directory: str | Path) -> bool:
@@ -456,6 +618,8 @@ def predict_paths(
 def check_timm_export(directory: str | Path) -> list[str]:
     """The files of an exported model folder; a clear error when it is not one."""
     directory = Path(directory)
+    if (directory / ENSEMBLE_FILE).is_file():
+        return sorted(p.name for p in directory.iterdir() if p.is_file())
     if not (directory / "config.json").is_file():
         with contextlib.suppress(OSError):  # an export killed mid-swap: restore the old model
             recover_export(directory)
@@ -513,7 +677,7 @@ def export_onnx(
     directory = Path(directory)
     check_timm_export(directory)
     loaded = load_model(directory, device="cpu", registry=registry, plugins=plugins)
-    model = loaded.model.float().eval()
+    model = loaded.calibrated_module().float().eval()  # temperature scaling / ensemble inside
     size = loaded.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
     path = directory / "model.onnx"
@@ -551,6 +715,9 @@ def export_onnx(
             "mean": json.dumps(list(loaded.data_config.mean)),
             "std": json.dumps(list(loaded.data_config.std)),
             "preprocess": "RGB in [0, 1], resized to input_size, then (x - mean) / std",
+            "temperature": json.dumps(loaded.temperature),
+            "outputs": "calibrated logits: softmax gives the probabilities"
+            + (" (log of the ensemble's mean probabilities)" if loaded.members else ""),
         }
         for key, value in metadata.items():
             entry = proto.metadata_props.add()

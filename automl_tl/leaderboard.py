@@ -7,6 +7,7 @@ backbone, and the transferred-vs-scratch comparison when the weight source is se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
@@ -19,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from . import trials
 from .catalog import Catalog, catalog_path
 from .config import StudyConfig
+from .scores import difference_in_noise
 from .space import effective_params
 from .storage import open_study
 
@@ -148,10 +150,11 @@ def comparison(config: StudyConfig, study: optuna.Study) -> list[dict[str, Any]]
     rows = []
     for label, t in best_by_weights(config, study).items():
         folder = retrained_model(config, t.number)
-        test = None
+        test = interval = images = None
         if folder is not None:
             metrics = json.loads((folder / "metrics.json").read_text())
             test = {k: v for k, v in metrics.get("test", {}).items() if k != "confusion_matrix"}
+            interval, images = metrics.get("test_interval"), metrics.get("test_images")
         rows.append(
             {
                 "weights": label,
@@ -161,6 +164,8 @@ def comparison(config: StudyConfig, study: optuna.Study) -> list[dict[str, Any]]
                 "val": t.value,
                 "trials": sum(1 for x in complete if weights_label(config, x.params) == label),
                 "test": test,
+                "test_interval": interval,  # 95 %
+                "test_images": images,
                 "path": str(folder) if folder else None,
             }
         )
@@ -170,15 +175,21 @@ def comparison(config: StudyConfig, study: optuna.Study) -> list[dict[str, Any]]
 
 
 def transfer_difference(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
-    """Best transferred minus best scratch test score, when both were retrained."""
+    """Best transferred minus best scratch test score, when both were retrained, with the
+    half-width of its 95 % interval (binomial, normal approximation, on the test split's
+    size) and whether the difference lies inside it (``inside_noise``)."""
     scratch = [r for r in rows if r["scratch"] and r["test"]]
     transferred = [r for r in rows if not r["scratch"] and r["test"]]
     if not (scratch and transferred):
         return None
-    return {
-        "weights": transferred[0]["weights"],
-        "difference": transferred[0]["test"][metric] - scratch[0]["test"][metric],
-    }
+    a, b = transferred[0], scratch[0]
+    out = {"weights": a["weights"], "difference": a["test"][metric] - b["test"][metric]}
+    if a.get("test_images") and b.get("test_images"):
+        half, inside = difference_in_noise(
+            a["test"][metric], a["test_images"], b["test"][metric], b["test_images"]
+        )
+        out.update(noise=round(half, 4), inside_noise=inside)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +216,7 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
                 "fail_reason": s.fail_reason,
                 "images_per_s": s.images_per_s,
                 "batch_size": s.batch_size,
+                "best_epoch": t.user_attrs.get(trials.BEST_EPOCH),  # 1-based
             }
         )
     out: dict[str, Any] = {
@@ -230,7 +242,12 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
             "path": str(metrics_path.parent),
             "trial": m.get("trial"),
             "test": {k: v for k, v in m.get("test", {}).items() if k != "confusion_matrix"},
+            "test_interval": m.get("test_interval"),  # 95 %: Wilson / bootstrap
+            "test_images": m.get("test_images"),
+            "calibration": m.get("calibration"),
         }
+    with contextlib.suppress(OSError, ValueError):  # the race; single vs ensemble vs soup
+        out["selection"] = json.loads(paths.selection.read_text())
     rows = comparison(config, study)  # transferred vs scratch, when [weights] is searched
     if rows is not None:
         out["weights"] = rows

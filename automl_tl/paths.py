@@ -10,6 +10,9 @@
       pretrained/           ``pretrain:SOURCE`` weights, ``<backbone>--<source>.safetensors``
       best/                 the retrained best model (timm local-dir format + metrics.json)
       models/trial-N/       any other retrained trial
+      ensemble/             the greedy ensemble of the finalists (ensemble.json + members/)
+      soup/                 the greedy weight soup of the finalists (one model)
+      selection.json        the race and single / ensemble / soup scored on test
       report/               figures and index.html
 """
 
@@ -51,6 +54,18 @@ class StudyPaths:
     @property
     def best(self) -> Path:
         return self.root / "best"
+
+    @property
+    def ensemble(self) -> Path:
+        return self.root / "ensemble"
+
+    @property
+    def soup(self) -> Path:
+        return self.root / "soup"
+
+    @property
+    def selection(self) -> Path:
+        return self.root / "selection.json"
 
     @property
     def report(self) -> Path:

@@ -54,7 +54,7 @@ from .registry import Registry
 from .space import SHOWN_PARAMS, effective_params
 
 #: Bump when the report's content changes, so existing reports are rebuilt.
-REPORT_VERSION = 2
+REPORT_VERSION = 3
 MAX_MISCLASSIFIED = 32
 
 
@@ -455,6 +455,35 @@ def _misclassified(ctx: ReportContext):
     return fig
 
 
+def _reliability(ctx: ReportContext):
+    import matplotlib.pyplot as plt
+
+    cal = (ctx.data.get("best_model") or {}).get("calibration")
+    if not cal or not cal.get("bins_before"):
+        raise Skipped("the best model has no calibration record (retrain it with this version)")
+    fig, ax = plt.subplots(figsize=(5.5, 5), tight_layout=True)
+    ax.plot([0, 1], [0, 1], color="#999", linestyle=":", label="perfectly calibrated")
+    for key, label, color in (
+        ("bins_before", f"before (ECE {cal['ece_before']:.3f})", "#d62728"),
+        (
+            "bins_after",
+            f"after, T = {cal['temperature']:.2f} (ECE {cal['ece_after']:.3f})",
+            "#1f77b4",
+        ),
+    ):
+        points = [(b["confidence"], b["accuracy"]) for b in cal[key] if b["count"]]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", color=color, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability of the best model on test")
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
 FIGURES: list[tuple[str, str, str, Callable[[ReportContext], Any]]] = [
     (
         "optimization_history.png",
@@ -494,6 +523,15 @@ FIGURES: list[tuple[str, str, str, Callable[[ReportContext], Any]]] = [
         _depth_vs_strength,
     ),
     (
+        "reliability.png",
+        "Calibration (reliability diagram)",
+        "Test images binned by the best model's confidence: each point is a bin's mean "
+        "confidence against its accuracy, before and after temperature scaling (the "
+        "temperature is fitted on held-out validation predictions). On the diagonal, a "
+        "probability of 0.8 is right 80 % of the time; ECE is the mean gap.",
+        _reliability,
+    ),
+    (
         "confusion_matrix.png",
         "Confusion matrix of the best model",
         "The exported best model on the test split: rows are true classes, columns predicted "
@@ -531,10 +569,13 @@ def _state_key(ctx: ReportContext) -> str:
                 default=str,
             ).encode()
         )
-    best_model = ctx.config.paths.best / "model.safetensors"
-    if best_model.is_file():
-        stat = best_model.stat()
-        h.update(f"{stat.st_size}|{stat.st_mtime_ns}".encode())
+    for path in (
+        ctx.config.paths.best / "model.safetensors",
+        ctx.config.paths.selection,
+    ):
+        if path.is_file():
+            stat = path.stat()
+            h.update(f"{stat.st_size}|{stat.st_mtime_ns}".encode())
     return h.hexdigest()
 
 
@@ -636,13 +677,108 @@ def _summary_html(ctx: ReportContext) -> str:
         items.append(("note", data["selection_note"]))
     model = data.get("best_model")
     if model:
-        test = ", ".join(f"{k} {v:.4f}" for k, v in model["test"].items())
+        test = ", ".join(f"{k} {v:.4f}{_interval(model, k)}" for k, v in model["test"].items())
         items.append(("best model", f"trial {model['trial']}, test {test} — {model['path']}"))
+        if model.get("test_interval"):
+            items.append(
+                (
+                    "intervals",
+                    f"95 % on {model.get('test_images', '?')} test images: Wilson for accuracy, "
+                    "bootstrap for balanced accuracy and macro F1",
+                )
+            )
+        cal = model.get("calibration") or {}
+        if cal.get("fitted_on"):
+            items.append(
+                (
+                    "calibration",
+                    f"temperature {cal['temperature']:.3f} fitted on {cal['fitted_on']}; expected "
+                    f"calibration error on test {cal['ece_before']:.3f} → {cal['ece_after']:.3f}",
+                )
+            )
     return (
         "<dl>"
         + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
         + "</dl>"
     )
+
+
+def _interval(row: dict[str, Any], key: str) -> str:
+    low_high = (row.get("test_interval") or {}).get(key)
+    return f" [{low_high[0]:.3f}, {low_high[1]:.3f}]" if low_high else ""
+
+
+def _selection_html(data: dict[str, Any]) -> str:
+    """The race of the finalists and single best vs ensemble vs soup on test."""
+    chosen = data.get("selection")
+    if not chosen:
+        return ""
+    sel = chosen["selection"]
+    parts = ['<h2 id="selection">Selection</h2>']
+    how = f"{sel['folds']} folds of train+val" if sel["folds"] else "the study's split"
+    parts.append(
+        f"<p>{len(sel['finalists'])} finalist(s) within one standard error (±"
+        f"{sel['standard_error']:.3f}) of the best on {sel['val_images']} validation images; "
+        f"{sel['runs']} extra run(s) on {html.escape(how)} ({sel['repeats']} repeat(s), budget "
+        f"{sel['budget']}, {sel['run_seconds']:.0f} s); winner by {html.escape(sel['rule'])}: "
+        f"trial {sel['winner']} (the search's argmax: trial {sel['argmax']}).</p>"
+    )
+    head = "".join(
+        f"<th>{c}</th>"
+        for c in ("trial", "search score", "race scores", "mean", "lcb", "best epochs")
+    )
+    rows = []
+    for r in sel["finalists"]:
+        css = ' class="best"' if r["trial"] == sel["winner"] else ""
+        cells = [
+            r["trial"],
+            f"{r['value']:.4f}",
+            ", ".join(f"{v:.3f}" for v in r["scores"]),
+            f"{r['mean']:.4f}",
+            f"{r['lcb']:.4f}",
+            ", ".join(map(str, r["best_epochs"])),
+        ]
+        rows.append(
+            f"<tr{css}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+        )
+    parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    for note in sel.get("notes") or []:
+        parts.append(f'<p class="muted">note: {html.escape(note)}</p>')
+    models = [(k, chosen.get(k)) for k in ("single", "ensemble", "soup") if chosen.get(k)]
+    if models:
+        head = "".join(
+            f"<th>{c}</th>"
+            for c in (
+                "model",
+                "test accuracy (95 %)",
+                "balanced accuracy",
+                "macro F1",
+                "ECE",
+                "ms / image",
+                "models",
+                "parameters",
+            )
+        )
+        rows = []
+        for name, m in models:
+            cells = [
+                {"single": "single best"}.get(name, name),
+                f"{m['test']['accuracy']:.4f}{_interval(m, 'accuracy')}",
+                f"{m['test']['balanced_accuracy']:.4f}{_interval(m, 'balanced_accuracy')}",
+                f"{m['test']['macro_f1']:.4f}{_interval(m, 'macro_f1')}",
+                f"{m['ece']:.3f}",
+                f"{m['ms_per_image']:.2f}",
+                m["members"],
+                f"{m['parameters']:,}",
+            ]
+            rows.append(
+                "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
+            )
+        parts.append(
+            "<h3>Single best vs ensemble vs soup (test)</h3>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        )
+    return "\n".join(parts)
 
 
 def _page(ctx: ReportContext, files: list[ReportFile], directory: Path) -> str:
@@ -673,9 +809,10 @@ def _page(ctx: ReportContext, files: list[ReportFile], directory: Path) -> str:
 <h1>{html.escape(title)}</h1>
 <p class="muted">generated {html.escape(generated)} by automl-tl report</p>
 {_summary_html(ctx)}
-<nav><a href="#leaderboard">Leaderboard</a>{nav}</nav>
+<nav><a href="#leaderboard">Leaderboard</a>{'<a href="#selection">Selection</a>' if data.get("selection") else ""}{nav}</nav>
 <h2 id="leaderboard">Leaderboard</h2>
 {_leaderboard_html(data)}
+{_selection_html(data)}
 {"".join(sections)}
 </body></html>
 """

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
 from . import trials
 from .budget import describe_worker, is_alive, worker_identity
@@ -30,6 +31,7 @@ from .paths import ensure_writable
 from .plugins import component_origin
 from .pretrain import ensure_study_weights
 from .registry import Registry
+from .scores import calibrated, fit_temperature, metric_intervals, reliability, unpack
 from .space import choice_from_params
 from .storage import check_data, open_study, storage_of
 from .train import evaluate, fit, plugin_metrics, resolve_device
@@ -45,6 +47,10 @@ def retrain(
     device: str = "auto",
     study: optuna.Study | None = None,
     splits: Splits | None = None,
+    to_best: bool = False,
+    epochs: int | None = None,
+    temperature: tuple[float, str] | None = None,
+    selection: dict[str, Any] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Train a finished trial's configuration afresh (from its weights, not the trial's
     checkpoint) on ``[retrain] on``, evaluate on test, export, and add it to the catalog.
@@ -52,6 +58,18 @@ def retrain(
     The best trial (``trial_number`` None) goes to ``best/``, any other to
     ``models/trial-N/``. ``best/`` is never replaced by a trial that scores lower than the
     one it holds (two workers retraining at once): that one goes to ``models/trial-N/``.
+
+    Args:
+        to_best: write ``trial_number`` to ``best/`` (the raced winner of
+            :mod:`automl_tl.selection`, which need not have the best search score).
+        epochs: train this many epochs instead of ``[search] epochs`` (the best epoch the
+            finalists agree on, with early stopping).
+        temperature: ``(T, what it was fitted on)`` for temperature scaling; None: fitted on
+            held-out validation predictions when there are some (``[selection] calibrate``).
+        selection: what the selection decided, stored in ``metrics.json``.
+
+    Test metrics carry 95 % intervals (``test_interval``) and the calibration
+    (``calibration``: temperature, expected calibration error before and after, bins).
     """
     paths = config.paths
     ensure_writable(paths.root)
@@ -72,8 +90,10 @@ def retrain(
                 f"study {config.name!r} has no trial {trial_number}; see `automl-tl report`"
             )
         trial = known[trial_number]
-        directory = paths.model(trial_number)
+        directory = paths.best if to_best else paths.model(trial_number)
     choice = choice_from_params(trial.params, config)
+    if epochs is not None:
+        choice.epochs = int(epochs)
     ensure_study_weights(config, registry, device=device)
     device_t = resolve_device(device)
     on = config.retrain.on
@@ -89,16 +109,35 @@ def retrain(
         evaluate_on=None,
     )
     num_classes = len(splits.class_names)
-    metrics_ = plugin_metrics(registry)
+    plugin_scores = plugin_metrics(registry)  # metric plugins, beside the built-in ones
+    test_log_probs: list = []
     test = evaluate(
-        result.model, splits.test, num_classes, result.data_config, device_t, metrics=metrics_
+        result.model,
+        splits.test,
+        num_classes,
+        result.data_config,
+        device_t,
+        log_probs=test_log_probs,
+        metrics=plugin_scores,
     )
+    val_log_probs: list = []
     if on == "train":
         val = evaluate(
-            result.model, splits.val, num_classes, result.data_config, device_t, metrics=metrics_
+            result.model,
+            splits.val,
+            num_classes,
+            result.data_config,
+            device_t,
+            log_probs=val_log_probs,
+            metrics=plugin_scores,
         )
     else:
         val = dict(trial.user_attrs.get(trials.VAL_METRICS) or {})
+    if temperature is None and config.selection.calibrate:
+        temperature = held_out_temperature(trial, splits, val_log_probs, on)
+    test_scores = score_predictions(
+        torch.cat(test_log_probs), splits.test.y, num_classes, temperature, seed=config.data.seed
+    )
     metrics = {
         "study": config.name,
         "trial": trial.number,
@@ -109,6 +148,7 @@ def retrain(
         "seconds": round(time.perf_counter() - started, 3),
         "val": val,
         "test": test,
+        **test_scores,
         "data": splits.summary(),
         # where the model came from: the backbone's plugin and the weights it started from
         "backbone_origin": component_origin(
@@ -116,7 +156,9 @@ def retrain(
         ),
         "weights": config.weights_record(choice.backbone, trial.params.get("weights")),
     }
-    if directory == paths.best:  # another worker may have exported a better trial meanwhile
+    if selection is not None:
+        metrics["selection"] = selection
+    if directory == paths.best and not to_best:  # another worker may have exported a better trial
         directory = best_dir_for(config, study, trial)
     digest = export_model(
         result.model,
@@ -125,7 +167,11 @@ def retrain(
         splits.class_names,
         result.data_config,
         metrics,
-        provenance={k: metrics[k] for k in ("backbone_origin", "weights")},
+        extra={
+            "temperature": metrics["calibration"]["temperature"],
+            "backbone_origin": metrics["backbone_origin"],
+            "weights": metrics["weights"],
+        },
     )
     Catalog(catalog_path(config)).record_model(
         config.name,
@@ -144,6 +190,49 @@ def retrain(
         directory,
     )
     return directory, metrics
+
+
+def held_out_temperature(
+    trial: optuna.trial.FrozenTrial, splits: Splits, val_log_probs: list, on: str
+) -> tuple[float, str] | None:
+    """A temperature fitted on validation predictions the model did not train on: the
+    retrained model's own when it trained on train only, else the search trial's (same
+    configuration, trained on train). None when there are none."""
+    if on == "train" and val_log_probs:
+        return fit_temperature(
+            torch.cat(val_log_probs), splits.val.y
+        ), "validation (retrained model)"
+    stored = unpack(trial.user_attrs.get(trials.VAL_LOG_PROBS))
+    if stored is not None and len(stored) == len(splits.val):
+        return fit_temperature(stored, splits.val.y), f"validation (trial {trial.number})"
+    return None
+
+
+def score_predictions(
+    log_probs: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    temperature: tuple[float, str] | None,
+    *,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """``test_interval`` (95 %) and ``calibration`` of test predictions, for metrics.json."""
+    pred = log_probs.argmax(1)
+    t, fitted_on = temperature if temperature is not None else (1.0, None)
+    before = reliability(log_probs, y)
+    after = reliability(calibrated(log_probs, t), y)
+    return {
+        "test_interval": metric_intervals(y, pred, num_classes, seed=seed),
+        "test_images": len(y),
+        "calibration": {
+            "temperature": round(float(t), 4),
+            "fitted_on": fitted_on,
+            "ece_before": before["ece"],
+            "ece_after": after["ece"],
+            "bins_before": before["bins"],
+            "bins_after": after["bins"],
+        },
+    }
 
 
 def best_dir_for(config: StudyConfig, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Path:
@@ -252,9 +341,45 @@ def finish_claim(study: optuna.Study, trial_number: int) -> None:
 
 
 def retrain_once(
-    config: StudyConfig, registry: Registry, study: optuna.Study, splits: Splits, *, device: str
+    config: StudyConfig,
+    registry: Registry,
+    study: optuna.Study,
+    splits: Splits,
+    *,
+    device: str,
+    selected: dict[str, Any] | None = None,
 ) -> tuple[Path, dict[str, Any]] | None:
-    """Retrain the best trial unless another worker holds the claim; (dir, metrics) or None."""
+    """Retrain the best trial unless another worker holds the claim; (dir, metrics) or None.
+
+    ``selected``: what :func:`automl_tl.selection.select` chose (``winner``, ``epochs``,
+    ``temperature``): that trial goes to ``best/`` instead of the search's argmax.
+    """
+    if selected is not None:
+        number = selected["winner"]
+        won, holder = claim_retrain(study, number, config.paths.best)
+        if not won:
+            log.info(
+                "trial %d is retrained by another worker (%s, %s)",
+                number,
+                describe_worker(holder),
+                holder.get("at", "?"),
+            )
+            return None
+        temperature = selected.get("temperature")
+        directory, metrics = retrain(
+            config,
+            registry,
+            trial_number=number,
+            device=device,
+            study=study,
+            splits=splits,
+            to_best=True,
+            epochs=selected.get("epochs"),
+            temperature=tuple(temperature) if temperature else None,
+            selection=selected,
+        )
+        finish_claim(study, number)
+        return directory, metrics
     best = study.best_trial
     won, holder = claim_retrain(study, best.number, config.paths.best)
     if not won:

@@ -54,8 +54,10 @@ from .leaderboard import (
 from .paths import ensure_writable
 from .pretrain import ensure_study_weights
 from .registry import Registry
-from .retrain import retrain_once, retrain_per_weights
+from .retrain import retrain_per_weights
 from .samplers import make_pruner, make_sampler, pruner_warning
+from .scores import pack
+from .selection import check_selection, select_and_retrain
 from .space import check_space, suggest
 from .storage import fail_trial, join_study, one_search_per_sqlite, open_storage, redact
 from .train import EpochResult, expected_seconds, fit, release_memory, resolve_device
@@ -291,6 +293,9 @@ class Objective:
                 seed=self.config.data.seed + trial.number,
                 on_epoch=on_epoch,
                 compile=self.config.search.compile,
+                patience=self.config.search.patience,
+                metric=self.metric,
+                keep_predictions=True,  # for ensembles and calibration (automl_tl.selection)
             )
         except optuna.TrialPruned:
             raise
@@ -302,7 +307,14 @@ class Objective:
             trial.set_user_attr(trials.FAIL_REASON, reason)
             log.debug("trial %d failed", trial.number, exc_info=True)
             raise TrialFailed(reason) from exc
-        val = dict(result.val)
+        # with early stopping the trial scores as its best epoch; without, as its last
+        val = dict(result.best_val if self.config.search.patience else result.val)
+        if result.best_epoch is not None:
+            trial.set_user_attr(trials.BEST_EPOCH, result.best_epoch + 1)
+        if result.stopped_early:
+            trial.set_user_attr(trials.STOPPED_EARLY, True)
+        if result.val_log_probs is not None:
+            trial.set_user_attr(trials.VAL_LOG_PROBS, pack(result.val_log_probs))
         trial.set_user_attr(trials.SECONDS, round(result.seconds, 3))
         if result.feature_cache is None:
             trial.set_user_attr(trials.IMAGES_PER_S, round(result.images_per_s, 1))
@@ -365,7 +377,8 @@ class TrialRecorder:
             trial_number=trial.number,
             state=trial.state.name,
             value=trial.value if trial.values else None,
-            attrs=dict(trial.user_attrs),
+            # (without the packed validation predictions: kilobytes no tracker wants)
+            attrs={k: v for k, v in trial.user_attrs.items() if k != trials.VAL_LOG_PROBS},
         )
         reason = trial.user_attrs.get(trials.FAIL_REASON, "unknown")
         if trial.state == TrialState.COMPLETE:
@@ -541,6 +554,8 @@ class SearchOutcome:
     metrics: dict[str, Any] | None = None
     #: best trial of each weight source, retrained (when [weights] is searched)
     comparison: list[dict[str, Any]] | None = None
+    #: what the race chose and the single / ensemble / soup test scores (selection.json)
+    selection: dict[str, Any] | None = None
 
 
 def search(
@@ -569,6 +584,7 @@ def _search(
 ) -> SearchOutcome:
     ensure_study_weights(config, registry, device=device)  # pretrain:SOURCE, built once
     splits = load_splits(config, registry)
+    check_selection(config, splits)  # e.g. more folds than the smallest class: before training
     study = open_search_study(config, splits)  # refuses to join if this worker's data differ
     catalog = Catalog(catalog_path(config))
     interrupts = Interrupts()
@@ -627,7 +643,9 @@ def _search(
         )
     outcome = SearchOutcome(study, count_finished(study), recorder.ran, best)
     if retrain_best and best is not None:  # once per study, however many workers end here
-        retrained = retrain_once(config, registry, study, splits, device=device)
+        retrained, outcome.selection = select_and_retrain(
+            config, registry, study, splits, device=device
+        )
         if retrained is not None:
             outcome.model_dir, outcome.metrics = retrained
             announce_export(pm, config, *retrained)

@@ -72,26 +72,39 @@ _USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s:/@]*:)(\S*)@(?=[^\s@]*$|[^\s
 _QUERY = re.compile(r"([?&](?:password|passwd|pwd|pass)=)[^&\s#]*", re.IGNORECASE)
 
 
+def _userinfo_password(url: str) -> str | None:
+    """The password of ``scheme://user:PASSWORD@host…`` as written: everything between the
+    first ``:`` of the user info and the last ``@`` before the query (a password written
+    raw may hold ``/``, ``@`` or spaces, which ``urlsplit`` would cut at)."""
+    start = url.find("://")
+    if start < 0:
+        return None
+    authority = url[start + 3 :].split("?", 1)[0]
+    userinfo, at, _ = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return None
+    return userinfo.split(":", 1)[1] or None
+
+
 def _secrets(url: str) -> list[str]:
-    """The password(s) a URL carries, in any form (raw and percent-decoded)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return []
+    """The password(s) a URL carries, in any form (as written and percent-decoded)."""
+    from urllib.parse import unquote
+
     found = []
-    if parts.password:
-        found.append(parts.password)
-    for key, value in parse_qsl(parts.query, keep_blank_values=False):
-        if key.lower() in ("password", "passwd", "pwd", "pass") and value:
-            found.append(value)
-    # the raw (still percent-encoded) forms as written too
-    raw_userinfo = parts.netloc.rpartition("@")[0]
-    if ":" in raw_userinfo:
-        found.append(raw_userinfo.split(":", 1)[1])
-    for piece in parts.query.split("&"):
+    raw = _userinfo_password(url)
+    if raw:
+        found += [raw, unquote(raw)]
+    query = url.split("?", 1)[1] if "?" in url else ""
+    for piece in query.split("&"):
         key, _, value = piece.partition("=")
         if key.lower() in ("password", "passwd", "pwd", "pass") and value:
-            found.append(value)
+            found += [value, unquote(value)]
+    try:
+        for key, value in parse_qsl(urlsplit(url).query):
+            if key.lower() in ("password", "passwd", "pwd", "pass") and value:
+                found.append(value)
+    except ValueError:
+        pass
     return sorted({s for s in found if s}, key=len, reverse=True)
 
 

@@ -110,6 +110,14 @@ class FitResult:
     feature_cache: str | None = None
     #: seconds spent computing features for the cache (0 on a hit)
     feature_seconds: float = 0.0
+    #: the epoch (0-based) whose validation score was best, and that score's metrics
+    best_epoch: int | None = None
+    best_val: dict[str, Any] | None = None
+    #: log-probabilities on the evaluated split (``keep_predictions``): at the best epoch
+    #: with ``patience``, else at the last
+    val_log_probs: torch.Tensor | None = None
+    #: training stopped early: no improvement for ``patience`` epochs
+    stopped_early: bool = False
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -291,17 +299,25 @@ def plugin_metrics(registry: Registry) -> list[Metric]:
 
 
 class _Scores:
-    """What an evaluation collects: the confusion matrix, and labels and probabilities when
-    a plugin metric needs them."""
+    """What an evaluation collects: the confusion matrix, log-probabilities when asked, and
+    labels and probabilities when a plugin metric needs them."""
 
-    def __init__(self, num_classes: int, device: torch.device, metrics: Sequence[Metric]):
-        self.num_classes, self.metrics = num_classes, list(metrics)
+    def __init__(
+        self,
+        num_classes: int,
+        device: torch.device,
+        metrics: Sequence[Metric],
+        log_probs: list[torch.Tensor] | None,
+    ):
+        self.num_classes, self.metrics, self.log_probs = num_classes, list(metrics), log_probs
         self.confusion = _confusion(num_classes, device)
         self.labels: list[torch.Tensor] = []
         self.probs: list[torch.Tensor] = []
 
     def add(self, logits: torch.Tensor, yb: torch.Tensor) -> None:
         _add_predictions(self.confusion, yb, logits.argmax(1), self.num_classes)
+        if self.log_probs is not None:
+            self.log_probs.append(logits.float().log_softmax(1).cpu())
         if self.metrics:
             self.labels.append(yb.cpu())
             self.probs.append(logits.float().softmax(1).cpu())
@@ -317,7 +333,6 @@ class _Scores:
         return out
 
 
-@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     split: Split,
@@ -325,18 +340,21 @@ def evaluate(
     data_config: DataConfig,
     device: torch.device,
     batch_size: int = 256,
+    log_probs: list[torch.Tensor] | None = None,
     metrics: Sequence[Metric] = (),
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``split`` (no augmentation): the built-in ones and ``metrics``
-    (plugin metrics, :func:`plugin_metrics`)."""
-    model.eval()
-    inputs = _Inputs(data_config, device, memory_format_for(model, device))
-    amp = _autocast(device)
-    scores = _Scores(num_classes, device, metrics)
-    for xb, yb in batches(on_device(split, device), batch_size, device=device):
-        with amp():
-            logits = model(inputs(xb))
-        scores.add(logits, yb)
+    (plugin metrics, :func:`plugin_metrics`); ``log_probs`` (a list) receives the
+    log-probabilities of every image, in the split's order, batch by batch."""
+    with torch.inference_mode():
+        model.eval()
+        inputs = _Inputs(data_config, device, memory_format_for(model, device))
+        amp = _autocast(device)
+        scores = _Scores(num_classes, device, metrics, log_probs)
+        for xb, yb in batches(on_device(split, device), batch_size, device=device):
+            with amp():
+                logits = model(inputs(xb))
+            scores.add(logits, yb)
     return scores.result()
 
 
@@ -347,11 +365,12 @@ def _evaluate_head(
     num_classes: int,
     device: torch.device,
     batch_size: int,
+    log_probs: list[torch.Tensor] | None = None,
     metrics: Sequence[Metric] = (),
 ) -> dict[str, Any]:
     head.eval()
     amp = _autocast(device)
-    scores = _Scores(num_classes, device, metrics)
+    scores = _Scores(num_classes, device, metrics, log_probs)
     for fb, yb in batches(features, batch_size, device=device):
         with amp():
             logits = head(fb).reshape(len(fb), -1)
@@ -457,6 +476,9 @@ def fit(
     on_epoch: Callable[[EpochResult], None] | None = None,
     compile: bool | str = False,
     feature_cache: _features.FeatureCache | bool = True,
+    patience: int = 0,
+    metric: str = "accuracy",
+    keep_predictions: bool = False,
 ) -> FitResult:
     """Train ``choice`` on ``data.part(train_on)``; score ``evaluate_on`` after every epoch.
 
@@ -468,6 +490,11 @@ def fit(
         compile: ``torch.compile`` the model (a string: the compile backend).
         feature_cache: the cache a linear probe without augmentation trains its head from:
             ``True`` the process-wide one, ``False`` none (train through the whole model).
+        patience: stop when ``metric`` on ``evaluate_on`` has not improved for this many
+            epochs (0: run every epoch). :attr:`FitResult.best_epoch` and ``best_val`` are
+            the best epoch's either way.
+        keep_predictions: keep the best epoch's log-probabilities on ``evaluate_on``
+            (:attr:`FitResult.val_log_probs`).
 
     Out of memory before the first epoch is reported restarts the trial with half the batch
     size, down to 2; the batch size used is :attr:`FitResult.batch_size`.
@@ -500,6 +527,9 @@ def fit(
                 compile=compile,
                 cache=cache,
                 batch_size=batch_size,
+                patience=patience,
+                metric=metric,
+                keep_predictions=keep_predictions,
             )
             result.oom_retries = retries
             return result
@@ -538,6 +568,9 @@ def _fit(
     compile: bool | str,
     cache: _features.FeatureCache | None,
     batch_size: int,
+    patience: int = 0,
+    metric: str = "accuracy",
+    keep_predictions: bool = False,
 ) -> FitResult:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -622,6 +655,8 @@ def _fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     history: list[EpochResult] = []
     val = None
+    best_epoch, best_val, best_log_probs, stopped_early = None, None, None, False
+    last_log_probs = None
     train_seconds, images_seen = 0.0, 0
     for epoch in range(choice.epochs):
         set_trainable(model, plan[epoch])
@@ -671,17 +706,32 @@ def _fit(
             cached_features=probe is not None,
         )
         if held_out is not None:
+            collected: list[torch.Tensor] | None = [] if keep_predictions else None
             if probe is not None:
                 val = _evaluate_head(
-                    head_module, eval_source, num_classes, device, eval_batch, metrics
+                    head_module, eval_source, num_classes, device, eval_batch, collected, metrics
                 )
             else:
                 val = evaluate(
-                    step, held_out, num_classes, data_config, device, eval_batch, metrics
+                    step,
+                    held_out,
+                    num_classes,
+                    data_config,
+                    device,
+                    eval_batch,
+                    collected,
+                    metrics,
                 )
             result.val = {k: v for k, v in val.items() if k != "confusion_matrix"}
+            if collected:
+                last_log_probs = torch.cat(collected)
+            if best_val is None or val[metric] > best_val[metric]:  # the first best epoch
+                best_epoch, best_val, best_log_probs = epoch, val, last_log_probs
         history.append(result)
         on_epoch(result)
+        if patience and best_epoch is not None and epoch - best_epoch >= patience:
+            stopped_early = epoch + 1 < choice.epochs
+            break
     return FitResult(
         model=model.eval(),
         backbone=backbone,
@@ -695,6 +745,11 @@ def _fit(
         batch_size=batch_size,
         feature_cache=feature_cache,
         feature_seconds=feature_seconds,
+        best_epoch=best_epoch,
+        best_val=best_val,
+        # the epoch the score is taken from: the best with early stopping, else the last
+        val_log_probs=best_log_probs if patience else last_log_probs,
+        stopped_early=stopped_early,
     )
 
 

@@ -29,6 +29,10 @@ VAL_METRICS = "val_metrics"  #: every validation metric of the scored epoch
 BATCH_SIZE = "batch_size"  #: the batch size it trained with (halved on out-of-memory)
 FEATURE_CACHE = "feature_cache"  #: "hit" / "miss" / "used": the head trained on cached features
 TOO_SLOW = "too_slow"  #: why it was pruned before training under [search] timeout
+BEST_EPOCH = "best_epoch"  #: the epoch (1-based) whose validation score was best
+STOPPED_EARLY = "stopped_early"  #: True: no improvement for [search] patience epochs
+#: the best epoch's validation log-probabilities (float16, base64; automl_tl.scores.pack)
+VAL_LOG_PROBS = "val_log_probs"
 DEAD_AT_CHANCE = "dead_at_chance"  #: the epoch the dead-trial guard pruned it at (samplers.py)
 WEIGHTS = "weights"  #: its weight source as written, with a local file's short sha256
 
@@ -46,6 +50,9 @@ RUN_ATTRS = (
     BATCH_SIZE,
     FEATURE_CACHE,
     TOO_SLOW,
+    BEST_EPOCH,
+    STOPPED_EARLY,
+    VAL_LOG_PROBS,
     DEAD_AT_CHANCE,
     WEIGHTS,
 )

@@ -19,9 +19,9 @@ LAYERS = {
     1: {"config", "weightsource", "paths", "trials", "registry", "components", "plugins"}
     | {"hookspecs", "errors", "_util"},
     2: {"budget", "storage", "samplers", "portfolio", "space", "train", "features", "weights"}
-    | {"data", "catalog", "default_plugins"},
+    | {"data", "catalog", "default_plugins", "scores"},
     3: {"search", "workers", "retrain", "leaderboard", "report", "progress", "pretrain"}
-    | {"export", "testing", "scaffold", "bench", "clean"},
+    | {"export", "testing", "selection", "scaffold", "bench", "clean"},
     4: {"cli", "study", "transfer"},
 }
 

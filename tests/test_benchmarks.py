@@ -98,3 +98,43 @@ def test_search_space_benchmark_quick_mode(tmp_path):
         assert math.isfinite(summary["difference"]["mean_sd"][0])
         assert f"{task} after - before" in proc.stdout
     assert "--quick" in results["command"]
+
+
+@pytest.mark.slow
+def test_selection_benchmark_quick_mode_reports_every_arm(tmp_path):
+    out = tmp_path / "selection.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "selection.py"),
+            "--quick",
+            "--json",
+            str(out),
+            "--out",
+            str(tmp_path / "studies"),
+            "--markdown",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    (row,) = results["rows"]
+    for arm in ("argmax", "raced", "soup", "ensemble", "oracle"):
+        assert 0 <= row[arm] <= 1, arm
+    assert row["oracle"] == max(row["finalists"].values())
+    assert row["regret_argmax"] >= 0 and row["regret_raced"] >= 0
+    assert "| task | argmax | raced | soup | ensemble |" in proc.stdout
+    assert "--quick" in results["command"]
+
+
+def test_selection_benchmark_refuses_an_unknown_task():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "selection.py"), "--tasks", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "unknown task(s) ['nope']" in proc.stderr

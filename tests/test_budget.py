@@ -267,3 +267,51 @@ def test_one_catalog_per_node_on_a_shared_filesystem_with_several_nodes(tmp_path
     monkeypatch.setattr(catalog, "filesystem_type", lambda path: "lustre")
     assert catalog.catalog_path(config).name == f"catalog-{socket.gethostname()}.db"
     assert _util.filesystem_type(tmp_path) is not None  # this machine's /proc/self/mounts
+
+
+def test_liveness_across_pid_namespaces_and_reboots():
+    """A worker in another container of this hostname (another PID namespace) is assumed
+    alive, whatever its pid means here; one of an earlier boot of this host is dead."""
+    from automl_tl.budget import is_alive
+
+    me = worker_identity()
+    assert is_alive(me)
+    dead = _dead_worker()
+    assert not is_alive(dead)
+    if me["pidns"]:
+        assert is_alive({**dead, "pidns": "pid:[4026531999]"})  # its pid is not ours to read
+    if me["boot"]:
+        assert not is_alive({**me, "boot": "another-boot-id"})  # this very pid, but rebooted
+    assert is_alive({**dead, "host": "another-node"})  # can't tell: assume alive
+
+
+def test_passwords_hidden_in_every_url_form():
+    from automl_tl.storage import STORAGE_ENV, redact, scrub, url_to_env
+
+    assert redact("postgresql://bob:s3/cr et@db/x") == "postgresql://bob:***@db/x"
+    assert redact("postgresql://bob@db/x?password=hunter2&sslmode=require") == (
+        "postgresql://bob@db/x?password=***&sslmode=require"
+    )
+    assert (
+        redact("mysql+pymysql://root:pa@ss@db:3306/optuna")
+        == "mysql+pymysql://root:***@db:3306/optuna"
+    )
+    url = "postgresql://bob@db/x?password=hunter2"
+    assert "hunter2" not in scrub(f"could not connect (password hunter2 refused) to {url}", url)
+    # workers get a URL with a password in their environment, never on their command line
+    assert url_to_env(url) == (None, {STORAGE_ENV: url})
+    assert url_to_env("mysql://root:pw@db/o") == (None, {STORAGE_ENV: "mysql://root:pw@db/o"})
+    assert url_to_env("postgresql://bob@db/x") == ("postgresql://bob@db/x", {})
+    assert url_to_env("journal:/tmp/j.log") == ("journal:/tmp/j.log", {})
+
+
+def test_optunas_own_log_lines_are_scrubbed(capsys):
+    from automl_tl.cli import setup_logging
+
+    setup_logging(1)
+    try:
+        optuna.logging.get_logger("optuna.storages").warning("retrying mysql://root:topsecret@db/x")
+        assert "topsecret" not in capsys.readouterr().err
+    finally:
+        setup_logging(0)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)

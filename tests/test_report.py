@@ -22,6 +22,7 @@ from automl_tl import load_config
 from automl_tl.data import load_splits
 from automl_tl.export import export_model
 from automl_tl.report import FIGURES, build_report
+from automl_tl.retrain import score_predictions
 from automl_tl.storage import open_study
 from automl_tl.train import evaluate
 
@@ -111,8 +112,19 @@ def _make_study(folder, registry, *, with_model=True, trials=True):
         from automl_tl import DataConfig
 
         cfg = DataConfig((3, 16, 16), cfg.mean, cfg.std)
-        test = evaluate(model, splits.test, len(splits.class_names), cfg, torch.device("cpu"))
-        metrics = {"trial": 1, "test": test, "data": splits.summary()}
+        log_probs = []
+        test = evaluate(
+            model,
+            splits.test,
+            len(splits.class_names),
+            cfg,
+            torch.device("cpu"),
+            log_probs=log_probs,
+        )
+        scored = score_predictions(  # intervals and calibration, as a retrain records them
+            torch.cat(log_probs), splits.test.y, len(splits.class_names), (1.5, "validation")
+        )
+        metrics = {"trial": 1, "test": test, "data": splits.summary(), **scored}
         export_model(model, backbone, config.output_dir / "best", splits.class_names, cfg, metrics)
     return config, splits
 

@@ -63,7 +63,7 @@ def test_ci_reports_durations_and_its_seed_and_requires_dev_dependencies():
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r'^test-fast: .*\n\t.*pytest -m "not slow"', makefile, flags=re.M)
     ini = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
-    assert int(ini["timeout"]) == 600
+    assert int(ini["timeout"]) == 900
 
 
 def test_pytest_runs_with_a_timeout_and_in_random_order(pytestconfig):

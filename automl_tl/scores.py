@@ -1,0 +1,263 @@
+"""Scores you can trust, as plain functions on predictions: 95 % intervals (Wilson for
+accuracy, a stratified bootstrap for balanced accuracy and macro F1), temperature scaling and
+the expected calibration error, greedy ensemble selection (Caruana et al., 2004) and weight
+averaging for soups (Wortsman et al., 2022).
+
+Everything here takes tensors of log-probabilities ``(N, C)`` and labels ``(N,)``; nothing
+trains a model or reads a study. ``automl_tl.selection`` and ``automl_tl.retrain`` use it.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from typing import Any
+
+import torch
+
+#: the z of a two-sided 95 % interval
+Z95 = 1.959963984540054
+
+
+# ---------------------------------------------------------------------------------------------
+# compact predictions (for a trial's user attributes)
+
+
+def pack(log_probs: torch.Tensor) -> dict[str, Any]:
+    """Log-probabilities as JSON-able data: float16 bytes in base64 plus the shape."""
+    array = log_probs.detach().float().clamp(min=-60.0).cpu().to(torch.float16).numpy()
+    return {"shape": list(array.shape), "f16": base64.b64encode(array.tobytes()).decode("ascii")}
+
+
+def unpack(data: dict[str, Any] | None) -> torch.Tensor | None:
+    """The tensor :func:`pack` stored (float32), or None."""
+    if not data:
+        return None
+    import numpy as np
+
+    array = np.frombuffer(base64.b64decode(data["f16"]), dtype=np.float16)
+    return torch.from_numpy(array.astype(np.float32).reshape(data["shape"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics and their intervals
+
+
+def metrics_from_predictions(y: torch.Tensor, pred: torch.Tensor, num_classes: int) -> dict:
+    """accuracy, balanced_accuracy, macro_f1 (and the confusion matrix) of hard predictions."""
+    from .train import classification_metrics
+
+    confusion = torch.bincount(y * num_classes + pred, minlength=num_classes**2)
+    return classification_metrics(confusion.view(num_classes, num_classes))
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95 % by default)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_interval(
+    y: torch.Tensor,
+    pred: torch.Tensor,
+    num_classes: int,
+    metric: str,
+    *,
+    samples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric`` (resampling images with replacement)."""
+    n = len(y)
+    if n == 0:
+        return (0.0, 1.0)
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, n, (samples, n), generator=generator)
+    ys, ps = y[index], pred[index]  # (samples, n)
+    k = num_classes
+    confusion = torch.zeros(samples, k * k, dtype=torch.float64)
+    confusion.scatter_add_(1, ys * k + ps, torch.ones(samples, n, dtype=torch.float64))
+    cm = confusion.view(samples, k, k)
+    tp = cm.diagonal(dim1=1, dim2=2)
+    support, predicted = cm.sum(2), cm.sum(1)
+    recall = torch.where(support > 0, tp / support.clamp(min=1), torch.zeros_like(tp))
+    present = (support > 0).double()
+    if metric == "balanced_accuracy":
+        values = (recall * present).sum(1) / present.sum(1).clamp(min=1)
+    elif metric == "macro_f1":
+        precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), torch.zeros_like(tp))
+        f1 = torch.where(
+            precision + recall > 0,
+            2 * precision * recall / (precision + recall).clamp(min=1e-12),
+            torch.zeros_like(tp),
+        )
+        values = (f1 * present).sum(1) / present.sum(1).clamp(min=1)
+    elif metric == "accuracy":
+        values = tp.sum(1) / n
+    else:
+        raise ValueError(f"unknown metric {metric!r}")
+    alpha = (1 - level) / 2
+    low, high = torch.quantile(values, torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
+    return (float(low), float(high))
+
+
+def metric_intervals(
+    y: torch.Tensor, pred: torch.Tensor, num_classes: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """95 % intervals: Wilson for accuracy, bootstrap for balanced accuracy and macro F1."""
+    correct = int((y == pred).sum())
+    return {
+        "accuracy": [round(v, 4) for v in wilson_interval(correct, len(y))],
+        "balanced_accuracy": [
+            round(v, 4)
+            for v in bootstrap_interval(y, pred, num_classes, "balanced_accuracy", seed=seed)
+        ],
+        "macro_f1": [
+            round(v, 4) for v in bootstrap_interval(y, pred, num_classes, "macro_f1", seed=seed)
+        ],
+    }
+
+
+def standard_error(p: float, n: int) -> float:
+    """Binomial standard error of a score ``p`` on ``n`` images (at least one image's worth),
+    as :func:`automl_tl.leaderboard.selection_note` computes it."""
+    if not n:
+        return 0.0
+    return math.sqrt(max(p * (1 - p), 1 / n) / n)
+
+
+def difference_in_noise(a: float, n_a: int, b: float, n_b: int) -> tuple[float, bool]:
+    """(half-width of the 95 % interval of ``a - b``, whether ``a - b`` lies inside it), for
+    two accuracies on ``n_a`` and ``n_b`` images (normal approximation)."""
+    half = Z95 * math.sqrt(standard_error(a, n_a) ** 2 + standard_error(b, n_b) ** 2)
+    return half, abs(a - b) <= half
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration
+
+
+def fit_temperature(log_probs: torch.Tensor, y: torch.Tensor, max_iter: int = 100) -> float:
+    """The temperature ``T`` minimizing the NLL of ``softmax(logits / T)`` (LBFGS on log T).
+
+    Log-probabilities work as logits: they differ from them by a constant per row, which
+    softmax ignores.
+    """
+    logits = log_probs.detach().float()
+    y = y.long()
+    if len(y) == 0:
+        return 1.0
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    t = float(log_t.detach().exp())
+    if not math.isfinite(t):
+        return 1.0
+    return min(max(t, 0.05), 20.0)
+
+
+def calibrated(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probabilities after temperature scaling."""
+    return (log_probs / temperature).log_softmax(-1)
+
+
+def reliability(log_probs: torch.Tensor, y: torch.Tensor, bins: int = 10) -> dict[str, Any]:
+    """Expected calibration error (top-1, equal-width confidence bins) and the bins
+    (count, mean confidence, accuracy) for a reliability diagram."""
+    probs = log_probs.exp()
+    confidence, pred = probs.max(1)
+    correct = (pred == y).double()
+    edges = torch.linspace(0, 1, bins + 1)
+    rows, ece, n = [], 0.0, max(1, len(y))
+    for i in range(bins):
+        lo, hi = edges[i], edges[i + 1]
+        inside = (confidence > lo) & (confidence <= hi) if i else (confidence <= hi)
+        count = int(inside.sum())
+        if count:
+            conf = float(confidence[inside].double().mean())
+            acc = float(correct[inside].mean())
+            ece += count / n * abs(acc - conf)
+        else:
+            conf = acc = None
+        rows.append(
+            {
+                "low": float(lo),
+                "high": float(hi),
+                "count": count,
+                "confidence": conf,
+                "accuracy": acc,
+            }
+        )
+    return {"ece": round(ece, 4), "bins": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# ensembles and soups
+
+
+def caruana_selection(
+    log_probs: list[torch.Tensor],
+    y: torch.Tensor,
+    *,
+    rounds: int = 20,
+    score: str = "nll",
+) -> list[int]:
+    """Greedy ensemble selection with replacement (Caruana et al., 2004).
+
+    Starts empty; each round adds the member whose addition gives the ensemble (the mean of
+    its members' probabilities, repeats counting as weight) the best score on these
+    predictions (``"nll"``: lowest negative log-likelihood, ties broken by accuracy;
+    ``"accuracy"``: highest accuracy, ties by NLL). Returns the count of each member.
+    Stops early when no addition improves the score.
+    """
+    probs = [lp.exp().double() for lp in log_probs]
+    counts = [0] * len(probs)
+    total = torch.zeros_like(probs[0])
+    best_key = None
+    for _ in range(rounds):
+        candidates = []
+        size = sum(counts) + 1
+        for i, p in enumerate(probs):
+            mean = (total + p) / size
+            nll = float(-mean.clamp(min=1e-12).log().gather(1, y.view(-1, 1)).mean())
+            acc = float((mean.argmax(1) == y).double().mean())
+            key = (-nll, acc) if score == "nll" else (acc, -nll)
+            candidates.append((key, i))
+        key, i = max(candidates, key=lambda c: (c[0], -c[1]))
+        if best_key is not None and key <= best_key:
+            break
+        best_key = key
+        counts[i] += 1
+        total = total + probs[i]
+    return counts
+
+
+def average_state_dicts(
+    states: list[dict[str, torch.Tensor]], weights: list[float] | None = None
+) -> dict[str, torch.Tensor]:
+    """The (weighted) average of state dicts with the same keys and shapes; integer buffers
+    (BatchNorm's ``num_batches_tracked``) are taken from the first."""
+    weights = weights or [1.0] * len(states)
+    total = float(sum(weights))
+    out = {}
+    for key, first in states[0].items():
+        if not torch.is_floating_point(first):
+            out[key] = first.clone()
+            continue
+        acc = torch.zeros_like(first, dtype=torch.float64)
+        for w, state in zip(weights, states):
+            acc += w * state[key].double()
+        out[key] = (acc / total).to(first.dtype)
+    return out
