@@ -139,6 +139,9 @@ class Catalog:
                 "test_macro_f1": float,
                 "metrics": str,
                 "sha256": str,
+                "weights": str,
+                "weights_sha256": str,
+                "backbone_origin": str,
                 "created": str,
             },
             pk="id",
@@ -220,6 +223,7 @@ class Catalog:
             "value": trial.value if trial.values else None,
             # one column per parameter in its shown form; the stored names are in "params"
             **dict(zip(SHOWN_PARAMS, map(effective_params(s.params).get, SHOWN_PARAMS))),
+            "weights": s.weights,  # resolved: fixed sources too, a file with its sha256
             "params": json.dumps(s.params, sort_keys=True),
             "duration_s": s.duration_s,
             "epochs_run": s.epochs_run,
@@ -245,6 +249,8 @@ class Catalog:
         sha256: str,
     ) -> int:
         test = metrics.get("test", {})
+        weights = metrics.get("weights") or {}
+        origin = metrics.get("backbone_origin")
         row = {
             "study": study,
             "trial": trial,
@@ -258,6 +264,9 @@ class Catalog:
             "test_macro_f1": test.get("macro_f1"),
             "metrics": json.dumps(metrics, sort_keys=True),
             "sha256": sha256,
+            "weights": weights.get("source"),
+            "weights_sha256": weights.get("sha256"),
+            "backbone_origin": json.dumps(origin, sort_keys=True) if origin else None,
             "created": _iso(dt.datetime.now(dt.timezone.utc)),
         }
         return self._write(lambda: self.db["models"].insert(row, alter=True).last_pk)

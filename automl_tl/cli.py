@@ -128,7 +128,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     config, pm, registry = _load(args, **_overrides(args))
     device = _device(args.device or config.search.device)
     if args.workers != 1:
-        return _search_with_workers(args, config, registry, device)
+        return _search_with_workers(args, config, pm, registry, device)
     from .progress import show_progress
 
     with show_progress(config, args.verbosity, pm=pm):  # live lines on a terminal
@@ -237,10 +237,11 @@ def _print_weights_comparison(rows: list[dict[str, Any]] | None, metric: str) ->
         )
 
 
-def _search_with_workers(args: argparse.Namespace, config, registry, device: str) -> int:
+def _search_with_workers(args: argparse.Namespace, config, pm, registry, device: str) -> int:
     """``search --workers N``: N local worker processes on one study (see automl_tl.workers)."""
     from .leaderboard import best_summary, count_finished
     from .retrain import retrain_per_weights
+    from .search import announce_export
     from .selection import select_and_retrain
     from .storage import storage_for_workers, url_to_env
     from .workers import run_workers
@@ -286,6 +287,7 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
         )
         if retrained is not None:
             directory, metrics = retrained
+            announce_export(pm, config, directory, metrics)
             _print_retrained(config, metrics, directory)
             _print_selection(chosen)
             rows = retrain_per_weights(config, registry, result.study, splits, device=device)
@@ -296,6 +298,7 @@ def _search_with_workers(args: argparse.Namespace, config, registry, device: str
 def cmd_retrain(args: argparse.Namespace) -> int:
     from .config import check_named_weights
     from .retrain import retrain
+    from .search import announce_export
 
     config, pm, registry = _load(args, **_overrides(args))
     check_named_weights(config, registry)  # a [weights] typo: one message, before training
@@ -305,6 +308,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         trial_number=args.trial,
         device=_device(args.device or config.search.device),
     )
+    announce_export(pm, config, directory, metrics)
     test = metrics["test"]
     print(
         f"trial {metrics['trial']} retrained on {metrics['retrained_on']}: test accuracy {test['accuracy']:.4f} -> {directory}"
@@ -355,6 +359,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 "state": t["state"],
                 config.search.metric: t["value"],
                 **{k: effective_params(t["params"]).get(k) for k in SHOWN_PARAMS},
+                "weights": t.get("weights"),  # resolved: fixed sources too, a file's sha256
                 "epochs": t["epochs_run"],
                 "seconds": t["duration_s"],
                 "fail_reason": t["fail_reason"],
@@ -408,7 +413,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise UserError(f"--top-k {args.top_k}: give 1 or more labels per image")
-    model = load_model(args.model, device=_device(args.device or "cpu"))
+    # installed plugins load by themselves; a file or module plugin comes with --plugin
+    model = load_model(args.model, device=_device(args.device or "cpu"), plugins=args.plugin)
     rows = predict_paths(model, args.paths, top_k=args.top_k)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -581,7 +587,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .export import check_timm_export, export_onnx
+    from .export import check_timm_export, export_onnx, plain_timm_loads
+    from .plugins import registry_needing
 
     config = load_config(args.study)
     if args.model != "best" and args.trial is not None:
@@ -590,14 +597,45 @@ def cmd_export(args: argparse.Namespace) -> int:
         config.paths.root / args.model if args.model != "best" else config.paths.model(args.trial)
     )
     files = check_timm_export(directory)
-    print(f"timm export: {directory} ({', '.join(files)})")
+    if plain_timm_loads(directory):
+        print(f"timm export: {directory} ({', '.join(files)})")
+    else:  # a plugin's backbone: automl_tl.load_model with the plugin loaded
+        print(
+            f"export: {directory} ({', '.join(files)}); load it with automl_tl.load_model "
+            "and the backbone's plugin (plain timm cannot build this architecture)"
+        )
     if args.onnx:
-        result = export_onnx(directory, opset=args.opset)
+        # the study's plugins run only when the model's backbone needs one (a trust boundary)
+        registry = registry_needing(
+            config.plugins,
+            args.plugin,
+            {"backbones": _export_backbones(directory)},
+            base_dir=config.base_dir,
+        )
+        result = export_onnx(directory, opset=args.opset, registry=registry)
         print(
             f"onnx: {result.path} (opset {result.opset}); max abs difference vs PyTorch on a batch "
             f"of {result.batch}: {result.max_abs_diff:.2e}"
         )
     return 0
+
+
+def _export_backbones(directory) -> list[str]:
+    """The backbones an exported folder needs: its own, or its ensemble members'."""
+    from .export import ENSEMBLE_FILE
+
+    folders = [directory]
+    if (directory / ENSEMBLE_FILE).is_file():
+        spec = json.loads((directory / ENSEMBLE_FILE).read_text(encoding="utf-8"))
+        folders = [directory / m["path"] for m in spec.get("members", [])]
+    names = []
+    for folder in folders:
+        try:
+            record = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        names.append((record.get("automl_tl") or {}).get("backbone") or record.get("architecture"))
+    return [n for n in names if n]
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
@@ -641,8 +679,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from .plugins import describe_plugins, format_plugins, get_plugin_manager
     from .registry import KINDS, Registry
 
+    if args.words:
+        return _plugins_subcommand(args)
     if args.check:
         return _check_plugin(args)
+    if args.bench:
+        return _bench_plugin(args)
     pm, infos = get_plugin_manager(args.plugin)
     registry = Registry.from_plugin_manager(pm)
     plugins = describe_plugins(pm, infos, registry)
@@ -656,6 +698,67 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         return 0
     print(format_plugins(plugins))
     return 0
+
+
+def _plugins_subcommand(args: argparse.Namespace) -> int:
+    """``plugins new NAME [--kind KIND] [--dir DIR]``: write a plugin package."""
+    from pathlib import Path
+
+    from .scaffold import PluginNames, new_plugin
+
+    if args.words[0] != "new" or len(args.words) != 2:
+        raise UserError(
+            f"`automl-tl plugins {' '.join(args.words)}`: write `automl-tl plugins new NAME "
+            "[--kind backbone|policy|strategy|dataset|tracker]`, or `automl-tl plugins` to list"
+        )
+    written = new_plugin(args.words[1], args.kind, Path(args.dir) if args.dir else None)
+    names = PluginNames.of(args.words[1])
+    folder = written[0].parent
+    print(f"wrote the {args.kind} plugin {names.name} ({names.distribution}) in {folder}:")
+    for path in written:
+        print(f"  {path.relative_to(folder)}")
+    print(
+        f"next, from {folder}: pip install -e '.[test]' && pytest tests/ && "
+        f"automl-tl plugins --check {names.name}"
+    )
+    return 0
+
+
+def _bench_plugin(args: argparse.Namespace) -> int:
+    """``plugins --bench NAME``: the scorecard of a plugin's backbones (automl_tl.bench)."""
+    from pathlib import Path
+
+    from .bench import bench_plugin, format_card, to_dicts
+    from .plugins import get_plugin_manager
+    from .registry import Registry
+
+    pm, _ = get_plugin_manager(args.plugin)
+    name = Path(args.bench).stem if args.bench.endswith(".py") else args.bench
+    if args.bench.endswith(".py") and args.bench not in args.plugin:
+        pm, _ = get_plugin_manager([*args.plugin, args.bench])
+    out = Path(args.out or "bench")
+    weights = {}
+    for item in args.bench_weights:
+        backbone, sep, source = item.partition("=")
+        if not sep or not source:
+            raise UserError(
+                f"--weights {item!r}: write BACKBONE=SOURCE, e.g. team_cnn=team.safetensors"
+            )
+        weights[backbone] = str(Path(source).resolve()) if Path(source).exists() else source
+    rows = bench_plugin(
+        name, Registry.from_plugin_manager(pm), out, device=args.device or "cpu", weights=weights
+    )
+    card = format_card(name, rows)
+    card_path = out / f"{name}-card.md"
+    card_path.write_text(card)
+    if args.format == "json":
+        print(
+            json.dumps({"plugin": name, "card": str(card_path), "rows": to_dicts(rows)}, indent=2)
+        )
+    else:
+        print(card)
+        print(f"card: {card_path}; rows: {out / 'catalog.db'} (table benchmarks)")
+    return 1 if any(r.error for r in rows if not r.reference) else 0
 
 
 def _check_plugin(args: argparse.Namespace) -> int:
@@ -746,6 +849,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--device")
+    p.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        help="plugin module or .py file that registers the model's backbone (installed "
+        "plugins load by themselves)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
@@ -802,6 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write model.onnx and compare it with PyTorch (pip install 'automl-tl[onnx]')",
     )
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--plugin", action="append", default=[])
     p.add_argument(
         "--model",
         choices=["best", "ensemble", "soup"],
@@ -833,8 +944,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", action="append", default=[])
     p.set_defaults(func=cmd_clean)
 
-    p = sub.add_parser("plugins", help="list plugins and what they register; --check one")
+    p = sub.add_parser(
+        "plugins",
+        help="list plugins and what they register; --check one; `plugins new NAME` writes one",
+    )
     common(p, study=False)
+    p.add_argument(
+        "words",
+        nargs="*",
+        metavar="new NAME",
+        help="`new NAME`: write a ready plugin package (pyproject with the entry point, the "
+        "component, its contract tests, a README) into ./automl-tl-NAME",
+    )
+    p.add_argument(
+        "--kind",
+        choices=["backbone", "policy", "strategy", "dataset", "tracker"],
+        default="backbone",
+        help="with `new`: what the plugin provides (default backbone)",
+    )
+    p.add_argument("--dir", help="with `new`: the folder to write (must not exist)")
+    p.add_argument(
+        "--bench",
+        metavar="NAME",
+        help="scorecard: each backbone of plugin NAME (entry-point name, module or .py file) "
+        "beside two built-ins on a fixed suite of digits tasks",
+    )
+    p.add_argument("--out", help="with --bench: results folder (default ./bench)")
+    p.add_argument(
+        "--weights",
+        dest="bench_weights",
+        action="append",
+        default=[],
+        metavar="BACKBONE=SOURCE",
+        help="with --bench: a backbone's own weights (a file, local-dir:DIR …); it runs from "
+        "them and from scratch",
+    )
+    p.add_argument("--device", help="with --bench: cpu, cuda … (default cpu)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--plugin", action="append", default=[])
     p.add_argument(

@@ -299,6 +299,51 @@ class UnfreezeStrategy(ABC):
         return {n for g in self.param_groups(groups, head, depth) for n in g.names}
 
 
+class Metric(ABC):
+    """A score a team selects models by (recall at a fixed precision, a cost-weighted error),
+    registered with ``register_metrics``; usable as ``[search] metric``, in pruning and in
+    the report beside the built-in ``accuracy``, ``balanced_accuracy`` and ``macro_f1``.
+
+    ``score(y_true, y_pred)`` gets the true class indices (``int64``, shape ``(N,)``) and
+    either the predicted classes (shape ``(N,)``) or, with :attr:`uses_probabilities`, the
+    class probabilities (``float32``, shape ``(N, C)``, rows sum to 1). It must return a
+    finite float within :attr:`range`; anything else fails the trial with a message naming
+    the metric (and fails the contract suite, :func:`automl_tl.testing.check_metric`).
+    """
+
+    name: str = ""
+    description: str = ""
+    #: True: larger is better. A ``[search] metric`` must be (Optuna maximizes it).
+    higher_is_better: bool = True
+    #: the values ``score`` can return, (low, high)
+    range: tuple[float, float] = (0.0, 1.0)
+    #: True: ``score`` gets class probabilities (N, C) instead of predicted classes (N,)
+    uses_probabilities: bool = False
+
+    @abstractmethod
+    def score(self, y_true: np.ndarray, y_pred: np.ndarray) -> float:
+        """The metric of predictions ``y_pred`` against ``y_true``."""
+
+    def checked(self, y_true: np.ndarray, probs: np.ndarray) -> float:
+        """:meth:`score` on these probabilities (or their argmax), refused when NaN, infinite
+        or outside :attr:`range`."""
+        y_pred = probs if self.uses_probabilities else probs.argmax(1)
+        value = self.score(y_true, y_pred)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise UserError(
+                f"metric {self.name!r} returned {value!r}, not a number; score() must return a float"
+            ) from None
+        low, high = self.range
+        if not np.isfinite(value) or not low <= value <= high:
+            raise UserError(
+                f"metric {self.name!r} returned {value} on {len(y_true)} images, outside its "
+                f"declared range [{low}, {high}]; fix its score() or its range"
+            )
+        return value
+
+
 @dataclass
 class Record:
     """One labelled image: a file path or a decoded array, its class name, and its split if fixed."""

@@ -57,7 +57,8 @@ class DataSection:
 class SearchSection:
     n_trials: int = field(default=20, metadata={"min": 1})
     timeout: float | None = field(default=None, metadata={"min": 1})
-    metric: str = field(default="accuracy", metadata=_choices(*METRICS))
+    #: a built-in (METRICS) or a plugin's metric (register_metrics), checked by the search
+    metric: str = field(default="accuracy")
     sampler: str = field(default="tpe", metadata=_choices(*SAMPLERS))
     pruner: str = field(default="hyperband", metadata=_choices(*PRUNERS))
     storage: str = ""
@@ -235,6 +236,23 @@ class StudyConfig:
     def pretrained_path(self, backbone: str, source: str) -> Path:
         """Where ``pretrain:SOURCE`` weights of ``backbone`` are kept (built by automl_tl.pretrain)."""
         return self.paths.pretrained_weights(backbone, source)
+
+    def weights_record(self, backbone: str, choice: str | None = None) -> dict[str, Any]:
+        """Where ``backbone``'s weights come from, as a model records it: the source as
+        written, its kind and, for a local file (``pretrain:`` included), path and sha256."""
+        source = self.weight_source(backbone, choice)
+        pretrained = (
+            self.pretrained_path(backbone, source.target) if source.kind == "pretrain" else None
+        )
+        return source.describe(pretrained)
+
+    def weights_label(self, backbone: str, choice: str | None = None) -> str:
+        """:meth:`weights_record` in one line: as written, and a local file's short sha256."""
+        source = self.weight_source(backbone, choice)
+        pretrained = (
+            self.pretrained_path(backbone, source.target) if source.kind == "pretrain" else None
+        )
+        return source.label(pretrained)
 
     def weights_for(self, backbone: str, choice: str | None = None) -> str:
         """The weight source for ``backbone`` as a backbone's ``create()`` takes it: paths

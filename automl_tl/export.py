@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,9 @@ from torch import nn
 from ._util import as_umask_allows, sha256_file, write_atomic
 from .components import Backbone, DataConfig
 from .data import IMAGE_SUFFIXES
-from .errors import UserError
+from .errors import PluginError, UserError
+from .plugins import component_origin, get_plugin_manager, missing_plugin_message, origin_mismatch
+from .registry import Registry
 
 #: Signals held back while ``best/`` is swapped, so Ctrl-C or SIGTERM cannot fall between the
 #: two renames (a SIGKILL or a crash there is repaired by :func:`recover_export`).
@@ -382,17 +385,31 @@ def _check_model_args(config: dict[str, Any], config_path: Path) -> None:
         )
 
 
-def load_model(directory: str | Path, device: str = "cpu", registry=None) -> LoadedModel:
-    """Load an exported model (timm format) and its preprocessing.
+def load_model(
+    directory: str | Path,
+    device: str = "cpu",
+    registry=None,
+    plugins: Sequence[str] = (),
+) -> LoadedModel:
+    """Load an exported model and its preprocessing.
+
+    A timm architecture loads through timm; a plugin's backbone through the plugin that
+    registered it: installed plugins load by themselves, a file or module is given in
+    ``plugins`` (or a ``registry`` built with it). A missing plugin is one error naming what
+    to install or pass (from the model's ``config.json``); a plugin of another version than
+    the one that trained the model (another file content) gives a warning naming both.
 
     Example:
         >>> m = load_model("studies/digits/best")            # doctest: +SKIP
         >>> m.predict(["a.png", "b.png"], top_k=3)           # doctest: +SKIP
+        >>> load_model("studies/team/best", plugins=["my_backbone.py"])  # doctest: +SKIP
     """
     import timm
 
     directory = Path(directory)
     if (directory / ENSEMBLE_FILE).is_file():
+        if registry is None and plugins:
+            registry = Registry.from_plugin_manager(get_plugin_manager(list(plugins))[0])
         return load_ensemble(directory, device=device, registry=registry)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -418,12 +435,22 @@ def load_model(directory: str | Path, device: str = "cpu", registry=None) -> Loa
         from safetensors.torch import load_file
 
         if registry is None:
-            from .plugins import get_plugin_manager
-            from .registry import Registry
-
-            registry = Registry.from_plugin_manager(get_plugin_manager()[0])
-        backbone = config.get("automl_tl", {}).get("backbone", architecture)
-        model = registry.get("backbones", backbone).create(
+            registry = Registry.from_plugin_manager(get_plugin_manager(list(plugins))[0])
+        record = config.get("automl_tl") or {}
+        backbone = record.get("backbone", architecture)
+        origin = record.get("backbone_origin")
+        if backbone not in registry.names("backbones"):
+            raise PluginError(missing_plugin_message(backbone, origin, str(directory)))
+        component = registry.get("backbones", backbone)
+        mismatch = origin_mismatch(
+            backbone,
+            origin,
+            component_origin(registry.plugin_of("backbones", backbone), component),
+            str(directory),
+        )
+        if mismatch:
+            warnings.warn(mismatch, stacklevel=2)
+        model = component.create(
             len(label_names), weights="none", image_size=data_config.input_size[-1]
         )
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
@@ -520,6 +547,18 @@ def export_ensemble(
     return directory
 
 
+def plain_timm_loads(directory: str | Path) -> bool:
+    """Whether ``timm.create_model("local-dir:DIR", pretrained=True)`` loads the export with
+    no automl-tl and no plugin: its architecture is one timm knows."""
+    import timm
+
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return timm.is_model(config.get("architecture", ""))
+
+
 def find_images(paths: Iterable[str | Path]) -> list[Path]:
     """Expand folders (recursively) into image files; files are taken as given."""
     found: list[Path] = []
@@ -607,7 +646,13 @@ ONNX_TOLERANCE = 1e-3
 
 
 def export_onnx(
-    directory: str | Path, *, opset: int | None = None, batch: int = 8, seed: int = 0
+    directory: str | Path,
+    *,
+    opset: int | None = None,
+    batch: int = 8,
+    seed: int = 0,
+    registry=None,
+    plugins: Sequence[str] = (),
 ) -> OnnxExport:
     """Write ``<directory>/model.onnx`` beside the timm export and check it against PyTorch.
 
@@ -631,7 +676,7 @@ def export_onnx(
 
     directory = Path(directory)
     check_timm_export(directory)
-    loaded = load_model(directory, device="cpu")
+    loaded = load_model(directory, device="cpu", registry=registry, plugins=plugins)
     model = loaded.calibrated_module().float().eval()  # temperature scaling / ensemble inside
     size = loaded.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))

@@ -7,7 +7,7 @@ from typing import Any
 
 import pluggy
 
-from .components import AugmentationPolicy, Backbone, DatasetSource, UnfreezeStrategy
+from .components import AugmentationPolicy, Backbone, DatasetSource, Metric, UnfreezeStrategy
 
 hookspec = pluggy.HookspecMarker("automl_tl")
 hookimpl = pluggy.HookimplMarker("automl_tl")
@@ -34,6 +34,11 @@ def register_datasets(register: Callable[[DatasetSource], None]) -> None:
 
 
 @hookspec
+def register_metrics(register: Callable[[Metric], None]) -> None:
+    """Call ``register(metric)`` for each Metric this plugin provides."""
+
+
+@hookspec
 def trial_started(
     study_name: str, trial_number: int, params: dict[str, Any], output_dir: str
 ) -> None:
@@ -57,3 +62,10 @@ def trial_finished(
 @hookspec
 def study_finished(study_name: str, best: dict[str, Any] | None, output_dir: str) -> None:
     """A search run ended; best is {number, value, params} or None when no trial completed."""
+
+
+@hookspec
+def model_exported(
+    study_name: str, trial_number: int, model_dir: str, metrics: dict[str, Any], best: bool
+) -> None:
+    """A retrained model was exported to model_dir (best: it is the study's best/)."""

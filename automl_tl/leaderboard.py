@@ -209,6 +209,8 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
                 "state": s.state,
                 "value": s.value,
                 "params": s.params,
+                # the source each trial trained from, fixed or searched (a file: its sha256)
+                "weights": s.weights or weights_label(config, s.params),
                 "duration_s": s.duration_s,
                 "epochs_run": s.epochs_run,
                 "fail_reason": s.fail_reason,

@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pluggy
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import Version
 
 from . import hookspecs
+from ._util import sha256_file
 from .errors import PluginError
 from .registry import Registry
 
@@ -46,8 +49,11 @@ class PluginInfo:
     location: str | None = None
 
 
+_FILE_MODULE_PREFIX = "automl_tl_plugin_"
+
+
 def _import_file(path: Path):
-    module_name = f"automl_tl_plugin_{path.stem}"
+    module_name = f"{_FILE_MODULE_PREFIX}{path.stem}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise PluginError(f"cannot import plugin file {path}: not a Python module")
@@ -110,9 +116,23 @@ def load_plugin(pm: pluggy.PluginManager, spec: str, base_dir: Path | None = Non
             version=_module_version(spec),
             location=getattr(module, "__file__", None),
         )
+    check_compatible(module, info.name)
     if pm.get_plugin(info.name) is None and not pm.is_registered(module):
         _register(pm, module, info.name)
     return info
+
+
+def _stale_egg_info(ep: importlib.metadata.EntryPoint, exc: BaseException) -> str | None:
+    """A hint when the entry point comes from a ``*.egg-info`` folder whose module is gone:
+    metadata copied along with a plugin template (``cp -r``) and found before the real one."""
+    path = getattr(ep.dist, "_path", None)
+    if not isinstance(exc, ImportError) or path is None or not str(path).endswith(".egg-info"):
+        return None
+    return (
+        f"Its metadata comes from {path}, which names a module that does not import: if the "
+        "package was copied from a template, that egg-info is stale: delete it (rm -rf "
+        f"{path}) and run `pip install -e .` again"
+    )
 
 
 def _module_version(module_name: str) -> str | None:
@@ -136,6 +156,63 @@ def _own_version() -> str:
     from . import __version__
 
     return __version__
+
+
+def automl_tl_version() -> str:
+    """The installed automl-tl's version (what a plugin's ``automl_tl_requires`` is checked
+    against)."""
+    return _own_version()
+
+
+#: What changed in the plugin contract, by the automl-tl version that changed it: the message
+#: for a plugin whose ``automl_tl_requires`` excludes this version names the changes it missed.
+CONTRACT_CHANGES: dict[str, str] = {
+    "0.1.0": "Backbone.check_weights(source) refuses unknown named weight sources before a "
+    "search; exported models record their plugin (config.json automl_tl.backbone_origin); "
+    "register_metrics(register) adds metrics",
+}
+
+#: the module attribute a plugin declares its supported automl-tl versions in (PEP 440)
+REQUIRES_ATTR = "automl_tl_requires"
+
+
+def check_compatible(module: object, name: str) -> None:
+    """Refuse a plugin whose ``automl_tl_requires`` (a PEP 440 specifier such as ``">=0.1,<0.3"``)
+    excludes this automl-tl, with one message naming the plugin and what changed."""
+    declared = getattr(module, REQUIRES_ATTR, None)
+    if declared is None:
+        return
+    try:
+        spec = SpecifierSet(str(declared))
+    except InvalidSpecifier as exc:
+        raise PluginError(
+            f"plugin {name!r}: {REQUIRES_ATTR} = {declared!r} is not a version specifier; "
+            'write e.g. ">=0.1,<0.3"'
+        ) from exc
+    current = Version(_own_version())
+    if spec.contains(current, prereleases=True):
+        return
+    newer = any(
+        s.operator in (">=", ">", "==", "~=", "===") and Version(s.version) > current
+        for s in spec
+        if "*" not in s.version
+    )
+    missed = [
+        f"{version}: {change}"
+        for version, change in CONTRACT_CHANGES.items()
+        if Version(version) <= current and not spec.contains(version, prereleases=True)
+    ]
+    if missed and not newer:
+        why = "it was written for an older plugin contract; since then " + "; ".join(missed)
+        fix = "install a release of the plugin that supports this automl-tl"
+    else:
+        why = "it needs a newer automl-tl"
+        fix = f"pip install 'automl-tl{spec}'"
+    raise PluginError(
+        f"plugin {name!r} supports automl-tl {spec}, but this is automl-tl {current}: {why}. "
+        f"Fix: {fix}, or update its {REQUIRES_ATTR} after checking it with "
+        f"`automl-tl plugins --check {name}`"
+    )
 
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
@@ -167,7 +244,10 @@ def get_plugin_manager(
         try:
             module = ep.load()
         except Exception as exc:
-            raise _describe_import_failure(f"{ep.name!r} (entry point {ep.value})", exc) from exc
+            error = _describe_import_failure(f"{ep.name!r} (entry point {ep.value})", exc)
+            stale = _stale_egg_info(ep, exc)
+            raise (PluginError(f"{error} {stale}") if stale else error) from exc
+        check_compatible(module, ep.name)
         if pm.get_plugin(ep.name) is None:
             _register(pm, module, ep.name)
         dist = ep.dist
@@ -187,6 +267,102 @@ def get_plugin_manager(
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"{exc}. Hook names are listed in docs/writing-plugins.md.") from exc
     return pm, infos
+
+
+# ---------------------------------------------------------------------------------------------
+# where a component came from, as an exported model records it
+
+
+def component_origin(plugin: str, component: object) -> dict[str, str | None]:
+    """Where the component a plugin registered came from, for an exported model's record:
+
+    - ``{"source": "automl-tl", "plugin", "version"}`` for the built-in plugins;
+    - ``{"source": "entry point", "plugin", "entry_point", "distribution", "version"}``;
+    - ``{"source": "file", "plugin", "path", "sha256"}`` for a ``--plugin my_backbone.py``;
+    - ``{"source": "module", "plugin", "module", "version"}`` for ``--plugin package.module``.
+    """
+    if plugin in DEFAULT_PLUGINS:
+        return {"source": "automl-tl", "plugin": plugin, "version": _own_version()}
+    module = sys.modules.get(type(component).__module__)
+    path = getattr(module, "__file__", None)
+    if type(component).__module__.startswith(_FILE_MODULE_PREFIX) and path:
+        return {"source": "file", "plugin": plugin, "path": path, "sha256": sha256_file(path)}
+    for ep in _entry_points():
+        if ep.name == plugin:
+            dist = ep.dist
+            return {
+                "source": "entry point",
+                "plugin": plugin,
+                "entry_point": f"{ENTRY_POINT_GROUP}:{ep.name} = {ep.value}",
+                "distribution": dist.name if dist else None,
+                "version": dist.version if dist else None,
+            }
+    return {
+        "source": "module",
+        "plugin": plugin,
+        "module": plugin,
+        "version": _module_version(plugin),
+    }
+
+
+def missing_plugin_message(backbone: str, origin: dict | None, where: str) -> str:
+    """What to install or pass when the plugin that built a model is not loaded."""
+    restricted = os.environ.get(LOAD_PLUGINS_ENV)
+    extra = (
+        f" ({LOAD_PLUGINS_ENV}={restricted!r} restricts the installed plugins that load)"
+        if restricted is not None
+        else ""
+    )
+    head = f"{where} was trained with backbone {backbone!r}"
+    source = (origin or {}).get("source")
+    if source == "entry point":
+        dist, version = origin.get("distribution"), origin.get("version")
+        pin = f"{dist}=={version}" if dist and version else dist or origin.get("plugin")
+        return (
+            f"{head} from the plugin package {dist} {version or ''}".rstrip()
+            + f", which is not installed{extra}: pip install '{pin}' (or pass --plugin "
+            "MODULE_OR_FILE with a plugin that registers it)"
+        )
+    if source == "file":
+        return (
+            f"{head} from the plugin file {origin.get('path')} (sha256 "
+            f"{(origin.get('sha256') or '')[:12]}), which is not loaded: pass --plugin "
+            f"{origin.get('path')}"
+        )
+    if source == "module":
+        version = f" {origin['version']}" if origin.get("version") else ""
+        return (
+            f"{head} from the plugin module {origin.get('module')}{version}, which is not "
+            f"loaded{extra}: pass --plugin {origin.get('module')} (install its package first)"
+        )
+    return (
+        f"{head}, which no loaded plugin registers{extra}: install the plugin package that "
+        "provides it, or pass --plugin MODULE_OR_FILE (a module or a .py file)"
+    )
+
+
+def origin_mismatch(backbone: str, recorded: dict | None, current: dict, where: str) -> str | None:
+    """A warning when the plugin loaded now is not the one that trained the model (another
+    version, another file content), naming both; None when they agree or nothing is known."""
+    if not recorded or recorded.get("source") == "automl-tl":
+        return None
+    if recorded.get("source") == "file" or current.get("source") == "file":
+        old, new = recorded.get("sha256"), current.get("sha256")
+        if old and new and old != new:
+            return (
+                f"{where} was trained with backbone {backbone!r} from plugin file "
+                f"{recorded.get('path')} (sha256 {old[:12]}); the loaded "
+                f"{current.get('path')} has sha256 {new[:12]}: predictions may differ"
+            )
+        return None
+    old, new = recorded.get("version"), current.get("version")
+    if old and new and old != new:
+        name = recorded.get("distribution") or recorded.get("module") or recorded.get("plugin")
+        return (
+            f"{where} was trained with backbone {backbone!r} from {name} {old}; {new} is "
+            f"loaded now: predictions may differ (pip install '{name}=={old}' to match)"
+        )
+    return None
 
 
 def registry_needing(
@@ -217,7 +393,13 @@ def registry_needing(
     return registry
 
 
-LIFECYCLE_HOOKS = ("trial_started", "epoch_finished", "trial_finished", "study_finished")
+LIFECYCLE_HOOKS = (
+    "trial_started",
+    "epoch_finished",
+    "trial_finished",
+    "study_finished",
+    "model_exported",
+)
 
 
 def describe_plugins(

@@ -11,7 +11,7 @@ from typing import Any
 
 import pluggy
 
-from .components import AugmentationPolicy, Backbone, DatasetSource, UnfreezeStrategy
+from .components import AugmentationPolicy, Backbone, DatasetSource, Metric, UnfreezeStrategy
 from .errors import PluginError, UnknownNameError, did_you_mean
 
 #: kind -> (hook name, component base class, user-facing name, study-file key)
@@ -30,6 +30,7 @@ KINDS: dict[str, tuple[str, type, str, str]] = {
         "[search] unfreeze",
     ),
     "datasets": ("register_datasets", DatasetSource, "dataset", "[data] source"),
+    "metrics": ("register_metrics", Metric, "metric", "[search] metric"),
 }
 
 
@@ -79,7 +80,10 @@ class Registry:
         if name in table:
             raise PluginError(
                 f"{label} {name!r} is registered twice: by plugin {table[name].plugin!r} and by "
-                f"plugin {plugin!r}. Rename one of them or stop loading one plugin."
+                f"plugin {plugin!r}. Rename one of them or stop loading one plugin: an installed "
+                "package that is also passed as a file or module (--plugin, `plugins = [...]`) "
+                "loads twice; drop the --plugin, or set AUTOML_TL_LOAD_PLUGINS to the installed "
+                "plugins to load (empty: none)."
             )
         table[name] = Entry(component, plugin)
 

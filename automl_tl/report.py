@@ -596,7 +596,11 @@ def _fmt(value: Any, key: str = "") -> str:
 def _leaderboard_html(data: dict[str, Any]) -> str:
     metric = data["metric"]
     shown = {t["number"]: effective_params(t["params"]) for t in data["trials"]}
-    used = [k for k in SHOWN_PARAMS if any(p.get(k) is not None for p in shown.values())]
+    used = [
+        k
+        for k in SHOWN_PARAMS  # every trial's weight source, resolved, also when fixed
+        if k == "weights" or any(p.get(k) is not None for p in shown.values())
+    ]
     columns = ["trial", "state", metric, *used, "epochs", "seconds", "fail_reason"]
     best = (data.get("best") or {}).get("number")
     trials = sorted(data["trials"], key=lambda t: (t["value"] is None, -(t["value"] or 0)))
@@ -608,6 +612,7 @@ def _leaderboard_html(data: dict[str, Any]) -> str:
             "state": t["state"],
             metric: t["value"],
             **{k: shown[t["number"]].get(k) for k in used},
+            "weights": t.get("weights") or shown[t["number"]].get("weights"),  # resolved
             "epochs": t.get("epochs_run"),
             "seconds": t.get("duration_s"),
             "fail_reason": t.get("fail_reason"),

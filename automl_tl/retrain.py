@@ -27,12 +27,13 @@ from .errors import UserError
 from .export import export_model
 from .leaderboard import best_by_weights, comparison, describe_params, retrained_model
 from .paths import ensure_writable
+from .plugins import component_origin
 from .pretrain import ensure_study_weights
 from .registry import Registry
 from .scores import calibrated, fit_temperature, metric_intervals, reliability, unpack
 from .space import choice_from_params
 from .storage import check_data, open_study, storage_of
-from .train import evaluate, fit, resolve_device
+from .train import evaluate, fit, plugin_metrics, resolve_device
 
 log = logging.getLogger("automl_tl")
 
@@ -107,6 +108,7 @@ def retrain(
         evaluate_on=None,
     )
     num_classes = len(splits.class_names)
+    plugin_scores = plugin_metrics(registry)  # metric plugins, beside the built-in ones
     test_log_probs: list = []
     test = evaluate(
         result.model,
@@ -115,6 +117,7 @@ def retrain(
         result.data_config,
         device_t,
         log_probs=test_log_probs,
+        metrics=plugin_scores,
     )
     val_log_probs: list = []
     if on == "train":
@@ -125,6 +128,7 @@ def retrain(
             result.data_config,
             device_t,
             log_probs=val_log_probs,
+            metrics=plugin_scores,
         )
     else:
         val = dict(trial.user_attrs.get(trials.VAL_METRICS) or {})
@@ -145,6 +149,11 @@ def retrain(
         "test": test,
         **test_scores,
         "data": splits.summary(),
+        # where the model came from: the backbone's plugin and the weights it started from
+        "backbone_origin": component_origin(
+            registry.plugin_of("backbones", choice.backbone), result.backbone
+        ),
+        "weights": config.weights_record(choice.backbone, trial.params.get("weights")),
     }
     if selection is not None:
         metrics["selection"] = selection
@@ -157,7 +166,11 @@ def retrain(
         splits.class_names,
         result.data_config,
         metrics,
-        extra={"temperature": metrics["calibration"]["temperature"]},
+        extra={
+            "temperature": metrics["calibration"]["temperature"],
+            "backbone_origin": metrics["backbone_origin"],
+            "weights": metrics["weights"],
+        },
     )
     Catalog(catalog_path(config)).record_model(
         config.name,

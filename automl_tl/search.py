@@ -37,13 +37,13 @@ import optuna
 import pluggy
 from optuna.trial import FrozenTrial, TrialState
 
-from . import trials
+from . import trials, weightsource
 from ._util import failure_reason, is_out_of_memory
 from .budget import Budget, RetryStaleTrial, TrialSkipped, worker_identity
 from .catalog import Catalog, catalog_path
-from .config import StudyConfig, check_named_weights
+from .config import METRICS, StudyConfig, check_named_weights
 from .data import Splits, load_splits, parse_source
-from .errors import UserError
+from .errors import ConfigError, UnknownNameError, UserError, did_you_mean
 from .leaderboard import (
     backbone_throughput,
     best_summary,
@@ -89,8 +89,42 @@ def check_names(config: StudyConfig, registry: Registry) -> None:
         for name in names:
             registry.get(kind, name)
     registry.get("datasets", parse_source(config.data.source)[0])
+    check_metric_name(config, registry)
     check_named_weights(config, registry)
     check_space(config, registry)  # no empty branch; no flipping policy under fixed orientation
+
+
+def announce_export(
+    pm: pluggy.PluginManager, config: StudyConfig, directory: Path, metrics: dict[str, Any]
+) -> None:
+    """The ``model_exported`` hook for a model :func:`automl_tl.retrain.retrain` wrote."""
+    pm.hook.model_exported(
+        study_name=config.name,
+        trial_number=int(metrics["trial"]),
+        model_dir=str(directory),
+        metrics=metrics,
+        best=Path(directory) == config.paths.best,
+    )
+
+
+def check_metric_name(config: StudyConfig, registry: Registry) -> None:
+    """``[search] metric`` is a built-in metric or one a plugin registered that Optuna can
+    maximize (a lower-is-better metric is reported, not searched by)."""
+    name = config.search.metric
+    if name in METRICS:
+        return
+    known = [*METRICS, *registry.names("metrics")]
+    if name not in registry.names("metrics"):
+        raise UnknownNameError(
+            f"unknown metric {name!r} in [search] metric{did_you_mean(name, known)}; known: "
+            f"{', '.join(known)} (a plugin adds more with register_metrics)"
+        )
+    if not registry.get("metrics", name).higher_is_better:
+        raise ConfigError(
+            f"[search] metric = {name!r} is lower-is-better; the search maximizes its metric, so "
+            "choose a higher-is-better one (the report still shows this one for every model), "
+            "or register its complement (e.g. 1 - error)"
+        )
 
 
 def check_backbones_run(config: StudyConfig, registry: Registry) -> None:
@@ -109,6 +143,32 @@ def check_backbones_run(config: StudyConfig, registry: Registry) -> None:
             raise UserError(
                 f"backbone {name!r} cannot run at [data] image_size = {size}: {failure_reason(exc)}. "
                 "Raise image_size or remove the backbone from [search] backbones."
+            ) from exc
+    check_weight_files(config, registry)
+
+
+def check_weight_files(config: StudyConfig, registry: Registry) -> None:
+    """Every weights file and ``local-dir:`` folder ``[weights]`` gives a backbone loads into
+    it, once before the first trial: a file from another network is one message naming the
+    entry, not a failure in every trial until the search gives up."""
+    size = config.data.image_size
+    for backbone, key, text in weightsource.entries(config.weights, config.search.backbones):
+        source = weightsource.parse(text, config.base_dir)
+        if source.kind not in ("file", "local-dir"):
+            continue
+        try:
+            registry.get("backbones", backbone).create(
+                2, weights=source.for_create(), image_size=size
+            )
+        except Exception as exc:
+            raise UserError(
+                f'[weights] {key} = "{text}" does not fit backbone {backbone!r}: '
+                f"{failure_reason(exc)}"
+                + (
+                    ""
+                    if isinstance(exc, UserError)
+                    else ". Point it at weights saved from this backbone's network"
+                )
             ) from exc
 
 
@@ -188,6 +248,10 @@ class Objective:
         name = self.config.name
         choice = suggest(trial, self.config, self.registry)
         trial.set_user_attr(trials.DEVICE, str(self.device))
+        # the source as trained from, a file with its sha256 (leaderboard, catalog, index.html)
+        trial.set_user_attr(
+            trials.WEIGHTS, self.config.weights_label(choice.backbone, trial.params.get("weights"))
+        )
         self.hook.trial_started(
             study_name=name,
             trial_number=trial.number,
@@ -584,6 +648,7 @@ def _search(
         )
         if retrained is not None:
             outcome.model_dir, outcome.metrics = retrained
+            announce_export(pm, config, *retrained)
             # [weights] searched: retrain each source's best too (transferred vs scratch)
             outcome.comparison = retrain_per_weights(config, registry, study, splits, device=device)
     return outcome

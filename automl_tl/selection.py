@@ -695,12 +695,13 @@ def _member(
 
 @torch.inference_mode()
 def score_model(
-    model_dir: Path, splits: Splits, *, seed: int = 0, device: Any = "cpu"
+    model_dir: Path, splits: Splits, *, seed: int = 0, device: Any = "cpu", registry=None
 ) -> dict[str, Any]:
     """Test metrics with intervals and calibration, inference cost (ms per image on
     ``device``, parameters) of an exported model or ensemble."""
     device = resolve_device(device)
-    loaded = load_model(model_dir, device=str(device))
+    # the study's registry: a plugin file's backbone is not in the default one
+    loaded = load_model(model_dir, device=str(device), registry=registry)
     module = loaded.calibrated_module()
     test = splits.test
     lps = []
@@ -750,10 +751,10 @@ def check_soup(folders: list[Path]) -> None:
             )
 
 
-def soup_models(folders: list[Path], weights: list[float] | None = None):
+def soup_models(folders: list[Path], weights: list[float] | None = None, registry=None):
     """The loaded first model with the (weighted) average of all their weights."""
     check_soup(folders)
-    loaded = [load_model(f, device="cpu") for f in folders]
+    loaded = [load_model(f, device="cpu", registry=registry) for f in folders]
     states = [m.model.state_dict() for m in loaded]
     shapes = {k: tuple(v.shape) for k, v in states[0].items()}
     for f, s in zip(folders[1:], states[1:]):
@@ -790,7 +791,9 @@ def build_extras(
     out: dict[str, Any] = {"selection": selection.to_dict()}
     best_dir = paths.best
     scoring = resolve_device(device)
-    out["single"] = score_model(best_dir, splits, seed=config.data.seed, device=scoring)
+    out["single"] = score_model(
+        best_dir, splits, seed=config.data.seed, device=scoring, registry=registry
+    )
     numbers = [r["trial"] for r in selection.finalists]
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     labels = _pool_labels(splits)
@@ -840,7 +843,7 @@ def build_extras(
                 },
             )
             out["ensemble"] = score_model(
-                paths.ensemble, splits, seed=config.data.seed, device=scoring
+                paths.ensemble, splits, seed=config.data.seed, device=scoring, registry=registry
             )
             out["ensemble"]["member_trials"] = {str(n): c for n, c in members}
             log.info(
@@ -888,14 +891,14 @@ def _greedy_soup(
     check_soup(folders)
     kept = [0]
     metric = config.search.metric
-    current = _val_score(load_model(folders[0], device="cpu"), splits, metric)
+    current = _val_score(load_model(folders[0], device="cpu", registry=registry), splits, metric)
     for i in range(1, len(folders)):
-        trial_soup = soup_models([folders[j] for j in [*kept, i]])
+        trial_soup = soup_models([folders[j] for j in [*kept, i]], registry=registry)
         acc = _val_score(trial_soup, splits, metric)
         if acc >= current:
             kept.append(i)
             current = acc
-    soup = soup_models([folders[j] for j in kept])
+    soup = soup_models([folders[j] for j in kept], registry=registry)
     winner_metrics = json.loads((folders[0] / "metrics.json").read_text())
     temperature = float(winner_metrics.get("calibration", {}).get("temperature") or 1.0)
     name = json.loads((folders[0] / "config.json").read_text()).get("automl_tl", {}).get("backbone")
@@ -919,7 +922,11 @@ def _greedy_soup(
         extra={"temperature": temperature},
     )
     scored = score_model(
-        config.paths.soup, splits, seed=config.data.seed, device=resolve_device(device)
+        config.paths.soup,
+        splits,
+        seed=config.data.seed,
+        device=resolve_device(device),
+        registry=registry,
     )
     scored["ingredients"] = metrics["ingredients"]
     log.info("soup of trials %s -> %s", metrics["ingredients"], config.paths.soup)

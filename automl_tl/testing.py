@@ -34,6 +34,7 @@ from .components import (
     AugmentationPolicy,
     Backbone,
     DatasetSource,
+    Metric,
     UnfreezeStrategy,
     flipped_outputs,
 )
@@ -66,9 +67,11 @@ def check_backbone(backbone: Backbone, image_size: int = IMAGE_SIZE) -> None:
     flat = [n for g in groups for n in g]
     assert len(flat) == len(set(flat)), f"{backbone.name}: a parameter appears in two layer groups"
     assert not set(flat) & set(head), f"{backbone.name}: layer_groups() must not include the head"
-    assert set(flat) | set(head) == set(names), (
-        f"{backbone.name}: parameters in no group and not in the head: "
-        f"{sorted(set(names) - set(flat) - set(head))[:5]}"
+    missing = [n for n in names if n not in set(flat) | set(head)]
+    assert not missing, (
+        f"{backbone.name}: {len(missing)} parameter(s) in no layer group and not in the head: "
+        f"{', '.join(missing[:10])}{', …' if len(missing) > 10 else ''}. Add them to a group "
+        "in layer_groups() (ordered input -> output) or name them in head_parameters()"
     )
     order = {n: i for i, n in enumerate(names)}
     firsts = [min(order[n] for n in g) for g in groups]
@@ -200,6 +203,33 @@ def check_dataset_source(source: DatasetSource) -> None:
     )
 
 
+def check_metric(metric: Metric) -> None:
+    """A name, a sane range and direction; on perfect, random and constant predictions
+    (several class counts) the score is a finite float inside the declared range."""
+    import numpy as np
+
+    assert isinstance(metric, Metric), f"{metric!r} must subclass automl_tl.Metric"
+    assert metric.name, "a metric needs a non-empty name"
+    low, high = metric.range
+    assert low < high, f"metric {metric.name!r}: range must be (low, high) with low < high"
+    assert isinstance(metric.higher_is_better, bool), (
+        f"metric {metric.name!r}: higher_is_better must be a bool"
+    )
+    rng = np.random.default_rng(0)
+    for classes in (2, 5):
+        y = np.repeat(np.arange(classes), 6).astype("int64")
+        perfect = np.eye(classes, dtype="float32")[y]
+        random = rng.dirichlet(np.ones(classes), size=len(y)).astype("float32")
+        constant = np.tile(np.eye(classes, dtype="float32")[0], (len(y), 1))
+        for what, probs in (("perfect", perfect), ("random", random), ("constant", constant)):
+            try:
+                metric.checked(y, probs)
+            except Exception as exc:
+                raise AssertionError(
+                    f"metric {metric.name!r} on {what} predictions of {classes} classes: {exc}"
+                ) from exc
+
+
 def check_backbone_weights(backbone: Backbone, image_size: int = IMAGE_SIZE) -> None:
     """``create(num_classes, weights=PATH)`` loads a file saved from the backbone's own model.
 
@@ -297,6 +327,7 @@ _CHECKS = {
     ],
     "unfreeze_strategies": [("contract (linear probe at 0, param groups)", check_strategy)],
     "datasets": [("contract (name, argument)", check_dataset_source)],
+    "metrics": [("contract (finite, in its range, on any predictions)", check_metric)],
 }
 
 _HINTS = {
@@ -305,6 +336,7 @@ _HINTS = {
     "augmentation_policies": "build(strength, image_size) must return an nn.Module",
     "unfreeze_strategies": "param_groups(groups, head, depth) must return ParamGroup objects",
     "datasets": "",
+    "metrics": "score(y_true, y_pred) must return a float within the metric's range",
 }
 
 

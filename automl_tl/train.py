@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import features as _features
-from .components import Backbone, DataConfig, UnfreezeStrategy
+from .components import Backbone, DataConfig, Metric, UnfreezeStrategy
 from .data import Split, Splits, batches
 from .errors import ConfigError, DataError
 from .registry import Registry
@@ -292,7 +292,47 @@ def _add_predictions(confusion: torch.Tensor, yb, pred, num_classes: int) -> Non
     confusion += torch.bincount(yb * num_classes + pred, minlength=num_classes**2)
 
 
-@torch.inference_mode()
+def plugin_metrics(registry: Registry) -> list[Metric]:
+    """Every metric the plugins registered (``register_metrics``), computed beside the
+    built-in ones wherever a model is evaluated."""
+    return [registry.get("metrics", name) for name in registry.names("metrics")]
+
+
+class _Scores:
+    """What an evaluation collects: the confusion matrix, log-probabilities when asked, and
+    labels and probabilities when a plugin metric needs them."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        device: torch.device,
+        metrics: Sequence[Metric],
+        log_probs: list[torch.Tensor] | None,
+    ):
+        self.num_classes, self.metrics, self.log_probs = num_classes, list(metrics), log_probs
+        self.confusion = _confusion(num_classes, device)
+        self.labels: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor, yb: torch.Tensor) -> None:
+        _add_predictions(self.confusion, yb, logits.argmax(1), self.num_classes)
+        if self.log_probs is not None:
+            self.log_probs.append(logits.float().log_softmax(1).cpu())
+        if self.metrics:
+            self.labels.append(yb.cpu())
+            self.probs.append(logits.float().softmax(1).cpu())
+
+    def result(self) -> dict[str, Any]:
+        n = self.num_classes
+        out = classification_metrics(self.confusion.view(n, n).cpu())
+        if self.metrics and self.labels:
+            y_true = torch.cat(self.labels).numpy().astype("int64")
+            probs = torch.cat(self.probs).numpy().astype("float32")
+            for metric in self.metrics:
+                out[metric.name] = metric.checked(y_true, probs)
+        return out
+
+
 def evaluate(
     model: nn.Module,
     split: Split,
@@ -301,21 +341,21 @@ def evaluate(
     device: torch.device,
     batch_size: int = 256,
     log_probs: list[torch.Tensor] | None = None,
+    metrics: Sequence[Metric] = (),
 ) -> dict[str, Any]:
-    """Metrics of ``model`` on ``split`` (no augmentation); ``log_probs`` (a list) receives
-    the log-probabilities of every image, in the split's order, batch by batch."""
-    model.eval()
-    inputs = _Inputs(data_config, device, memory_format_for(model, device))
-    amp = _autocast(device)
-    confusion = _confusion(num_classes, device)
-    for xb, yb in batches(on_device(split, device), batch_size, device=device):
-        with amp():
-            logits = model(inputs(xb))
-        pred = logits.argmax(1)
-        if log_probs is not None:
-            log_probs.append(logits.float().log_softmax(1).cpu())
-        _add_predictions(confusion, yb, pred, num_classes)
-    return classification_metrics(confusion.view(num_classes, num_classes).cpu())
+    """Metrics of ``model`` on ``split`` (no augmentation): the built-in ones and ``metrics``
+    (plugin metrics, :func:`plugin_metrics`); ``log_probs`` (a list) receives the
+    log-probabilities of every image, in the split's order, batch by batch."""
+    with torch.inference_mode():
+        model.eval()
+        inputs = _Inputs(data_config, device, memory_format_for(model, device))
+        amp = _autocast(device)
+        scores = _Scores(num_classes, device, metrics, log_probs)
+        for xb, yb in batches(on_device(split, device), batch_size, device=device):
+            with amp():
+                logits = model(inputs(xb))
+            scores.add(logits, yb)
+    return scores.result()
 
 
 @torch.inference_mode()
@@ -326,18 +366,16 @@ def _evaluate_head(
     device: torch.device,
     batch_size: int,
     log_probs: list[torch.Tensor] | None = None,
+    metrics: Sequence[Metric] = (),
 ) -> dict[str, Any]:
     head.eval()
     amp = _autocast(device)
-    confusion = _confusion(num_classes, device)
+    scores = _Scores(num_classes, device, metrics, log_probs)
     for fb, yb in batches(features, batch_size, device=device):
         with amp():
             logits = head(fb).reshape(len(fb), -1)
-        pred = logits.argmax(1)
-        if log_probs is not None:
-            log_probs.append(logits.float().log_softmax(1).cpu())
-        _add_predictions(confusion, yb, pred, num_classes)
-    return classification_metrics(confusion.view(num_classes, num_classes).cpu())
+        scores.add(logits, yb)
+    return scores.result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,6 +576,7 @@ def _fit(
     generator = torch.Generator().manual_seed(seed)
     num_classes = len(data.class_names)
     start = time.perf_counter()
+    metrics = plugin_metrics(registry)  # scored beside the built-in ones every epoch
 
     backbone: Backbone = registry.get("backbones", choice.backbone)
     policy = registry.get("augmentation_policies", choice.augmentation)
@@ -670,11 +709,18 @@ def _fit(
             collected: list[torch.Tensor] | None = [] if keep_predictions else None
             if probe is not None:
                 val = _evaluate_head(
-                    head_module, eval_source, num_classes, device, eval_batch, collected
+                    head_module, eval_source, num_classes, device, eval_batch, collected, metrics
                 )
             else:
                 val = evaluate(
-                    step, held_out, num_classes, data_config, device, eval_batch, collected
+                    step,
+                    held_out,
+                    num_classes,
+                    data_config,
+                    device,
+                    eval_batch,
+                    collected,
+                    metrics,
                 )
             result.val = {k: v for k, v in val.items() if k != "confusion_matrix"}
             if collected:

@@ -34,6 +34,7 @@ STOPPED_EARLY = "stopped_early"  #: True: no improvement for [search] patience e
 #: the best epoch's validation log-probabilities (float16, base64; automl_tl.scores.pack)
 VAL_LOG_PROBS = "val_log_probs"
 DEAD_AT_CHANCE = "dead_at_chance"  #: the epoch the dead-trial guard pruned it at (samplers.py)
+WEIGHTS = "weights"  #: its weight source as written, with a local file's short sha256
 
 #: attributes that belong to one run of a trial, not to its configuration: a trial queued
 #: again (its worker died, it was interrupted) starts without them
@@ -53,6 +54,7 @@ RUN_ATTRS = (
     STOPPED_EARLY,
     VAL_LOG_PROBS,
     DEAD_AT_CHANCE,
+    WEIGHTS,
 )
 
 
@@ -84,6 +86,8 @@ class TrialSummary:
     batch_size: int | None = None
     feature_cache: str | None = None
     device: str | None = None
+    #: the weight source it trained from (``[weights]`` as written; a file with its sha256)
+    weights: str | None = None
     started: str | None = None
     finished: str | None = None
 
@@ -103,6 +107,7 @@ class TrialSummary:
             batch_size=attrs.get(BATCH_SIZE),
             feature_cache=attrs.get(FEATURE_CACHE),
             device=attrs.get(DEVICE),
+            weights=attrs.get(WEIGHTS) or trial.params.get("weights"),
             started=_iso(trial.datetime_start),
             finished=_iso(trial.datetime_complete),
         )

@@ -88,6 +88,45 @@ class WeightSource:
             return f"sha256:{sha256_file(path)}"
         return self.text
 
+    def file(self, pretrained_file: Path | None = None) -> Path | None:
+        """The local weights file this source loads (``pretrain:`` needs the file automl-tl
+        built), or None for ``none`` and named sources."""
+        if self.kind == "file":
+            return Path(self.target)
+        if self.kind == "local-dir":
+            return Path(self.target) / "model.safetensors"
+        if self.kind == "pretrain" and pretrained_file is not None:
+            return Path(pretrained_file)
+        return None
+
+    def describe(self, pretrained_file: Path | None = None) -> dict[str, Any]:
+        """What a model records about where its weights came from: ``{"source": as written,
+        "kind", "path", "sha256"}`` (path and sha256 only for a local file that exists)."""
+        out: dict[str, Any] = {"source": self.text, "kind": self.kind}
+        path = self.file(pretrained_file)
+        if path is not None and path.is_file():
+            out["path"] = str(path)
+            out["sha256"] = _sha256_cached(path)
+        return out
+
+    def label(self, pretrained_file: Path | None = None) -> str:
+        """One line for a leaderboard cell: as written, and a local file's short sha256."""
+        digest = self.describe(pretrained_file).get("sha256")
+        return f"{self.text} (sha256 {digest[:12]})" if digest else self.text
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256_cached(path: Path) -> str:
+    """sha256 of a file, hashed again only when its size or modification time changes (every
+    trial records its source; a weights file can be large)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256_file(path)
+    return _SHA_CACHE[key]
+
 
 def parse(text: str, base_dir: Path | None = None) -> WeightSource:
     """Parse one ``[weights]`` value; paths resolve against ``base_dir`` (default: the cwd)."""

@@ -44,7 +44,9 @@ DEV_MODULES = {
     "psycopg2-binary": "psycopg2",
     "optuna-dashboard": "optuna_dashboard",
     "datasette": "datasette",
+    "mlflow": "mlflow",
     "automl-tl-example-backbone": "automl_tl_example_backbone",
+    "automl-tl-mlflow": "automl_tl_mlflow",
     "automl-tl-tensorboard": "automl_tl_tensorboard",
     "automl-tl-torchvision": "automl_tl_torchvision",
 }

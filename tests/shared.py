@@ -48,6 +48,11 @@ def register_datasets(register):
 
 
 @automl_tl.hookimpl
+def register_metrics(register):
+    _write("register_metrics")
+
+
+@automl_tl.hookimpl
 def trial_started(study_name, trial_number, params, output_dir):
     _write("trial_started", trial=trial_number, params=params, output_dir=output_dir)
 
@@ -65,6 +70,11 @@ def trial_finished(study_name, trial_number, state, value, attrs):
 @automl_tl.hookimpl
 def study_finished(study_name, best, output_dir):
     _write("study_finished", best=best, output_dir=output_dir)
+
+
+@automl_tl.hookimpl
+def model_exported(study_name, trial_number, model_dir, metrics, best):
+    _write("model_exported", trial=trial_number, model_dir=model_dir, best=best)
 """
 
 

@@ -21,7 +21,7 @@ LAYERS = {
     2: {"budget", "storage", "samplers", "portfolio", "space", "train", "features", "weights"}
     | {"data", "catalog", "default_plugins", "scores"},
     3: {"search", "workers", "retrain", "leaderboard", "report", "progress", "pretrain"}
-    | {"export", "testing", "selection", "clean"},
+    | {"export", "testing", "selection", "scaffold", "bench", "clean"},
     4: {"cli", "study", "transfer"},
 }
 

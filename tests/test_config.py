@@ -45,7 +45,6 @@ def test_defaults_and_overrides(tmp_path):
             {"search": {"sampler": "tpee"}},
             "[search] sampler = 'tpee' is not allowed (did you mean \"tpe\"?)",
         ),
-        ({"search": {"metric": "f1"}}, "choose one of: accuracy, balanced_accuracy, macro_f1"),
         ({"data": {"image_size": 2}}, "[data] image_size = 2 is too small"),
         ({"retrain": {"on": "all"}}, "[retrain] on = 'all' is not allowed"),
         (

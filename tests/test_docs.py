@@ -199,16 +199,17 @@ def test_walkthrough_template_code_is_the_template():
     assert normalize(shown) == normalize(body)
 
 
-def test_walkthrough_from_nothing_to_a_search(tmp_path, monkeypatch):
+def test_walkthrough_from_nothing_to_a_search(tmp_path, monkeypatch, capsys):
     """Run the walkthrough's commands (the template is installed, as `make test` does)."""
     needs("automl_tl_example_backbone")
     (tmp_path / "team.toml").write_text(_after_marker(PLUGINS_DOC, "studies/team.toml"))
     commands = _after_marker(PLUGINS_DOC, "walkthrough commands").splitlines()
     assert commands[0] == "pip install -e plugins/automl-tl-example-backbone"
     monkeypatch.setenv("AUTOML_TL_LOAD_PLUGINS", "example_backbone")
+    images = _images(tmp_path / "my_images")
     outputs = {}
     for command in commands[1:]:
-        argv = shlex.split(command.replace("studies/", f"{tmp_path}/"))
+        argv = shlex.split(_localize(command, tmp_path, images))
         if argv[0] == "automl-tl":  # in this process: the command line, not its start-up
             if argv[1] == "search":
                 argv += ["--n-trials", "2"]  # the doc's budget, shortened for the test
@@ -235,3 +236,109 @@ def test_walkthrough_from_nothing_to_a_search(tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "team" / "best" / "metrics.json").read_text())
     assert metrics["params"]["backbone"] == "example_cnn"
     assert metrics["test"]["accuracy"] > 0.2  # 5 classes: better than chance
+    # the model says which plugin and which weights it came from
+    origin = metrics["backbone_origin"]
+    assert (origin["source"], origin["distribution"]) == (
+        "entry point",
+        "automl-tl-example-backbone",
+    )
+    assert metrics["weights"]["sha256"] == _sha(tmp_path / "weights" / "example_cnn.safetensors")
+    predicted = outputs["automl-tl predict studies/team/best my_images/"]
+    assert predicted.count(".png") == 3
+    assert "timm export" not in outputs["automl-tl export studies/team.toml --onnx"]
+    assert (tmp_path / "team" / "best" / "model.onnx").is_file()
+    snippet = _localize(_after_marker(PLUGINS_DOC, "walkthrough load_model"), tmp_path, images)
+    exec(compile(snippet, "writing-plugins.md", "exec"), {})
+    assert "[('" in capsys.readouterr().out
+
+
+def _images(folder: Path, n: int = 3) -> Path:
+    """A folder of digit images, for the docs' `my_images/`."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    folder.mkdir(parents=True, exist_ok=True)
+    digits = load_digits()
+    for i in range(n):
+        pixels = (digits.images[i] * 16).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).convert("RGB").save(folder / f"{chr(97 + i)}.png")
+    return folder
+
+
+def _localize(text: str, tmp_path: Path, images: Path) -> str:
+    """The docs' paths, made the test's: studies/ and my_images/ under tmp_path."""
+    return text.replace("my_images/", f"{images}/").replace("studies/", f"{tmp_path}/")
+
+
+def _sha(path: Path) -> str:
+    from automl_tl._util import sha256_file
+
+    return sha256_file(path)
+
+
+def test_walkthrough_copy_of_the_template_leaves_no_stale_metadata(tmp_path):
+    """Step 1's commands as written (the template gets an egg-info when installed)."""
+    block = next(b for b in _blocks(PLUGINS_DOC, "sh") if b.startswith("cp -r plugins/"))
+    repo = tmp_path / "repo"
+    (repo / "plugins").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(
+        REPO / "plugins" / "automl-tl-example-backbone",
+        repo / "plugins" / "automl-tl-example-backbone",
+    )
+    stale = (
+        repo
+        / "plugins"
+        / "automl-tl-example-backbone"
+        / "src"
+        / "automl_tl_example_backbone.egg-info"
+    )
+    stale.mkdir(exist_ok=True)  # as `pip install -e` leaves it in a checkout
+    result = subprocess.run(["bash", "-ec", block], cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    copy = tmp_path / "automl-tl-acme-backbone"
+    assert (copy / "src" / "automl_tl_acme_backbone" / "__init__.py").is_file()
+    assert not list(copy.glob("src/*.egg-info"))
+    pyproject = next(b for b in _blocks(PLUGINS_DOC, "toml") if "automl-tl-acme-backbone" in b)
+    import tomllib
+
+    project = tomllib.loads(pyproject)["project"]  # complete: a file pip accepts as it is
+    assert {"name", "version"} <= set(project)
+    assert project["entry-points"]["automl_tl"] == {"acme_backbone": "automl_tl_acme_backbone"}
+    assert project["optional-dependencies"]["test"] == ["pytest"]
+
+
+@pytest.mark.slow
+def test_walkthrough_one_off_file(tmp_path, monkeypatch, capsys):
+    """Step 6 as written: a plugin file, its weights from `pretrain --plugin`, search,
+    report, predict with --plugin, ONNX; nothing installed."""
+    needs("onnxruntime")
+    (tmp_path / "my_backbone.py").write_text(_after_marker(PLUGINS_DOC, "studies/my_backbone.py"))
+    (tmp_path / "oneoff.toml").write_text(_after_marker(PLUGINS_DOC, "studies/oneoff.toml"))
+    images = _images(tmp_path / "my_images")
+    monkeypatch.setenv("AUTOML_TL_LOAD_PLUGINS", "")
+    outputs = {}
+    for command in _after_marker(PLUGINS_DOC, "oneoff commands").splitlines():
+        argv = shlex.split(_localize(command, tmp_path, images))
+        assert argv[0] == "automl-tl", command
+        argv = [sys.executable, "-m", "automl_tl.cli", *argv[1:]]
+        if argv[3:4] == ["search"]:
+            argv += ["--n-trials", "2"]  # the doc's budget, shortened for the test
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+        assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+        outputs[command] = result.stdout
+    best = tmp_path / "oneoff" / "best"
+    config = json.loads((best / "config.json").read_text())["automl_tl"]
+    assert config["backbone_origin"]["source"] == "file"
+    assert config["backbone_origin"]["sha256"] == _sha(tmp_path / "my_backbone.py")
+    assert config["weights"]["sha256"] == _sha(tmp_path / "weights" / "my_cnn.safetensors")
+    assert (best / "model.onnx").is_file()
+    predicted = next(out for cmd, out in outputs.items() if cmd.startswith("automl-tl predict"))
+    assert predicted.count(".png") == 3
+    import automl_tl
+
+    model = automl_tl.load_model(best, plugins=[str(tmp_path / "my_backbone.py")])
+    assert model.label_names == ["5", "6", "7", "8", "9"]

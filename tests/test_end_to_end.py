@@ -254,7 +254,7 @@ def test_every_hookspec_is_called_in_a_real_search(searched):
     specs = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "automl_tl_spec")}
     called = {json.loads(line)["event"] for line in log.read_text().splitlines()}
     assert called == specs
-    assert len(specs) == 8
+    assert len(specs) == 10
 
 
 def test_resume_runs_no_completed_trial_again(searched, tmp_path):
