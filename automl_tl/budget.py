@@ -91,6 +91,38 @@ def is_alive(worker: dict[str, Any]) -> bool:
     return pid_alive(int(worker.get("pid", 0)), worker.get("started"))
 
 
+def claim_expiry(study: optuna.Study) -> float:
+    """How long a claim held by a worker whose liveness this host cannot see (another node)
+    stands before it is taken again: ten times the study's median trial, at least 10 minutes."""
+    durations = sorted(
+        d
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if (d := trials.duration(t)) is not None
+    )
+    median = durations[len(durations) // 2] if durations else 0.0
+    return max(600.0, 10.0 * median)
+
+
+def holder_gone(holder: dict[str, Any], expiry_s: float | None = None) -> str | None:
+    """Why the holder of a claim is gone (died on this host; or, on a host this one cannot
+    see, claimed more than ``expiry_s`` ago), or None while it may still be working."""
+    if not is_alive(holder):
+        return f"its holder ({describe_worker(holder)}) stopped before finishing"
+    if expiry_s is None or holder.get("host") == socket.gethostname():
+        return None
+    try:
+        at = datetime.datetime.fromisoformat(holder["at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    age = (datetime.datetime.now() - at).total_seconds()
+    if age > expiry_s:
+        return (
+            f"its holder ({describe_worker(holder)}) on another node claimed it {age:.0f} s ago "
+            f"and has not finished (the limit is {expiry_s:.0f} s: ten median trials)"
+        )
+    return None
+
+
 def describe_worker(worker: dict[str, Any] | None) -> str:
     worker = worker or {}
     return f"{worker.get('host', '?')} pid {worker.get('pid', '?')}"

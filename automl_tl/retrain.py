@@ -19,7 +19,7 @@ import optuna
 import torch
 
 from . import trials
-from .budget import claim_marker, describe_worker, is_alive
+from .budget import claim_expiry, claim_marker, describe_worker, holder_gone
 from .catalog import Catalog, catalog_path
 from .config import StudyConfig
 from .data import Splits, load_splits
@@ -268,9 +268,12 @@ def _claim_name(study_name: str, trial_number: int) -> str:
     return f"{study_name}:retrain:trial-{trial_number}"
 
 
-def _stale(attrs: dict[str, Any], model_dir: Path | None, trial_number: int) -> str | None:
+def _stale(
+    attrs: dict[str, Any], model_dir: Path | None, trial_number: int, expiry_s: float | None = None
+) -> str | None:
     """Why a claim must be taken again (its holder never recorded itself, died before
-    finishing, or finished but the model is missing), or None while it holds."""
+    finishing or, on another node, outlived ``expiry_s``; or it finished but the model is
+    missing), or None while it holds."""
     holder = attrs.get("claimed_by")
     if not holder:
         return "its holder never recorded itself"
@@ -278,9 +281,7 @@ def _stale(attrs: dict[str, Any], model_dir: Path | None, trial_number: int) -> 
         if model_dir is None or _holds(model_dir, trial_number):
             return None
         return f"its model {model_dir} is missing"
-    if not is_alive(holder):
-        return f"its holder ({describe_worker(holder)}) stopped before finishing"
-    return None
+    return holder_gone(holder, expiry_s)
 
 
 def _holds(directory: Path, trial_number: int) -> bool:
@@ -305,7 +306,7 @@ def claim_retrain(
     claim = claim_marker(
         study,
         _claim_name(study.study_name, trial_number),
-        lambda attrs: _stale(attrs, model_dir, trial_number),
+        lambda attrs: _stale(attrs, model_dir, trial_number, claim_expiry(study)),
     )
     if claim.taken_over:
         log.warning(

@@ -42,7 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import trials
 from ._util import write_atomic
-from .budget import claim_marker, is_alive, worker_identity
+from .budget import claim_expiry, claim_marker, holder_gone, worker_identity
 from .catalog import Catalog, catalog_path
 from .config import StudyConfig
 from .data import Split, Splits
@@ -280,25 +280,23 @@ def _mine(holder: dict[str, Any]) -> bool:
     return all(holder.get(k) == me.get(k) for k in ("host", "pid", "started", "boot"))
 
 
-def _stale_run(attrs: dict[str, Any]) -> str | None:
+def _stale_run(attrs: dict[str, Any], expiry_s: float | None = None) -> str | None:
     """Why a race run's claim may be taken again, or None while its holder works on it."""
     holder = attrs.get("claimed_by")
     if not holder:
         return "its holder never recorded itself"
     if attrs.get("released"):
         return "its holder was interrupted"
-    if not is_alive(holder):
-        return "its holder died"
     if _mine(holder):
         return "an earlier, interrupted call of this process held it"
-    return None
+    return holder_gone(holder, expiry_s)
 
 
-def claim(study: optuna.Study, name: str) -> bool:
+def claim(study: optuna.Study, name: str, expiry_s: float | None = None) -> bool:
     """True for exactly one caller across workers (:func:`automl_tl.budget.claim_marker`);
-    taken again when its holder released it (interrupted), died, or is this very process (an
-    earlier, interrupted call)."""
-    return claim_marker(study, name, _stale_run).won
+    taken again when its holder released it (interrupted), died, is this very process (an
+    earlier, interrupted call) or, on another node, has held it longer than ``expiry_s``."""
+    return claim_marker(study, name, lambda attrs: _stale_run(attrs, expiry_s)).won
 
 
 def release(study: optuna.Study, name: str) -> None:
@@ -418,6 +416,7 @@ def race(
     device = resolve_device(device)
     race_study = open_race_study(study)
     catalog = Catalog(catalog_path(config))
+    expiry = claim_expiry(study)  # a run held by a dead node is taken again after this
     while True:
         done = done_runs(race_study)
         todo = [r for r in plan.runs if r.key not in done]
@@ -428,7 +427,7 @@ def race(
             if run.key in done_runs(race_study):
                 continue
             name = f"{study.study_name}:race:{run.key}"
-            if not claim(study, name):
+            if not claim(study, name, expiry):
                 continue
             took = True
             try:

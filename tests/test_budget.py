@@ -320,3 +320,27 @@ def test_optunas_own_log_lines_are_scrubbed(capsys):
         optuna.logging.set_verbosity(saved[3])
         for handler, filters in zip(optuna_handlers, saved_filters):
             handler.filters[:] = filters
+
+
+def test_a_claim_held_by_another_node_expires_after_ten_median_trials(tmp_path):
+    """A node that died on another host cannot be seen: its claim stands for ten median
+    trials (at least 10 minutes), then the retrain (or race run) is taken again, so the
+    other nodes neither wait for ever nor skip it for ever."""
+    import datetime as dt
+
+    from automl_tl.budget import claim_expiry, holder_gone
+
+    study, _ = _journal_study(tmp_path)
+    assert claim_expiry(study) == 600.0  # no complete trial yet: the floor
+    long_ago = (dt.datetime.now() - dt.timedelta(hours=2)).isoformat(timespec="seconds")
+    just_now = dt.datetime.now().isoformat(timespec="seconds")
+    elsewhere = {**worker_identity(), "host": "another-node"}
+    assert holder_gone({**elsewhere, "at": just_now}, 600.0) is None
+    assert "on another node claimed it" in holder_gone({**elsewhere, "at": long_ago}, 600.0)
+    assert holder_gone({**worker_identity(), "at": long_ago}, 600.0) is None  # alive, here
+    assert claim_retrain(study, 0, tmp_path / "best")[0]
+    claim = _claim_study(study)
+    claim.set_user_attr("claimed_by", {**elsewhere, "at": just_now})
+    assert not claim_retrain(study, 0, tmp_path / "best")[0]
+    claim.set_user_attr("claimed_by", {**elsewhere, "at": long_ago})
+    assert claim_retrain(study, 0, tmp_path / "best")[0]
