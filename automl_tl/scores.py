@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -212,14 +213,16 @@ def caruana_selection(
     y: torch.Tensor,
     *,
     rounds: int = 20,
-    score: str = "nll",
+    score: str | Callable[[torch.Tensor, torch.Tensor], float] = "nll",
 ) -> list[int]:
     """Greedy ensemble selection with replacement (Caruana et al., 2004).
 
     Starts empty; each round adds the member whose addition gives the ensemble (the mean of
     its members' probabilities, repeats counting as weight) the best score on these
     predictions (``"nll"``: lowest negative log-likelihood, ties broken by accuracy;
-    ``"accuracy"``: highest accuracy, ties by NLL). Returns the count of each member.
+    ``"accuracy"``: highest accuracy, ties by NLL; a function of (mean probabilities, labels):
+    the highest value it returns, e.g. the study's metric, ties by NLL). Returns the count of
+    each member.
     Stops early when no addition improves the score.
     """
     probs = [lp.exp().double() for lp in log_probs]
@@ -232,8 +235,11 @@ def caruana_selection(
         for i, p in enumerate(probs):
             mean = (total + p) / size
             nll = float(-mean.clamp(min=1e-12).log().gather(1, y.view(-1, 1)).mean())
-            acc = float((mean.argmax(1) == y).double().mean())
-            key = (-nll, acc) if score == "nll" else (acc, -nll)
+            if callable(score):
+                key = (float(score(mean, y)), -nll)
+            else:
+                acc = float((mean.argmax(1) == y).double().mean())
+                key = (-nll, acc) if score == "nll" else (acc, -nll)
             candidates.append((key, i))
         key, i = max(candidates, key=lambda c: (c[0], -c[1]))
         if best_key is not None and key <= best_key:

@@ -55,13 +55,14 @@ from .scores import (
     average_state_dicts,
     caruana_selection,
     fit_temperature,
+    metrics_from_predictions,
     pack,
     standard_error,
     unpack,
 )
 from .space import choice_from_params
 from .storage import storage_of
-from .train import evaluate, fit, resolve_device
+from .train import evaluate, fit, plugin_metrics, resolve_device
 
 log = logging.getLogger("automl_tl")
 
@@ -715,8 +716,6 @@ def score_model(
     log_probs = torch.cat(lps).cpu()
     num_classes = len(loaded.label_names)
     pred = log_probs.argmax(1)
-    from .scores import metrics_from_predictions
-
     test_metrics = metrics_from_predictions(test.y, pred, num_classes)
     # log_probs already include the temperature: score them as they are
     scored = score_predictions(log_probs, test.y, num_classes, None, seed=seed)
@@ -767,9 +766,24 @@ def soup_models(folders: list[Path], weights: list[float] | None = None, registr
     return base
 
 
-def _val_score(loaded, splits: Splits, metric: str) -> float:
+def _metric_of(config: StudyConfig, registry: Registry, num_classes: int):
+    """The study's metric as a function of (probabilities, labels): a built-in one or a
+    plugin's (``register_metrics``)."""
+    metric = config.search.metric
+    plugin = next((m for m in plugin_metrics(registry) if m.name == metric), None)
+    if plugin is not None:
+        return lambda probs, y: plugin.checked(y.numpy(), probs.float().numpy())
+    return lambda probs, y: metrics_from_predictions(y, probs.argmax(1), num_classes)[metric]
+
+
+def _val_score(loaded, splits: Splits, metric: str, registry: Registry) -> float:
     metrics = evaluate(
-        loaded.model, splits.val, len(splits.class_names), loaded.data_config, torch.device("cpu")
+        loaded.model,
+        splits.val,
+        len(splits.class_names),
+        loaded.data_config,
+        torch.device("cpu"),
+        metrics=plugin_metrics(registry),  # the study's metric may be a plugin's
     )
     return float(metrics[metric])
 
@@ -815,8 +829,10 @@ def build_extras(
             for _, count in pooled.values():
                 common &= count > 0
             log_probs = [pooled[n][0][common].clamp(min=1e-12).log().float() for n in usable]
-            # hill-climb the study's metric (accuracy; ties by likelihood), as Caruana did
-            counts = caruana_selection(log_probs, labels[common], score="accuracy")
+            # hill-climb the study's metric (ties by likelihood), as Caruana did
+            counts = caruana_selection(
+                log_probs, labels[common], score=_metric_of(config, registry, num_classes)
+            )
             members = [(n, c) for n, c in zip(usable, counts) if c]
             total = sum(c for _, c in members)
             mix = sum(c * pooled[n][0][common] for n, c in members) / total
@@ -890,10 +906,12 @@ def _greedy_soup(
     check_soup(folders)
     kept = [0]
     metric = config.search.metric
-    current = _val_score(load_model(folders[0], device="cpu", registry=registry), splits, metric)
+    current = _val_score(
+        load_model(folders[0], device="cpu", registry=registry), splits, metric, registry
+    )
     for i in range(1, len(folders)):
         trial_soup = soup_models([folders[j] for j in [*kept, i]], registry=registry)
-        acc = _val_score(trial_soup, splits, metric)
+        acc = _val_score(trial_soup, splits, metric, registry)
         if acc >= current:
             kept.append(i)
             current = acc

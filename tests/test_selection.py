@@ -457,3 +457,23 @@ def test_the_default_race_budget_never_more_than_doubles_the_search():
     assert SelectionSection().race_budget(4) == 4
     assert SelectionSection().race_budget(60) == 20
     assert SelectionSection(budget=7).race_budget(60) == 7
+
+
+def test_caruana_selection_climbs_the_metric_it_is_given():
+    """With the study's metric as the score (a plugin's, say: recall of class 1), greedy
+    selection keeps the member that serves it, not the most accurate one."""
+    y = torch.tensor([0, 0, 0, 1])
+    accurate = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1], [0.6, 0.4]])  # 3/4, recall 0
+    recall = torch.tensor([[0.4, 0.6], [0.4, 0.6], [0.9, 0.1], [0.1, 0.9]])  # 2/4, recall 1
+
+    def recall_of_1(probs, labels):
+        picked = probs.argmax(1)
+        return float((picked[labels == 1] == 1).double().mean())
+
+    logs = [accurate.log(), recall.log()]
+    counts = caruana_selection(logs, y, score=recall_of_1)
+    mix = (counts[0] * accurate + counts[1] * recall) / sum(counts)
+    assert counts[1] > 0 and recall_of_1(mix, y) == 1.0
+    calls = []
+    caruana_selection(logs, y, score=lambda p, t: calls.append(1) or recall_of_1(p, t))
+    assert calls  # the given score is what is climbed
