@@ -299,15 +299,26 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from .config import check_named_weights
     from .retrain import retrain
     from .search import announce_export
+    from .selection import recorded_selection
 
     config, pm, registry = _load(args, **_overrides(args))
     check_named_weights(config, registry)  # a [weights] typo: one message, before training
-    directory, metrics = retrain(
-        config,
-        registry,
-        trial_number=args.trial,
-        device=_device(args.device or config.search.device),
-    )
+    device = _device(args.device or config.search.device)
+    chosen = None if args.trial is not None else recorded_selection(config)
+    if chosen is not None:  # the search raced its finalists: best/ is the race's winner
+        temperature = chosen.get("temperature")
+        directory, metrics = retrain(
+            config,
+            registry,
+            trial_number=chosen["winner"],
+            device=device,
+            to_best=True,
+            epochs=chosen.get("epochs"),
+            temperature=tuple(temperature) if temperature else None,
+            selection=chosen,
+        )
+    else:
+        directory, metrics = retrain(config, registry, trial_number=args.trial, device=device)
     announce_export(pm, config, directory, metrics)
     test = metrics["test"]
     print(

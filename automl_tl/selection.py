@@ -975,6 +975,20 @@ def select_and_retrain(
     return retrained, extras
 
 
+def recorded_selection(config: StudyConfig) -> dict[str, Any] | None:
+    """What the study's race decided (winner, epochs, temperature …), as recorded in
+    ``selection.json`` or in ``best/metrics.json``; None when the search did not race."""
+    recorded = (read_selection(config) or {}).get("selection")
+    if recorded and "winner" in recorded:
+        return recorded
+    try:
+        metrics = json.loads((config.paths.best / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    recorded = metrics.get("selection")
+    return recorded if isinstance(recorded, dict) and "winner" in recorded else None
+
+
 def read_selection(config: StudyConfig) -> dict[str, Any] | None:
     """``selection.json`` of the study, if any."""
     try:
