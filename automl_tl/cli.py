@@ -297,7 +297,7 @@ def _search_with_workers(args: argparse.Namespace, config, pm, registry, device:
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     from .config import check_named_weights
-    from .retrain import retrain
+    from .retrain import retrain, retrain_chosen
     from .search import announce_export
     from .selection import recorded_selection
 
@@ -306,17 +306,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     device = _device(args.device or config.search.device)
     chosen = None if args.trial is not None else recorded_selection(config)
     if chosen is not None:  # the search raced its finalists: best/ is the race's winner
-        temperature = chosen.get("temperature")
-        directory, metrics = retrain(
-            config,
-            registry,
-            trial_number=chosen["winner"],
-            device=device,
-            to_best=True,
-            epochs=chosen.get("epochs"),
-            temperature=tuple(temperature) if temperature else None,
-            selection=chosen,
-        )
+        directory, metrics = retrain_chosen(config, registry, chosen, device=device)
     else:
         directory, metrics = retrain(config, registry, trial_number=args.trial, device=device)
     announce_export(pm, config, directory, metrics)

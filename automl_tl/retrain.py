@@ -329,6 +329,32 @@ def finish_claim(study: optuna.Study, trial_number: int) -> None:
     claim.set_user_attr("done", True)
 
 
+def retrain_chosen(
+    config: StudyConfig,
+    registry: Registry,
+    selected: dict[str, Any],
+    *,
+    device: str = "auto",
+    study: optuna.Study | None = None,
+    splits: Splits | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Retrain what :func:`automl_tl.selection.select` chose (``winner``, ``epochs``,
+    ``temperature``) into ``best/``, recording the selection in ``metrics.json``."""
+    temperature = selected.get("temperature")
+    return retrain(
+        config,
+        registry,
+        trial_number=selected["winner"],
+        device=device,
+        study=study,
+        splits=splits,
+        to_best=True,
+        epochs=selected.get("epochs"),
+        temperature=tuple(temperature) if temperature else None,
+        selection=selected,
+    )
+
+
 def retrain_once(
     config: StudyConfig,
     registry: Registry,
@@ -354,18 +380,8 @@ def retrain_once(
                 holder.get("at", "?"),
             )
             return None
-        temperature = selected.get("temperature")
-        directory, metrics = retrain(
-            config,
-            registry,
-            trial_number=number,
-            device=device,
-            study=study,
-            splits=splits,
-            to_best=True,
-            epochs=selected.get("epochs"),
-            temperature=tuple(temperature) if temperature else None,
-            selection=selected,
+        directory, metrics = retrain_chosen(
+            config, registry, selected, device=device, study=study, splits=splits
         )
         finish_claim(study, number)
         return directory, metrics
