@@ -445,10 +445,18 @@ def test_sigterm_to_the_parent_stops_every_worker(tmp_path):
     marker = tmp_path / "victim.json"
     parent = Worker(study, "--workers", "2", env={"SLEEP_WORKER": "1", "SLEEP_MARKER": str(marker)})
     victim = wait_for(marker, parent)  # worker 1 is in its trial
+    journal = f"journal:{tmp_path / 'tiny' / 'optuna-journal.log'}"
+    deadline = time.monotonic() + 120  # ... and worker 0 in one of its own (a slow start)
+    while (
+        len({(t.user_attrs.get("worker") or {}).get("pid") for t in trials_of(journal)} - {None})
+        < 2
+    ):
+        assert parent.poll() is None and time.monotonic() < deadline, "worker 0 never began a trial"
+        time.sleep(0.2)
     parent.send_signal(signal.SIGTERM)
     rc, out, err = parent.finish(timeout=120)
     assert rc == 128 + signal.SIGTERM, err
-    trials = trials_of(f"journal:{tmp_path / 'tiny' / 'optuna-journal.log'}")
+    trials = trials_of(journal)
     assert trials[victim["trial"]].state.name == "FAIL"
     assert all(t.state.name in ("COMPLETE", "FAIL", "WAITING") for t in trials)  # none RUNNING
     failed = [t for t in trials if t.state.name == "FAIL"]
