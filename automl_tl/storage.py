@@ -33,7 +33,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -88,23 +87,17 @@ def _userinfo_password(url: str) -> str | None:
 
 def _secrets(url: str) -> list[str]:
     """The password(s) a URL carries, in any form (as written and percent-decoded)."""
-    from urllib.parse import unquote
+    from urllib.parse import unquote_plus
 
     found = []
     raw = _userinfo_password(url)
     if raw:
-        found += [raw, unquote(raw)]
+        found += [raw, unquote_plus(raw)]
     query = url.split("?", 1)[1] if "?" in url else ""
     for piece in query.split("&"):
         key, _, value = piece.partition("=")
         if key.lower() in ("password", "passwd", "pwd", "pass") and value:
-            found += [value, unquote(value)]
-    try:
-        for key, value in parse_qsl(urlsplit(url).query):
-            if key.lower() in ("password", "passwd", "pwd", "pass") and value:
-                found.append(value)
-    except ValueError:
-        pass
+            found += [value, unquote_plus(value)]
     return sorted({s for s in found if s}, key=len, reverse=True)
 
 
