@@ -28,6 +28,21 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 #: the largest val_fraction + test_fraction: at least a tenth of the data stays to train on
 MAX_HELD_OUT = 0.9
 SAMPLERS = ("tpe", "gp", "random")
+#: the answers to class imbalance ``[search] imbalance`` chooses from (automl_tl/recipe.py)
+IMBALANCE_CHOICES = ("none", "weighted", "focal", "sampler")
+#: the [search] keys that open a regularizer of the recipe as a searched dimension
+RECIPE_KEYS = (
+    "mixup_alpha",
+    "cutmix_alpha",
+    "mix_prob",
+    "mix_switch_prob",
+    "label_smoothing",
+    "ema_decay",
+    "drop_path",
+    "clip_grad",
+    "warmup_epochs",
+    "imbalance",
+)
 PRUNERS = ("hyperband", "median", "none")
 
 
@@ -103,6 +118,45 @@ class SearchSection:
     #: early stopping: a trial stops when its validation score has not improved for this
     #: many epochs, and scores as its best epoch (0 = off: every trial runs all epochs)
     patience: int = field(default=0, metadata={"min": 0})
+    # The recipe (automl_tl/recipe.py; the space table of automl_tl/space.py). Each is off
+    # unless the study sets it: a range [low, high] is searched, one number (or [x, x]) fixes it.
+    #: mixup's Beta(α, α) parameter (> 0)
+    mixup_alpha: list[float] | None = field(
+        default=None, metadata={"range": "positive", "fixed_ok": True}
+    )
+    #: CutMix's Beta(α, α) parameter (> 0)
+    cutmix_alpha: list[float] | None = field(
+        default=None, metadata={"range": "positive", "fixed_ok": True}
+    )
+    #: the fraction of batches mixed (when mixup or CutMix is open; default 1.0)
+    mix_prob: list[float] | None = field(default=None, metadata={"range": "unit", "fixed_ok": True})
+    #: of the mixed batches, the fraction mixed by CutMix (when both are open; default 0.5)
+    mix_switch_prob: list[float] | None = field(
+        default=None, metadata={"range": "unit", "fixed_ok": True}
+    )
+    #: label smoothing ε in [0, 1)
+    label_smoothing: list[float] | None = field(
+        default=None, metadata={"range": "below_one", "fixed_ok": True}
+    )
+    #: decay of the EMA of the weights, in (0, 1)
+    ema_decay: list[float] | None = field(
+        default=None, metadata={"range": "decay", "fixed_ok": True}
+    )
+    #: drop-path (stochastic depth) rate in [0, 1), for backbones that take it
+    drop_path: list[float] | None = field(
+        default=None, metadata={"range": "below_one", "fixed_ok": True}
+    )
+    #: the largest global gradient norm (> 0; searched on a log scale)
+    clip_grad: list[float] | None = field(default=None, metadata={"range": "log", "fixed_ok": True})
+    #: epochs of linear lr warm-up (>= 0; left out: a tenth of the steps, at most one epoch)
+    warmup_epochs: list[float] | None = field(
+        default=None, metadata={"range": "nonnegative", "fixed_ok": True}
+    )
+    #: the answer to class imbalance: several names are a searched choice, one fixes it; left
+    #: out: "weighted" for a train split whose largest class has >= 5x its smallest, else "none"
+    imbalance: list[str] | None = field(
+        default=None, metadata={"items": IMBALANCE_CHOICES, "nonempty": True}
+    )
 
 
 @dataclass
@@ -302,6 +356,8 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
     meta = f.metadata
     if value is None and "None" in hint:
         return None
+    if meta.get("fixed_ok") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value, value]  # one number fixes a searched range
     if hint.startswith("list["):
         item = float if "float" in hint else str
         if not isinstance(value, list):
@@ -318,6 +374,12 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
                 )
         if meta.get("nonempty") and not value:
             raise ConfigError(f"{key} is empty; list at least one name")
+        for v in value if "items" in meta else ():
+            if v not in meta["items"]:
+                raise ConfigError(
+                    f"{key} lists {v!r}{did_you_mean(v, meta['items'])}; choose from: "
+                    f"{', '.join(meta['items'])}"
+                )
         if meta.get("range"):
             if len(value) != 2:
                 raise ConfigError(f"{key} must be a range [low, high], got {value!r}")
@@ -332,6 +394,7 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
                 )
             if meta["range"] == "unit" and not (low >= 0.0 and high <= 1.0):
                 raise ConfigError(f"{key} = {value!r} is a fraction; both ends must lie in [0, 1]")
+            _check_recipe_range(key, meta["range"], value, low, high)
             return [low, high]
         if len(set(value)) != len(value):
             raise ConfigError(f"{key} lists a name twice: {value!r}")
@@ -362,6 +425,23 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
     if "max" in meta and value > meta["max"]:
         raise ConfigError(f"{key} = {value!r} is too large; it must be at most {meta['max']}")
     return value
+
+
+#: range kind -> (the allowed values, whether (low, high) is in them), for the recipe's ranges
+_RECIPE_RANGES = {
+    "positive": ("> 0 (0 would switch it off: leave the key out instead)", lambda lo, hi: lo > 0),
+    "below_one": ("in [0, 1)", lambda lo, hi: lo >= 0 and hi < 1),
+    "decay": ("in (0, 1), e.g. [0.9, 0.999]", lambda lo, hi: lo > 0 and hi < 1),
+    "nonnegative": (">= 0", lambda lo, hi: lo >= 0),
+}
+
+
+def _check_recipe_range(key: str, kind: str, value: Any, low: float, high: float) -> None:
+    if kind not in _RECIPE_RANGES:
+        return
+    allowed, ok = _RECIPE_RANGES[kind]
+    if not ok(low, high):
+        raise ConfigError(f"{key} = {value!r}: both ends must be {allowed}")
 
 
 def _section(name: str, cls: type, raw: Any) -> Any:

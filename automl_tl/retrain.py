@@ -106,6 +106,7 @@ def retrain(
         seed=config.data.seed + trial.number,
         train_on=on,
         evaluate_on=None,
+        use_ema=trial.user_attrs.get(trials.EMA_WON),  # EMA: the model that won in the trial
     )
     num_classes = len(splits.class_names)
     plugin_scores = plugin_metrics(registry)  # metric plugins, beside the built-in ones

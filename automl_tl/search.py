@@ -321,6 +321,9 @@ class Objective:
         else:
             trial.set_user_attr(trials.FEATURE_CACHE, result.feature_cache)
         trial.set_user_attr(trials.BATCH_SIZE, result.batch_size)  # halved on out-of-memory
+        trial.set_user_attr(trials.IMBALANCE, result.imbalance)
+        if result.ema_won is not None:  # a retrain keeps the model that won here
+            trial.set_user_attr(trials.EMA_WON, result.ema_won)
         trial.set_user_attr(trials.VAL_METRICS, val)
         return float(val[self.metric])
 
