@@ -679,7 +679,7 @@ def _fit(
     total_steps = steps_per_epoch * choice.epochs
     warmup = warmup_steps(recipe, steps_per_epoch, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(warmup, total_steps))
-    ema = weight_average(model, recipe) if probe is None else None
+    ema = weight_average(model, recipe) if probe is None and use_ema is not False else None
     ema_won = None
     trained = [p for p in model.parameters()]
     global_step = 0
@@ -817,10 +817,9 @@ def create_model(
     """``backbone.create`` with the recipe's regularizers the backbone declares
     (:meth:`Backbone.regularizers`): ``drop_path_rate`` only when it takes drop-path."""
     options = {}
-    takes = backbone.regularizers()
     for name, keyword in BACKBONE_REGULARIZERS.items():
         value = getattr(choice.recipe, name)
-        if value and name in takes:
+        if value and name in backbone.regularizers():
             options[keyword] = value
     return backbone.create(num_classes, weights=choice.weights, image_size=image_size, **options)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 from automl_tl import hookimpl
@@ -85,7 +86,10 @@ class TimmBackbone(Backbone):
         models; not VGG, say): found once by building the model without weights."""
         if self.name not in _TAKES_DROP_PATH:
             try:
-                timm.create_model(self.name, pretrained=False, num_classes=2, drop_path_rate=0.1)
+                with torch.random.fork_rng(devices=[]):  # a trial's seeded init stays as it was
+                    timm.create_model(
+                        self.name, pretrained=False, num_classes=2, drop_path_rate=0.1
+                    )
                 _TAKES_DROP_PATH[self.name] = True
             except TypeError:
                 _TAKES_DROP_PATH[self.name] = False
