@@ -338,7 +338,92 @@ _SECTIONS = {
     "pretrain": PretrainSection,
     "selection": SelectionSection,
 }
-_TOP_LEVEL = ("name", "plugins", "data", "search", "retrain", "pretrain", "selection", "weights")
+_TOP_LEVEL = (
+    "name",
+    "preset",
+    "plugins",
+    "data",
+    "search",
+    "retrain",
+    "pretrain",
+    "selection",
+    "weights",
+)
+
+#: ``preset = NAME`` (or ``automl-tl search --preset NAME``): the keys a preset sets, as
+#: section -> key -> value; any key the study file sets itself wins. README.md has the table.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # a first answer in minutes on a GPU: two small ImageNet backbones, short trials, the
+    # textbook regularizers fixed rather than searched
+    "fast": {
+        "search": {
+            "backbones": ["mobilenetv3_large_100", "resnet18"],
+            "n_trials": 12,
+            "epochs": 5,
+            "augmentations": ["none", "flip_crop"],
+            "unfreeze": ["top_k", "lp_ft"],
+            "label_smoothing": 0.1,
+        },
+        "selection": {"finalists": 3},
+        "weights": {"default": "timm"},
+    },
+    # the usual fine-tuning search: three mid-size families, early stopping, the strongest
+    # regularizers searched
+    "balanced": {
+        "search": {
+            "backbones": ["resnet50", "convnext_tiny", "efficientnet_b0"],
+            "n_trials": 40,
+            "epochs": 10,
+            "patience": 3,
+            "label_smoothing": [0.0, 0.2],
+            "mixup_alpha": [0.1, 0.4],
+            "mix_prob": [0.0, 1.0],
+            "ema_decay": [0.99, 0.9998],
+        },
+        "weights": {"default": "timm"},
+    },
+    # as good as the budget allows: larger backbones, longer trials, the whole recipe
+    # searched (class imbalance too)
+    "best": {
+        "search": {
+            "backbones": ["convnext_small", "vit_small_patch16_224", "efficientnet_b3"],
+            "n_trials": 100,
+            "epochs": 20,
+            "patience": 5,
+            "label_smoothing": [0.0, 0.2],
+            "mixup_alpha": [0.1, 0.8],
+            "cutmix_alpha": [0.5, 1.0],
+            "mix_prob": [0.0, 1.0],
+            "mix_switch_prob": [0.0, 1.0],
+            "ema_decay": [0.99, 0.9998],
+            "drop_path": [0.0, 0.2],
+            "clip_grad": [0.5, 5.0],
+            "warmup_epochs": [0.0, 3.0],
+            "imbalance": ["none", "weighted", "focal", "sampler"],
+        },
+        "selection": {"repeats": 2},
+        "weights": {"default": "timm"},
+    },
+}
+
+
+def apply_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with its ``preset``'s keys filled in where the study file does not set them."""
+    name = raw.get("preset")
+    if name is None:
+        return raw
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(
+            f"preset = {name!r} is not a preset{did_you_mean(str(name), PRESETS)}; choose one "
+            f"of: {', '.join(PRESETS)}, or remove preset and set [search] yourself"
+        )
+    out = dict(raw)
+    for section, values in PRESETS[name].items():
+        mine = out.get(section, {})
+        if not isinstance(mine, dict):
+            continue  # refused with its own message by the section's check
+        out[section] = {**values, **mine}
+    return out
 
 
 def _type_name(value: Any) -> str:
@@ -467,6 +552,7 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
                 f"unknown top-level key {key!r}{did_you_mean(key, _TOP_LEVEL)}; "
                 f"allowed: {', '.join(_TOP_LEVEL)}"
             )
+    given, raw = raw, apply_preset(raw)
     base_dir = path.parent.resolve() if path else Path.cwd()
     name = raw.get("name", path.stem if path else None)
     if not isinstance(name, str) or not name.strip():
@@ -499,8 +585,10 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
             f"{'no' if held_out >= 1 else 'too few'} images to train on; keep their sum at most "
             f"{MAX_HELD_OUT}"
         )
+    # the keys the study file sets itself (a preset's are defaults: flip_crop still becomes
+    # crop under [data] orientation = "fixed")
     explicit = frozenset(
-        f"{k}.{key}" for k in _SECTIONS if isinstance(raw.get(k), dict) for key in raw[k]
+        f"{k}.{key}" for k in _SECTIONS if isinstance(given.get(k), dict) for key in given[k]
     )
     if sections["data"].orientation == "fixed" and "search.augmentations" not in explicit:
         # the default list without its flip: crop for flip_crop (see kornia_policies.py)
@@ -603,5 +691,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
         if value is None:
             continue
         section, _, key = dotted.partition(".")
+        if not key:  # a top-level key (preset)
+            raw[section] = value
+            continue
         raw.setdefault(section, {})[key] = value
     return config_from_dict(raw, path.resolve())

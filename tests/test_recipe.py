@@ -305,3 +305,63 @@ def test_bad_recipe_is_one_message(case, tmp_path):
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith(expected), lines[0]
     assert not (tmp_path / "tiny" / "optuna.db").exists()  # nothing ran
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+
+def test_preset_fills_what_the_study_leaves_out():
+    config = config_from_dict(
+        {"name": "p", "preset": "fast", "search": {"epochs": 2}, "data": {"orientation": "fixed"}}
+    )
+    s = config.search
+    assert s.backbones == ["mobilenetv3_large_100", "resnet18"] and s.n_trials == 12
+    assert s.epochs == 2  # the study's own key wins
+    assert s.augmentations == ["none", "crop"]  # a preset's flip_crop keeps orientation fixed
+    assert s.label_smoothing == [0.1, 0.1] and s.mixup_alpha is None
+    assert config.weights["default"] == "timm" and config.selection.finalists == 3
+    assert not config.sets("search.backbones") and config.sets("search.epochs")
+    best = config_from_dict({"name": "p", "preset": "best", "weights": {"default": "none"}})
+    assert best.search.imbalance == ["none", "weighted", "focal", "sampler"]
+    assert best.weights["default"] == "none"
+
+
+def test_unknown_preset_is_one_message(tmp_path):
+    study = write_study(tmp_path, STUDY)
+    result = run_main("search", str(study), "--preset", "fastest", "--no-retrain")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: preset = 'fastest' is not a preset (did you mean \"fast\"?); choose one of: "
+        "fast, balanced, best, or remove preset and set [search] yourself"
+    ]
+    assert not (tmp_path / "tiny" / "optuna.db").exists()
+
+
+@pytest.mark.slow
+def test_search_with_a_preset(tmp_path):
+    """`automl-tl search data.toml --preset balanced`: the preset's recipe is searched; the
+    study's own keys (a tiny backbone, one short trial, no download) win."""
+    study = write_study(
+        tmp_path,
+        """
+        [data]
+        source = "digits:0-2"
+        image_size = 16
+        [search]
+        backbones = ["test_resnet"]
+        n_trials = 1
+        epochs = 1
+        [weights]
+        default = "none"
+        """,
+    )
+    result = run_main(
+        "search", str(study), "--preset", "balanced", "--no-retrain", "--device", "cpu"
+    )
+    assert result.returncode == 0, result.stderr
+    trial = optuna.load_study(
+        study_name="tiny", storage=f"sqlite:///{tmp_path / 'tiny' / 'optuna.db'}"
+    ).trials[0]
+    assert {"label_smoothing", "mixup_alpha", "mix_prob", "ema_decay"} <= set(trial.params)
+    assert trial.params["backbone"] == "test_resnet"
