@@ -66,6 +66,14 @@ class DataSection:
     #: flips or rotates beyond a small angle (AugmentationPolicy.orientation_safe). "free":
     #: any policy (natural photos, where a mirrored cat is a cat)
     orientation: str = field(default="free", metadata=_choices("free", "fixed"))
+    #: ``image_size = [160, 224]`` in the study file: the sizes searched (the ``image_size``
+    #: parameter; one decoded cache each); ``image_size`` is then the first of them
+    searched_sizes: list[int] | None = field(default=None, metadata={"internal": True})
+
+    @property
+    def sizes(self) -> list[int]:
+        """Every image size the study trains at: the searched ones, else ``image_size``."""
+        return list(self.searched_sizes or [self.image_size])
 
 
 @dataclass
@@ -532,7 +540,7 @@ def _check_recipe_range(key: str, kind: str, value: Any, low: float, high: float
 def _section(name: str, cls: type, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{name}] must be a table, got {_type_name(raw)}")
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
     values = {}
     for key, value in raw.items():
         if key not in known:
@@ -553,6 +561,7 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
                 f"allowed: {', '.join(_TOP_LEVEL)}"
             )
     given, raw = raw, apply_preset(raw)
+    raw, sizes = _searched_sizes(raw)
     base_dir = path.parent.resolve() if path else Path.cwd()
     name = raw.get("name", path.stem if path else None)
     if not isinstance(name, str) or not name.strip():
@@ -578,6 +587,7 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
     ):
         raise ConfigError(f"[weights] must map backbone names to {weightsource.FORMS} (or a list)")
     sections = {k: _section(k, cls, raw.get(k, {})) for k, cls in _SECTIONS.items()}
+    sections["data"].searched_sizes = sizes
     held_out = sections["data"].val_fraction + sections["data"].test_fraction
     if held_out > MAX_HELD_OUT + 1e-9:
         raise ConfigError(
@@ -629,6 +639,25 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
             'pretrained weights in [weights] (e.g. default = "timm" or "pretrain:SOURCE")'
         )
     return config
+
+
+def _searched_sizes(raw: dict[str, Any]) -> tuple[dict[str, Any], list[int] | None]:
+    """``[data] image_size = [160, 224]``: the sizes (checked like one size each), and
+    ``raw`` with the first of them as ``image_size``."""
+    data = raw.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("image_size"), list):
+        return raw, None
+    sizes = data["image_size"]
+    size_field = next(f for f in fields(DataSection) if f.name == "image_size")
+    if not sizes:
+        raise ConfigError("[data] image_size = []: give one size, or a list of sizes to search")
+    for size in sizes:
+        _check_value("[data] image_size", size_field, size)
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError(f"[data] image_size lists a size twice: {sizes!r}")
+    return {**raw, "data": {**data, "image_size": sizes[0]}}, (
+        list(sizes) if len(sizes) > 1 else None
+    )
 
 
 #: under ``[data] orientation = "fixed"``, the default ``[search] augmentations`` with these

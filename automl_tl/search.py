@@ -42,7 +42,7 @@ from ._util import failure_reason, is_out_of_memory
 from .budget import Budget, RetryStaleTrial, TrialSkipped, worker_identity
 from .catalog import Catalog, catalog_path
 from .config import METRICS, StudyConfig, check_named_weights
-from .data import Splits, load_splits, parse_source
+from .data import Splits, check_image_sizes, load_splits, parse_source, splits_at
 from .errors import ConfigError, UnknownNameError, UserError, did_you_mean
 from .leaderboard import (
     backbone_throughput,
@@ -131,14 +131,13 @@ def check_backbones_run(config: StudyConfig, registry: Registry) -> None:
     """Each backbone takes a batch at the study's image size (before hours of failed trials)."""
     import torch
 
-    size = config.data.image_size
     for name in config.search.backbones:
         try:
-            model = (
-                registry.get("backbones", name).create(2, weights="none", image_size=size).eval()
-            )
-            with torch.no_grad():
-                model(torch.zeros(2, 3, size, size))
+            for size in config.data.sizes:  # every searched size
+                backbone = registry.get("backbones", name)
+                model = backbone.create(2, weights="none", image_size=size).eval()
+                with torch.no_grad():
+                    model(torch.zeros(2, 3, size, size))
         except Exception as exc:
             raise UserError(
                 f"backbone {name!r} cannot run at [data] image_size = {size}: {failure_reason(exc)}. "
@@ -227,6 +226,10 @@ class Objective:
         self.interrupts = interrupts
         self.started: list[int] = []  # trial numbers this process ran (or is running)
 
+    def splits_for(self, choice) -> Splits:
+        """The study's splits at the trial's searched image size (decoded once per size)."""
+        return splits_at(self.config, self.registry, self.splits, choice.image_size)
+
     def __call__(self, trial: optuna.Trial) -> float:
         self.started.append(trial.number)  # first: an interrupt from here on fails it cleanly
         try:
@@ -287,7 +290,7 @@ class Objective:
         try:
             result = fit(
                 choice,
-                self.splits,
+                self.splits_for(choice),
                 self.registry,
                 device=self.device,
                 seed=self.config.data.seed + trial.number,
@@ -336,7 +339,7 @@ class Objective:
         rate = backbone_throughput(trial.study, device=str(self.device)).get(choice.backbone)
         if not rate:
             return None
-        seconds = expected_seconds(choice, self.splits, self.registry, rate)
+        seconds = expected_seconds(choice, self.splits_for(choice), self.registry, rate)
         if seconds <= timeout:
             return None
         return (
@@ -587,6 +590,7 @@ def _search(
 ) -> SearchOutcome:
     ensure_study_weights(config, registry, device=device)  # pretrain:SOURCE, built once
     splits = load_splits(config, registry)
+    check_image_sizes(config, splits)  # several searched sizes' caches must fit in memory
     check_selection(config, splits)  # e.g. more folds than the smallest class: before training
     study = open_search_study(config, splits)  # refuses to join if this worker's data differ
     catalog = Catalog(catalog_path(config))

@@ -41,6 +41,7 @@ parameter           exists when                             values
                     warmup_epochs``
 ``imbalance``       the study lists several in ``[search]   those of none, weighted, focal,
                     imbalance``                             sampler
+``image_size``      ``[data] image_size`` lists several     those sizes (one decoded cache each)
 =================== ======================================= ====================================
 
 A recipe key the study leaves out is not a parameter: its piece is off (``imbalance``: the
@@ -203,7 +204,9 @@ def suggest(trial: optuna.Trial, config: StudyConfig, registry: Registry) -> Cho
         "weight_decay", s.weight_decay[0], s.weight_decay[1], log=True
     )
     recipe = suggest_recipe(trial, config, registry, backbone)
+    sizes = config.data.sizes
     return Choice(
+        image_size=trial.suggest_categorical("image_size", sizes) if len(sizes) > 1 else None,
         recipe=recipe,
         backbone=backbone,
         weights=config.weights_for(backbone, source),
@@ -306,7 +309,7 @@ def effective_params(params: dict[str, Any]) -> dict[str, Any]:
 def choice_from_params(params: dict[str, Any], config: StudyConfig) -> Choice:
     """Rebuild the Choice of a finished trial (for retrain) from its parameters (either form:
     this module's conditional names, or the flat ones of older studies)."""
-    known = set(PARAM_NAMES) | set(RECIPE_KEYS)
+    known = set(PARAM_NAMES) | set(RECIPE_KEYS) | {"image_size"}
     p = effective_params(params)
     missing = [
         k for k in ("backbone", "augmentation", "unfreeze", "lr", "weight_decay") if k not in p
@@ -315,6 +318,7 @@ def choice_from_params(params: dict[str, Any], config: StudyConfig) -> Choice:
         raise UserError(f"the trial's parameters {sorted(params)} lack {missing}")
     recipe = recipe_from_params({**fixed_recipe(config), **params})
     return Choice(
+        image_size=int(params["image_size"]) if "image_size" in params else None,
         recipe=recipe,
         backbone=p["backbone"],
         weights=config.weights_for(p["backbone"], p.get("weights")),

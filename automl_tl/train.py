@@ -88,6 +88,9 @@ class Choice:
     extra: dict[str, Any] = field(default_factory=dict)
     #: regularizers and the answer to class imbalance (automl_tl.recipe); default: plain
     recipe: Recipe = field(default_factory=Recipe)
+    #: the searched image size (``[data] image_size = [160, 224]``); None: the study's one.
+    #: fit() trains at the size of the splits it gets: pass ``data.splits_at(..., image_size)``
+    image_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -365,3 +365,72 @@ def test_search_with_a_preset(tmp_path):
     ).trials[0]
     assert {"label_smoothing", "mixup_alpha", "mix_prob", "ema_decay"} <= set(trial.params)
     assert trial.params["backbone"] == "test_resnet"
+
+
+# ---------------------------------------------------------------------------------------------
+# input resolution as a searched choice
+
+
+def test_searched_image_sizes_in_the_study_file():
+    config = config_from_dict({"name": "r", "data": {"image_size": [16, 24]}})
+    assert config.data.sizes == [16, 24] and config.data.image_size == 16
+    assert config_from_dict({"name": "r", "data": {"image_size": [24]}}).data.sizes == [24]
+    assert config_from_dict({"name": "r"}).data.sizes == [32]
+    for sizes, message in (
+        ([16, 16], "[data] image_size lists a size twice: [16, 16]"),
+        ([4, 16], "[data] image_size = 4 is too small; it must be at least 8"),
+        ([], "[data] image_size = []: give one size, or a list of sizes to search"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({"name": "r", "data": {"image_size": sizes}})
+        assert str(info.value) == message
+    with pytest.raises(ConfigError, match="unknown key 'searched_sizes' in \\[data\\]"):
+        config_from_dict({"name": "r", "data": {"searched_sizes": [16, 24]}})
+
+
+def test_image_size_is_a_parameter_and_each_size_has_its_splits(registry, tmp_path):
+    from automl_tl.data import load_splits, splits_at
+
+    config = config_from_dict(
+        {
+            "name": "r",
+            "data": {"source": "digits:0-2", "image_size": [16, 24]},
+            "search": {"backbones": ["test_resnet"], "output": str(tmp_path / "out")},
+        },
+        tmp_path / "r.toml",
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    sizes = set()
+    for _ in range(6):
+        trial = study.ask()
+        choice = suggest(trial, config, registry)
+        assert choice.image_size == trial.params["image_size"]
+        assert choice_from_params(dict(trial.params), config).image_size == choice.image_size
+        sizes.add(choice.image_size)
+        study.tell(trial, 0.5)
+    assert sizes == {16, 24}
+    splits = load_splits(config, registry)
+    assert splits.image_size == 16
+    big = splits_at(config, registry, splits, 24)
+    assert big.train.x.shape[-2:] == (24, 24) and torch.equal(big.train.y, splits.train.y)
+    assert big.test.names == splits.test.names  # the same split, decoded at another size
+    assert splits_at(config, registry, splits, 24) is big  # decoded once per process
+    assert splits_at(config, registry, splits, None) is splits
+    assert len(list((tmp_path / "out" / "cache").glob("images-*.npy"))) == 2  # one cache a size
+
+
+def test_sizes_whose_caches_exceed_memory_are_one_message(tmp_path):
+    study = write_study(tmp_path, STUDY.replace("image_size = 32", "image_size = [32, 64]"))
+    result = run_main(
+        "search", str(study), "--no-retrain", "--device", "cpu", env={"AUTOML_TL_IN_MEMORY_MB": "1"}
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    # the log lines of decoding the first size's cache come before it
+    (line,) = [x for x in result.stderr.strip().splitlines() if x.startswith("error:")]
+    assert line.startswith(
+        "error: [data] image_size = [32, 64]: the 537 images decoded at every size take 8 MB "
+        "together, more than the 1 MB a process keeps in memory (AUTOML_TL_IN_MEMORY_MB"
+    ), line
+    assert line.endswith("search fewer or smaller sizes, or raise AUTOML_TL_IN_MEMORY_MB")
+    assert not (tmp_path / "tiny" / "optuna.db").exists()
