@@ -37,7 +37,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -51,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from selection import pretrain_sources  # noqa: E402  (the source backbones, as there)
+from selection import how_it_ran, pretrain_sources  # noqa: E402  (as there)
 
 TASKS = ("balanced", "imbalanced")
 ARMS = ("today", "recipe")
@@ -285,16 +284,7 @@ def main(argv=None) -> int:
         args.json.write_text(
             json.dumps(
                 {
-                    "command": command.strip(),
-                    "settings": {
-                        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    },
-                    "machine": {
-                        "python": platform.python_version(),
-                        "torch": torch.__version__,
-                        "cpus": os.cpu_count(),
-                        "load": os.getloadavg()[0],
-                    },
+                    **how_it_ran(command.strip(), args),
                     "seconds": round(wall, 1),
                     "rows": rows,
                     "summary": summary,
