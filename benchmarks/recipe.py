@@ -20,7 +20,10 @@ Arms:
   imbalance = "none"``: the rule that weights an imbalanced study's loss is issue 14's too);
 - ``recipe``: label smoothing, mixup (its alpha and how often), EMA of the weights and
   drop-path searched (``RECIPE`` below), and class imbalance left to the rule (a weighted
-  loss on the imbalanced task).
+  loss on the imbalanced task);
+- ablations (``--arms today light rule``): ``light``, label smoothing and EMA only, the rule
+  for imbalance; ``rule``, no regularizer, the rule for imbalance (on the balanced task the
+  same as ``today``).
 
 Printed per seed and as mean ± sd over seeds, with the per-seed difference (recipe - today)
 and its worst seed; ``--json`` keeps everything, ``--markdown`` prints RESULTS.md's tables.
@@ -53,7 +56,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from selection import how_it_ran, pretrain_sources  # noqa: E402  (as there)
 
 TASKS = ("balanced", "imbalanced")
-ARMS = ("today", "recipe")
+#: ablations (``--arms today light rule``): ``light`` searches only label smoothing and EMA,
+#: ``rule`` no regularizer but leaves class imbalance to the rule (``today`` on balanced data)
+ARMS = ("today", "recipe", "light", "rule")
 #: the recipe arm's searched regularizers ([search] keys)
 RECIPE = {
     "label_smoothing": [0.0, 0.2],
@@ -62,6 +67,7 @@ RECIPE = {
     "ema_decay": [0.9, 0.999],
     "drop_path": [0.0, 0.2],
 }
+LIGHT = {k: RECIPE[k] for k in ("label_smoothing", "ema_decay")}
 MAJORITY = "5"
 
 
@@ -113,7 +119,7 @@ def study_dict(args, task: str, arm: str, seed: int, sources: dict[str, str], ou
         "device": "cpu",
         "output": str(out / arm / name),
     }
-    search.update(RECIPE if arm == "recipe" else {"imbalance": ["none"]})
+    search.update({"recipe": RECIPE, "light": LIGHT, "rule": {}}.get(arm, {"imbalance": ["none"]}))
     return {
         "name": name,
         "data": {**data, "image_size": args.image_size, "seed": seed, "orientation": "fixed"},
@@ -168,16 +174,19 @@ def summarize(rows: list[dict]) -> dict:
                     k: mean_sd([r[k] for r in rs])
                     for k in ("test_accuracy", "test_balanced_accuracy", "seconds")
                 }
-        if by["today"] and by["recipe"]:
+        for arm in ARMS[1:]:
+            if not (by["today"] and by[arm]):
+                continue
             diffs = [
                 b[key] - a[key]
                 for a, b in zip(
                     sorted(by["today"], key=lambda r: r["seed"]),
-                    sorted(by["recipe"], key=lambda r: r["seed"]),
+                    sorted(by[arm], key=lambda r: r["seed"]),
                     strict=True,
                 )
             ]
-            s["difference"] = {
+            s["difference" if arm == "recipe" else f"difference_{arm}"] = {
+                "arm": arm,
                 "mean_sd": mean_sd(diffs),
                 "per_seed": diffs,
                 "worst": min(diffs),
@@ -203,6 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--pretrain-epochs", type=int, default=2)
+    p.add_argument("--arms", nargs="+", default=["today", "recipe"], choices=ARMS)
     p.add_argument("--quick", action="store_true", help="1 seed, 2 trials x 1 epoch: a smoke run")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, help="keep the studies here (default: a temporary folder)")
@@ -242,7 +252,7 @@ def main(argv=None) -> int:
                 write_imbalanced(
                     out / f"imbalanced-{seed}", seed, args.minority, args.test_per_class
                 )
-            for arm in ARMS:
+            for arm in args.arms:
                 r = run_arm(args, task, arm, seed, sources, out)
                 rows.append(r)
                 print(
@@ -257,27 +267,28 @@ def main(argv=None) -> int:
         line = f"{task}: {key} " + ", ".join(
             f"{a} {s[a][key][0]:.4f} ± {s[a][key][1]:.4f}" for a in ARMS if a in s
         )
-        if "difference" in s:
-            d = s["difference"]
+        for d in (v for k, v in s.items() if k.startswith("difference")):
             line += (
-                f"; recipe - today {d['mean_sd'][0]:+.4f} ± {d['mean_sd'][1]:.4f} (worst seed "
+                f"; {d['arm']} - today {d['mean_sd'][0]:+.4f} ± {d['mean_sd'][1]:.4f} (worst seed "
                 f"{d['worst']:+.4f}, better in {d['recipe_better']}/{len(d['per_seed'])}; target "
                 f"{s['target']:+.2f}: {'met' if d['target_met'] else 'missed'})"
             )
         print(line)
     if args.markdown:
-        print("\n| task | figure | today | recipe | recipe - today | worst seed | better in |")
-        print("|---|---|---:|---:|---:|---:|---:|")
+        print(
+            "\n| task | figure | today | arm | arm's figure | arm - today | worst seed | better in |"
+        )
+        print("|---|---|---:|---|---:|---:|---:|---:|")
         for task, s in summary.items():
-            key, d = s["figure"], s.get("difference")
-            if d is None:
-                continue
-            print(
-                f"| {task} | {key} | {s['today'][key][0]:.4f} ± {s['today'][key][1]:.4f} | "
-                f"{s['recipe'][key][0]:.4f} ± {s['recipe'][key][1]:.4f} | "
-                f"{d['mean_sd'][0]:+.4f} ± {d['mean_sd'][1]:.4f} | {d['worst']:+.4f} | "
-                f"{d['recipe_better']}/{len(d['per_seed'])} |"
-            )
+            key = s["figure"]
+            for d in (v for k, v in s.items() if k.startswith("difference")):
+                arm = s[d["arm"]][key]
+                print(
+                    f"| {task} | {key} | {s['today'][key][0]:.4f} ± {s['today'][key][1]:.4f} | "
+                    f"{d['arm']} | {arm[0]:.4f} ± {arm[1]:.4f} | "
+                    f"{d['mean_sd'][0]:+.4f} ± {d['mean_sd'][1]:.4f} | {d['worst']:+.4f} | "
+                    f"{d['recipe_better']}/{len(d['per_seed'])} |"
+                )
     wall = time.perf_counter() - t0
     print(f"\n{wall:.0f}s in all")
     if args.json:

@@ -197,4 +197,4 @@ def test_recipe_benchmark_quick_mode(tmp_path):
         assert ("label_smoothing" in r["best_params"]) == (r["arm"] == "recipe")
     for task in ("balanced", "imbalanced"):
         assert math.isfinite(results["summary"][task]["difference"]["mean_sd"][0])
-    assert "| task | figure | today | recipe |" in proc.stdout
+    assert "| task | figure | today | arm |" in proc.stdout
