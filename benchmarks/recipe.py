@@ -139,7 +139,9 @@ def run_arm(args, task: str, arm: str, seed: int, sources: dict[str, str], out: 
     pm, _ = get_plugin_manager()
     started = time.perf_counter()
     outcome = search(config, registry_for(), pm, device="cpu")
-    test = outcome.metrics["test"]
+    # a study already searched (``--out`` of an earlier run): its exported model's metrics
+    metrics = outcome.metrics or json.loads((config.paths.best / "metrics.json").read_text())
+    test = metrics["test"]
     return {
         "task": task,
         "arm": arm,
@@ -149,7 +151,7 @@ def run_arm(args, task: str, arm: str, seed: int, sources: dict[str, str], out: 
         "test_balanced_accuracy": test["balanced_accuracy"],
         "val": outcome.best["value"],
         "best_params": outcome.best["params"],
-        "sizes": outcome.metrics["data"]["sizes"],
+        "sizes": metrics["data"]["sizes"],
         "seconds": round(time.perf_counter() - started, 1),
     }
 
