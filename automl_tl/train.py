@@ -400,7 +400,11 @@ def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def adapt_model(
-    strategy: UnfreezeStrategy, model: nn.Module, groups: list[list[str]], head: list[str], depth: int
+    strategy: UnfreezeStrategy,
+    model: nn.Module,
+    groups: list[list[str]],
+    head: list[str],
+    depth: int,
 ) -> list[list[str]]:
     """``strategy.adapt(...)``: the layer groups the strategy trains of, checked to be one per
     body group and to name parameters of the (adapted) model outside the head."""

@@ -133,7 +133,9 @@ class BitFit(TopK):
 
 class NormFit(TopK):
     name = "norm_fit"
-    description = "train only the normalization layers (scale, shift) of the top k groups, and the head"
+    description = (
+        "train only the normalization layers (scale, shift) of the top k groups, and the head"
+    )
     from_scratch = False
 
     def adapt(self, model, groups, head, depth):
@@ -143,7 +145,9 @@ class NormFit(TopK):
 
 class LoRA(TopK):
     name = "lora"
-    description = "low-rank adapters on the Linear/Conv2d layers of the top k groups (merged on export)"
+    description = (
+        "low-rank adapters on the Linear/Conv2d layers of the top k groups (merged on export)"
+    )
     from_scratch = False
     RANK = 8
     ALPHA = 16.0
