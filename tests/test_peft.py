@@ -292,3 +292,30 @@ def test_the_host_refuses_a_model_left_with_adapters(registry, few_digits):
     with pytest.raises(RuntimeError, match="after merge\\(\\) the model differs from the backbone"):
         merge_model(unmerged, model, created)
     assert merge_model(lora, model, created) is model
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/peft.py (figures in benchmarks/RESULTS.md): a smoke run on the test models
+
+
+def test_peft_benchmark_runs_every_arm_on_tiny_models(registry):
+    import importlib.util
+    import math
+
+    spec = importlib.util.spec_from_file_location("peft_bench", REPO / "benchmarks" / "peft.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.run(
+        {"test_resnet": 32}, rounds=2, steps=1, warmup=0, batch=2, registry=registry
+    )
+    arms = results["test_resnet"]["arms"]
+    assert list(arms) == ["top_k", "bitfit", "norm_fit", "lora"]
+    full = arms["top_k"]
+    assert full["trained_parameters"] == full["parameters"] and full["speedup_mean"] == 1.0
+    for name, row in arms.items():
+        assert row["optimizer_bytes"] == 8 * row["trained_parameters"]  # AdamW: 2 fp32 states
+        assert math.isfinite(row["speedup_mean"]) and row["speedup_min"] > 0
+        assert row["loads_in_plain_timm"] is True, name
+        if name != "top_k":
+            assert row["optimizer_memory_ratio"] < 0.2, name
+    assert "| test_resnet (32) | lora |" in bench.markdown(results, 2)
