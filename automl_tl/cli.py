@@ -122,6 +122,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .search import search
+    from .trials import Direction
     from .workers import die_with_parent
 
     die_with_parent()  # a worker of `--workers N`: never outlive the parent
@@ -143,7 +144,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     if outcome.metrics:
         _print_retrained(config, outcome.metrics, outcome.model_dir)
     _print_selection(outcome.selection)
-    _print_weights_comparison(outcome.comparison, config.search.metric)
+    _print_weights_comparison(
+        outcome.comparison, config.search.metric, Direction.of(outcome.study).name
+    )
     return 0
 
 
@@ -205,12 +208,15 @@ def _print_selection(data: dict[str, Any] | None) -> None:
         )
 
 
-def _print_weights_comparison(rows: list[dict[str, Any]] | None, metric: str) -> None:
+def _print_weights_comparison(
+    rows: list[dict[str, Any]] | None, metric: str, direction: str = "maximize"
+) -> None:
     """Transferred vs scratch (when [weights] is searched): one line per weight source, and
     the difference between the best transferred and the best scratch model."""
     if not rows:
         return
     from .leaderboard import transfer_difference
+    from .trials import Direction
 
     print("best per weight source (retrained, same budget):")
     for r in rows:
@@ -220,10 +226,10 @@ def _print_weights_comparison(rows: list[dict[str, Any]] | None, metric: str) ->
             f"complete trials): val {r['val']:.4f}, test "
             + (f"{test:.4f}" if test is not None else "n/a (not retrained)")
         )
-    diff = transfer_difference(rows, metric)
+    diff = transfer_difference(rows, metric, Direction.named(direction))
     if diff is not None:
         d = diff["difference"]
-        verdict = "pays" if d > 0 else "does not pay"
+        verdict = "pays" if diff["pays"] else "does not pay"
         if diff.get("inside_noise"):
             tail = (
                 f", inside the noise (95 % interval ±{diff['noise']:.4f}): "
@@ -244,6 +250,7 @@ def _search_with_workers(args: argparse.Namespace, config, pm, registry, device:
     from .search import announce_export
     from .selection import select_and_retrain
     from .storage import storage_for_workers, url_to_env
+    from .trials import Direction
     from .workers import run_workers
 
     config.search.storage = storage_for_workers(config, args.workers)
@@ -291,7 +298,8 @@ def _search_with_workers(args: argparse.Namespace, config, pm, registry, device:
             _print_retrained(config, metrics, directory)
             _print_selection(chosen)
             rows = retrain_per_weights(config, registry, result.study, splits, device=device)
-            _print_weights_comparison(rows, config.search.metric)
+            direction = Direction.of(result.study).name
+            _print_weights_comparison(rows, config.search.metric, direction)
     return 1 if result.failed else 0
 
 
@@ -341,6 +349,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .config import load_config
     from .leaderboard import leaderboard
     from .space import SHOWN_PARAMS, effective_params
+    from .trials import Direction
 
     config = load_config(args.study, {"search.storage": _storage_arg(args)})
     device = _device(args.device or "cpu")
@@ -353,7 +362,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     rows = []
-    for t in sorted(data["trials"], key=lambda t: (t["value"] is None, -(t["value"] or 0))):
+    direction = Direction.named(data.get("direction"))  # best first: lower for a cost
+    for t in sorted(data["trials"], key=lambda t: direction.key(t["value"])):
         rows.append(
             {
                 "trial": t["number"],
@@ -378,7 +388,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.format == "csv":
         sys.stdout.write(_csv(rows, columns))
         return 0
-    print(f"study {data['study']} ({len(rows)} trials, metric {data['metric']})")
+    lower = ", lower is better" if not direction.higher_is_better else ""
+    print(f"study {data['study']} ({len(rows)} trials, metric {data['metric']}{lower})")
     print(_table(rows, columns))
     skipped = data.get("skipped_images") or []
     if skipped:
@@ -405,7 +416,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         _print_selection(data["selection"])
     if data.get("weights"):
         print()
-        _print_weights_comparison(data["weights"], config.search.metric)
+        _print_weights_comparison(data["weights"], config.search.metric, direction.name)
     return 0
 
 

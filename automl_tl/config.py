@@ -18,6 +18,7 @@ from typing import Any
 from . import weightsource
 from .errors import ConfigError, did_you_mean
 from .paths import StudyPaths
+from .trials import MAXIMIZE, Direction
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -490,6 +491,18 @@ def _check_weights(config: StudyConfig, backbone: str, value: str | list[str]) -
             )
     for choice in value if isinstance(value, list) else [value]:
         weightsource.validate(weightsource.parse(choice, config.base_dir), key)
+
+
+def metric_direction(name: str, registry=None) -> Direction:
+    """Which way ``name`` is better: the built-in metrics are higher-is-better in [0, 1]; a
+    plugin's metric (``register_metrics``) says so itself (``higher_is_better``, ``range``)."""
+    if name in METRICS:
+        return MAXIMIZE
+    if registry is None:
+        raise ValueError(f"metric {name!r} is a plugin's: its direction needs the registry")
+    metric = registry.get("metrics", name)
+    low, high = metric.range
+    return Direction(bool(metric.higher_is_better), (float(low), float(high)))
 
 
 def check_named_weights(config: StudyConfig, registry) -> None:

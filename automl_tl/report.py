@@ -52,6 +52,7 @@ from ._util import write_atomic
 from .config import StudyConfig
 from .registry import Registry
 from .space import SHOWN_PARAMS, effective_params
+from .trials import Direction
 
 #: Bump when the report's content changes, so existing reports are rebuilt.
 REPORT_VERSION = 3
@@ -489,7 +490,7 @@ FIGURES: list[tuple[str, str, str, Callable[[ReportContext], Any]]] = [
         "optimization_history.png",
         "Optimization history",
         "Each dot is a complete trial's validation score in the order the trials ran; the line is "
-        "the best score so far. A line that stops rising means more trials are unlikely to help.",
+        "the best score so far. A line that stops improving means more trials are unlikely to help.",
         _optimization_history,
     ),
     (
@@ -603,7 +604,8 @@ def _leaderboard_html(data: dict[str, Any]) -> str:
     ]
     columns = ["trial", "state", metric, *used, "epochs", "seconds", "fail_reason"]
     best = (data.get("best") or {}).get("number")
-    trials = sorted(data["trials"], key=lambda t: (t["value"] is None, -(t["value"] or 0)))
+    direction = Direction.named(data.get("direction"))  # best first, either way
+    trials = sorted(data["trials"], key=lambda t: direction.key(t["value"]))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = []
     for t in trials:

@@ -34,6 +34,7 @@ from .scores import calibrated, fit_temperature, metric_intervals, reliability, 
 from .space import choice_from_params
 from .storage import check_data, open_study, storage_of
 from .train import evaluate, fit, plugin_metrics, resolve_device
+from .trials import Direction
 
 log = logging.getLogger("automl_tl")
 
@@ -141,6 +142,7 @@ def retrain(
         "study": config.name,
         "trial": trial.number,
         "metric": config.search.metric,
+        "direction": Direction.of(study).name,  # which way the metric is better
         "params": dict(trial.params),
         "retrained_on": on,
         "epochs": choice.epochs,
@@ -235,8 +237,8 @@ def score_predictions(
 
 
 def best_dir_for(config: StudyConfig, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Path:
-    """``best/``, unless it holds a trial that scores higher than ``trial`` (then the trial's
-    own ``models/trial-N/``)."""
+    """``best/``, unless it holds a trial that scores better than ``trial`` (in the study's
+    direction; then the trial's own ``models/trial-N/``)."""
     paths = config.paths
     try:
         held = json.loads((paths.best / "metrics.json").read_text()).get("trial")
@@ -245,7 +247,9 @@ def best_dir_for(config: StudyConfig, study: optuna.Study, trial: optuna.trial.F
     if held is None or held == trial.number:
         return paths.best
     other = next((t for t in study.get_trials(deepcopy=False) if t.number == held), None)
-    if other is not None and other.value is not None and other.value > trial.value:
+    if other is not None and Direction.of(study).better(
+        trials.value_of(other), trials.value_of(trial)
+    ):
         log.warning(
             "best/ holds trial %d (val %.4f), better than trial %d (val %.4f): writing trial %d "
             "to %s instead",

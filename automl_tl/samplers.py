@@ -12,10 +12,10 @@ from typing import Any
 
 import optuna
 
-from .config import StudyConfig
+from .config import METRICS, StudyConfig
 from .portfolio import portfolio
 from .storage import set_trial_attr
-from .trials import DEAD_AT_CHANCE
+from .trials import DEAD_AT_CHANCE, Direction
 
 
 class WrappingSampler(optuna.samplers.BaseSampler):
@@ -168,14 +168,17 @@ def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
     """Hyperband over epochs (default), median, or none; the first two with the dead-trial
     guard (:class:`DeadTrialGuard`: pruned at <= 1.5x chance from epoch 2 while another trial
-    has left chance)."""
+    has left chance) when ``[search] metric`` is a built-in one, whose chance level is known.
+    Both prune in the study's direction (a lower-is-better plugin metric is minimized)."""
     name, epochs = config.search.pruner, config.search.epochs
+    guarded = config.search.metric in METRICS  # a plugin's metric: no chance level to guard
+    extra = {"epochs": epochs} if guarded else {}
     if name == "hyperband":
-        return GuardedHyperbandPruner(
-            min_resource=1, max_resource=epochs, reduction_factor=3, epochs=epochs
-        )
+        hyperband = GuardedHyperbandPruner if guarded else optuna.pruners.HyperbandPruner
+        return hyperband(min_resource=1, max_resource=epochs, reduction_factor=3, **extra)
     if name == "median":
-        return GuardedMedianPruner(n_startup_trials=5, n_warmup_steps=1, epochs=epochs)
+        median = GuardedMedianPruner if guarded else optuna.pruners.MedianPruner
+        return median(n_startup_trials=5, n_warmup_steps=1, **extra)
     return optuna.pruners.NopPruner()
 
 
@@ -211,6 +214,8 @@ class DeadTrialGuard:
         return self.dead(study, trial)
 
     def threshold(self, study: optuna.Study) -> float | None:
+        if not Direction.of(study).higher_is_better:  # "chance" is a low accuracy-like score
+            return None
         classes = ((study.user_attrs.get("data") or {}).get("classes")) or []
         return self.guard_factor / len(classes) if len(classes) >= 2 else None
 

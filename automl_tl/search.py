@@ -18,7 +18,10 @@ Example (a hand-written loop on an in-memory study)::
 
     objective = Objective(config, registry, pm, splits, device="cpu")
     recorder = TrialRecorder(config, pm)
-    study = optuna.create_study(direction="maximize", sampler=make_sampler(config))
+    study = optuna.create_study(
+        direction=metric_direction(config.search.metric, registry).name,
+        sampler=make_sampler(config),
+    )
     study.optimize(objective, n_trials=8, callbacks=[recorder], catch=(TrialFailed,))
 """
 
@@ -41,9 +44,9 @@ from . import trials, weightsource
 from ._util import failure_reason, is_out_of_memory
 from .budget import Budget, RetryStaleTrial, TrialSkipped, worker_identity
 from .catalog import Catalog, catalog_path
-from .config import METRICS, StudyConfig, check_named_weights
+from .config import METRICS, StudyConfig, check_named_weights, metric_direction
 from .data import Splits, load_splits, parse_source
-from .errors import ConfigError, UnknownNameError, UserError, did_you_mean
+from .errors import UnknownNameError, UserError, did_you_mean
 from .leaderboard import (
     backbone_throughput,
     best_summary,
@@ -59,8 +62,16 @@ from .samplers import make_pruner, make_sampler, pruner_warning
 from .scores import pack
 from .selection import check_selection, select_and_retrain
 from .space import check_space, suggest
-from .storage import fail_trial, join_study, one_search_per_sqlite, open_storage, redact
+from .storage import (
+    check_existing_direction,
+    fail_trial,
+    join_study,
+    one_search_per_sqlite,
+    open_storage,
+    redact,
+)
 from .train import EpochResult, expected_seconds, fit, release_memory, resolve_device
+from .trials import Direction
 
 log = logging.getLogger("automl_tl")
 
@@ -108,8 +119,8 @@ def announce_export(
 
 
 def check_metric_name(config: StudyConfig, registry: Registry) -> None:
-    """``[search] metric`` is a built-in metric or one a plugin registered that Optuna can
-    maximize (a lower-is-better metric is reported, not searched by)."""
+    """``[search] metric`` is a built-in metric or one a plugin registered (a lower-is-better
+    one is minimized: :func:`automl_tl.config.metric_direction`)."""
     name = config.search.metric
     if name in METRICS:
         return
@@ -118,12 +129,6 @@ def check_metric_name(config: StudyConfig, registry: Registry) -> None:
         raise UnknownNameError(
             f"unknown metric {name!r} in [search] metric{did_you_mean(name, known)}; known: "
             f"{', '.join(known)} (a plugin adds more with register_metrics)"
-        )
-    if not registry.get("metrics", name).higher_is_better:
-        raise ConfigError(
-            f"[search] metric = {name!r} is lower-is-better; the search maximizes its metric, so "
-            "choose a higher-is-better one (the report still shows this one for every model), "
-            "or register its complement (e.g. 1 - error)"
         )
 
 
@@ -172,10 +177,13 @@ def check_weight_files(config: StudyConfig, registry: Registry) -> None:
             ) from exc
 
 
-def open_search_study(config: StudyConfig, splits: Splits) -> optuna.Study:
+def open_search_study(
+    config: StudyConfig, splits: Splits, registry: Registry | None = None
+) -> optuna.Study:
     """Create or join the study for a search: its storage with heartbeats and retries on a
-    database server, the study's sampler and pruner; refuses data that differ from the
-    study's (:func:`automl_tl.storage.join_study`)."""
+    database server, the study's sampler and pruner, the direction of ``[search] metric``
+    (a plugin's metric needs ``registry``); refuses data that differ from the study's, and a
+    study made for the other direction (:func:`automl_tl.storage.join_study`)."""
     warning = pruner_warning(config)
     if warning:
         warnings.warn(warning, stacklevel=2)
@@ -185,7 +193,12 @@ def open_search_study(config: StudyConfig, splits: Splits) -> optuna.Study:
         on_stale=RetryStaleTrial(),
     )
     return join_study(
-        config, splits, storage=storage, sampler=make_sampler(config), pruner=make_pruner(config)
+        config,
+        splits,
+        storage=storage,
+        sampler=make_sampler(config),
+        pruner=make_pruner(config),
+        direction=metric_direction(config.search.metric, registry),
     )
 
 
@@ -371,7 +384,7 @@ class TrialRecorder:
         self.ran += 1
         self.recorded.add(trial.number)
         name = self.config.name
-        self.catalog.record_trial(name, trial)
+        self.catalog.record_trial(name, trial, self.config.search.metric, Direction.of(study))
         self.hook.trial_finished(
             study_name=name,
             trial_number=trial.number,
@@ -409,7 +422,9 @@ class TrialRecorder:
         recorded = self.catalog.trial_states(self.config.name)
         for trial in study.get_trials(deepcopy=False):
             if trial.state != TrialState.RUNNING and recorded.get(trial.number) != trial.state.name:
-                self.catalog.record_trial(self.config.name, trial)
+                self.catalog.record_trial(
+                    self.config.name, trial, self.config.search.metric, Direction.of(study)
+                )
 
 
 class FailureStreak:
@@ -570,6 +585,8 @@ def search(
     check_names(config, registry)
     check_backbones_run(config, registry)
     ensure_writable(config.output_dir)
+    # an existing study made for the other direction: refused before any data loads
+    check_existing_direction(config, metric_direction(config.search.metric, registry))
     with one_search_per_sqlite(config.storage_url):
         return _search(config, registry, pm, device=device, retrain_best=retrain_best)
 
@@ -585,7 +602,9 @@ def _search(
     ensure_study_weights(config, registry, device=device)  # pretrain:SOURCE, built once
     splits = load_splits(config, registry)
     check_selection(config, splits)  # e.g. more folds than the smallest class: before training
-    study = open_search_study(config, splits)  # refuses to join if this worker's data differ
+    study = open_search_study(
+        config, splits, registry
+    )  # refuses to join if this worker's data differ
     catalog = Catalog(catalog_path(config))
     interrupts = Interrupts()
     # n_trials finished trials across every worker sharing the storage, exactly

@@ -44,7 +44,7 @@ from . import trials
 from ._util import write_atomic
 from .budget import claim_expiry, claim_marker, holder_gone, worker_identity
 from .catalog import Catalog, catalog_path
-from .config import StudyConfig
+from .config import StudyConfig, metric_direction
 from .data import Split, Splits
 from .errors import UserError
 from .export import export_ensemble, export_model, load_model
@@ -63,6 +63,7 @@ from .scores import (
 from .space import choice_from_params
 from .storage import storage_of
 from .train import evaluate, fit, plugin_metrics, resolve_device
+from .trials import Direction
 
 log = logging.getLogger("automl_tl")
 
@@ -90,7 +91,7 @@ class Finalists:
 
 def finalists(study: optuna.Study, limit: int, val_images: int | None = None) -> Finalists:
     """The complete trials within one standard error of the best (binomial, on the
-    validation split's size), best first, at most ``limit``."""
+    validation split's size), best first (in the study's direction), at most ``limit``."""
     if val_images is None:
         val_images = ((study.user_attrs.get("data") or {}).get("sizes") or {}).get("val") or 0
     complete = [
@@ -98,12 +99,13 @@ def finalists(study: optuna.Study, limit: int, val_images: int | None = None) ->
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if trials.value_of(t) is not None
     ]
-    complete.sort(key=lambda t: (-t.value, t.number))
+    direction = Direction.of(study)
+    complete.sort(key=lambda t: (direction.key(t.value), t.number))
     if not complete:
         return Finalists([], None, 0.0, val_images, 0, "no complete trial")
     best = complete[0].value
-    se = standard_error(best, val_images)
-    within = [t.number for t in complete if t.value >= best - se - 1e-12]
+    se = standard_error(best, val_images, direction.range)
+    within = [t.number for t in complete if direction.within(t.value, best, se)]
     note = None
     if len(within) > limit:
         note = (
@@ -267,11 +269,12 @@ def race_study_name(study_name: str) -> str:
 
 
 def open_race_study(study: optuna.Study) -> optuna.Study:
-    """The study holding the race's runs as COMPLETE trials (created on first use)."""
+    """The study holding the race's runs as COMPLETE trials (created on first use, in the
+    study's direction)."""
     return optuna.create_study(
         study_name=race_study_name(study.study_name),
         storage=storage_of(study),
-        direction="maximize",
+        direction=Direction.of(study).name,
         load_if_exists=True,
     )
 
@@ -525,6 +528,14 @@ def _median_epochs(values: list[int]) -> int | None:
     return max(1, int(round(statistics.median(values)))) if values else None
 
 
+def race_winner(rows: list[dict[str, Any]], rule: str, direction: Direction) -> dict[str, Any]:
+    """The finalist row with the best ``rule`` value (``mean``, or ``lcb``: the mean one
+    standard error towards worse) in the study's direction; ties go to the better search
+    score, then the earlier trial."""
+    key = "lcb" if rule == "lcb" else "mean"
+    return min(rows, key=lambda r: (direction.key(r[key]), direction.key(r["value"]), r["trial"]))
+
+
 def select(
     config: StudyConfig,
     registry: Registry,
@@ -543,6 +554,7 @@ def select(
     except ValueError:
         return None
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    direction = Direction.of(study)
     found = finalists(study, sel.finalists, len(splits.val))
     notes = [found.note] if found.note else []
     folds = folds_for(config, splits)
@@ -586,7 +598,7 @@ def select(
         if len(scores) > 1:
             se = statistics.stdev(scores) / math.sqrt(len(scores))
         else:
-            se = standard_error(mean, len(splits.val))
+            se = standard_error(mean, len(splits.val), direction.range)
         epochs = [t.user_attrs.get(trials.BEST_EPOCH)] + [
             r.user_attrs.get("best_epoch") for r in runs
         ]
@@ -596,7 +608,8 @@ def select(
                 "value": float(t.value),
                 "scores": [round(s, 4) for s in scores],
                 "mean": round(mean, 4),
-                "lcb": round(mean - se, 4),
+                # the pessimistic bound: mean - se (+ se for a lower-is-better metric)
+                "lcb": round(direction.pessimistic(mean, se), 4),
                 "standard_error": round(se, 4),
                 "best_epochs": [e for e in epochs if e],
                 "params": dict(t.params),
@@ -604,8 +617,7 @@ def select(
             }
         )
     key = "lcb" if sel.rule == "lcb" else "mean"
-    # the highest rule value; ties go to the better search score, then the earlier trial
-    best_row = max(rows, key=lambda r: (r[key], r["value"], -r["trial"]))
+    best_row = race_winner(rows, sel.rule, direction)
     winner = best_row["trial"]
     epochs = None
     if config.search.patience:
@@ -717,6 +729,10 @@ def score_model(
     num_classes = len(loaded.label_names)
     pred = log_probs.argmax(1)
     test_metrics = metrics_from_predictions(test.y, pred, num_classes)
+    if registry is not None:  # the plugins' metrics too: the study's may be one
+        probs = log_probs.exp().numpy()
+        for metric in plugin_metrics(registry):
+            test_metrics[metric.name] = metric.checked(test.y.numpy(), probs)
     # log_probs already include the temperature: score them as they are
     scored = score_predictions(log_probs, test.y, num_classes, None, seed=seed)
     return {
@@ -766,14 +782,15 @@ def soup_models(folders: list[Path], weights: list[float] | None = None, registr
     return base
 
 
-def _metric_of(config: StudyConfig, registry: Registry, num_classes: int):
-    """The study's metric as a function of (probabilities, labels): a built-in one or a
-    plugin's (``register_metrics``)."""
+def metric_to_maximize(config: StudyConfig, registry: Registry, num_classes: int):
+    """The study's metric as a function of (probabilities, labels) to maximize: a built-in
+    one or a plugin's (``register_metrics``), negated when lower is better."""
     metric = config.search.metric
+    sign = metric_direction(metric, registry).sign
     plugin = next((m for m in plugin_metrics(registry) if m.name == metric), None)
     if plugin is not None:
-        return lambda probs, y: plugin.checked(y.numpy(), probs.float().numpy())
-    return lambda probs, y: metrics_from_predictions(y, probs.argmax(1), num_classes)[metric]
+        return lambda probs, y: sign * plugin.checked(y.numpy(), probs.float().numpy())
+    return lambda probs, y: sign * metrics_from_predictions(y, probs.argmax(1), num_classes)[metric]
 
 
 def _val_score(loaded, splits: Splits, metric: str, registry: Registry) -> float:
@@ -831,7 +848,7 @@ def build_extras(
             log_probs = [pooled[n][0][common].clamp(min=1e-12).log().float() for n in usable]
             # hill-climb the study's metric (ties by likelihood), as Caruana did
             counts = caruana_selection(
-                log_probs, labels[common], score=_metric_of(config, registry, num_classes)
+                log_probs, labels[common], score=metric_to_maximize(config, registry, num_classes)
             )
             members = [(n, c) for n, c in zip(usable, counts) if c]
             total = sum(c for _, c in members)
@@ -900,21 +917,22 @@ def _greedy_soup(
     device: str,
 ) -> dict[str, Any]:
     """Greedy soup (Wortsman et al., 2022): ingredients in race order, each kept when the
-    soup's validation accuracy does not drop. With ``[retrain] on = "train+val"`` the
+    soup's validation score (the study's metric, in its direction) does not get worse. With ``[retrain] on = "train+val"`` the
     validation images were trained on, so this only rejects ingredients that break the soup."""
     folders = [_member(config, registry, study, splits, n, selection, device) for n in order]
     check_soup(folders)
     kept = [0]
     metric = config.search.metric
+    direction = metric_direction(metric, registry)
     current = _val_score(
         load_model(folders[0], device="cpu", registry=registry), splits, metric, registry
     )
     for i in range(1, len(folders)):
         trial_soup = soup_models([folders[j] for j in [*kept, i]], registry=registry)
-        acc = _val_score(trial_soup, splits, metric, registry)
-        if acc >= current:
+        score = _val_score(trial_soup, splits, metric, registry)
+        if not direction.better(current, score):  # as good or better: keep it
             kept.append(i)
-            current = acc
+            current = score
     soup = soup_models([folders[j] for j in kept], registry=registry)
     winner_metrics = json.loads((folders[0] / "metrics.json").read_text())
     temperature = float(winner_metrics.get("calibration", {}).get("temperature") or 1.0)

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 #: the states a trial's budget counts (a failed trial does not use up the budget)
@@ -114,6 +115,90 @@ class TrialSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# which way is better
+
+
+#: the study's user attribute describing its metric (``Direction.record``)
+STUDY_METRIC = "metric"
+
+
+@dataclass(frozen=True)
+class Direction:
+    """Which way the study's metric is better, and the range it lies in: the one place that
+    decides which of two scores wins (sorting, the best trial, finalists, the race, ensembles,
+    soups, the leaderboard). A plugin metric declares it (``Metric.higher_is_better``,
+    ``Metric.range``); the study stores it (:meth:`record`) and readers take it from there
+    (:meth:`of`), so nothing downstream assumes that higher is better.
+
+    Example::
+
+        d = Direction(higher_is_better=False)
+        d.better(0.1, 0.3)                # True
+        sorted([0.3, 0.1], key=d.key)    # [0.1, 0.3]: best first
+    """
+
+    higher_is_better: bool = True
+    #: the values the metric can take (a binomial standard error is computed on this span)
+    range: tuple[float, float] = (0.0, 1.0)
+
+    @property
+    def name(self) -> str:
+        """``"maximize"`` or ``"minimize"`` (Optuna's word)."""
+        return "maximize" if self.higher_is_better else "minimize"
+
+    @property
+    def sign(self) -> float:
+        """+1 when higher is better, -1 when lower is: ``sign * value`` is to be maximized."""
+        return 1.0 if self.higher_is_better else -1.0
+
+    @property
+    def worst(self) -> float:
+        return -math.inf if self.higher_is_better else math.inf
+
+    def key(self, value: float | None) -> float:
+        """A sort key that puts the best value first (None and NaN last)."""
+        if value is None or not math.isfinite(value):
+            return math.inf
+        return -value if self.higher_is_better else value
+
+    def better(self, a: float | None, b: float | None) -> bool:
+        """``a`` is strictly better than ``b`` (a missing score is worse than any)."""
+        return self.key(a) < self.key(b)
+
+    def best(self, values):
+        """The best of ``values`` (the first of equals)."""
+        return min(values, key=self.key)
+
+    def within(self, value: float, best: float, margin: float) -> bool:
+        """``value`` is no more than ``margin`` worse than ``best``."""
+        return self.sign * (best - value) <= margin + 1e-12
+
+    def pessimistic(self, mean: float, error: float) -> float:
+        """The mean one standard error towards worse (the race's ``lcb`` rule)."""
+        return mean - self.sign * error
+
+    def record(self, name: str) -> dict[str, Any]:
+        """What a study stores about its metric (user attribute :data:`STUDY_METRIC`)."""
+        return {"name": name, "direction": self.name, "range": list(self.range)}
+
+    @classmethod
+    def of(cls, study: Any) -> Direction:
+        """The direction of ``study``'s (first) objective, with the range it recorded."""
+        stored = (getattr(study, "user_attrs", None) or {}).get(STUDY_METRIC) or {}
+        span = stored.get("range") or (0.0, 1.0)
+        return cls(study.directions[0] != StudyDirection.MINIMIZE, (float(span[0]), float(span[1])))
+
+    @classmethod
+    def named(cls, name: str | None) -> Direction:
+        """``"maximize"`` / ``"minimize"`` (as a leaderboard or metrics.json writes it)."""
+        return cls(name != "minimize")
+
+
+MAXIMIZE = Direction(True)
+MINIMIZE = Direction(False)
 
 
 def _iso(value) -> str | None:
