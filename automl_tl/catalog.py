@@ -227,7 +227,7 @@ class Catalog:
             "study": study,
             "number": s.number,
             "state": s.state,
-            "value": trial.value if trial.values else None,
+            "value": s.value,
             "metric": metric,
             "direction": direction.name if direction is not None else None,
             # one column per parameter in its shown form; the stored names are in "params"

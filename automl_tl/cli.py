@@ -168,6 +168,14 @@ def _print_retrained(config, metrics: dict[str, Any], directory) -> None:
             f"test images: accuracy{_interval(metrics, 'accuracy')}, balanced"
             f"{_interval(metrics, 'balanced_accuracy')}, macro F1{_interval(metrics, 'macro_f1')}"
         )
+    lat = metrics.get("latency")
+    if lat:
+        t = lat["target"]
+        print(
+            f"latency on {t['device']} ({t['runtime']}, {t['threads']} thread(s), batch "
+            f"{t['batch_size']}): {lat['export_ms']:.3f} ms the export timed on its own, "
+            f"{lat['trial_ms']:.3f} ms its trial (ratio {lat['ratio']:.2f})"
+        )
     cal = metrics.get("calibration")
     if cal and cal.get("fitted_on"):
         print(
@@ -369,6 +377,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 "trial": t["number"],
                 "state": t["state"],
                 config.search.metric: t["value"],
+                **{m: (t.get("measured") or {}).get(m) for m in config.search.measures},
                 **{k: effective_params(t["params"]).get(k) for k in SHOWN_PARAMS},
                 "weights": t.get("weights"),  # resolved: fixed sources too, a file's sha256
                 "epochs": t["epochs_run"],
@@ -380,6 +389,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         "trial",
         "state",
         config.search.metric,
+        *config.search.measures,
         *SHOWN_PARAMS,
         "epochs",
         "seconds",
@@ -405,6 +415,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         )
     if data.get("selection_note"):
         print(f"\nnote: {data['selection_note']}")
+    if data.get("pareto") is not None:
+        print(
+            f"\nPareto front ({', '.join(data['objectives'])}): trials "
+            + (", ".join(map(str, data["pareto"])) or "none yet")
+        )
     if data.get("best_model"):
         bm = data["best_model"]
         print(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -50,10 +49,18 @@ def count_finished(study: optuna.Study) -> int:
 def best_summary(study: optuna.Study) -> dict[str, Any] | None:
     """``{"number", "value", "params"}`` of the best complete trial, or None."""
     try:
-        t = study.best_trial
+        t = trials.best_trial(study)
     except ValueError:
         return None
-    return {"number": t.number, "value": t.value, "params": dict(t.params)}
+    return {"number": t.number, "value": trials.value_of(t), "params": dict(t.params)}
+
+
+def pareto_front(study: optuna.Study) -> list[int] | None:
+    """The numbers of a multi-objective study's Pareto-optimal trials (feasible ones, when
+    it has constraints), or None for a single-objective study."""
+    if len(study.directions) == 1:
+        return None
+    return sorted(t.number for t in study.best_trials)
 
 
 def selection_note(study: optuna.Study) -> str | None:
@@ -69,9 +76,11 @@ def selection_note(study: optuna.Study) -> str | None:
     direction = Direction.of(study)
     values = sorted(
         (
-            t.value
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and math.isfinite(t.value)
+            v
+            for v in map(
+                trials.value_of, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            )
+            if v is not None
         ),
         key=direction.key,
     )
@@ -124,7 +133,7 @@ def best_by_weights(config: StudyConfig, study: optuna.Study) -> dict[str, Froze
     direction = Direction.of(study)
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         label = weights_label(config, t.params)
-        if label not in best or direction.better(t.value, best[label].value):
+        if label not in best or direction.better(trials.value_of(t), trials.value_of(best[label])):
             best[label] = t
     return best
 
@@ -165,7 +174,7 @@ def comparison(config: StudyConfig, study: optuna.Study) -> list[dict[str, Any]]
                 "scratch": label == "none",
                 "trial": t.number,
                 "backbone": t.params.get("backbone"),
-                "val": t.value,
+                "val": trials.value_of(t),
                 "trials": sum(1 for x in complete if weights_label(config, x.params) == label),
                 "test": test,
                 "test_interval": interval,  # 95 %
@@ -232,6 +241,9 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
                 "images_per_s": s.images_per_s,
                 "batch_size": s.batch_size,
                 "best_epoch": t.user_attrs.get(trials.BEST_EPOCH),  # 1-based
+                # multi-objective: latency_ms / params_m / model_mb, and the constraints held
+                "measured": t.user_attrs.get(trials.MEASURED),
+                "feasible": trials.feasible(t) if trials.CONSTRAINTS in t.user_attrs else None,
             }
         )
     out: dict[str, Any] = {
@@ -239,6 +251,8 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
         "metric": config.search.metric,
         "direction": Direction.of(study).name,  # "minimize": a lower-is-better plugin metric
         "best": best_summary(study),
+        "objectives": config.search.objectives or [config.search.metric],
+        "pareto": pareto_front(study),  # trial numbers; None for one objective
         "trials": rows,
         "throughput": backbone_throughput(study),  # training images/s per backbone
         "selection_note": selection_note(study),  # a validation split too small to rank by

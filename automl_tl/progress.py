@@ -91,7 +91,7 @@ def study_state(study) -> StudyState:
             if t.datetime_start and t.datetime_complete:
                 durations.append((t.datetime_complete - t.datetime_start).total_seconds())
         if t.state == TrialState.COMPLETE and direction.better(value_of(t), state.best_value):
-            state.best_value, state.best_number = float(t.value), t.number
+            state.best_value, state.best_number = value_of(t), t.number
     if durations:
         state.mean_trial_s = sum(durations) / len(durations)
     return state

@@ -40,11 +40,17 @@ import optuna
 import pluggy
 from optuna.trial import FrozenTrial, TrialState
 
-from . import trials, weightsource
+from . import latency, trials, weightsource
 from ._util import failure_reason, is_out_of_memory
 from .budget import Budget, RetryStaleTrial, TrialSkipped, worker_identity
 from .catalog import Catalog, catalog_path
-from .config import METRICS, StudyConfig, check_named_weights, metric_direction
+from .config import (
+    METRICS,
+    StudyConfig,
+    check_named_weights,
+    metric_direction,
+    parse_constraint,
+)
 from .data import Splits, load_splits, parse_source
 from .errors import UnknownNameError, UserError, did_you_mean
 from .leaderboard import (
@@ -101,6 +107,8 @@ def check_names(config: StudyConfig, registry: Registry) -> None:
             registry.get(kind, name)
     registry.get("datasets", parse_source(config.data.source)[0])
     check_metric_name(config, registry)
+    if "latency_ms" in config.search.measures:  # onnxruntime asked for and not installed
+        latency.check_runtime(config.search.latency_target())
     check_named_weights(config, registry)
     check_space(config, registry)  # no empty branch; no flipping policy under fixed orientation
 
@@ -240,7 +248,7 @@ class Objective:
         self.interrupts = interrupts
         self.started: list[int] = []  # trial numbers this process ran (or is running)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple:
         self.started.append(trial.number)  # first: an interrupt from here on fails it cleanly
         try:
             if self.interrupts is not None:
@@ -257,7 +265,7 @@ class Objective:
                 release_memory(self.device)  # the next trial starts clean
             raise
 
-    def _train(self, trial: optuna.Trial) -> float:
+    def _train(self, trial: optuna.Trial) -> float | tuple:
         name = self.config.name
         choice = suggest(trial, self.config, self.registry)
         trial.set_user_attr(trials.DEVICE, str(self.device))
@@ -289,6 +297,8 @@ class Objective:
                 trial.set_user_attr(trials.FEATURE_CACHE, "used")  # "hit" / "miss" once complete
             else:  # pruned trials count too in backbone_throughput()
                 trial.set_user_attr(trials.IMAGES_PER_S, round(r.images_per_s, 1))
+            if self.config.search.multi_objective:
+                return  # Optuna prunes single-objective studies only
             trial.report(r.val[self.metric], r.epoch + 1)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {r.epoch + 1}")
@@ -335,7 +345,28 @@ class Objective:
             trial.set_user_attr(trials.FEATURE_CACHE, result.feature_cache)
         trial.set_user_attr(trials.BATCH_SIZE, result.batch_size)  # halved on out-of-memory
         trial.set_user_attr(trials.VAL_METRICS, val)
+        if self.config.search.multi_objective or self.config.search.constraints:
+            return self._objectives(trial, result, float(val[self.metric]))
         return float(val[self.metric])
+
+    def _objectives(self, trial: optuna.Trial, result, score: float) -> float | tuple:
+        """The metric and the measures of ``[search] objectives`` (measured on the trained
+        model: :mod:`automl_tl.latency`), with the ``[search] constraints`` values stored
+        for Optuna's ``constraints_func``."""
+        s = self.config.search
+        measured = latency.measure(
+            result.model, self.splits.image_size, s.measures, s.latency_target()
+        )
+        trial.set_user_attr(trials.MEASURED, measured)
+        values = {s.metric: score, **measured}
+        violations = [c.violation(values[c.name]) for c in map(parse_constraint, s.constraints)]
+        trial.set_user_attr(trials.CONSTRAINTS, violations)
+        if hasattr(trial, "set_constraint"):  # Optuna >= 5 (before: the sampler's constraints_func)
+            for text, value in zip(s.constraints, violations):
+                trial.set_constraint(text, value)
+        if not s.multi_objective:
+            return score
+        return (score, *(measured[m] for m in s.measures))
 
     def too_slow(self, trial: optuna.Trial, choice) -> str | None:
         """Why ``choice`` cannot finish within ``[search] timeout`` at the training speed its
@@ -389,13 +420,15 @@ class TrialRecorder:
             study_name=name,
             trial_number=trial.number,
             state=trial.state.name,
-            value=trial.value if trial.values else None,
+            value=trials.value_of(trial),
             # (without the packed validation predictions: kilobytes no tracker wants)
             attrs={k: v for k, v in trial.user_attrs.items() if k != trials.VAL_LOG_PROBS},
         )
         reason = trial.user_attrs.get(trials.FAIL_REASON, "unknown")
         if trial.state == TrialState.COMPLETE:
-            outcome = f"{self.config.search.metric}={trial.value:.4f}"
+            outcome = f"{self.config.search.metric}={trial.values[0]:.4f}"
+            for name, value in (trial.user_attrs.get(trials.MEASURED) or {}).items():
+                outcome += f" {name}={value:.4g}"
         elif trial.state == TrialState.PRUNED:
             outcome = f"pruned at epoch {trial.user_attrs.get(trials.EPOCHS_RUN, '?')}"
         elif reason == "interrupted":
@@ -403,8 +436,8 @@ class TrialRecorder:
         else:
             outcome = f"failed: {reason}"
         try:
-            best = study.best_trial
-            best_text = f"best {best.value:.4f} (#{best.number})"
+            best = trials.best_trial(study)
+            best_text = f"best {trials.value_of(best):.4f} (#{best.number})"
         except ValueError:
             best_text = "no complete trial yet"
         log.info(

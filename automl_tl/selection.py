@@ -44,7 +44,7 @@ from . import trials
 from ._util import write_atomic
 from .budget import claim_expiry, claim_marker, holder_gone, worker_identity
 from .catalog import Catalog, catalog_path
-from .config import StudyConfig, metric_direction
+from .config import StudyConfig, metric_direction, parse_pick
 from .data import Split, Splits
 from .errors import UserError
 from .export import export_ensemble, export_model, load_model
@@ -100,12 +100,12 @@ def finalists(study: optuna.Study, limit: int, val_images: int | None = None) ->
         if trials.value_of(t) is not None
     ]
     direction = Direction.of(study)
-    complete.sort(key=lambda t: (direction.key(t.value), t.number))
+    complete.sort(key=lambda t: (direction.key(trials.value_of(t)), t.number))
     if not complete:
         return Finalists([], None, 0.0, val_images, 0, "no complete trial")
-    best = complete[0].value
+    best = trials.value_of(complete[0])
     se = standard_error(best, val_images, direction.range)
-    within = [t.number for t in complete if direction.within(t.value, best, se)]
+    within = [t.number for t in complete if direction.within(trials.value_of(t), best, se)]
     note = None
     if len(within) > limit:
         note = (
@@ -528,6 +528,98 @@ def _median_epochs(values: list[int]) -> int | None:
     return max(1, int(round(statistics.median(values)))) if values else None
 
 
+def _temperature(
+    config: StudyConfig, splits: Splits, trial: FrozenTrial, runs: list[FrozenTrial]
+) -> list[Any] | None:
+    """``[T, what it was fitted on]`` from the trial's held-out predictions (its search
+    trial's and its race runs'), with ``[selection] calibrate``; else None."""
+    if not config.selection.calibrate:
+        return None
+    preds = held_out_predictions(config, splits, trial, runs)
+    if not preds:
+        return None
+    labels = _pool_labels(splits)
+    lp = torch.cat([p for _, p in preds])
+    y = torch.cat([labels[i] for i, _ in preds])
+    return [
+        round(fit_temperature(lp, y), 4),
+        f"held-out predictions of trial {trial.number} ({len(y)})",
+    ]
+
+
+def pick_trial(study: optuna.Study, config: StudyConfig) -> tuple[FrozenTrial, str]:
+    """The trial ``[selection] pick`` ships from a multi-objective study, and why: "best" is
+    the feasible trial with the best metric; "fastest within 1 point" the lowest
+    ``latency_ms`` among feasible trials whose metric is within 1 point (a hundredth of the
+    metric's range) of that best ("smallest": ``params_m``, "lightest": ``model_mb``)."""
+    best = trials.best_trial(study)
+    rule = parse_pick(config.selection.pick)
+    metric = config.search.metric
+    if rule is None:
+        return best, f"the best {metric} among the feasible trials"
+    measure, points = rule
+    direction = Direction.of(study)
+    margin = points * (direction.range[1] - direction.range[0]) / 100
+
+    def measured(t: FrozenTrial) -> float:
+        return float((t.user_attrs.get(trials.MEASURED) or {}).get(measure, math.inf))
+
+    top = trials.value_of(best)
+    candidates = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if trials.value_of(t) is not None
+        and trials.feasible(t)
+        and direction.within(trials.value_of(t), top, margin)
+    ]
+    chosen = min(
+        candidates, key=lambda t: (measured(t), direction.key(trials.value_of(t)), t.number)
+    )
+    return chosen, (
+        f'[selection] pick = "{config.selection.pick}": trial {chosen.number} ({measure} '
+        f"{measured(chosen):.4g}, {metric} {trials.value_of(chosen):.4f}) against the best "
+        f"trial {best.number} ({measure} {measured(best):.4g}, {metric} {top:.4f})"
+    )
+
+
+def _picked(
+    config: StudyConfig, study: optuna.Study, splits: Splits, argmax: FrozenTrial
+) -> Selection:
+    """The :class:`Selection` of a multi-objective study: the picked trial, not raced."""
+    chosen, why = pick_trial(study, config)
+    temperature = _temperature(config, splits, chosen, [])
+    value = float(trials.value_of(chosen))
+    row = {
+        "trial": chosen.number,
+        "value": value,
+        "scores": [round(value, 4)],
+        "mean": round(value, 4),
+        "lcb": round(value, 4),
+        "standard_error": 0.0,
+        "best_epochs": [e for e in [chosen.user_attrs.get(trials.BEST_EPOCH)] if e],
+        "params": dict(chosen.params),
+        "run_seconds": 0.0,
+        "measured": chosen.user_attrs.get(trials.MEASURED),
+    }
+    epochs = _median_epochs(row["best_epochs"]) if config.search.patience else None
+    return Selection(
+        winner=chosen.number,
+        argmax=argmax.number,
+        rule=f"pick: {config.selection.pick}",
+        finalists=[row],
+        standard_error=0.0,
+        val_images=len(splits.val),
+        folds=0,
+        repeats=0,
+        budget=0,
+        runs=0,
+        run_seconds=0.0,
+        epochs=epochs,
+        temperature=temperature,
+        notes=[why, "a multi-objective study is not raced: the race ranks by the metric alone"],
+    )
+
+
 def race_winner(rows: list[dict[str, Any]], rule: str, direction: Direction) -> dict[str, Any]:
     """The finalist row with the best ``rule`` value (``mean``, or ``lcb``: the mean one
     standard error towards worse) in the study's direction; ties go to the better search
@@ -547,12 +639,15 @@ def select(
     """Race the finalists and choose; None when the study has no complete trial.
 
     With ``[selection] race = false`` or a single finalist the argmax is kept (still with
-    the epoch count and temperature)."""
+    the epoch count and temperature). A multi-objective study is not raced: ``[selection]
+    pick`` chooses a point of it (:func:`pick_trial`)."""
     sel = config.selection
     try:
-        argmax = study.best_trial
+        argmax = trials.best_trial(study)
     except ValueError:
         return None
+    if config.search.multi_objective:
+        return _picked(config, study, splits, argmax)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     direction = Direction.of(study)
     found = finalists(study, sel.finalists, len(splits.val))
@@ -593,7 +688,7 @@ def select(
         ]
         scores = [float(r.value) for r in runs]
         if not folds or not runs:  # the search's own score is a sample of the same split
-            scores = [float(t.value), *scores]
+            scores = [float(trials.value_of(t)), *scores]
         mean = statistics.fmean(scores)
         if len(scores) > 1:
             se = statistics.stdev(scores) / math.sqrt(len(scores))
@@ -605,7 +700,7 @@ def select(
         rows.append(
             {
                 "trial": n,
-                "value": float(t.value),
+                "value": float(trials.value_of(t)),
                 "scores": [round(s, 4) for s in scores],
                 "mean": round(mean, 4),
                 # the pessimistic bound: mean - se (+ se for a lower-is-better metric)
@@ -626,22 +721,12 @@ def select(
             notes.append(
                 f"retraining for {epochs} epochs: the median best epoch of the finalists' runs"
             )
-    temperature = None
-    if sel.calibrate:
-        preds = held_out_predictions(
-            config,
-            splits,
-            by_number[winner],
-            [r for r in done.values() if r.user_attrs.get("finalist") == winner],
-        )
-        if preds:
-            labels = _pool_labels(splits)
-            lp = torch.cat([p for _, p in preds])
-            y = torch.cat([labels[i] for i, _ in preds])
-            temperature = [
-                round(fit_temperature(lp, y), 4),
-                f"held-out predictions of trial {winner} ({len(y)})",
-            ]
+    temperature = _temperature(
+        config,
+        splits,
+        by_number[winner],
+        [r for r in done.values() if r.user_attrs.get("finalist") == winner],
+    )
     if winner != argmax.number:
         notes.append(
             f"the race chose trial {winner} ({sel.rule} {best_row[key]:.4f}) over the search's "
@@ -828,7 +913,9 @@ def build_extras(
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     labels = _pool_labels(splits)
     num_classes = len(splits.class_names)
-    if sel.ensemble and len(numbers) >= 2:
+    if config.search.multi_objective:  # a mix of models has another latency and size
+        out["ensemble_note"] = "multi-objective study: no ensemble or soup of the picked model"
+    elif sel.ensemble and len(numbers) >= 2:
         done = done_runs(open_race_study(study))
         preds = {
             n: held_out_predictions(
@@ -884,7 +971,7 @@ def build_extras(
                 [c for _, c in members],
                 paths.ensemble,
             )
-    if sel.soup:
+    if sel.soup and not config.search.multi_objective:
         winner = by_number[selection.winner]
         same = [
             n

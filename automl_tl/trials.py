@@ -36,6 +36,10 @@ STOPPED_EARLY = "stopped_early"  #: True: no improvement for [search] patience e
 VAL_LOG_PROBS = "val_log_probs"
 DEAD_AT_CHANCE = "dead_at_chance"  #: the epoch the dead-trial guard pruned it at (samplers.py)
 WEIGHTS = "weights"  #: its weight source as written, with a local file's short sha256
+#: {latency_ms, params_m, model_mb} measured on the trained model (multi-objective studies)
+MEASURED = "measured"
+#: Optuna's constraint values of ``[search] constraints`` (<= 0: satisfied)
+CONSTRAINTS = "constraints"
 
 #: attributes that belong to one run of a trial, not to its configuration: a trial queued
 #: again (its worker died, it was interrupted) starts without them
@@ -56,6 +60,8 @@ RUN_ATTRS = (
     VAL_LOG_PROBS,
     DEAD_AT_CHANCE,
     WEIGHTS,
+    MEASURED,
+    CONSTRAINTS,
 )
 
 
@@ -67,9 +73,39 @@ def duration(trial: FrozenTrial) -> float | None:
 
 
 def value_of(trial: FrozenTrial) -> float | None:
-    """The trial's score, or None if it has none or it is not finite."""
-    value = trial.value if trial.values else None
+    """The trial's score (its metric: the first objective of a multi-objective study), or
+    None if it has none or it is not finite."""
+    value = trial.values[0] if trial.values else None
     return value if value is not None and math.isfinite(value) else None
+
+
+def trial_constraints(trial: FrozenTrial) -> list[float]:
+    """The ``constraints_func`` of a study with ``[search] constraints``: the values the
+    search stored (<= 0 each when satisfied); a trial without them counts as infeasible."""
+    return list(trial.user_attrs.get(CONSTRAINTS) or [1.0])
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    """Every ``[search] constraint`` holds (true when the study has none)."""
+    values = trial.user_attrs.get(CONSTRAINTS)
+    return values is None or all(v <= 0 for v in values)
+
+
+def best_trial(study: Any) -> FrozenTrial:
+    """The study's best complete trial: Optuna's ``best_trial`` for one objective; for
+    several, the feasible trial with the best metric (the first objective), ties going to
+    lower measures, then the earlier trial. ValueError when there is none."""
+    if len(study.directions) == 1:
+        return study.best_trial
+    direction = Direction.of(study)
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if value_of(t) is not None and feasible(t)
+    ]
+    if not complete:
+        raise ValueError("no feasible complete trial")
+    return min(complete, key=lambda t: (direction.key(value_of(t)), *t.values[1:], t.number))
 
 
 @dataclass
