@@ -331,8 +331,9 @@ class UnfreezeStrategy(ABC):
 
 class Metric(ABC):
     """A score a team selects models by (recall at a fixed precision, a cost-weighted error),
-    registered with ``register_metrics``; usable as ``[search] metric``, in pruning and in
-    the report beside the built-in ``accuracy``, ``balanced_accuracy`` and ``macro_f1``.
+    registered with ``register_metrics``; usable as ``[search] metric`` (higher- or
+    lower-is-better), in pruning, racing, ensembles and in the report beside the built-in
+    ``accuracy``, ``balanced_accuracy`` and ``macro_f1``.
 
     ``score(y_true, y_pred)`` gets the true class indices (``int64``, shape ``(N,)``) and
     either the predicted classes (shape ``(N,)``) or, with :attr:`uses_probabilities`, the
@@ -343,7 +344,8 @@ class Metric(ABC):
 
     name: str = ""
     description: str = ""
-    #: True: larger is better. A ``[search] metric`` must be (Optuna maximizes it).
+    #: True: larger is better; False: smaller is (a cost, an error). As ``[search] metric``
+    #: the study is created to maximize or minimize it, and every ranking follows.
     higher_is_better: bool = True
     #: the values ``score`` can return, (low, high)
     range: tuple[float, float] = (0.0, 1.0)

@@ -40,6 +40,7 @@ from torch import nn
 
 from . import features as _features
 from .components import Backbone, DataConfig, Metric, UnfreezeStrategy
+from .config import metric_direction
 from .data import Split, Splits, batches
 from .errors import ConfigError, DataError
 from .registry import Registry
@@ -626,6 +627,7 @@ def _fit(
     num_classes = len(data.class_names)
     start = time.perf_counter()
     metrics = plugin_metrics(registry)  # scored beside the built-in ones every epoch
+    direction = metric_direction(metric, registry)  # a plugin's metric may be lower-is-better
 
     backbone: Backbone = registry.get("backbones", choice.backbone)
     policy = registry.get("augmentation_policies", choice.augmentation)
@@ -776,7 +778,8 @@ def _fit(
             result.val = {k: v for k, v in val.items() if k != "confusion_matrix"}
             if collected:
                 last_log_probs = torch.cat(collected)
-            if best_val is None or val[metric] > best_val[metric]:  # the first best epoch
+            # strictly better: the first of equally good epochs is the best
+            if best_val is None or direction.better(val[metric], best_val[metric]):
                 best_epoch, best_val, best_log_probs = epoch, val, last_log_probs
         history.append(result)
         on_epoch(result)
