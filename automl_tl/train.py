@@ -28,6 +28,7 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -52,6 +53,9 @@ MEMORY_PROBE_DEVICES = {"cuda"}
 RESIDENT_FRACTION = 0.25
 #: How many splits stay resident on the GPU (train, val, test, train+val).
 RESIDENT_SPLITS = 4
+#: The share of the GPU's memory this process may use, when workers share a GPU
+#: (set per worker by ``--trials-per-gpu``; see :mod:`automl_tl.workers`).
+MEMORY_FRACTION_ENV = "AUTOML_TL_MEMORY_FRACTION"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -259,7 +263,7 @@ def on_device(split: Split, device: torch.device) -> Split:
         return entry[1]
     nbytes = int(split.x.nbytes) + int(split.y.nbytes)
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        free = _free_gpu_memory(device)
         if nbytes > RESIDENT_FRACTION * free:
             return split
     resident = Split(split.x.to(device), split.y.to(device), split.names)
@@ -267,6 +271,17 @@ def on_device(split: Split, device: torch.device) -> Split:
     while len(_RESIDENT) > RESIDENT_SPLITS:
         _RESIDENT.popitem(last=False)
     return resident
+
+
+def _free_gpu_memory(device: torch.device) -> int:
+    """Free bytes on the GPU for this process: the device's free memory, or less when the
+    process is capped at a share of it (workers sharing a GPU)."""
+    free, total = torch.cuda.mem_get_info(device)
+    share = os.environ.get(MEMORY_FRACTION_ENV)
+    if share:
+        mine = float(share) * total - torch.cuda.memory_reserved(device)
+        free = min(free, max(0, int(mine)))
+    return free
 
 
 def release_memory(device: torch.device | None = None) -> None:

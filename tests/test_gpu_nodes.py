@@ -1,0 +1,182 @@
+"""GPU nodes at full use (issue 17), tested on the CPU with the device list faked where the
+code asks for it (``workers.plan_workers`` / ``plan_slots`` take the GPUs as an argument):
+workers and trials per GPU, the deadline, out-of-memory accumulation, the sync-free
+confusion matrix, the compile policy, pretraining spread over workers."""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import optuna
+import pytest
+import torch
+
+from automl_tl import budget as budget_module
+from automl_tl.errors import UserError
+from automl_tl.workers import (
+    GPU_MEMORY_SHARE,
+    auto_trials_per_gpu,
+    plan_slots,
+    plan_workers,
+)
+
+from .conftest import SMALL_STUDY, run_main, write_study
+
+EIGHT = [str(i) for i in range(8)]
+
+
+# ---------------------------------------------------------------------------------------------
+# --workers auto, --trials-per-gpu
+
+
+def test_workers_auto_is_one_per_gpu_times_k_on_cuda_and_one_on_the_cpu():
+    assert plan_workers("auto", None, cuda=True, gpus=EIGHT) == (8, None)
+    assert plan_workers("auto", 3, cuda=True, gpus=EIGHT) == (24, 3)
+    assert plan_workers("auto", "auto", cuda=True, gpus=["0", "1"], auto_k=lambda: 4) == (8, 4)
+    assert plan_workers("auto", None, cuda=False, gpus=[]) == (1, None)  # as before on the CPU
+    assert plan_workers("3", None, cuda=False, gpus=[]) == (3, None)
+    assert plan_workers(5, None, cuda=True, gpus=["0", "1"]) == (5, None)  # round robin
+
+
+def test_more_workers_than_gpus_times_k_and_k_below_one_are_refused():
+    with pytest.raises(
+        UserError, match=r"--workers 9 is more than 2 GPUs x --trials-per-gpu 4 = 8"
+    ):
+        plan_workers(9, 4, cuda=True, gpus=["0", "1"])
+    with pytest.raises(UserError, match=r"--trials-per-gpu 0: give a whole number of at least 1"):
+        plan_workers("auto", 0, cuda=True, gpus=EIGHT)
+    with pytest.raises(UserError, match=r"--workers -1: give a whole number"):
+        plan_workers("-1", None, cuda=False, gpus=[])
+
+
+def test_auto_trials_per_gpu_packs_small_models_at_small_images():
+    assert auto_trials_per_gpu(64, 11.7e6) == 4  # resnet18 at 64 px
+    assert auto_trials_per_gpu(32, 88e6) == 2  # a large model at tiny images
+    assert auto_trials_per_gpu(128, 5.3e6) == 2
+    assert auto_trials_per_gpu(128, 88e6) == 1
+    assert auto_trials_per_gpu(224, 3.7e6) == 1  # convnext_atto at 224: one trial fills it
+
+
+def test_slots_sharing_a_gpu_split_its_memory_and_note_mps():
+    slots = plan_slots(16, "cuda", gpus=EIGHT, cpus=32, per_gpu=2, mps=True)
+    assert [s.gpu for s in slots[:9]] == [*EIGHT, "0"]
+    assert {s.memory_fraction for s in slots} == {round(GPU_MEMORY_SHARE / 2, 4)}
+    env = slots[0].env()
+    assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["AUTOML_TL_MEMORY_FRACTION"] == "0.4750"
+    assert env["OMP_NUM_THREADS"] == "2"
+    assert slots[0].label == "GPU 0 (48% of its memory, MPS), 2 threads"
+    alone = plan_slots(8, "cuda", gpus=EIGHT, cpus=8)  # one per GPU: the whole GPU, no cap
+    assert {s.memory_fraction for s in alone} == {None}
+    assert "AUTOML_TL_MEMORY_FRACTION" not in alone[0].env()
+    packed = plan_slots(12, "cuda", gpus=["0", "1", "2", "3"], cpus=4)  # 3 per GPU, round robin
+    assert packed[0].memory_fraction == round(GPU_MEMORY_SHARE / 3, 4) and not packed[0].mps
+
+
+def test_memory_fraction_is_applied_only_where_cuda_is(monkeypatch):
+    from automl_tl.workers import apply_memory_fraction, mps_running
+
+    monkeypatch.setenv("AUTOML_TL_MEMORY_FRACTION", "0.25")
+    assert apply_memory_fraction() == (0.25 if torch.cuda.is_available() else None)
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", "/nonexistent-mps")
+    assert mps_running() is False
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--trials-per-gpu", "0"], "error: --trials-per-gpu 0: give a whole number of at least 1"),
+        (["--workers", "0"], "error: --workers 0: give a whole number of at least 1"),
+        (
+            ["--deadline", "2020-01-01T00:00"],
+            "error: the deadline (--deadline: 2020-01-01T00:00:00) has passed",
+        ),
+        (["--deadline", "soon"], "error: --deadline 'soon' is neither a date and time"),
+        (["--device", "cuda"], "error: device 'cuda': no CUDA device is visible here"),
+    ],
+)
+def test_bad_gpu_node_input_is_one_message_and_starts_nothing(tmp_path, args, expected):
+    if args[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    study = write_study(tmp_path, SMALL_STUDY)
+    result = run_main("search", str(study), *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+    assert not (tmp_path / "tiny" / "optuna.db").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the deadline
+
+
+def test_deadline_reads_a_time_a_duration_and_slurms_end():
+    now = 1_000_000.0
+    assert budget_module.parse_deadline("90m", now) == now + 5400
+    assert budget_module.parse_deadline("+1h30m", now) == now + 5400
+    assert budget_module.parse_deadline("45", now) == now + 45
+    at = datetime.datetime(2030, 1, 2, 3, 4, 5).timestamp()
+    assert budget_module.parse_deadline("2030-01-02T03:04:05", now) == at
+    with pytest.raises(ValueError):
+        budget_module.parse_deadline("1h30", now)
+    slurm = {"SLURM_JOB_END_TIME": str(int(now + 600))}
+    deadline = budget_module.search_deadline("2h", slurm, now)  # the earlier of the two
+    assert (deadline.at, deadline.source) == (now + 600, "SLURM_JOB_END_TIME")
+    assert budget_module.search_deadline("5m", slurm, now).source == "--deadline"
+    assert budget_module.search_deadline(None, {}, now) is None
+    with pytest.raises(UserError, match="SLURM_JOB_END_TIME.*has passed 400 s ago"):
+        budget_module.search_deadline(None, {"SLURM_JOB_END_TIME": str(now - 400)}, now)
+
+
+def _timed_trial(study, backbone: str, seconds: float, rate: float) -> None:
+    from optuna.distributions import CategoricalDistribution
+
+    trial = optuna.trial.create_trial(
+        value=0.5,
+        params={"backbone": backbone},
+        distributions={"backbone": CategoricalDistribution(["test_resnet", "test_vit"])},
+        user_attrs={"images_per_s": rate, "device": "cpu"},
+    )
+    trial.datetime_start = datetime.datetime(2026, 1, 1, 12, 0, 0)
+    trial.datetime_complete = trial.datetime_start + datetime.timedelta(seconds=seconds)
+    study.add_trial(trial)
+
+
+def test_a_trial_that_would_end_after_the_deadline_is_skipped_and_said_so(registry, tmp_path):
+    from automl_tl import Choice, config_from_dict
+    from automl_tl.data import prepare_data
+    from automl_tl.plugins import get_plugin_manager
+    from automl_tl.search import Objective
+
+    splits = prepare_data(registry, "digits:0-2", image_size=16, seed=0)
+    config = config_from_dict(
+        {"name": "t", "search": {"output": str(tmp_path), "backbones": ["test_resnet", "test_vit"]}}
+    )
+    study = optuna.create_study(direction="maximize")
+    _timed_trial(study, "test_resnet", seconds=100.0, rate=10.0)  # a slow backbone here
+    _timed_trial(study, "test_vit", seconds=20.0, rate=1e6)
+    deadline = budget_module.Deadline(time.time() + 300, "--deadline")
+    objective = Objective(
+        config, registry, get_plugin_manager()[0], splits, "cpu", deadline=deadline
+    )
+    n_train, n_val = len(splits.train), len(splits.val)
+    assert objective.reserve(study) == pytest.approx(100.0 * (n_train + n_val) / n_train)
+    fast = Choice(backbone="test_vit", unfreeze_depth=1.0, epochs=1)
+    assert objective.late(study.ask(), fast) is None
+    slow = Choice(backbone="test_resnet", unfreeze_depth=1.0, epochs=5)
+    trial = study.ask()
+    with pytest.raises(budget_module.TrialSkipped, match="test_resnet would take ~"):
+        objective.admit_before_deadline(trial, slow)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    (skip,) = budget_module.deadline_skips(study)
+    assert skip["number"] == trial.number and "kept for the retrain" in skip["reason"]
+    # after DEADLINE_SKIPS_TO_STOP in a row the search stops: nothing fits any more
+    assert objective.late_in_a_row == 1
+
+
+def test_budget_stops_when_the_time_left_is_the_retrains(tmp_path):
+    study = optuna.create_study(direction="maximize")
+    soon = budget_module.Deadline(time.time() + 30, "--deadline")
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert budget_module.Budget(study, 5, url=url, stop_at=soon, reserve=lambda: 10.0).room()
+    assert not budget_module.Budget(study, 5, url=url, stop_at=soon, reserve=lambda: 60.0).room()
