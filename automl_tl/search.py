@@ -336,7 +336,9 @@ class Objective:
             trial.set_user_attr(trials.IMAGES_PER_S, round(result.images_per_s, 1))
         else:
             trial.set_user_attr(trials.FEATURE_CACHE, result.feature_cache)
-        trial.set_user_attr(trials.BATCH_SIZE, result.batch_size)  # halved on out-of-memory
+        trial.set_user_attr(trials.BATCH_SIZE, result.batch_size)  # the searched one, always
+        if result.micro_batch and result.micro_batch < result.batch_size:  # out of memory
+            trial.set_user_attr(trials.ACCUMULATION, result.batch_size // result.micro_batch)
         trial.set_user_attr(trials.VAL_METRICS, val)
         return float(val[self.metric])
 

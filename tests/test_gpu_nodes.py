@@ -5,6 +5,7 @@ confusion matrix, the compile policy, pretraining spread over workers."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
 
@@ -180,3 +181,106 @@ def test_budget_stops_when_the_time_left_is_the_retrains(tmp_path):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     assert budget_module.Budget(study, 5, url=url, stop_at=soon, reserve=lambda: 10.0).room()
     assert not budget_module.Budget(study, 5, url=url, stop_at=soon, reserve=lambda: 60.0).room()
+
+
+# ---------------------------------------------------------------------------------------------
+# the hot path: out-of-memory accumulation, the sync-free confusion matrix, the eval batch
+
+
+def test_micro_batches_accumulate_the_whole_batchs_gradient():
+    from automl_tl.train import _backward
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    x, y = torch.randn(10, 3, 2, 2), torch.randint(0, 5, (10,))
+    grads, losses = [], []
+    for micro in (10, 4, 2):  # 1, 2 and 5 micro-batches (10 // 4 = 2 parts of 5)
+        model.zero_grad()
+        losses.append(float(_backward(model, x, y, micro, contextlib.nullcontext, False)))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(
+        losses[0], rel=1e-6
+    )
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_micro_batches_never_fall_below_the_minimum():
+    from automl_tl.train import MIN_MICRO_BATCH, _micro_batches
+
+    assert _micro_batches(64, 64) == 1 and _micro_batches(64, 32) == 2
+    assert _micro_batches(65, 2) == 32  # 32 parts of 2 or 3 images: none of 1
+    assert _micro_batches(3, MIN_MICRO_BATCH) == 1
+
+
+def test_confusion_matrix_without_bincount_counts_the_same():
+    from automl_tl.train import add_to_confusion
+
+    generator = torch.Generator().manual_seed(3)
+    n = 7
+    confusion = torch.zeros(n * n, dtype=torch.int64)
+    labels, predictions = [], []
+    for size in (50, 1, 33):
+        y = torch.randint(0, n, (size,), generator=generator)
+        p = torch.randint(0, n, (size,), generator=generator)
+        add_to_confusion(confusion, y, p, n)
+        labels.append(y)
+        predictions.append(p)
+    y, p = torch.cat(labels), torch.cat(predictions)
+    expected = torch.bincount(y * n + p, minlength=n * n)
+    assert torch.equal(confusion, expected) and int(confusion.sum()) == 84
+    assert int(confusion.view(n, n)[int(y[0]), int(p[0])]) >= 1
+
+
+def test_eval_batch_grows_at_low_resolution_on_a_gpu_only():
+    from automl_tl.train import EVAL_BATCH_MAX, eval_batch_size
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert eval_batch_size(64, 64, cpu) == 256  # the CPU as before
+    assert eval_batch_size(16, 32, cpu) == 64
+    assert eval_batch_size(64, 224, cuda) == 256
+    assert eval_batch_size(64, 64, cuda) == EVAL_BATCH_MAX
+    assert eval_batch_size(64, 160, cuda) == 496
+    assert eval_batch_size(16, 64, cuda, shrunk=True) == 64  # after out-of-memory: small
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA host syncs: needs a GPU")
+@pytest.mark.parametrize("augmentation", ["none", "flip_crop", "color"])
+def test_no_host_sync_per_training_step_on_a_gpu(registry, augmentation):
+    """CUDA's sync debug mode counts the host syncs of a fit: twice the training steps must
+    not add one (the per-epoch reads of the loss and the scores stay, a per-step one fails)."""
+    import dataclasses
+    import warnings
+
+    from automl_tl import Choice, fit
+    from automl_tl.data import Split, prepare_data
+
+    digits = prepare_data(registry, "digits", image_size=32, seed=0)
+
+    def syncs(n_train: int) -> int:
+        data = dataclasses.replace(
+            digits,
+            train=Split(
+                digits.train.x[:n_train], digits.train.y[:n_train], digits.train.names[:n_train]
+            ),
+        )
+        choice = Choice(
+            backbone="test_resnet",
+            augmentation=augmentation,
+            aug_strength=0.5 if augmentation != "none" else 0.0,
+            unfreeze_depth=1.0,
+            epochs=2,
+            batch_size=32,
+        )
+        fit(choice, data, registry, device="cuda", feature_cache=False)  # warm-up
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fit(choice, data, registry, device="cuda", feature_cache=False)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+    assert syncs(512) == syncs(256)  # 16 vs 8 steps per epoch: 0 syncs per step
