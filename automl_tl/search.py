@@ -300,6 +300,10 @@ class Objective:
         if too_slow:
             trial.set_user_attr(trials.TOO_SLOW, too_slow)
             raise optuna.TrialPruned(too_slow)
+        expected = None
+        if self.config.search.compile:  # compiled only where it pays (train.compile_decision)
+            rate = backbone_throughput(trial.study, device=str(self.device)).get(choice.backbone)
+            expected = expected_seconds(choice, self.splits, self.registry, rate) if rate else None
         try:
             result = fit(
                 choice,
@@ -312,6 +316,7 @@ class Objective:
                 patience=self.config.search.patience,
                 metric=self.metric,
                 keep_predictions=True,  # for ensembles and calibration (automl_tl.selection)
+                expected_seconds=expected,
             )
         except optuna.TrialPruned:
             raise
@@ -337,6 +342,8 @@ class Objective:
         else:
             trial.set_user_attr(trials.FEATURE_CACHE, result.feature_cache)
         trial.set_user_attr(trials.BATCH_SIZE, result.batch_size)  # the searched one, always
+        if result.compiled is not None:
+            trial.set_user_attr(trials.COMPILED, result.compiled)
         if result.micro_batch and result.micro_batch < result.batch_size:  # out of memory
             trial.set_user_attr(trials.ACCUMULATION, result.batch_size // result.micro_batch)
         trial.set_user_attr(trials.VAL_METRICS, val)

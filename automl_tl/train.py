@@ -114,6 +114,8 @@ class FitResult:
     #: images per forward/backward: the batch size, or less after out-of-memory (the batch's
     #: gradient is then accumulated over ``batch_size // micro_batch`` micro-batches)
     micro_batch: int = 0
+    #: with ``compile``: "yes", or "no: <why>" (:func:`compile_decision`); None when not asked
+    compiled: str | None = None
     #: "hit" / "miss" when the head trained on cached features (miss: computed here), else None
     feature_cache: str | None = None
     #: seconds spent computing features for the cache (0 on a hit)
@@ -439,6 +441,40 @@ def _optimizer(
         return torch.optim.AdamW(param_groups)
 
 
+#: roughly what ``torch.compile`` of a timm backbone costs on a GPU (its first steps)
+COMPILE_SECONDS = 60.0
+#: compile only a trial expected to take at least this many times :data:`COMPILE_SECONDS`
+COMPILE_PAYS_AT = 10.0
+
+
+def compile_decision(
+    compile: bool | str,
+    plan: Sequence[set[str]],
+    *,
+    cached_features: bool = False,
+    expected_seconds: float | None = None,
+) -> str | None:
+    """Whether a trial asked to compile (``[search] compile = true``) is compiled: ``"yes"``,
+    or ``"no: <why>"`` (recorded on the trial, never a silent fallback); None when it was not
+    asked. Compiling pays only where the trial is long next to the compile and its graph
+    stays the same: not when the trainable set changes between epochs (``gradual``,
+    ``lp_ft``: every change would recompile), not for a head trained on cached features, not
+    when the trial should take less than :data:`COMPILE_PAYS_AT` compiles (``expected_seconds``
+    from the backbone's measured speed; unknown: compiled)."""
+    if not compile:
+        return None
+    if cached_features:
+        return "no: the head trains on cached features (nothing to compile)"
+    if any(p != plan[0] for p in plan):
+        return "no: the trainable layers change between epochs, and every change would recompile"
+    if expected_seconds is not None and expected_seconds < COMPILE_PAYS_AT * COMPILE_SECONDS:
+        return (
+            f"no: the trial should take ~{expected_seconds:.0f} s, less than {COMPILE_PAYS_AT:g} "
+            f"times the ~{COMPILE_SECONDS:.0f} s a compile costs"
+        )
+    return "yes"
+
+
 def _compiled(model: nn.Module, compile: bool | str) -> nn.Module:
     """``torch.compile(model)``; a string names the backend (e.g. "eager" in tests)."""
     if not compile:
@@ -505,6 +541,7 @@ def fit(
     patience: int = 0,
     metric: str = "accuracy",
     keep_predictions: bool = False,
+    expected_seconds: float | None = None,
 ) -> FitResult:
     """Train ``choice`` on ``data.part(train_on)``; score ``evaluate_on`` after every epoch.
 
@@ -513,7 +550,8 @@ def fit(
     is NaN or infinite.
 
     Args:
-        compile: ``torch.compile`` the model (a string: the compile backend).
+        compile: ``torch.compile`` the model (a string: the compile backend) where it pays
+            (:func:`compile_decision`; :attr:`FitResult.compiled` says whether and why).
         feature_cache: the cache a linear probe without augmentation trains its head from:
             ``True`` the process-wide one, ``False`` none (train through the whole model).
         patience: stop when ``metric`` on ``evaluate_on`` has not improved for this many
@@ -521,6 +559,8 @@ def fit(
             the best epoch's either way.
         keep_predictions: keep the best epoch's log-probabilities on ``evaluate_on``
             (:attr:`FitResult.val_log_probs`).
+        expected_seconds: how long the trial should take (its backbone's measured speed,
+            :func:`expected_seconds`), for the compile decision; None: unknown.
 
     Out of memory (a cuBLAS / cuDNN allocation failure too) before the first epoch is
     reported restarts the trial with the same batch size in micro-batches of half as many
@@ -559,6 +599,7 @@ def fit(
                 patience=patience,
                 metric=metric,
                 keep_predictions=keep_predictions,
+                expected=expected_seconds,
             )
             result.oom_retries = retries
             return result
@@ -662,6 +703,7 @@ def _fit(
     patience: int = 0,
     metric: str = "accuracy",
     keep_predictions: bool = False,
+    expected: float | None = None,
 ) -> FitResult:
     micro_batch = micro_batch or batch_size
     torch.manual_seed(seed)
@@ -726,15 +768,22 @@ def _fit(
     if probe is not None:
         head_module, train_source, eval_source, feature_cache, feature_seconds = probe
         step = head_module
+        compiled = compile_decision(compile, plan, cached_features=True)
     else:
         head_module = eval_source = feature_cache = None
         feature_seconds = 0.0
         train_source = train
-        step = _compiled(model, compile)
+        compiled = compile_decision(compile, plan, expected_seconds=expected)
+        if compiled is not None and compiled != "yes":
+            log.info("not compiled: %s", compiled[4:])
+        step = _compiled(model, compile if compiled == "yes" else False)
         peak = set().union(*plan)
         if device.type in MEMORY_PROBE_DEVICES and peak != plan[0]:
             _try_peak_memory(model, step, peak, train, micro_batch, inputs, amp, device)
 
+    # a compiled model sees one batch shape: the last partial batch is dropped (when a whole
+    # one exists), else a smaller last batch would compile a second graph
+    min_batch = batch_size if compiled == "yes" and len(train_source) >= batch_size else 2
     optimizer = _optimizer(model, strategy, groups, head, depth, choice)
     steps_per_epoch = _steps_per_epoch(len(train), batch_size)
     total_steps = steps_per_epoch * choice.epochs
@@ -764,7 +813,7 @@ def _fit(
             device=device,
             shuffle=True,
             generator=generator,
-            min_batch=2,
+            min_batch=min_batch,
         ):
             x = xb if probe is not None else inputs(xb, augment)
             optimizer.zero_grad(set_to_none=True)
@@ -833,6 +882,7 @@ def _fit(
         num_groups=len(groups),
         batch_size=batch_size,
         micro_batch=micro_batch,
+        compiled=compiled,
         feature_cache=feature_cache,
         feature_seconds=feature_seconds,
         best_epoch=best_epoch,

@@ -284,3 +284,49 @@ def test_no_host_sync_per_training_step_on_a_gpu(registry, augmentation):
         return sum("synchroniz" in str(w.message).lower() for w in caught)
 
     assert syncs(512) == syncs(256)  # 16 vs 8 steps per epoch: 0 syncs per step
+
+
+# ---------------------------------------------------------------------------------------------
+# compile only where it pays, and say why not
+
+
+def _few(splits, n: int):
+    """``splits`` with only the first ``n`` training and validation images (fast fits)."""
+    import dataclasses
+
+    from automl_tl.data import Split
+
+    def first(split):
+        return Split(split.x[:n], split.y[:n], split.names[:n])
+
+    return dataclasses.replace(splits, train=first(splits.train), val=first(splits.val))
+
+
+def test_compile_decision_says_why_not():
+    from automl_tl.train import COMPILE_PAYS_AT, COMPILE_SECONDS, compile_decision
+
+    same, growing = [{"fc.w"}, {"fc.w"}], [{"fc.w"}, {"fc.w", "body.w"}]
+    assert compile_decision(False, same) is None  # not asked
+    assert compile_decision(True, same) == "yes"  # speed unknown: as asked
+    assert (
+        compile_decision("eager", same, expected_seconds=COMPILE_PAYS_AT * COMPILE_SECONDS) == "yes"
+    )
+    short = compile_decision(True, same, expected_seconds=30.0)
+    assert short == "no: the trial should take ~30 s, less than 10 times the ~60 s a compile costs"
+    assert compile_decision(True, growing).startswith("no: the trainable layers change")
+    assert compile_decision(True, same, cached_features=True).startswith("no: the head trains")
+
+
+def test_a_gradual_trial_asked_to_compile_runs_eagerly_and_says_so(registry):
+    from automl_tl import Choice, fit
+    from automl_tl.data import prepare_data
+
+    data = _few(prepare_data(registry, "digits:0-2", image_size=16, seed=0), 64)
+    choice = Choice(
+        backbone="test_resnet", unfreeze="gradual", unfreeze_depth=1.0, epochs=2, batch_size=32
+    )
+    result = fit(choice, data, registry, device="cpu", compile="eager", feature_cache=False)
+    assert result.compiled.startswith("no: the trainable layers change between epochs")
+    plain = fit(choice, data, registry, device="cpu", feature_cache=False)
+    assert plain.compiled is None
+    assert [r.train_loss for r in result.history] == [r.train_loss for r in plain.history]
