@@ -330,3 +330,54 @@ def test_a_gradual_trial_asked_to_compile_runs_eagerly_and_says_so(registry):
     plain = fit(choice, data, registry, device="cpu", feature_cache=False)
     assert plain.compiled is None
     assert [r.train_loss for r in result.history] == [r.train_loss for r in plain.history]
+
+
+# ---------------------------------------------------------------------------------------------
+# pretraining spread over the workers of a node
+
+
+@pytest.mark.slow
+def test_pretraining_takes_the_backbone_no_other_worker_is_building(registry, tmp_path):
+    """With test_resnet's build held by another worker (its lock), this one builds test_vit
+    first, then waits for test_resnet's and builds it once the lock is free."""
+    import fcntl
+    import threading
+
+    from automl_tl import load_config
+    from automl_tl.pretrain import ensure_study_weights
+
+    path = write_study(
+        tmp_path,
+        """
+        [data]
+        source = "digits:5-6"
+        image_size = 16
+        [search]
+        backbones = ["test_resnet", "test_vit"]
+        [pretrain]
+        epochs = 1
+        [weights]
+        test_resnet = "pretrain:digits:0-1"
+        test_vit = "pretrain:digits:0-1"
+        """,
+    )
+    config = load_config(path)
+    folder = tmp_path / "tiny" / "pretrained"
+    folder.mkdir(parents=True)
+    resnet = folder / "test_resnet--digits-0-1.safetensors"
+    vit = folder / "test_vit--digits-0-1.safetensors"
+    held = open(folder / f".{resnet.name}.lock", "w")  # noqa: SIM115 (released below)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    results = []
+    worker = threading.Thread(
+        target=lambda: results.extend(ensure_study_weights(config, registry, device="cpu"))
+    )
+    worker.start()
+    deadline = time.monotonic() + 120
+    while not vit.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert vit.exists() and not resnet.exists()  # the free one first; the held one waits
+    fcntl.flock(held, fcntl.LOCK_UN)
+    held.close()
+    worker.join(timeout=120)
+    assert [(r.path.name, r.cached) for r in results] == [(resnet.name, False), (vit.name, False)]
