@@ -381,3 +381,27 @@ def test_pretraining_takes_the_backbone_no_other_worker_is_building(registry, tm
     held.close()
     worker.join(timeout=120)
     assert [(r.path.name, r.cached) for r in results] == [(resnet.name, False), (vit.name, False)]
+
+
+@pytest.mark.slow
+def test_the_documented_gpu_node_command_runs_on_the_cpu(tmp_path):
+    """docs/cluster.md's `search … --trials-per-gpu auto --deadline 2h`: on the CPU it is
+    one process as before (the trials per GPU are ignored, with a warning), and a deadline
+    two hours away skips nothing."""
+    study = write_study(tmp_path, SMALL_STUDY)
+    result = run_main(
+        "search",
+        str(study),
+        "--trials-per-gpu",
+        "auto",
+        "--deadline",
+        "2h",
+        "--n-trials",
+        "1",
+        "--no-retrain",
+        "--device",
+        "cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--trials-per-gpu is for CUDA devices; ignored on the CPU" in result.stderr
+    assert "1 trials finished" in result.stdout and "deadline:" not in result.stdout
