@@ -437,6 +437,23 @@ class BareLoop:
         return clock() - t0
 
 
+def _second_epoch(choice, data, registry, device, clock: Clock, **kwargs) -> tuple[float, Any]:
+    """A fresh fit() of ``choice`` on ``data`` (training only); (seconds of its second epoch,
+    from one on_epoch call to the next: the whole trial loop, the FitResult)."""
+    marks: list[float] = []
+    result = fit(
+        choice,
+        data,
+        registry,
+        device=device,
+        evaluate_on=None,
+        feature_cache=False,
+        on_epoch=lambda r: marks.append(clock()),
+        **kwargs,
+    )
+    return marks[1] - marks[0], result
+
+
 def bench_trial_loop(registry, device, profile: Profile, do_profile: bool = False) -> dict:
     """Rounds of: a fresh 2-epoch fit() (the second epoch timed, from one on_epoch call to
     the next: the whole trial loop) and a fresh bare loop (second epoch timed), in alternating
@@ -457,17 +474,7 @@ def bench_trial_loop(registry, device, profile: Profile, do_profile: bool = Fals
         )
 
         def trial(choice=choice, data=data) -> float:
-            marks: list[float] = []
-            fit(
-                choice,
-                data,
-                registry,
-                device=device,
-                evaluate_on=None,
-                feature_cache=False,
-                on_epoch=lambda r: marks.append(clock()),
-            )
-            return marks[1] - marks[0]
+            return _second_epoch(choice, data, registry, device, clock)[0]
 
         def bare(backbone=backbone, data=data, ready=ready) -> float:
             loop = BareLoop(registry, backbone, data, ready, device)
@@ -999,19 +1006,9 @@ def bench_compiled(registry, device, profile: Profile) -> dict:
     compiled: list[str | None] = []
 
     def trial() -> float:
-        marks: list[float] = []
-        result = fit(
-            choice,
-            data,
-            registry,
-            device=device,
-            evaluate_on=None,
-            feature_cache=False,
-            compile=backend,
-            on_epoch=lambda r: marks.append(clock()),
-        )
+        seconds, result = _second_epoch(choice, data, registry, device, clock, compile=backend)
         compiled.append(result.compiled)
-        return marks[1] - marks[0]
+        return seconds
 
     def bare() -> float:
         loop = BareLoop(registry, backbone, data, ready, device, compile=backend)
