@@ -158,6 +158,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             device=device,
             retrain_best=not args.no_retrain,
             deadline=deadline,
+            race=args.race,
         )
     _print_deadline_skips(outcome.skipped)
     if outcome.best is None:
@@ -296,6 +297,8 @@ def _search_with_workers(
 
     def child_args(slot) -> list[str]:
         argv = ["search", str(config.path), "--workers", "1", "--no-retrain"]
+        # the race's runs are spread over the workers (their GPUs); the parent retrains
+        argv += [] if args.no_retrain else ["--race"]
         argv += ["--storage", child_url] if child_url else []
         argv += ["--device", "cuda" if slot.gpu else "cpu"]
         for flag, value in (("--n-trials", args.n_trials), ("--timeout", args.timeout)):
@@ -870,6 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
         "threads split between them (default auto: every visible GPU x --trials-per-gpu with "
         "a CUDA device, one process on the CPU); default storage with several: a journal file",
     )
+    p.add_argument("--race", action="store_true", help=argparse.SUPPRESS)  # --workers' children
     p.add_argument(
         "--trials-per-gpu",
         help="trials sharing each GPU, each with its share of the memory (K, or auto: from "

@@ -66,7 +66,7 @@ from .registry import Registry
 from .retrain import retrain_per_weights
 from .samplers import make_pruner, make_sampler, pruner_warning
 from .scores import pack
-from .selection import check_selection, select_and_retrain
+from .selection import check_selection, select, select_and_retrain
 from .space import check_space, suggest
 from .storage import fail_trial, join_study, one_search_per_sqlite, open_storage, redact
 from .train import EpochResult, expected_seconds, fit, release_memory, resolve_device
@@ -642,8 +642,13 @@ def search(
     device: str = "auto",
     retrain_best: bool = True,
     deadline: Deadline | None = None,
+    race: bool = False,
 ) -> SearchOutcome:
     """Run (or resume) the study until ``n_trials`` trials have finished; then retrain the best.
+
+    ``race`` without ``retrain_best`` (a worker of ``--workers N``): take part in the race of
+    the finalists (:func:`automl_tl.selection.select`: its runs are claimed one by one, so
+    the workers spread them over their GPUs) and leave the retrain to the parent.
 
     With a ``deadline`` (:func:`automl_tl.budget.search_deadline`) a trial starts only if it
     should finish before it with time left for the retrain; :attr:`SearchOutcome.skipped`
@@ -653,7 +658,13 @@ def search(
     ensure_writable(config.output_dir)
     with one_search_per_sqlite(config.storage_url):
         return _search(
-            config, registry, pm, device=device, retrain_best=retrain_best, deadline=deadline
+            config,
+            registry,
+            pm,
+            device=device,
+            retrain_best=retrain_best,
+            deadline=deadline,
+            race=race,
         )
 
 
@@ -665,6 +676,7 @@ def _search(
     device: str,
     retrain_best: bool,
     deadline: Deadline | None = None,
+    race: bool = False,
 ) -> SearchOutcome:
     ensure_study_weights(config, registry, device=device)  # pretrain:SOURCE, built once
     splits = load_splits(config, registry)
@@ -746,4 +758,6 @@ def _search(
             announce_export(pm, config, *retrained)
             # [weights] searched: retrain each source's best too (transferred vs scratch)
             outcome.comparison = retrain_per_weights(config, registry, study, splits, device=device)
+    elif race and best is not None:  # a worker's share of the race; the parent retrains
+        select(config, registry, study, splits, device=device)
     return outcome
