@@ -837,18 +837,8 @@ def bench_frozen(registry, device, profile: Profile) -> dict:
 
     def step_seconds(depth: float) -> Callable[[], float]:
         def run() -> float:
-            marks: list[float] = []
             choice = Choice(backbone=backbone, unfreeze_depth=depth, epochs=2, batch_size=batch)
-            fit(
-                choice,
-                data,
-                registry,
-                device=device,
-                evaluate_on=None,
-                feature_cache=False,
-                on_epoch=lambda r: marks.append(clock()),
-            )
-            return (marks[1] - marks[0]) / profile.frozen_steps
+            return _second_epoch(choice, data, registry, device, clock)[0] / profile.frozen_steps
 
         return run
 
