@@ -140,13 +140,18 @@ def test_selection_benchmark_refuses_an_unknown_task():
     assert proc.returncode == 2 and "unknown task(s) ['nope']" in proc.stderr
 
 
-def _gpu_check():
+def _benchmark(stem: str):
+    """benchmarks/STEM.py as a module (the folder is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    spec = importlib.util.spec_from_file_location(stem, REPO / "benchmarks" / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _gpu_check():
+    return _benchmark("gpu_check")
 
 
 def test_gpu_check_keeps_to_its_budget_and_records_what_it_skipped(tmp_path):
@@ -203,19 +208,10 @@ def test_gpu_check_script_runs_its_python_parts_on_the_cpu(tmp_path):
     assert "| fit_train_share |" in (tmp_path / "gpu_check.md").read_text()
 
 
-def _recipe_benchmark():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("recipe_bench", REPO / "benchmarks" / "recipe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_recipe_benchmark_builds_its_tasks_and_arms(tmp_path):
     """benchmarks/recipe.py without training: the imbalanced task's folder (one class 10x,
     a balanced test split), the two arms' spaces and the summary of a difference."""
-    bench = _recipe_benchmark()
+    bench = _benchmark("recipe")
     counts = bench.write_imbalanced(tmp_path / "imb", seed=0, minority=5, test_per_class=7)
     assert counts["test"] == {str(d): 7 for d in range(5, 10)}
     labelled = {d: counts["train"][d] + counts["val"][d] for d in counts["train"]}
