@@ -217,6 +217,7 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
                 "images_per_s": s.images_per_s,
                 "batch_size": s.batch_size,
                 "best_epoch": t.user_attrs.get(trials.BEST_EPOCH),  # 1-based
+                "prior": s.prior,  # where the team prior took it from, if it did
             }
         )
     out: dict[str, Any] = {
