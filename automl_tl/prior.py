@@ -49,7 +49,7 @@ from .config import StudyConfig
 from .data import Splits
 from .errors import UserError
 from .space import FINETUNE_LR, effective_params, is_scratch, lr_dimension
-from .storage import scrub
+from .storage import scrub, with_driver
 
 log = logging.getLogger("automl_tl")
 
@@ -233,7 +233,9 @@ def expand_sources(entries: list[str], base_dir: Path) -> list[str]:
 def _engine(source: str) -> sqlalchemy.Engine:
     if _is_url(source):
         args = {"connect_timeout": 5} if source.startswith("postgresql") else {}
-        return sqlalchemy.create_engine(source, connect_args=args, poolclass=sqlalchemy.NullPool)
+        return sqlalchemy.create_engine(
+            with_driver(source), connect_args=args, poolclass=sqlalchemy.NullPool
+        )
     uri = f"sqlite:///file:{Path(source).resolve()}?mode=ro&uri=true"
     return sqlalchemy.create_engine(uri, poolclass=sqlalchemy.NullPool)
 
@@ -264,7 +266,10 @@ def read_catalog(source: str) -> list[Task]:
     try:
         with engine.connect() as conn:
             try:
-                problem = _schema_problem(sqlalchemy.inspect(conn))
+                inspector = sqlalchemy.inspect(conn)
+                if _is_url(source) and not inspector.get_table_names():
+                    return []  # a new shared catalog: the first study to end fills it
+                problem = _schema_problem(inspector)
             except sqlalchemy.exc.DatabaseError as exc:
                 if _is_url(source) and isinstance(exc, sqlalchemy.exc.OperationalError):
                     raise

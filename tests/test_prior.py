@@ -273,3 +273,16 @@ def test_a_task_without_close_configurations_predicts_its_mean():
     assert task.predict(GOOD) == (1.0, 1.0)
     far = {**GOOD, "backbone": "x", "augmentation": "y", "unfreeze": "z"}
     assert task.predict(far) == (0.5, None)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_search_adds_itself_to_the_shared_catalog_it_learns_from(tmp_path, postgres_url):
+    body = SMALL_STUDY.replace("[search]", f'[search]\nprior = ["{postgres_url}"]')
+    study = write_study(tmp_path, body, name="first")
+    result = run_main("search", str(study), "--device", "cpu", "--no-retrain", "--n-trials", "1")
+    assert result.returncode == 0, result.stderr
+    assert "runs without it" not in result.stderr  # an empty shared catalog is no error
+    tasks, warnings = read_tasks([postgres_url], tmp_path)
+    assert warnings == [] and [t.name for t in tasks] == ["first"]
+    assert tasks[0].features["classes"] == 3 and len(tasks[0].evaluations) == 1
