@@ -286,3 +286,18 @@ def test_a_search_adds_itself_to_the_shared_catalog_it_learns_from(tmp_path, pos
     tasks, warnings = read_tasks([postgres_url], tmp_path)
     assert warnings == [] and [t.name for t in tasks] == ["first"]
     assert tasks[0].features["classes"] == 3 and len(tasks[0].evaluations) == 1
+
+
+def test_under_a_timeout_the_prior_prefers_score_per_second(tmp_path):
+    cheap = {**GOOD, "backbone": "test_resnet", "unfreeze_depth": 0.0}
+    bad = {**GOOD, "lr": 1e-2, "augmentation": "flip_crop", "aug_strength": 0.9}
+    trials = [(GOOD, 0.9, 50.0), (cheap, 0.8, 1.0), (bad, 0.1, 50.0)]
+    _catalog(tmp_path / "a" / "catalog.db", "near", FEATURES, trials)
+    from automl_tl.prior import compute_prior
+
+    untimed = compute_prior(_config(tmp_path, prior=["a/catalog.db"]), FEATURES, 2)
+    assert [e.params["backbone"] for e in untimed.entries] == ["test_convnext", "test_resnet"]
+    assert not untimed.per_second
+    timed = compute_prior(_config(tmp_path, prior=["a/catalog.db"], timeout=600), FEATURES, 2)
+    assert [e.params["backbone"] for e in timed.entries] == ["test_resnet", "test_convnext"]
+    assert timed.per_second and timed.entries[0].seconds == 1.0
