@@ -237,12 +237,16 @@ def reached(trace, target: float) -> float | None:
 
 
 def simulate(
-    table_data: dict, seeds: int, n_trials: int, cap: float, methods=METHODS
+    table_data: dict, seeds: int, n_trials: int, cap: float, methods=METHODS, only=None
 ) -> list[dict]:
-    """Every method on every left-out task for ``seeds`` seeds; one dict per (task, seed)."""
+    """Every method on every left-out task (``only``: these) for ``seeds`` seeds; one dict
+    per (task, seed). The prior learns from every other task of the table either way."""
     epochs = table_data["epochs"]
     results = []
     for task, data in table_data["tasks"].items():
+        if only and task not in only:
+            continue
+        print(f"{task} ...", file=sys.stderr, flush=True)
         table = Table(data["rows"])
         entries = {
             m: prior_entries(table_data, task, startup(n_trials), m == "prior/s")
@@ -329,14 +333,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap", type=float, default=3.0, help="x random's seconds")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--json", help="write the per-run results and the summary here")
+    parser.add_argument("--tasks", nargs="+", help="leave out only these tasks in turn")
+    parser.add_argument(
+        "--combine", nargs="+", metavar="JSON", help="summarize the runs of earlier --json files"
+    )
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     methods = ["random", *[m for m in args.methods if m != "random"]]
-    table_data = json.loads(Path(args.table).read_text())
     started = time.perf_counter()
-    results = simulate(table_data, args.seeds, args.trials, args.cap, methods)
+    if args.combine:  # e.g. two halves of the tasks run side by side
+        results = [r for f in args.combine for r in json.loads(Path(f).read_text())["runs"]]
+        args.seeds = len({r["seed"] for r in results})
+    else:
+        table_data = json.loads(Path(args.table).read_text())
+        results = simulate(table_data, args.seeds, args.trials, args.cap, methods, only=args.tasks)
     summary = summarize(results, methods)
     print(format_summary(summary, args.seeds, args.trials, args.cap))
     print(f"\n({time.perf_counter() - started:.0f}s)")
