@@ -32,6 +32,7 @@ from automl_tl.space import suggest
 from automl_tl.trials import PRIOR
 
 from .conftest import SMALL_STUDY, TINY_STUDY, run_main, write_study
+from .postgres import PASSWORD
 
 FEATURES = {
     "classes": 10,
@@ -245,6 +246,8 @@ def test_an_unreachable_shared_catalog_is_a_warning(tmp_path):
 
 
 def test_prior_show_before_build_and_build_without_sources(tmp_path):
+    result = run_main("prior", "publish", str(tmp_path / "catalog.db"))
+    assert result.returncode == 2 and "give the catalog.db to copy" in result.stderr
     study = write_study(tmp_path, TINY_STUDY, name="none")
     result = run_main("prior", "show", str(study))
     assert result.returncode == 2 and "automl-tl prior build" in result.stderr
@@ -257,6 +260,11 @@ def test_a_shared_postgres_catalog_feeds_the_prior(tmp_path, postgres_url):
     _catalog(tmp_path / "a" / "catalog.db", "near", FEATURES, [(GOOD, 0.9, 5.0)])
     written = publish(Catalog(tmp_path / "a" / "catalog.db").db, postgres_url)
     assert written["datasets"] == 1 and written["trials"] == 1
+    # the command does the same, and never shows the password
+    result = run_main("prior", "publish", str(tmp_path / "a" / "catalog.db"), postgres_url)
+    assert result.returncode == 0, result.stderr
+    assert "published 1 datasets, 1 trials from" in result.stdout
+    assert PASSWORD not in result.stdout + result.stderr
     publish(Catalog(tmp_path / "a" / "catalog.db").db, postgres_url)  # again: replaced, not doubled
     tasks, warnings = read_tasks([postgres_url], tmp_path)
     assert warnings == [] and [t.name for t in tasks] == ["near"]
