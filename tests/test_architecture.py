@@ -20,7 +20,7 @@ LAYERS = {
     | {"hookspecs", "errors", "_util", "adapters"},
     2: {"budget", "storage", "samplers", "portfolio", "space", "train", "features", "weights"}
     | {"recipe"}
-    | {"data", "catalog", "default_plugins", "scores", "latency"},
+    | {"data", "catalog", "default_plugins", "scores", "latency", "prior"},
     3: {"search", "workers", "retrain", "leaderboard", "report", "progress", "pretrain"}
     | {"export", "testing", "selection", "scaffold", "bench", "clean"},
     4: {"cli", "study", "transfer"},
