@@ -117,6 +117,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "search.timeout": getattr(args, "timeout", None),
         "search.storage": _storage_arg(args),
         "data.seed": getattr(args, "seed", None),
+        "preset": getattr(args, "preset", None),
     }
 
 
@@ -319,6 +320,7 @@ def _search_with_workers(
         for flag, value in (("--n-trials", args.n_trials), ("--timeout", args.timeout)):
             argv += [flag, str(value)] if value is not None else []
         argv += ["--seed", str(args.seed)] if args.seed is not None else []
+        argv += ["--preset", args.preset] if args.preset else []
         argv += ["--deadline", deadline.iso()] if deadline is not None else []
         for plugin in args.plugin:
             argv += ["--plugin", plugin]
@@ -974,6 +976,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1 … (default [search] device: auto)")
     p.add_argument("--seed", type=int, help="override [data] seed")
     p.add_argument(
+        "--preset",
+        help="fast, balanced or best: backbones, budget, epochs and the searched recipe for a "
+        "study file that names only its data (its own keys win); see README, Presets",
+    )
+    p.add_argument(
         "--plugin", action="append", default=[], help="extra plugin module or .py file (repeatable)"
     )
     p.add_argument(
@@ -1007,6 +1014,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage")
     p.add_argument("--device")
     p.add_argument("--seed", type=int)
+    p.add_argument("--preset", help="the preset the search ran with (search --preset)")
     p.add_argument("--plugin", action="append", default=[])
     p.set_defaults(func=cmd_retrain)
 

@@ -57,6 +57,19 @@ class Backbone(ABC):
             image_size: the study's square input size, for models that need to know it.
         """
 
+    def regularizers(self) -> frozenset[str]:
+        """The searched regularizers this backbone's models implement themselves, from
+        ``"drop_path"`` (stochastic depth): the host then passes the trial's rate to
+        :meth:`create` as the keyword argument ``drop_path_rate``. The other regularizers
+        (mixup, CutMix, label smoothing, EMA, clipping, warm-up) work on any model and need
+        no declaration.
+
+        Default: none, so a backbone that says nothing is created as before; for it the
+        study's ``[search] drop_path`` is not searched (a note says so). timm backbones
+        declare ``"drop_path"`` when their architecture takes ``drop_path_rate``.
+        """
+        return frozenset()
+
     def check_weights(self, source: str) -> None:
         """Refuse a named weight source this backbone does not take, saying what it takes.
 

@@ -28,6 +28,21 @@ else:  # pragma: no cover
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 #: the largest val_fraction + test_fraction: at least a tenth of the data stays to train on
 MAX_HELD_OUT = 0.9
+#: the answers to class imbalance ``[search] imbalance`` chooses from (automl_tl/recipe.py)
+IMBALANCE_CHOICES = ("none", "weighted", "focal", "sampler")
+#: the [search] keys that open a regularizer of the recipe as a searched dimension
+RECIPE_KEYS = (
+    "mixup_alpha",
+    "cutmix_alpha",
+    "mix_prob",
+    "mix_switch_prob",
+    "label_smoothing",
+    "ema_decay",
+    "drop_path",
+    "clip_grad",
+    "warmup_epochs",
+    "imbalance",
+)
 SAMPLERS = ("tpe", "gp", "random", "nsga2")
 #: what a multi-objective study can measure on each trained model beside its metric (all
 #: lower-is-better): milliseconds per call on the [search] latency target, millions of
@@ -61,6 +76,14 @@ class DataSection:
     #: flips or rotates beyond a small angle (AugmentationPolicy.orientation_safe). "free":
     #: any policy (natural photos, where a mirrored cat is a cat)
     orientation: str = field(default="free", metadata=_choices("free", "fixed"))
+    #: ``image_size = [160, 224]`` in the study file: the sizes searched (the ``image_size``
+    #: parameter; one decoded cache each); ``image_size`` is then the first of them
+    searched_sizes: list[int] | None = field(default=None, metadata={"internal": True})
+
+    @property
+    def sizes(self) -> list[int]:
+        """Every image size the study trains at: the searched ones, else ``image_size``."""
+        return list(self.searched_sizes or [self.image_size])
 
 
 @dataclass
@@ -117,6 +140,45 @@ class SearchSection:
     #: early stopping: a trial stops when its validation score has not improved for this
     #: many epochs, and scores as its best epoch (0 = off: every trial runs all epochs)
     patience: int = field(default=0, metadata={"min": 0})
+    # The recipe (automl_tl/recipe.py; the space table of automl_tl/space.py). Each is off
+    # unless the study sets it: a range [low, high] is searched, one number (or [x, x]) fixes it.
+    #: mixup's Beta(α, α) parameter (> 0)
+    mixup_alpha: list[float] | None = field(
+        default=None, metadata={"range": "positive", "fixed_ok": True}
+    )
+    #: CutMix's Beta(α, α) parameter (> 0)
+    cutmix_alpha: list[float] | None = field(
+        default=None, metadata={"range": "positive", "fixed_ok": True}
+    )
+    #: the fraction of batches mixed (when mixup or CutMix is open; default 1.0)
+    mix_prob: list[float] | None = field(default=None, metadata={"range": "unit", "fixed_ok": True})
+    #: of the mixed batches, the fraction mixed by CutMix (when both are open; default 0.5)
+    mix_switch_prob: list[float] | None = field(
+        default=None, metadata={"range": "unit", "fixed_ok": True}
+    )
+    #: label smoothing ε in [0, 1)
+    label_smoothing: list[float] | None = field(
+        default=None, metadata={"range": "below_one", "fixed_ok": True}
+    )
+    #: decay of the EMA of the weights, in (0, 1)
+    ema_decay: list[float] | None = field(
+        default=None, metadata={"range": "decay", "fixed_ok": True}
+    )
+    #: drop-path (stochastic depth) rate in [0, 1), for backbones that take it
+    drop_path: list[float] | None = field(
+        default=None, metadata={"range": "below_one", "fixed_ok": True}
+    )
+    #: the largest global gradient norm (> 0; searched on a log scale)
+    clip_grad: list[float] | None = field(default=None, metadata={"range": "log", "fixed_ok": True})
+    #: epochs of linear lr warm-up (>= 0; left out: a tenth of the steps, at most one epoch)
+    warmup_epochs: list[float] | None = field(
+        default=None, metadata={"range": "nonnegative", "fixed_ok": True}
+    )
+    #: the answer to class imbalance: several names are a searched choice, one fixes it; left
+    #: out: "weighted" for a train split whose largest class has >= 5x its smallest, else "none"
+    imbalance: list[str] | None = field(
+        default=None, metadata={"items": IMBALANCE_CHOICES, "nonempty": True}
+    )
     #: more than one: a multi-objective study (Optuna's TPE or NSGA-II): the first is the
     #: metric, the others are measured on each trained model (MEASURES, all minimized)
     objectives: list[str] = field(default_factory=list)
@@ -322,7 +384,92 @@ _SECTIONS = {
     "pretrain": PretrainSection,
     "selection": SelectionSection,
 }
-_TOP_LEVEL = ("name", "plugins", "data", "search", "retrain", "pretrain", "selection", "weights")
+_TOP_LEVEL = (
+    "name",
+    "preset",
+    "plugins",
+    "data",
+    "search",
+    "retrain",
+    "pretrain",
+    "selection",
+    "weights",
+)
+
+#: ``preset = NAME`` (or ``automl-tl search --preset NAME``): the keys a preset sets, as
+#: section -> key -> value; any key the study file sets itself wins. README.md has the table.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # a first answer in minutes on a GPU: two small ImageNet backbones, short trials, the
+    # textbook regularizers fixed rather than searched
+    "fast": {
+        "search": {
+            "backbones": ["mobilenetv3_large_100", "resnet18"],
+            "n_trials": 12,
+            "epochs": 5,
+            "augmentations": ["none", "flip_crop"],
+            "unfreeze": ["top_k", "lp_ft"],
+            "label_smoothing": 0.1,
+        },
+        "selection": {"finalists": 3},
+        "weights": {"default": "timm"},
+    },
+    # the usual fine-tuning search: three mid-size families, early stopping, the strongest
+    # regularizers searched
+    "balanced": {
+        "search": {
+            "backbones": ["resnet50", "convnext_tiny", "efficientnet_b0"],
+            "n_trials": 40,
+            "epochs": 10,
+            "patience": 3,
+            "label_smoothing": [0.0, 0.2],
+            "mixup_alpha": [0.1, 0.4],
+            "mix_prob": [0.0, 1.0],
+            "ema_decay": [0.99, 0.9998],
+        },
+        "weights": {"default": "timm"},
+    },
+    # as good as the budget allows: larger backbones, longer trials, the whole recipe
+    # searched (class imbalance too)
+    "best": {
+        "search": {
+            "backbones": ["convnext_small", "vit_small_patch16_224", "efficientnet_b3"],
+            "n_trials": 100,
+            "epochs": 20,
+            "patience": 5,
+            "label_smoothing": [0.0, 0.2],
+            "mixup_alpha": [0.1, 0.8],
+            "cutmix_alpha": [0.5, 1.0],
+            "mix_prob": [0.0, 1.0],
+            "mix_switch_prob": [0.0, 1.0],
+            "ema_decay": [0.99, 0.9998],
+            "drop_path": [0.0, 0.2],
+            "clip_grad": [0.5, 5.0],
+            "warmup_epochs": [0.0, 3.0],
+            "imbalance": ["none", "weighted", "focal", "sampler"],
+        },
+        "selection": {"repeats": 2},
+        "weights": {"default": "timm"},
+    },
+}
+
+
+def apply_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with its ``preset``'s keys filled in where the study file does not set them."""
+    name = raw.get("preset")
+    if name is None:
+        return raw
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(
+            f"preset = {name!r} is not a preset{did_you_mean(str(name), PRESETS)}; choose one "
+            f"of: {', '.join(PRESETS)}, or remove preset and set [search] yourself"
+        )
+    out = dict(raw)
+    for section, values in PRESETS[name].items():
+        mine = out.get(section, {})
+        if not isinstance(mine, dict):
+            continue  # refused with its own message by the section's check
+        out[section] = {**values, **mine}
+    return out
 
 
 def _type_name(value: Any) -> str:
@@ -340,6 +487,8 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
     meta = f.metadata
     if value is None and "None" in hint:
         return None
+    if meta.get("fixed_ok") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value, value]  # one number fixes a searched range
     if hint.startswith("list["):
         item = float if "float" in hint else str
         if not isinstance(value, list):
@@ -356,6 +505,12 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
                 )
         if meta.get("nonempty") and not value:
             raise ConfigError(f"{key} is empty; list at least one name")
+        for v in value if "items" in meta else ():
+            if v not in meta["items"]:
+                raise ConfigError(
+                    f"{key} lists {v!r}{did_you_mean(v, meta['items'])}; choose from: "
+                    f"{', '.join(meta['items'])}"
+                )
         if meta.get("range"):
             if len(value) != 2:
                 raise ConfigError(f"{key} must be a range [low, high], got {value!r}")
@@ -370,6 +525,7 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
                 )
             if meta["range"] == "unit" and not (low >= 0.0 and high <= 1.0):
                 raise ConfigError(f"{key} = {value!r} is a fraction; both ends must lie in [0, 1]")
+            _check_recipe_range(key, meta["range"], value, low, high)
             return [low, high]
         if len(set(value)) != len(value):
             raise ConfigError(f"{key} lists a name twice: {value!r}")
@@ -402,10 +558,27 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+#: range kind -> (the allowed values, whether (low, high) is in them), for the recipe's ranges
+_RECIPE_RANGES = {
+    "positive": ("> 0 (0 would switch it off: leave the key out instead)", lambda lo, hi: lo > 0),
+    "below_one": ("in [0, 1)", lambda lo, hi: lo >= 0 and hi < 1),
+    "decay": ("in (0, 1), e.g. [0.9, 0.999]", lambda lo, hi: lo > 0 and hi < 1),
+    "nonnegative": (">= 0", lambda lo, hi: lo >= 0),
+}
+
+
+def _check_recipe_range(key: str, kind: str, value: Any, low: float, high: float) -> None:
+    if kind not in _RECIPE_RANGES:
+        return
+    allowed, ok = _RECIPE_RANGES[kind]
+    if not ok(low, high):
+        raise ConfigError(f"{key} = {value!r}: both ends must be {allowed}")
+
+
 def _section(name: str, cls: type, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{name}] must be a table, got {_type_name(raw)}")
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
     values = {}
     for key, value in raw.items():
         if key not in known:
@@ -425,6 +598,8 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
                 f"unknown top-level key {key!r}{did_you_mean(key, _TOP_LEVEL)}; "
                 f"allowed: {', '.join(_TOP_LEVEL)}"
             )
+    given, raw = raw, apply_preset(raw)
+    raw, sizes = _searched_sizes(raw)
     base_dir = path.parent.resolve() if path else Path.cwd()
     name = raw.get("name", path.stem if path else None)
     if not isinstance(name, str) or not name.strip():
@@ -450,6 +625,7 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
     ):
         raise ConfigError(f"[weights] must map backbone names to {weightsource.FORMS} (or a list)")
     sections = {k: _section(k, cls, raw.get(k, {})) for k, cls in _SECTIONS.items()}
+    sections["data"].searched_sizes = sizes
     held_out = sections["data"].val_fraction + sections["data"].test_fraction
     if held_out > MAX_HELD_OUT + 1e-9:
         raise ConfigError(
@@ -457,8 +633,10 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
             f"{'no' if held_out >= 1 else 'too few'} images to train on; keep their sum at most "
             f"{MAX_HELD_OUT}"
         )
+    # the keys the study file sets itself (a preset's are defaults: flip_crop still becomes
+    # crop under [data] orientation = "fixed")
     explicit = frozenset(
-        f"{k}.{key}" for k in _SECTIONS if isinstance(raw.get(k), dict) for key in raw[k]
+        f"{k}.{key}" for k in _SECTIONS if isinstance(given.get(k), dict) for key in given[k]
     )
     if sections["data"].orientation == "fixed" and "search.augmentations" not in explicit:
         # the default list without its flip: crop for flip_crop (see kornia_policies.py)
@@ -500,6 +678,25 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
             'pretrained weights in [weights] (e.g. default = "timm" or "pretrain:SOURCE")'
         )
     return config
+
+
+def _searched_sizes(raw: dict[str, Any]) -> tuple[dict[str, Any], list[int] | None]:
+    """``[data] image_size = [160, 224]``: the sizes (checked like one size each), and
+    ``raw`` with the first of them as ``image_size``."""
+    data = raw.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("image_size"), list):
+        return raw, None
+    sizes = data["image_size"]
+    size_field = next(f for f in fields(DataSection) if f.name == "image_size")
+    if not sizes:
+        raise ConfigError("[data] image_size = []: give one size, or a list of sizes to search")
+    for size in sizes:
+        _check_value("[data] image_size", size_field, size)
+    if len(set(sizes)) != len(sizes):
+        raise ConfigError(f"[data] image_size lists a size twice: {sizes!r}")
+    return {**raw, "data": {**data, "image_size": sizes[0]}}, (
+        list(sizes) if len(sizes) > 1 else None
+    )
 
 
 @dataclass(frozen=True)
@@ -700,5 +897,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> St
         if value is None:
             continue
         section, _, key = dotted.partition(".")
+        if not key:  # a top-level key (preset)
+            raw[section] = value
+            continue
         raw.setdefault(section, {})[key] = value
     return config_from_dict(raw, path.resolve())

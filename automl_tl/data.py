@@ -39,7 +39,7 @@ import torch
 
 from ._util import node_lock, pid_alive
 from .components import Dataset, Record
-from .errors import DataError, did_you_mean
+from .errors import ConfigError, DataError, did_you_mean
 from .registry import Registry
 
 log = logging.getLogger("automl_tl")
@@ -55,8 +55,9 @@ SUPPORTED_MODES = frozenset(
     {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr", "I", "F"}
     | {"I;16", "I;16B", "I;16L", "I;16N"}
 )
-#: A class with this many times the images of the smallest class triggers a warning.
-IMBALANCE_RATIO = 10
+#: A class with this many times the images of the smallest class is severe imbalance: a
+#: warning, and trials answer it with class-weighted loss (automl_tl/recipe.py)
+IMBALANCE_RATIO = 5
 #: Environment variable: the largest split (in MB of decoded images) copied into RAM.
 IN_MEMORY_ENV = "AUTOML_TL_IN_MEMORY_MB"
 
@@ -670,8 +671,9 @@ def check_classes(
     present = {c: total[c] for c in class_names if total[c]}
     if len(present) >= 2 and max(present.values()) >= IMBALANCE_RATIO * min(present.values()):
         warns.append(
-            f"severe class imbalance: {present} (images per class); consider "
-            '[search] metric = "balanced_accuracy" or "macro_f1"'
+            f"severe class imbalance: {present} (images per class); trials train with a "
+            "class-weighted loss unless [search] imbalance says otherwise, and accuracy hides "
+            'the small classes: consider [search] metric = "balanced_accuracy" or "macro_f1"'
         )
     return errors, warns
 
@@ -1276,13 +1278,14 @@ def check_source(
     )
 
 
-def load_splits(config, registry: Registry) -> Splits:
-    """The splits of a study (:class:`automl_tl.config.StudyConfig`), decoded into its cache."""
+def load_splits(config, registry: Registry, image_size: int | None = None) -> Splits:
+    """The splits of a study (:class:`automl_tl.config.StudyConfig`), decoded into its cache
+    (at ``image_size``, one of a searched ``[data] image_size``; default: the study's)."""
     d = config.data
     return prepare_data(
         registry,
         d.source,
-        image_size=d.image_size,
+        image_size=image_size or d.image_size,
         val_fraction=d.val_fraction,
         test_fraction=d.test_fraction,
         seed=d.seed,
@@ -1291,3 +1294,37 @@ def load_splits(config, registry: Registry) -> Splits:
         on_bad_image=d.on_bad_image,
         max_per_class=d.max_per_class,
     )
+
+
+_SIZED: dict[tuple, Splits] = {}
+
+
+def splits_at(config, registry: Registry, splits: Splits, image_size: int | None) -> Splits:
+    """``splits`` decoded at ``image_size`` (a trial's searched size): the same images and
+    split, from the study's cache for that size (built once, shared by workers like any
+    cache); kept per process. ``splits`` itself for its own size or None."""
+    if image_size is None or image_size == splits.image_size:
+        return splits
+    key = (str(config.paths.cache), splits.fingerprint, splits.split_hash, image_size)
+    if key not in _SIZED:
+        _SIZED[key] = load_splits(config, registry, image_size=image_size)
+    return _SIZED[key]
+
+
+def check_image_sizes(config, splits: Splits) -> None:
+    """Several searched sizes whose decoded caches together exceed what a process keeps in
+    memory (:func:`in_memory_limit`) are refused before anything trains."""
+    sizes = config.data.sizes
+    if len(sizes) < 2:
+        return  # one size: a split too large for memory is memory-mapped, as always
+    n = len(splits.train) + len(splits.val) + len(splits.test)
+    total = sum(n * 3 * s * s for s in sizes)
+    limit = in_memory_limit()
+    if total > limit:
+        mb = 1024**2
+        raise ConfigError(
+            f"[data] image_size = {sizes}: the {n} images decoded at every size take "
+            f"{total / mb:,.0f} MB together, more than the {limit / mb:,.0f} MB a process keeps "
+            f"in memory ({IN_MEMORY_ENV}, default the smaller of 2 GiB and a quarter of RAM); "
+            f"search fewer or smaller sizes, or raise {IN_MEMORY_ENV}"
+        )

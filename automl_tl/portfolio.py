@@ -23,6 +23,13 @@ one configuration per backbone, the textbook recipe for its weights (not tuned t
   the standard ImageNet fine-tuning transform, at the middle of the strength range); under
   ``[data] orientation = "fixed"`` ``crop`` (the same without the flip).
 
+The recipe's regularizers (automl_tl/recipe.py) the study opens start from timm's usual
+fine-tuning values, each clamped into the study's range (:data:`RECIPE_DEFAULTS`): mixup
+α 0.2, CutMix α 1.0, every batch mixed, CutMix for half of them, label smoothing 0.1, EMA
+decay 0.998, drop-path 0.1, gradients clipped at norm 1.0, one warm-up epoch; for a searched
+``imbalance``, ``weighted`` when listed (the rule's answer to imbalance), else the first
+listed.
+
 When ``[weights]`` is searched (sources taking turns by trial number), entry *n* follows the
 source trial *n* gets. A strategy or policy the study does not search is replaced by its first
 listed one (``none`` first for the policy). The portfolio takes the first slots of the
@@ -53,6 +60,18 @@ PRETRAINED_RECIPE: dict[str, Any] = {
     **RECIPE,
     "unfreeze": "lp_ft",
     "lr_at": 1 / 3,
+}
+#: the recipe's regularizers a portfolio entry starts with, when the study opens them
+RECIPE_DEFAULTS: dict[str, float] = {
+    "mixup_alpha": 0.2,
+    "cutmix_alpha": 1.0,
+    "mix_prob": 1.0,
+    "mix_switch_prob": 0.5,
+    "label_smoothing": 0.1,
+    "ema_decay": 0.998,
+    "drop_path": 0.1,
+    "clip_grad": 1.0,
+    "warmup_epochs": 1.0,
 }
 #: the augmentation of both recipes under ``[data] orientation = "fixed"``
 FIXED_ORIENTATION_AUGMENTATION = "crop"
@@ -103,5 +122,20 @@ def portfolio(config: StudyConfig, size: int) -> list[dict[str, Any]]:
         params["weight_decay"] = _log_centre(s.weight_decay)
         if augmentation != "none":
             params["aug_strength"] = recipe["aug_strength"]
+        params.update(recipe_defaults(config))
         entries.append(params)
     return entries
+
+
+def recipe_defaults(config: StudyConfig) -> dict[str, Any]:
+    """:data:`RECIPE_DEFAULTS` for the recipe keys the study searches, clamped into its
+    ranges (a dimension that is not a parameter gets none: Optuna ignores it anyway)."""
+    s = config.search
+    out: dict[str, Any] = {}
+    for key, value in RECIPE_DEFAULTS.items():
+        bounds = getattr(s, key)
+        if bounds is not None and bounds[0] < bounds[1]:
+            out[key] = min(max(value, bounds[0]), bounds[1])
+    if s.imbalance is not None and len(s.imbalance) > 1:
+        out["imbalance"] = "weighted" if "weighted" in s.imbalance else s.imbalance[0]
+    return out

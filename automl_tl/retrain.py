@@ -24,7 +24,7 @@ from ._util import write_atomic
 from .budget import claim_expiry, claim_marker, describe_worker, holder_gone
 from .catalog import Catalog, catalog_path
 from .config import StudyConfig
-from .data import Splits, load_splits
+from .data import Splits, load_splits, splits_at
 from .errors import UserError
 from .export import export_model, load_model
 from .leaderboard import best_by_weights, comparison, describe_params, retrained_model
@@ -94,6 +94,7 @@ def retrain(
         trial = known[trial_number]
         directory = paths.best if to_best else paths.model(trial_number)
     choice = choice_from_params(trial.params, config)
+    splits = splits_at(config, registry, splits, choice.image_size)  # a searched size
     if epochs is not None:
         choice.epochs = int(epochs)
     ensure_study_weights(config, registry, device=device)
@@ -109,6 +110,7 @@ def retrain(
         seed=config.data.seed + trial.number,
         train_on=on,
         evaluate_on=None,
+        use_ema=trial.user_attrs.get(trials.EMA_WON),  # EMA: the model that won in the trial
     )
     num_classes = len(splits.class_names)
     plugin_scores = plugin_metrics(registry)  # metric plugins, beside the built-in ones

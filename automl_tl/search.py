@@ -60,7 +60,7 @@ from .config import (
     metric_direction,
     parse_constraint,
 )
-from .data import Splits, load_splits, parse_source
+from .data import Splits, check_image_sizes, load_splits, parse_source, splits_at
 from .errors import UnknownNameError, UserError, did_you_mean
 from .leaderboard import (
     backbone_throughput,
@@ -155,14 +155,13 @@ def check_backbones_run(config: StudyConfig, registry: Registry) -> None:
     """Each backbone takes a batch at the study's image size (before hours of failed trials)."""
     import torch
 
-    size = config.data.image_size
     for name in config.search.backbones:
         try:
-            model = (
-                registry.get("backbones", name).create(2, weights="none", image_size=size).eval()
-            )
-            with torch.no_grad():
-                model(torch.zeros(2, 3, size, size))
+            for size in config.data.sizes:  # every searched size
+                backbone = registry.get("backbones", name)
+                model = backbone.create(2, weights="none", image_size=size).eval()
+                with torch.no_grad():
+                    model(torch.zeros(2, 3, size, size))
         except Exception as exc:
             raise UserError(
                 f"backbone {name!r} cannot run at [data] image_size = {size}: {failure_reason(exc)}. "
@@ -269,6 +268,10 @@ class Objective:
         self.interrupts = interrupts
         self.started: list[int] = []  # trial numbers this process ran (or is running)
 
+    def splits_for(self, choice) -> Splits:
+        """The study's splits at the trial's searched image size (decoded once per size)."""
+        return splits_at(self.config, self.registry, self.splits, choice.image_size)
+
     def __call__(self, trial: optuna.Trial) -> float | tuple:
         self.started.append(trial.number)  # first: an interrupt from here on fails it cleanly
         try:
@@ -336,7 +339,7 @@ class Objective:
         try:
             result = fit(
                 choice,
-                self.splits,
+                self.splits_for(choice),
                 self.registry,
                 device=self.device,
                 seed=self.config.data.seed + trial.number,
@@ -371,6 +374,9 @@ class Objective:
         else:
             trial.set_user_attr(trials.FEATURE_CACHE, result.feature_cache)
         trial.set_user_attr(trials.BATCH_SIZE, result.batch_size)  # the searched one, always
+        trial.set_user_attr(trials.IMBALANCE, result.imbalance)
+        if result.ema_won is not None:  # a retrain keeps the model that won here
+            trial.set_user_attr(trials.EMA_WON, result.ema_won)
         if result.compiled is not None:
             trial.set_user_attr(trials.COMPILED, result.compiled)
         if result.micro_batch and result.micro_batch < result.batch_size:  # out of memory
@@ -457,7 +463,7 @@ class Objective:
         rate = backbone_throughput(trial.study, device=str(self.device)).get(choice.backbone)
         if not rate:
             return None
-        seconds = expected_seconds(choice, self.splits, self.registry, rate)
+        seconds = expected_seconds(choice, self.splits_for(choice), self.registry, rate)
         if seconds <= timeout:
             return None
         return (
@@ -771,6 +777,7 @@ def _search(
 ) -> SearchOutcome:
     ensure_study_weights(config, registry, device=device)  # pretrain:SOURCE, built once
     splits = load_splits(config, registry)
+    check_image_sizes(config, splits)  # several searched sizes' caches must fit in memory
     check_selection(config, splits)  # e.g. more folds than the smallest class: before training
     catalog = Catalog(catalog_path(config))
     prior = load_prior(config, splits, catalog)

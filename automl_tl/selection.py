@@ -45,7 +45,7 @@ from ._util import write_atomic
 from .budget import claim_expiry, claim_marker, holder_gone, worker_identity
 from .catalog import Catalog, catalog_path
 from .config import StudyConfig, metric_direction, parse_pick
-from .data import Split, Splits
+from .data import Split, Splits, splits_at
 from .errors import UserError
 from .export import export_ensemble, export_model, load_model
 from .leaderboard import weights_label
@@ -341,6 +341,7 @@ def run_one(
     """Train one run and record it (race study + catalog)."""
     trial = next(t for t in study.get_trials(deepcopy=False) if t.number == run.finalist)
     choice = choice_from_params(trial.params, config)
+    splits = splits_at(config, registry, splits, choice.image_size)  # a searched size
     data, held = run_splits(splits, run, config.data.seed)
     metric = config.search.metric
     started = datetime.datetime.now()

@@ -24,7 +24,30 @@ parameter           exists when                             values
 ``lr_finetune``     pretrained weights, and the study       :data:`FINETUNE_LR` [3e-5, 3e-3],
                     leaves ``[search] lr`` out              log
 ``weight_decay``    always                                  ``[search] weight_decay`` (log)
+``mixup_alpha``     the study sets ``[search] mixup_alpha`` that range (> 0)
+``cutmix_alpha``    the study sets ``[search] cutmix_alpha`` that range (> 0)
+``mix_prob``        mixup or CutMix is open and the study   that range in [0, 1] (left out:
+                    sets ``[search] mix_prob``              1.0, every batch mixed)
+``mix_switch_prob`` mixup and CutMix are open and the study that range in [0, 1] (left out: 0.5)
+                    sets ``[search] mix_switch_prob``
+``label_smoothing`` the study sets ``[search]               that range in [0, 1)
+                    label_smoothing``
+``ema_decay``       the study sets ``[search] ema_decay``   that range in (0, 1)
+``drop_path``       the study sets ``[search] drop_path``   that range in [0, 1); backbones
+                    and the backbone takes drop-path        that take none train without
+                    (``Backbone.regularizers()``)
+``clip_grad``       the study sets ``[search] clip_grad``   that range (log)
+``warmup_epochs``   the study sets ``[search]               that range (>= 0)
+                    warmup_epochs``
+``imbalance``       the study lists several in ``[search]   those of none, weighted, focal,
+                    imbalance``                             sampler
+``image_size``      ``[data] image_size`` lists several     those sizes (one decoded cache each)
 =================== ======================================= ====================================
+
+A recipe key the study leaves out is not a parameter: its piece is off (``imbalance``: the
+rule of automl_tl/recipe.py, ``weighted`` on a train split whose largest class has at least
+5x the images of its smallest); one number (or ``[x, x]``, or one name) fixes it without a
+parameter. What each piece does is automl_tl/recipe.py's table.
 
 Why separate names: Optuna keeps one distribution per parameter name (a categorical's choices
 may not change between trials), and a sampler models one name as one quantity; a random-init
@@ -37,17 +60,21 @@ from before this table (``unfreeze`` and ``unfreeze_depth`` on every trial) stil
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from .components import flipped_outputs
-from .config import StudyConfig
+from .config import RECIPE_KEYS, StudyConfig
 from .errors import ConfigError, UserError
+from .recipe import Recipe, recipe_from_params
 from .train import Choice
 
 if TYPE_CHECKING:
     from .registry import Registry
+
+log = logging.getLogger("automl_tl")
 
 PARAM_NAMES = (
     "backbone",
@@ -113,6 +140,8 @@ def check_space(config: StudyConfig, registry: Registry) -> None:
       image (the contract suite's probe, :func:`automl_tl.components.flipped_outputs`) is refused.
     """
     s = config.search
+    for note in check_recipe(config, registry):
+        log.warning(note)
     can_scratch = [b for b in s.backbones if _can_be_scratch(config, b)]
     if can_scratch and not scratch_strategies(config, registry):
         raise ConfigError(
@@ -174,7 +203,11 @@ def suggest(trial: optuna.Trial, config: StudyConfig, registry: Registry) -> Cho
     weight_decay = trial.suggest_float(
         "weight_decay", s.weight_decay[0], s.weight_decay[1], log=True
     )
+    recipe = suggest_recipe(trial, config, registry, backbone)
+    sizes = config.data.sizes
     return Choice(
+        image_size=trial.suggest_categorical("image_size", sizes) if len(sizes) > 1 else None,
+        recipe=recipe,
         backbone=backbone,
         weights=config.weights_for(backbone, source),
         augmentation=augmentation,
@@ -186,6 +219,78 @@ def suggest(trial: optuna.Trial, config: StudyConfig, registry: Registry) -> Cho
         epochs=s.epochs,
         batch_size=s.batch_size,
     )
+
+
+def takes_drop_path(registry: Registry, backbone: str) -> bool:
+    """Whether ``backbone`` declares drop-path (:meth:`Backbone.regularizers`)."""
+    return "drop_path" in registry.get("backbones", backbone).regularizers()
+
+
+def suggest_recipe(
+    trial: optuna.Trial, config: StudyConfig, registry: Registry, backbone: str
+) -> Recipe:
+    """The recipe's parameters of the space table the study opened (the rest stay off)."""
+    s = config.search
+    values: dict[str, Any] = {}
+    for key in ("mixup_alpha", "cutmix_alpha", "label_smoothing", "ema_decay", "warmup_epochs"):
+        bounds = getattr(s, key)
+        if bounds is not None:
+            values[key] = _suggest_range(trial, key, bounds)
+    if s.mixup_alpha is not None or s.cutmix_alpha is not None:
+        if s.mix_prob is not None:
+            values["mix_prob"] = _suggest_range(trial, "mix_prob", s.mix_prob)
+        both = s.mixup_alpha is not None and s.cutmix_alpha is not None
+        if both and s.mix_switch_prob is not None:
+            values["mix_switch_prob"] = _suggest_range(trial, "mix_switch_prob", s.mix_switch_prob)
+    if s.drop_path is not None and takes_drop_path(registry, backbone):
+        values["drop_path"] = _suggest_range(trial, "drop_path", s.drop_path)
+    if s.clip_grad is not None:
+        values["clip_grad"] = _suggest_range(trial, "clip_grad", s.clip_grad, log=True)
+    if s.imbalance is not None:
+        values["imbalance"] = (
+            trial.suggest_categorical("imbalance", s.imbalance)
+            if len(s.imbalance) > 1
+            else s.imbalance[0]
+        )
+    return Recipe(**values)
+
+
+def _suggest_range(trial: optuna.Trial, name: str, bounds: list[float], log: bool = False):
+    """A searched range, or its one value without a parameter when ``[x, x]``."""
+    low, high = bounds
+    if low == high:
+        return low
+    return trial.suggest_float(name, low, high, log=log)
+
+
+def fixed_recipe(config: StudyConfig) -> dict[str, Any]:
+    """The recipe values the study fixes (one number, ``[x, x]`` or one name): not
+    parameters, so a retrain takes them from the study file."""
+    s = config.search
+    fixed: dict[str, Any] = {}
+    for key in RECIPE_KEYS:
+        value = getattr(s, key)
+        if value is not None and (len(value) == 1 or value[0] == value[-1]):
+            fixed[key] = value[0]
+    return fixed
+
+
+def check_recipe(config: StudyConfig, registry: Registry) -> list[str]:
+    """Refuse a drop-path range no searched backbone can use; return a note per backbone
+    that trains without it (it declares no drop-path)."""
+    if config.search.drop_path is None:
+        return []
+    without = [b for b in config.search.backbones if not takes_drop_path(registry, b)]
+    if len(without) == len(config.search.backbones):
+        raise ConfigError(
+            f"[search] drop_path = {config.search.drop_path!r}, but no backbone of [search] "
+            f"backbones takes a drop-path rate ({', '.join(without)} declare none); remove "
+            "drop_path, or add a backbone that takes it (most timm models do)"
+        )
+    return [
+        f"{b} takes no drop-path rate: its trials train without drop-path ([search] drop_path)"
+        for b in without
+    ]
 
 
 def effective_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -204,14 +309,17 @@ def effective_params(params: dict[str, Any]) -> dict[str, Any]:
 def choice_from_params(params: dict[str, Any], config: StudyConfig) -> Choice:
     """Rebuild the Choice of a finished trial (for retrain) from its parameters (either form:
     this module's conditional names, or the flat ones of older studies)."""
-    known = set(PARAM_NAMES)
+    known = set(PARAM_NAMES) | set(RECIPE_KEYS) | {"image_size"}
     p = effective_params(params)
     missing = [
         k for k in ("backbone", "augmentation", "unfreeze", "lr", "weight_decay") if k not in p
     ]
     if missing:
         raise UserError(f"the trial's parameters {sorted(params)} lack {missing}")
+    recipe = recipe_from_params({**fixed_recipe(config), **params})
     return Choice(
+        image_size=int(params["image_size"]) if "image_size" in params else None,
+        recipe=recipe,
         backbone=p["backbone"],
         weights=config.weights_for(p["backbone"], p.get("weights")),
         augmentation=p["augmentation"],

@@ -45,6 +45,19 @@ from .components import Backbone, DataConfig, Metric, UnfreezeStrategy
 from .config import metric_direction
 from .data import Split, Splits, batches
 from .errors import ConfigError, DataError
+from .recipe import (
+    BACKBONE_REGULARIZERS,
+    Recipe,
+    balanced_order,
+    class_counts,
+    clip_gradients,
+    lr_schedule,
+    mixer_for,
+    resolve_imbalance,
+    training_loss,
+    warmup_steps,
+    weight_average,
+)
 from .registry import Registry
 
 log = logging.getLogger("automl_tl")
@@ -79,6 +92,11 @@ class Choice:
     epochs: int = 5
     batch_size: int = 64
     extra: dict[str, Any] = field(default_factory=dict)
+    #: regularizers and the answer to class imbalance (automl_tl.recipe); default: plain
+    recipe: Recipe = field(default_factory=Recipe)
+    #: the searched image size (``[data] image_size = [160, 224]``); None: the study's one.
+    #: fit() trains at the size of the splits it gets: pass ``data.splits_at(..., image_size)``
+    image_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +147,11 @@ class FitResult:
     val_log_probs: torch.Tensor | None = None
     #: training stopped early: no improvement for ``patience`` epochs
     stopped_early: bool = False
+    #: with EMA of the weights: True when the averaged weights scored better at the last
+    #: epoch (then :attr:`model` is the averaged model), False when the raw ones did
+    ema_won: bool | None = None
+    #: the answer to class imbalance the trial trained with (``auto`` resolved)
+    imbalance: str = "none"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -591,6 +614,7 @@ def fit(
     patience: int = 0,
     metric: str = "accuracy",
     keep_predictions: bool = False,
+    use_ema: bool | None = None,
     expected_seconds: float | None = None,
 ) -> FitResult:
     """Train ``choice`` on ``data.part(train_on)``; score ``evaluate_on`` after every epoch.
@@ -609,6 +633,10 @@ def fit(
             the best epoch's either way.
         keep_predictions: keep the best epoch's log-probabilities on ``evaluate_on``
             (:attr:`FitResult.val_log_probs`).
+        use_ema: with EMA of the weights (``choice.recipe.ema_decay``), which model to keep:
+            None the better scoring on ``evaluate_on`` each epoch (the averaged one when
+            nothing is evaluated), True / False the averaged / the raw one (a retrain keeps
+            what won in its trial).
         expected_seconds: how long the trial should take (its backbone's measured speed,
             :func:`expected_seconds`), for the compile decision; None: unknown.
 
@@ -649,6 +677,7 @@ def fit(
                 patience=patience,
                 metric=metric,
                 keep_predictions=keep_predictions,
+                use_ema=use_ema,
                 expected=expected_seconds,
             )
             result.oom_retries = retries
@@ -703,12 +732,21 @@ def _micro_batches(n: int, micro: int) -> int:
 
 
 def _backward(
-    step: nn.Module, x: torch.Tensor, y: torch.Tensor, micro: int, amp, flatten: bool
+    step: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    micro: int,
+    amp,
+    flatten: bool,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Forward and backward of one batch; the batch's mean loss, detached.
 
     When the batch does not fit (``micro`` < its size) it runs as micro-batches whose
     gradients add up to the whole batch's: each loss is its sum over the batch's size.
+    ``loss_fn``: the trial's loss (:func:`automl_tl.recipe.training_loss`; ``y`` may be soft
+    targets), a part's mean weighted by its share of the batch (exact for an unweighted
+    loss; with class weights each part is normalised by its own weights); None: cross entropy.
     """
     n = len(y)
     parts = _micro_batches(n, micro)
@@ -717,7 +755,7 @@ def _backward(
             logits = step(x)
         if flatten:
             logits = logits.reshape(n, -1)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(logits.float(), y) if loss_fn is None else loss_fn(logits, y)
         loss.backward()
         return loss.detach()
     total = torch.zeros((), device=y.device)
@@ -726,7 +764,10 @@ def _backward(
             logits = step(xp)
         if flatten:
             logits = logits.reshape(len(yp), -1)
-        loss = F.cross_entropy(logits.float(), yp, reduction="sum") / n
+        if loss_fn is None:
+            loss = F.cross_entropy(logits.float(), yp, reduction="sum") / n
+        else:
+            loss = loss_fn(logits, yp) * (len(yp) / n)
         loss.backward()
         total += loss.detach()
     return total
@@ -753,6 +794,7 @@ def _fit(
     patience: int = 0,
     metric: str = "accuracy",
     keep_predictions: bool = False,
+    use_ema: bool | None = None,
     expected: float | None = None,
 ) -> FitResult:
     micro_batch = micro_batch or batch_size
@@ -767,7 +809,8 @@ def _fit(
     policy = registry.get("augmentation_policies", choice.augmentation)
     strategy: UnfreezeStrategy = registry.get("unfreeze_strategies", choice.unfreeze)
 
-    model = backbone.create(num_classes, weights=choice.weights, image_size=data.image_size)
+    recipe = choice.recipe
+    model = create_model(backbone, choice, num_classes, data.image_size)
     data_config = backbone.data_config(model)
     data_config = DataConfig(
         (3, data.image_size, data.image_size), data_config.mean, data_config.std
@@ -797,11 +840,16 @@ def _fit(
     amp = _autocast(device)
     train = on_device(data.part(train_on), device)
     held_out = on_device(data.part(evaluate_on), device) if evaluate_on else None
+    counts = class_counts(train.y, num_classes)
+    imbalance = resolve_imbalance(recipe.imbalance, counts)
+    criterion = training_loss(recipe, imbalance, counts).to(device)
+    mixer = mixer_for(recipe, num_classes, seed)
 
     # A linear probe without augmentation: the head trains on the body's cached features.
     probe = None
     head_set = set(head)
-    if cache is not None and augment is None and all(t <= head_set for t in plan):
+    plain_steps = mixer is None and recipe.ema_decay <= 0 and imbalance != "sampler"
+    if cache is not None and augment is None and plain_steps and all(t <= head_set for t in plan):
         set_trainable(model, plan[0])
         probe = _cached_features(
             model,
@@ -840,15 +888,12 @@ def _fit(
     optimizer = _optimizer(model, strategy, groups, head, depth, choice)
     steps_per_epoch = _steps_per_epoch(len(train), batch_size)
     total_steps = steps_per_epoch * choice.epochs
-    warmup = min(steps_per_epoch, max(1, total_steps // 10))
-
-    def lr_lambda(step: int) -> float:  # linear warm-up, then cosine to zero
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    warmup = warmup_steps(recipe, steps_per_epoch, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(warmup, total_steps))
+    ema = weight_average(model, recipe) if probe is None and use_ema is not False else None
+    ema_won = None
+    trained = [p for p in model.parameters()]
+    global_step = 0
     history: list[EpochResult] = []
     val = None
     best_epoch, best_val, best_log_probs, stopped_early = None, None, None, False
@@ -861,7 +906,7 @@ def _fit(
         seen = 0
         lr_now = optimizer.param_groups[0]["lr"]
         for xb, yb in batches(
-            train_source,
+            _epoch_source(train_source, imbalance, num_classes, generator),
             batch_size,
             device=device,
             shuffle=True,
@@ -869,10 +914,19 @@ def _fit(
             min_batch=min_batch,
         ):
             x = xb if probe is not None else inputs(xb, augment)
+            target = yb
+            if mixer is not None:  # after the policy, on the device: soft targets
+                x, target = mixer(x, yb)
             optimizer.zero_grad(set_to_none=True)
-            loss = _backward(step, x, yb, micro_batch, amp, flatten=probe is not None)
+            loss = _backward(
+                step, x, target, micro_batch, amp, flatten=probe is not None, loss_fn=criterion
+            )
+            clip_gradients(trained, recipe)
             optimizer.step()
             scheduler.step()
+            global_step += 1
+            if ema is not None:
+                ema.update(model, step=global_step)
             loss_sum += loss * len(yb)
             seen += len(yb)
         if seen == 0:  # every batch was dropped: the model would leave untrained, as if fine
@@ -913,6 +967,21 @@ def _fit(
                     collected,
                     metrics,
                 )
+            if ema is not None and use_ema is not False:
+                ema_collected: list[torch.Tensor] | None = [] if keep_predictions else None
+                ema_val = evaluate(
+                    ema.module,
+                    held_out,
+                    num_classes,
+                    data_config,
+                    device,
+                    eval_batch,
+                    ema_collected,
+                    metrics,
+                )
+                ema_won = use_ema is True or direction.better(ema_val[metric], val[metric])
+                if ema_won:
+                    val, collected = ema_val, ema_collected
             result.val = {k: v for k, v in val.items() if k != "confusion_matrix"}
             if collected:
                 last_log_probs = torch.cat(collected)
@@ -924,6 +993,10 @@ def _fit(
         if patience and best_epoch is not None and epoch - best_epoch >= patience:
             stopped_early = epoch + 1 < choice.epochs
             break
+    if ema is not None and ema_won is None:  # nothing scored: as asked, else the average
+        ema_won = use_ema is not False
+    if ema_won:
+        model = ema.module
     model = merge_model(strategy, model, created)
     return FitResult(
         model=model.eval(),
@@ -945,7 +1018,32 @@ def _fit(
         # the epoch the score is taken from: the best with early stopping, else the last
         val_log_probs=best_log_probs if patience else last_log_probs,
         stopped_early=stopped_early,
+        ema_won=ema_won,
+        imbalance=imbalance,
     )
+
+
+def create_model(
+    backbone: Backbone, choice: Choice, num_classes: int, image_size: int
+) -> nn.Module:
+    """``backbone.create`` with the recipe's regularizers the backbone declares
+    (:meth:`Backbone.regularizers`): ``drop_path_rate`` only when it takes drop-path."""
+    options = {}
+    for name, keyword in BACKBONE_REGULARIZERS.items():
+        value = getattr(choice.recipe, name)
+        if value and name in backbone.regularizers():
+            options[keyword] = value
+    return backbone.create(num_classes, weights=choice.weights, image_size=image_size, **options)
+
+
+def _epoch_source(train: Split, imbalance: str, num_classes: int, generator) -> Split:
+    """The train split, or for a class-balanced sampler one epoch drawn from it with every
+    class equally likely (then shuffled again by ``batches``: the draw is already random)."""
+    if imbalance != "sampler":
+        return train
+    order = balanced_order(train.y, num_classes, generator).to(train.y.device)
+    names = [train.names[i] for i in order.tolist()] if train.names else []
+    return Split(train.x[order], train.y[order], names)
 
 
 def _try_peak_memory(

@@ -39,6 +39,8 @@ STOPPED_EARLY = "stopped_early"  #: True: no improvement for [search] patience e
 VAL_LOG_PROBS = "val_log_probs"
 DEAD_AT_CHANCE = "dead_at_chance"  #: the epoch the dead-trial guard pruned it at (samplers.py)
 WEIGHTS = "weights"  #: its weight source as written, with a local file's short sha256
+EMA_WON = "ema_won"  #: with EMA of the weights: True when the averaged model scored better
+IMBALANCE = "imbalance"  #: the answer to class imbalance it trained with (automl_tl/recipe.py)
 PRIOR = "prior"  #: where a trial's configuration came from when the team prior chose it
 #: {latency_ms, params_m, model_mb} measured on the trained model (multi-objective studies)
 MEASURED = "measured"
@@ -67,6 +69,8 @@ RUN_ATTRS = (
     VAL_LOG_PROBS,
     DEAD_AT_CHANCE,
     WEIGHTS,
+    EMA_WON,
+    IMBALANCE,
     MEASURED,
     CONSTRAINTS,
 )

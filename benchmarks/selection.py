@@ -270,15 +270,7 @@ def main(argv=None) -> int:
         args.json.write_text(
             json.dumps(
                 {
-                    "command": command,
-                    "settings": {
-                        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    },
-                    "machine": {
-                        "python": platform.python_version(),
-                        "torch": torch.__version__,
-                        "cpus": os.cpu_count(),
-                    },
+                    **how_it_ran(command, args),
                     "wall_seconds": round(wall, 1),
                     "rows": rows,
                     "summary": summary,
@@ -287,6 +279,22 @@ def main(argv=None) -> int:
             )
         )
     return 0
+
+
+def how_it_ran(command: str, args: argparse.Namespace) -> dict:
+    """The command, its settings and the machine, for a benchmark's JSON."""
+    import torch
+
+    return {
+        "command": command,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "load": os.getloadavg()[0],
+        },
+    }
 
 
 if __name__ == "__main__":

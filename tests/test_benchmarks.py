@@ -140,13 +140,18 @@ def test_selection_benchmark_refuses_an_unknown_task():
     assert proc.returncode == 2 and "unknown task(s) ['nope']" in proc.stderr
 
 
-def _gpu_check():
+def _benchmark(stem: str):
+    """benchmarks/STEM.py as a module (the folder is not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    spec = importlib.util.spec_from_file_location(stem, REPO / "benchmarks" / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _gpu_check():
+    return _benchmark("gpu_check")
 
 
 def test_gpu_check_keeps_to_its_budget_and_records_what_it_skipped(tmp_path):
@@ -201,3 +206,54 @@ def test_gpu_check_script_runs_its_python_parts_on_the_cpu(tmp_path):
     (model,) = per_k.values()
     assert set(model["per_k"]) == {"1", "2"}
     assert "| fit_train_share |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_recipe_benchmark_builds_its_tasks_and_arms(tmp_path):
+    """benchmarks/recipe.py without training: the imbalanced task's folder (one class 10x,
+    a balanced test split), the two arms' spaces and the summary of a difference."""
+    bench = _benchmark("recipe")
+    counts = bench.write_imbalanced(tmp_path / "imb", seed=0, minority=5, test_per_class=7)
+    assert counts["test"] == {str(d): 7 for d in range(5, 10)}
+    labelled = {d: counts["train"][d] + counts["val"][d] for d in counts["train"]}
+    assert labelled == {"5": 50, "6": 5, "7": 5, "8": 5, "9": 5}
+    assert len(list((tmp_path / "imb" / "train" / "5").glob("*.png"))) == counts["train"]["5"]
+    args = bench.main.__globals__["argparse"].Namespace(
+        target="digits:5-9", per_class=20, n_trials=3, backbones=["test_resnet"], epochs=1,
+        batch_size=8, image_size=16,
+    )  # fmt: skip
+    today = bench.study_dict(args, "imbalanced", "today", 0, {}, tmp_path)
+    recipe = bench.study_dict(args, "imbalanced", "recipe", 0, {}, tmp_path)
+    assert today["search"]["imbalance"] == ["none"] and "label_smoothing" not in today["search"]
+    assert "imbalance" not in recipe["search"]  # the rule: weighted on this task
+    assert recipe["search"]["metric"] == today["search"]["metric"] == "balanced_accuracy"
+    rows = [
+        {"task": "imbalanced", "arm": arm, "seed": seed, "seconds": 1.0, "test_accuracy": 0.5,
+         "test_balanced_accuracy": value}
+        for arm, seed, value in (("today", 0, 0.5), ("recipe", 0, 0.6), ("today", 1, 0.4),
+                                 ("recipe", 1, 0.42))
+    ]  # fmt: skip
+    d = bench.summarize(rows)["imbalanced"]["difference"]
+    assert d["per_seed"] == pytest.approx([0.1, 0.02]) and d["worst"] == pytest.approx(0.02)
+    assert d["target_met"] is True and d["recipe_better"] == 2
+
+
+@pytest.mark.slow
+def test_recipe_benchmark_quick_mode(tmp_path):
+    """benchmarks/recipe.py --quick: both tasks, both arms, one seed, every figure."""
+    out = tmp_path / "recipe.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "recipe.py"), "--quick", "--json", str(out),
+         "--out", str(tmp_path / "studies"), "--markdown"],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert {(r["task"], r["arm"]) for r in results["rows"]} == {
+        (t, a) for t in ("balanced", "imbalanced") for a in ("today", "recipe")
+    }
+    for r in results["rows"]:
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["test_balanced_accuracy"] <= 1.0
+        assert ("label_smoothing" in r["best_params"]) == (r["arm"] == "recipe")
+    for task in ("balanced", "imbalanced"):
+        assert math.isfinite(results["summary"][task]["difference"]["mean_sd"][0])
+    assert "| task | figure | today | arm |" in proc.stdout

@@ -19,8 +19,10 @@ count is replaced, an input convolution trained on another channel count is adap
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 from automl_tl import hookimpl
@@ -43,6 +45,10 @@ def _hub_source(model_name: str) -> tuple[str, str]:
     return "", ""
 
 
+#: architecture name -> whether it takes ``drop_path_rate`` (TimmBackbone.regularizers)
+_TAKES_DROP_PATH: dict[str, bool] = {}
+
+
 class TimmBackbone(Backbone):
     """A timm model by architecture name, e.g. ``resnet50`` or ``test_vit``."""
 
@@ -51,18 +57,45 @@ class TimmBackbone(Backbone):
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def _create(self, num_classes: int, pretrained: bool, model_name: str, image_size: int | None):
+    def _create(
+        self,
+        num_classes: int,
+        pretrained: bool,
+        model_name: str,
+        image_size: int | None,
+        **options: Any,
+    ):
         if image_size is not None:
             try:
                 # Fixed-size models (ViTs) need the study's size; others reject the argument.
                 return timm.create_model(
-                    model_name, pretrained=pretrained, num_classes=num_classes, img_size=image_size
+                    model_name,
+                    pretrained=pretrained,
+                    num_classes=num_classes,
+                    img_size=image_size,
+                    **options,
                 )
             except TypeError:
                 pass
-        return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes)
+        return timm.create_model(
+            model_name, pretrained=pretrained, num_classes=num_classes, **options
+        )
 
-    def _hub(self, num_classes: int, tag: str, image_size: int | None) -> nn.Module:
+    def regularizers(self) -> frozenset[str]:
+        """``{"drop_path"}`` when the architecture takes ``drop_path_rate`` (most timm
+        models; not VGG, say): found once by building the model without weights."""
+        if self.name not in _TAKES_DROP_PATH:
+            try:
+                with torch.random.fork_rng(devices=[]):  # a trial's seeded init stays as it was
+                    timm.create_model(
+                        self.name, pretrained=False, num_classes=2, drop_path_rate=0.1
+                    )
+                _TAKES_DROP_PATH[self.name] = True
+            except TypeError:
+                _TAKES_DROP_PATH[self.name] = False
+        return frozenset({"drop_path"}) if _TAKES_DROP_PATH[self.name] else frozenset()
+
+    def _hub(self, num_classes: int, tag: str, image_size: int | None, **options: Any) -> nn.Module:
         self.check_weights(f"timm:{tag}" if tag else "timm")
         model_name = f"{self.name}.{tag}" if tag else self.name
         where, filename = _hub_source(model_name)
@@ -72,7 +105,7 @@ class TimmBackbone(Backbone):
                 '("none", a local file, local-dir:DIR or pretrain:SOURCE)'
             )
         try:
-            return self._create(num_classes, True, model_name, image_size)
+            return self._create(num_classes, True, model_name, image_size, **options)
         except Exception as exc:  # network, missing cache entry
             reason = str(exc).splitlines()[0] if str(exc) else ""
             raise UserError(
@@ -115,17 +148,22 @@ class TimmBackbone(Backbone):
         )
 
     def create(
-        self, num_classes: int, weights: str = "none", image_size: int | None = None
+        self,
+        num_classes: int,
+        weights: str = "none",
+        image_size: int | None = None,
+        drop_path_rate: float | None = None,
     ) -> nn.Module:
+        options = {} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}
         if weights in ("none", "", None):
-            return self._create(num_classes, False, self.name, image_size)
+            return self._create(num_classes, False, self.name, image_size, **options)
         if weights == "timm" or weights.startswith("timm:"):
-            return self._hub(num_classes, weights.partition(":")[2], image_size)
+            return self._hub(num_classes, weights.partition(":")[2], image_size, **options)
         if weights.startswith("local-dir:"):
             path = local_dir_weights(weights[len("local-dir:") :], self.name)
         else:
             path = Path(weights)
-        model = self._create(num_classes, False, self.name, image_size)
+        model = self._create(num_classes, False, self.name, image_size, **options)
         load_weights(model, path, self.head_parameters(model))
         return model
 
