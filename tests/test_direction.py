@@ -219,9 +219,6 @@ def test_a_lower_is_better_plugin_metric_is_searched_raced_and_the_lowest_export
     assert "metric cost_error, lower is better" in table.stdout
     first_row = table.stdout.splitlines()[3]  # header, title row, rule, then the best trial
     assert first_row.split()[0] == str(data["best"]["number"]), table.stdout
-    again = run_main("retrain", str(path))  # without --trial: the race's winner again
-    assert again.returncode == 0, again.stderr
-    assert f"trial {chosen['winner']} retrained" in again.stdout
 
 
 def test_the_race_winner_is_the_lowest_mean_or_the_lowest_pessimistic_bound():

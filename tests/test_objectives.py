@@ -34,6 +34,7 @@ augmentations = ["none"]
 unfreeze = ["top_k"]
 epochs = 1
 batch_size = 64
+pruner = "none"  # Optuna prunes no multi-objective study (a warning otherwise)
 objectives = ["accuracy", "latency_ms"]
 constraints = ["latency_ms <= 1000"]
 latency = {device = "cpu", threads = 1, batch_size = 1}
