@@ -18,7 +18,6 @@ import contextlib
 import copy
 import io
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,10 +30,11 @@ from .errors import UserError
 
 #: untimed calls first (allocations, lazy initialisation, caches)
 WARMUP = 5
-#: timed calls, at least; more until MIN_SECONDS have passed. The median is reported (robust
-#: to a busy machine's outliers)
-REPEATS = 50
-MIN_SECONDS = 0.5
+#: timed blocks of calls; the fastest block's milliseconds per call are reported (timeit's
+#: rule: a slower block was slowed by other processes, not by the model)
+BLOCKS = 15
+#: each block runs at least this long (many calls of a sub-millisecond model)
+BLOCK_SECONDS = 0.02
 
 
 def check_runtime(target: dict[str, Any]) -> None:
@@ -61,27 +61,34 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _median_ms(call, device: torch.device) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fastest_ms(call, device: torch.device) -> float:
     for _ in range(WARMUP):
         call()
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < REPEATS or (
-        time.perf_counter() - started < MIN_SECONDS and len(times) < 100 * REPEATS
-    ):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    call()
+    _sync(device)
+    once = max(time.perf_counter() - t0, 1e-6)
+    per_block = max(1, min(1000, round(BLOCK_SECONDS / once)))
+    best = float("inf")
+    for _ in range(BLOCKS):
+        _sync(device)
         t0 = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
+        for _ in range(per_block):
+            call()
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / per_block)
+    return 1000.0 * best
 
 
 @torch.inference_mode()
 def _time_torch(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    return _median_ms(lambda: model(x), device)
+    return _fastest_ms(lambda: model(x), device)
 
 
 def _time_onnxruntime(model: nn.Module, x: torch.Tensor, threads: int) -> float:
@@ -99,13 +106,14 @@ def _time_onnxruntime(model: nn.Module, x: torch.Tensor, threads: int) -> float:
         options.inter_op_num_threads = 1
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         feed = {"image": x.numpy()}
-        return _median_ms(lambda: session.run(None, feed), torch.device("cpu"))
+        return _fastest_ms(lambda: session.run(None, feed), torch.device("cpu"))
     finally:
         os.unlink(path)
 
 
 def time_model(model: nn.Module, image_size: int, target: dict[str, Any]) -> float:
-    """Median milliseconds of one forward call of a batch of ``target["batch_size"]`` images
+    """Milliseconds of one forward call of a batch of ``target["batch_size"]`` images (the
+    fastest of :data:`BLOCKS` blocks of calls, per call)
     on ``target["device"]`` with ``target["threads"]`` CPU threads, in PyTorch or ONNX Runtime.
     ``model`` itself is left where it is (a copy is timed)."""
     device = torch.device(target["device"])
