@@ -30,11 +30,13 @@ from .errors import UserError
 
 #: untimed calls first (allocations, lazy initialisation, caches)
 WARMUP = 5
-#: timed blocks of calls; the fastest block's milliseconds per call are reported (timeit's
-#: rule: a slower block was slowed by other processes, not by the model)
-BLOCKS = 15
-#: each block runs at least this long (many calls of a sub-millisecond model)
-BLOCK_SECONDS = 0.02
+#: timed single calls, at least; more until MIN_SECONDS have passed
+CALLS = 50
+MIN_SECONDS = 0.5
+#: the reported quantile of the single-call times: low, because on a busy machine a slower
+#: call was slowed by other processes, not by the model (timeit's rule), yet not the
+#: minimum, which one lucky call decides
+QUANTILE = 0.1
 
 
 def check_runtime(target: dict[str, Any]) -> None:
@@ -66,29 +68,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _fastest_ms(call, device: torch.device) -> float:
+def _low_quantile_ms(call, device: torch.device) -> float:
     for _ in range(WARMUP):
         call()
-    _sync(device)
-    t0 = time.perf_counter()
-    call()
-    _sync(device)
-    once = max(time.perf_counter() - t0, 1e-6)
-    per_block = max(1, min(1000, round(BLOCK_SECONDS / once)))
-    best = float("inf")
-    for _ in range(BLOCKS):
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < CALLS or (
+        time.perf_counter() - started < MIN_SECONDS and len(times) < 100 * CALLS
+    ):
         _sync(device)
         t0 = time.perf_counter()
-        for _ in range(per_block):
-            call()
+        call()
         _sync(device)
-        best = min(best, (time.perf_counter() - t0) / per_block)
-    return 1000.0 * best
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1000.0 * times[int(QUANTILE * (len(times) - 1))]
 
 
 @torch.inference_mode()
 def _time_torch(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
-    return _fastest_ms(lambda: model(x), device)
+    return _low_quantile_ms(lambda: model(x), device)
 
 
 def _time_onnxruntime(model: nn.Module, x: torch.Tensor, threads: int) -> float:
@@ -106,16 +105,16 @@ def _time_onnxruntime(model: nn.Module, x: torch.Tensor, threads: int) -> float:
         options.inter_op_num_threads = 1
         session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         feed = {"image": x.numpy()}
-        return _fastest_ms(lambda: session.run(None, feed), torch.device("cpu"))
+        return _low_quantile_ms(lambda: session.run(None, feed), torch.device("cpu"))
     finally:
         os.unlink(path)
 
 
 def time_model(model: nn.Module, image_size: int, target: dict[str, Any]) -> float:
-    """Milliseconds of one forward call of a batch of ``target["batch_size"]`` images (the
-    fastest of :data:`BLOCKS` blocks of calls, per call)
-    on ``target["device"]`` with ``target["threads"]`` CPU threads, in PyTorch or ONNX Runtime.
-    ``model`` itself is left where it is (a copy is timed)."""
+    """Milliseconds of one forward call of a batch of ``target["batch_size"]`` images on
+    ``target["device"]`` with ``target["threads"]`` CPU threads, in PyTorch or ONNX Runtime:
+    the :data:`QUANTILE` of at least :data:`CALLS` timed calls. ``model`` itself is left
+    where it is (a copy is timed)."""
     device = torch.device(target["device"])
     copy_ = copy.deepcopy(model).float().eval().to(device)
     x = torch.randn(
