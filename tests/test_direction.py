@@ -151,20 +151,7 @@ def test_ensembles_hill_climb_a_cost_downwards(costs):
 
 def test_a_study_created_for_the_other_direction_is_refused(tmp_path):
     (tmp_path / "team_metrics.py").write_text(METRIC_PLUGIN)
-    body = """
-plugins = ["team_metrics.py"]
-[data]
-source = "digits:0-2"
-image_size = 16
-[search]
-n_trials = 1
-metric = "cost_error"
-backbones = ["test_resnet"]
-augmentations = ["none"]
-unfreeze = ["top_k"]
-epochs = 1
-"""
-    path = write_study(tmp_path, body, name="team")
+    path = write_study(tmp_path, STUDY.replace("@METRIC@", "cost_error"), name="team")
     create_study(load_config(path))  # made earlier to maximize (as searched by accuracy)
     result = run_main("search", str(path), "-q")
     assert result.returncode == 2, result.stderr
