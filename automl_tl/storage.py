@@ -341,7 +341,13 @@ def check_objectives(study: optuna.Study, config: StudyConfig) -> None:
 
 def check_existing_direction(config: StudyConfig, direction: Direction) -> None:
     """:func:`check_direction` on the study if it exists already, before any data is loaded
-    (a search refused after minutes of decoding images helps no one)."""
+    (a search refused after minutes of decoding images helps no one). A storage file that
+    does not exist yet holds no study: nothing is created here."""
+    url, kind = config.storage_url, storage_kind(config.storage_url)
+    if (kind == "sqlite" and not sqlite_path(url).is_file()) or (
+        kind == "journal" and not journal_path(url).is_file()
+    ):
+        return
     try:
         study = optuna.load_study(study_name=config.name, storage=open_storage(config.storage_url))
     except KeyError:

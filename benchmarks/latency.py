@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--backbones", nargs="+")
+    parser.add_argument("--runtimes", nargs="+", choices=["torch", "onnxruntime"])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
@@ -94,6 +96,8 @@ def main() -> None:
             runtimes.append("onnxruntime")
         except ImportError:
             pass
+    backbones = args.backbones or backbones
+    runtimes = args.runtimes or runtimes
     repeats = 2 if args.quick else args.repeats
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -151,20 +151,7 @@ def test_ensembles_hill_climb_a_cost_downwards(costs):
 
 def test_a_study_created_for_the_other_direction_is_refused(tmp_path):
     (tmp_path / "team_metrics.py").write_text(METRIC_PLUGIN)
-    body = """
-plugins = ["team_metrics.py"]
-[data]
-source = "digits:0-2"
-image_size = 16
-[search]
-n_trials = 1
-metric = "cost_error"
-backbones = ["test_resnet"]
-augmentations = ["none"]
-unfreeze = ["top_k"]
-epochs = 1
-"""
-    path = write_study(tmp_path, body, name="team")
+    path = write_study(tmp_path, STUDY.replace("@METRIC@", "cost_error"), name="team")
     create_study(load_config(path))  # made earlier to maximize (as searched by accuracy)
     result = run_main("search", str(path), "-q")
     assert result.returncode == 2, result.stderr
@@ -219,9 +206,6 @@ def test_a_lower_is_better_plugin_metric_is_searched_raced_and_the_lowest_export
     assert "metric cost_error, lower is better" in table.stdout
     first_row = table.stdout.splitlines()[3]  # header, title row, rule, then the best trial
     assert first_row.split()[0] == str(data["best"]["number"]), table.stdout
-    again = run_main("retrain", str(path))  # without --trial: the race's winner again
-    assert again.returncode == 0, again.stderr
-    assert f"trial {chosen['winner']} retrained" in again.stdout
 
 
 def test_the_race_winner_is_the_lowest_mean_or_the_lowest_pessimistic_bound():

@@ -15,7 +15,7 @@ from optuna.trial import create_trial
 
 from automl_tl import latency, selection
 from automl_tl.config import config_from_dict, load_config, parse_constraint
-from automl_tl.errors import ConfigError
+from automl_tl.errors import ConfigError, UserError
 from automl_tl.samplers import make_pruner, pruner_warning
 from automl_tl.trials import CONSTRAINTS, MEASURED, STUDY_METRIC, best_trial
 
@@ -34,6 +34,7 @@ augmentations = ["none"]
 unfreeze = ["top_k"]
 epochs = 1
 batch_size = 64
+pruner = "none"  # Optuna prunes no multi-objective study (a warning otherwise)
 objectives = ["accuracy", "latency_ms"]
 constraints = ["latency_ms <= 1000"]
 latency = {device = "cpu", threads = 1, batch_size = 1}
@@ -206,3 +207,10 @@ def test_a_multi_objective_search_ships_the_pick_and_its_latency_holds(tmp_path)
         json.loads((out / "models" / f"trial-{other}" / "metrics.json").read_text())["trial"]
         == other
     )
+
+
+def test_onnxruntime_latency_without_the_extra_is_one_message(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "onnxscript", None)  # as if not installed
+    with pytest.raises(UserError, match=r"needs the onnx extra \(onnxscript is not installed\)"):
+        latency.check_runtime({"runtime": "onnxruntime"})
+    latency.check_runtime({"runtime": "torch"})  # nothing to install
