@@ -289,7 +289,8 @@ def read_catalog(source: str) -> list[Task]:
             }
             for row in _rows(conn, "trials", "where state = 'COMPLETE' and value is not null"):
                 task = tasks.get(row["study"])
-                if task is not None:
+                # a study that minimized a plugin's cost: its values rank the other way
+                if task is not None and row.get("direction") != "minimize":
                     params = effective_params(json.loads(row["params"] or "{}"))
                     task.evaluations.append(Evaluation(params, row["value"], row["duration_s"]))
             if "benchmarks" in tables:

@@ -267,12 +267,14 @@ def _best_vs_seconds(ctx: ReportContext):
         key=lambda t: t.datetime_complete,
     )
     spent, best, xs, ys, prior = 0.0, None, [], [], []
+    direction = Direction.of(ctx.study)  # a cost metric: the lowest so far
     for t in finished:
         spent += _duration(t)
-        if t.state == TrialState.COMPLETE and t.values:
-            best = t.value if best is None else max(best, t.value)
+        value = value_of(t)  # the metric (a multi-objective study's first objective)
+        if t.state == TrialState.COMPLETE and value is not None:
+            best = value if direction.better(value, best) else best
             if PRIOR in t.user_attrs:
-                prior.append((spent, t.value))
+                prior.append((spent, value))
         if best is not None:
             xs.append(spent)
             ys.append(best)
