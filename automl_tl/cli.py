@@ -155,6 +155,19 @@ def _interval(metrics: dict[str, Any], key: str) -> str:
 def _print_retrained(config, metrics: dict[str, Any], directory) -> None:
     """The retrained model's test scores with their 95 % intervals, and its calibration."""
     test = metrics["test"]
+    if metrics.get("task") == "multilabel":
+        tuned = (metrics.get("thresholds") or {}).get("tuned_on")
+        print(
+            f"retrained on {config.retrain.on}: test mAP {test['map']:.4f}, micro F1 "
+            f"{test['micro_f1']:.4f}, macro F1 {test['macro_f1']:.4f}, subset accuracy "
+            f"{test['subset_accuracy']:.4f} -> {directory}"
+        )
+        print(
+            f"  trial #{metrics['trial']}; F1 at per-label thresholds tuned on {tuned} "
+            f"(micro F1 at 0.5: {test['micro_f1_at_0.5']:.4f}); {metrics.get('test_images', '?')} "
+            "test images"
+        )
+        return
     print(
         f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
         f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {directory}"
@@ -462,6 +475,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         seed=d.seed,
         base_dir=config.base_dir,
         orientation=d.orientation,
+        label_separator=d.label_separator,
     )
     if args.format == "json":
         print(json.dumps(result.to_dict(), indent=2))

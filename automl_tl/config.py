@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import weightsource
+from . import tasks, weightsource
 from .errors import ConfigError, did_you_mean
 from .paths import StudyPaths
 
@@ -24,7 +24,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+#: the built-in metrics of a multiclass study (a multi-label one: tasks.MULTILABEL_METRICS)
+METRICS = tasks.MULTICLASS_METRICS
 #: the largest val_fraction + test_fraction: at least a tenth of the data stays to train on
 MAX_HELD_OUT = 0.9
 SAMPLERS = ("tpe", "gp", "random")
@@ -51,6 +52,11 @@ class DataSection:
     #: flips or rotates beyond a small angle (AugmentationPolicy.orientation_safe). "free":
     #: any policy (natural photos, where a mirrored cat is a cat)
     orientation: str = field(default="free", metadata=_choices("free", "fixed"))
+    #: "multiclass": one class per image; "multilabel": any number of labels per image
+    #: (a csv: source whose header has a labels column is multi-label without saying so)
+    task: str = field(default="multiclass", metadata=_choices(*tasks.TASK_KINDS))
+    #: what separates the labels in a multi-label CSV's labels cell (default: spaces)
+    label_separator: str = " "
 
 
 @dataclass
@@ -103,6 +109,8 @@ class SearchSection:
     #: early stopping: a trial stops when its validation score has not improved for this
     #: many epochs, and scores as its best epoch (0 = off: every trial runs all epochs)
     patience: int = field(default=0, metadata={"min": 0})
+    #: multi-label studies: "bce" (binary cross-entropy) or "asymmetric" (Ridnik et al., 2021)
+    multilabel_loss: str = field(default="bce", metadata=_choices(*tasks.MULTILABEL_LOSSES))
 
 
 @dataclass
@@ -174,6 +182,30 @@ class StudyConfig:
     #: the keys the study file set, as "section.key" (e.g. "search.lr"); a default that
     #: depends on something else (the lr range on the weight source) applies only to the others
     explicit: frozenset[str] = frozenset()
+
+    @property
+    def task(self) -> tasks.Task:
+        """The study's task kind (:mod:`automl_tl.tasks`), with its loss."""
+        return tasks.build(self.data.task, self.search.multilabel_loss)
+
+    def apply_task(self, kind: str, why: str = "") -> None:
+        """Take the task kind the data turned out to have (a source's multi-label records):
+        refused when the study file set another; the default metric follows the task."""
+        if kind == self.data.task:
+            return
+        if self.sets("data.task"):
+            raise ConfigError(
+                f'[data] task = "{self.data.task}", but {why or "the data"} is {kind}; set '
+                f'[data] task = "{kind}" (or give the source one label per image)'
+            )
+        self.data.task = kind
+        if not self.sets("search.metric"):
+            self.search.metric = tasks.build(kind).default_metric
+        elif self.search.metric not in self.task.metrics:
+            raise ConfigError(
+                f'[search] metric = "{self.search.metric}" is not a {kind} metric, and '
+                f"{why or 'the data'} is {kind}; choose one of: {', '.join(self.task.metrics)}"
+            )
 
     def sets(self, key: str) -> bool:
         """Whether the study file set ``key`` ("section.key") rather than leaving its default."""
@@ -427,6 +459,10 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
         sections["search"].augmentations = [
             FIXED_ORIENTATION_SWAPS.get(a, a) for a in sections["search"].augmentations
         ]
+    if sections["data"].label_separator == "":
+        raise ConfigError(
+            '[data] label_separator is empty; use " " (the default), ";" or "|", say'
+        )
     config = StudyConfig(
         name=name,
         plugins=list(plugins),
@@ -436,6 +472,7 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
         explicit=explicit,
         **sections,
     )
+    _resolve_task(config)
     asked = (raw.get("selection") or {}).get("finalists")
     if asked is not None and asked > config.search.n_trials:
         raise ConfigError(
@@ -461,6 +498,41 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
             'pretrained weights in [weights] (e.g. default = "timm" or "pretrain:SOURCE")'
         )
     return config
+
+
+def csv_is_multilabel(path: Path) -> bool:
+    """Whether a CSV manifest's header names a ``labels`` column (a multi-label manifest)."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError):
+        return False  # the source itself says what is wrong when it is read
+    return "labels" in [c.strip() for c in header]
+
+
+def _resolve_task(config: StudyConfig) -> None:
+    """The task kind: as set, or multi-label for a csv: source with a labels column; the
+    default metric follows it, and a metric of the other task kind is refused."""
+    d = config.data
+    name, _, argument = d.source.partition(":")
+    if name == "csv" and argument and not config.sets("data.task"):
+        path = Path(argument).expanduser()
+        if csv_is_multilabel(path if path.is_absolute() else config.base_dir / path):
+            d.task = "multilabel"
+    task = config.task
+    if not config.sets("search.metric"):
+        config.search.metric = task.default_metric
+        return
+    metric = config.search.metric
+    other = "multiclass" if task.multilabel else "multilabel"
+    if metric not in task.metrics and metric in tasks.metric_names(other):
+        raise ConfigError(
+            f'[search] metric = "{metric}" is a {other} metric, but this study is {task.name}'
+            + (" (its CSV has a labels column)" if not config.sets("data.task") else "")
+            + f"; choose one of: {', '.join(task.metrics)}"
+        )
 
 
 #: under ``[data] orientation = "fixed"``, the default ``[search] augmentations`` with these

@@ -111,8 +111,14 @@ def check_metric_name(config: StudyConfig, registry: Registry) -> None:
     """``[search] metric`` is a built-in metric or one a plugin registered that Optuna can
     maximize (a lower-is-better metric is reported, not searched by)."""
     name = config.search.metric
-    if name in METRICS:
+    task = config.task
+    if name in task.metrics:
         return
+    if task.multilabel:  # plugin metrics score one class per image (Metric's contract)
+        raise ConfigError(
+            f"[search] metric = {name!r} is not a multi-label metric; a multi-label study "
+            f"is searched by one of: {', '.join(task.metrics)}"
+        )
     known = [*METRICS, *registry.names("metrics")]
     if name not in registry.names("metrics"):
         raise UnknownNameError(

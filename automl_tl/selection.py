@@ -129,6 +129,14 @@ def folds_for(config: StudyConfig, splits: Splits) -> int:
     """The number of folds racing uses (0: none, the study's own split). A folds count
     larger than the smallest class in train+val is refused with a clear message."""
     asked = config.selection.folds
+    if not splits.task.supports_folds:  # a multi-label study races on its own split
+        if asked > 0:
+            raise UserError(
+                f"[selection] folds = {asked}: k-fold racing stratifies by one class per image, "
+                "which a multi-label study does not have; use 0 or -1 (it races repeats on "
+                "the study's split)"
+            )
+        return 0
     smallest = smallest_class(splits)
     if asked > 0:
         if asked < 2:
@@ -615,7 +623,7 @@ def select(
                 f"retraining for {epochs} epochs: the median best epoch of the finalists' runs"
             )
     temperature = None
-    if sel.calibrate:
+    if sel.calibrate and splits.task.supports_calibration:
         preds = held_out_predictions(
             config,
             splits,
@@ -802,6 +810,12 @@ def build_extras(
     paths = config.paths
     sel = config.selection
     out: dict[str, Any] = {"selection": selection.to_dict()}
+    if not splits.task.supports_ensembles:
+        # the members' mean softmax, Caruana's hill-climb and the soup's check are defined on
+        # one class per image: a multi-label study keeps its single best model
+        out["note"] = "ensembles and soups are not built for a multi-label study"
+        write_atomic(paths.selection, json.dumps(out, indent=2))
+        return out
     best_dir = paths.best
     scoring = resolve_device(device)
     out["single"] = score_model(

@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import features as _features
@@ -43,6 +42,7 @@ from .components import Backbone, DataConfig, Metric, UnfreezeStrategy
 from .data import Split, Splits, batches
 from .errors import ConfigError, DataError
 from .registry import Registry
+from .tasks import MultiLabelScores, Task, for_targets
 
 log = logging.getLogger("automl_tl")
 
@@ -333,6 +333,26 @@ class _Scores:
         return out
 
 
+def _new_scores(
+    targets: torch.Tensor,
+    num_classes: int,
+    device: torch.device,
+    metrics: Sequence[Metric],
+    log_probs: list[torch.Tensor] | None,
+):
+    """What an evaluation over targets like ``targets`` collects: the task's scorer (plugin
+    metrics score one class per image, so a multi-label task has none)."""
+    if for_targets(targets).multilabel:
+        return MultiLabelScores(log_probs)
+    return _Scores(num_classes, device, metrics, log_probs)
+
+
+def training_loss(task: Task, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss of one training batch: the task's (cross-entropy; binary cross-entropy or
+    the asymmetric loss for a multi-label task), on float logits."""
+    return task.loss(logits.float(), targets)
+
+
 def evaluate(
     model: nn.Module,
     split: Split,
@@ -350,7 +370,7 @@ def evaluate(
         model.eval()
         inputs = _Inputs(data_config, device, memory_format_for(model, device))
         amp = _autocast(device)
-        scores = _Scores(num_classes, device, metrics, log_probs)
+        scores = _new_scores(split.y, num_classes, device, metrics, log_probs)
         for xb, yb in batches(on_device(split, device), batch_size, device=device):
             with amp():
                 logits = model(inputs(xb))
@@ -370,7 +390,7 @@ def _evaluate_head(
 ) -> dict[str, Any]:
     head.eval()
     amp = _autocast(device)
-    scores = _Scores(num_classes, device, metrics, log_probs)
+    scores = _new_scores(features.y, num_classes, device, metrics, log_probs)
     for fb, yb in batches(features, batch_size, device=device):
         with amp():
             logits = head(fb).reshape(len(fb), -1)
@@ -639,7 +659,9 @@ def _fit(
         step = _compiled(model, compile)
         peak = set().union(*plan)
         if device.type in MEMORY_PROBE_DEVICES and peak != plan[0]:
-            _try_peak_memory(model, step, peak, train, batch_size, inputs, amp, device)
+            _try_peak_memory(
+                model, step, peak, train, batch_size, inputs, amp, device, data.task
+            )
 
     optimizer = _optimizer(model, strategy, groups, head, depth, choice)
     steps_per_epoch = _steps_per_epoch(len(train), batch_size)
@@ -677,7 +699,7 @@ def _fit(
                 logits = step(x)
             if probe is not None:
                 logits = logits.reshape(len(yb), -1)
-            loss = F.cross_entropy(logits.float(), yb)
+            loss = training_loss(data.task, logits, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -722,7 +744,7 @@ def _fit(
                     collected,
                     metrics,
                 )
-            result.val = {k: v for k, v in val.items() if k != "confusion_matrix"}
+            result.val = {k: v for k, v in val.items() if not isinstance(v, list)}
             if collected:
                 last_log_probs = torch.cat(collected)
             if best_val is None or val[metric] > best_val[metric]:  # the first best epoch
@@ -762,6 +784,7 @@ def _try_peak_memory(
     inputs: _Inputs,
     amp,
     device: torch.device,
+    task: Task,
 ) -> None:
     """One forward/backward with the largest trainable set, so that running out of memory
     in a late epoch (gradual unfreezing) happens now, while the batch can still be halved.
@@ -771,7 +794,7 @@ def _try_peak_memory(
     for xb, yb in batches(train, batch_size, device=device, min_batch=2):
         with amp():
             logits = step(inputs(xb))
-        F.cross_entropy(logits.float(), yb).backward()
+        training_loss(task, logits, yb).backward()
         break
     model.zero_grad(set_to_none=True)
     with torch.no_grad():
