@@ -425,11 +425,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .export import load_model, predict_paths
 
-    if args.top_k < 1:
+    if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k {args.top_k}: give 1 or more labels per image")
     # installed plugins load by themselves; a file or module plugin comes with --plugin
     model = load_model(args.model, device=_device(args.device or "cpu"), plugins=args.plugin)
     rows = predict_paths(model, args.paths, top_k=args.top_k)
+    if model.multilabel:
+        return _print_multilabel_predictions(rows, args.format, model.label_separator)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
     elif args.format == "csv":
@@ -442,6 +444,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         print(_table(rows, ["path", "label", "score"]))
     return 0 if all(r.get("label") is not None for r in rows) else 1
+
+
+def _print_multilabel_predictions(rows: list[dict], fmt: str, separator: str) -> int:
+    """A multi-label model's predictions: path, labels, scores; in CSV and the table the
+    labels and scores of an image are one cell each, joined by the study's label
+    separator (a space by default, like a multi-label CSV's labels cell)."""
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        flat = [
+            {
+                **r,
+                "labels": separator.join(r.get("labels") or []),
+                "scores": separator.join(f"{s:.6f}" for s in r.get("scores") or []),
+            }
+            for r in rows
+        ]
+        columns = ["path", "labels", "scores"] + (
+            ["error"] if any("error" in r for r in rows) else []
+        )
+        if fmt == "csv":
+            sys.stdout.write(_csv(flat, columns))
+        else:
+            print(_table(flat, columns))
+    return 0 if all("error" not in r for r in rows) else 1
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
@@ -862,7 +889,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="exported model folder, e.g. studies/digits/best")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="the k most probable labels per image (default 1; a multi-label model: every "
+        "label above its threshold)",
+    )
     p.add_argument("--device")
     p.add_argument(
         "--plugin",

@@ -189,7 +189,7 @@ def retrain(
         result.data_config,
         metrics,
         extra={
-            **task_export(metrics),
+            **task_export(metrics, config.data.label_separator),
             "backbone_origin": metrics["backbone_origin"],
             "weights": metrics["weights"],
         },
@@ -244,11 +244,16 @@ def held_out_thresholds(
     return None
 
 
-def task_export(metrics: dict[str, Any]) -> dict[str, Any]:
+def task_export(metrics: dict[str, Any], label_separator: str = " ") -> dict[str, Any]:
     """What config.json's ``automl_tl`` table says of the task: the temperature of a
-    multiclass model; ``task`` and per-label ``thresholds`` of a multi-label one."""
+    multiclass model; ``task``, per-label ``thresholds`` and the CSV ``label_separator`` of
+    a multi-label one."""
     if metrics.get("task") == "multilabel":
-        return {"task": "multilabel", "thresholds": (metrics.get("thresholds") or {}).get("values")}
+        return {
+            "task": "multilabel",
+            "thresholds": (metrics.get("thresholds") or {}).get("values"),
+            "label_separator": label_separator,
+        }
     return {"temperature": metrics["calibration"]["temperature"]}
 
 
