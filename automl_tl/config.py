@@ -188,25 +188,6 @@ class StudyConfig:
         """The study's task kind (:mod:`automl_tl.tasks`), with its loss."""
         return tasks.build(self.data.task, self.search.multilabel_loss)
 
-    def apply_task(self, kind: str, why: str = "") -> None:
-        """Take the task kind the data turned out to have (a source's multi-label records):
-        refused when the study file set another; the default metric follows the task."""
-        if kind == self.data.task:
-            return
-        if self.sets("data.task"):
-            raise ConfigError(
-                f'[data] task = "{self.data.task}", but {why or "the data"} is {kind}; set '
-                f'[data] task = "{kind}" (or give the source one label per image)'
-            )
-        self.data.task = kind
-        if not self.sets("search.metric"):
-            self.search.metric = tasks.build(kind).default_metric
-        elif self.search.metric not in self.task.metrics:
-            raise ConfigError(
-                f'[search] metric = "{self.search.metric}" is not a {kind} metric, and '
-                f"{why or 'the data'} is {kind}; choose one of: {', '.join(self.task.metrics)}"
-            )
-
     def sets(self, key: str) -> bool:
         """Whether the study file set ``key`` ("section.key") rather than leaving its default."""
         return key in self.explicit

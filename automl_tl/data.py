@@ -1469,13 +1469,12 @@ def check_source(
 def load_splits(config, registry: Registry) -> Splits:
     """The splits of a study (:class:`automl_tl.config.StudyConfig`), decoded into its cache.
 
-    A source whose records carry several labels makes the study multi-label
-    (``config.apply_task``; refused when the study file says ``task = "multiclass"``).
+    The task kind is the study file's (a CSV with a labels column is multi-label by
+    itself, :func:`automl_tl.config.csv_is_multilabel`); a source that gives several labels
+    per image to a multiclass study is refused, naming the key to set.
     """
     d = config.data
     dataset = load_dataset(registry, d.source, config.base_dir, label_separator=d.label_separator)
-    if task_kind(dataset.records) == "multilabel":
-        config.apply_task("multilabel", f"{d.source} (several labels per image)")
     if config.task.multilabel and not config.sets("data.task"):
         log.info(
             '%s is multi-label (several labels per image): [data] task = "multilabel", '

@@ -261,7 +261,8 @@ def test_multiclass_task_set_for_multilabel_data(tmp_path):
     _cli_refuses(
         tmp_path,
         '[data]\nsource = "digit_pairs"\ntask = "multiclass"\n',
-        '[data] task = "multiclass", but digit_pairs (several labels per image) is multilabel',
+        'digit_pairs gives several labels per image (multi-label records); set [data] task = '
+        '"multilabel"',
     )
 
 
@@ -340,10 +341,16 @@ def test_search_export_predict_end_to_end(tmp_path):
         "predict", str(best), str(tmp_path / "d" / "0.png"), "--format", "json", "--top-k", "2"
     )
     assert len(json.loads(top2.stdout)[0]["labels"]) == 2
-    board = run_main("report", str(study), "--no-files", "--format", "json")
+    board = run_main("report", str(study), "--format", "json")
     assert board.returncode == 0, board.stderr
     data = json.loads(board.stdout)
-    assert data["metric"] == "map"
+    assert data["metric"] == "map" and data["best_model"]["task"] == "multilabel"
+    assert data["best_model"]["test"]["map"] == metrics["test"]["map"]
+    written = {f["file"] for f in data["report"]["files"] if f["written"]}
+    assert {"per_label_ap.png", "label_cooccurrence.png"} <= written
+    assert not {"confusion_matrix.png", "misclassified.png", "reliability.png"} & {
+        f["file"] for f in data["report"]["files"]
+    }
     from automl_tl.catalog import Catalog
 
     (model_row,) = Catalog(tmp_path / "tiny" / "catalog.db").db["models"].rows
