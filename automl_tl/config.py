@@ -441,9 +441,7 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
             FIXED_ORIENTATION_SWAPS.get(a, a) for a in sections["search"].augmentations
         ]
     if sections["data"].label_separator == "":
-        raise ConfigError(
-            '[data] label_separator is empty; use " " (the default), ";" or "|", say'
-        )
+        raise ConfigError('[data] label_separator is empty; use " " (the default), ";" or "|", say')
     config = StudyConfig(
         name=name,
         plugins=list(plugins),

@@ -790,7 +790,11 @@ def check_labels(
     need = 1 + ("val" not in fixed) + ("test" not in fixed)
     small = {c: pool[c] for c in class_names if 0 < pool[c] < need}
     if small and not only_held_out:
-        where = "train" + (", val" if "val" not in fixed else "") + (", test" if "test" not in fixed else "")
+        where = (
+            "train"
+            + (", val" if "val" not in fixed else "")
+            + (", test" if "test" not in fixed else "")
+        )
         errors.append(
             "too few images to split: "
             + ", ".join(
@@ -860,7 +864,9 @@ def assign_multilabel_splits(
             "fractions or add images"
         )
     for name in ("val", "test"):
-        missing = [class_names[c] for c in np.flatnonzero(trained & (targets[out[name]].sum(0) == 0))]
+        missing = [
+            class_names[c] for c in np.flatnonzero(trained & (targets[out[name]].sum(0) == 0))
+        ]
         if missing:
             warnings.warn(
                 f"label(s) {missing} are on no {name} image after the split; they are not "
@@ -1392,9 +1398,7 @@ def check_source(
         dataset.class_names or sorted({label for r in records for label in r.label_set})
     )
     multilabel = task_kind(records) == "multilabel"
-    errors, class_warns = (check_labels if multilabel else check_classes)(
-        good, class_names, source
-    )
+    errors, class_warns = (check_labels if multilabel else check_classes)(good, class_names, source)
     warns += class_warns
     fixed = {r.split for r in good}
     counts: dict[str, dict[str, int]] = {}

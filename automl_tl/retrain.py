@@ -240,7 +240,9 @@ def held_out_thresholds(
         return tune_thresholds(probs, y).tolist(), "validation (retrained model)"
     stored = unpack(trial.user_attrs.get(trials.VAL_LOG_PROBS))
     if stored is not None and tuple(stored.shape) == tuple(y.shape):
-        return tune_thresholds(stored.exp().numpy(), y).tolist(), f"validation (trial {trial.number})"
+        return tune_thresholds(
+            stored.exp().numpy(), y
+        ).tolist(), f"validation (trial {trial.number})"
     return None
 
 

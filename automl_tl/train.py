@@ -659,9 +659,7 @@ def _fit(
         step = _compiled(model, compile)
         peak = set().union(*plan)
         if device.type in MEMORY_PROBE_DEVICES and peak != plan[0]:
-            _try_peak_memory(
-                model, step, peak, train, batch_size, inputs, amp, device, data.task
-            )
+            _try_peak_memory(model, step, peak, train, batch_size, inputs, amp, device, data.task)
 
     optimizer = _optimizer(model, strategy, groups, head, depth, choice)
     steps_per_epoch = _steps_per_epoch(len(train), batch_size)

@@ -197,9 +197,7 @@ def test_fixed_split_column_is_kept(tmp_path, registry):
     csv = _write_csv(tmp_path / "d", rows, header="path,labels,split")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        splits = prepare_data(
-            registry, f"csv:{csv}", image_size=16, task=MultiLabel(), seed=0
-        )
+        splits = prepare_data(registry, f"csv:{csv}", image_size=16, task=MultiLabel(), seed=0)
     assert sorted(Path(n).name for n in splits.test.names) == sorted(f"{i}.png" for i in range(10))
 
 
@@ -261,7 +259,7 @@ def test_multiclass_task_set_for_multilabel_data(tmp_path):
     _cli_refuses(
         tmp_path,
         '[data]\nsource = "digit_pairs"\ntask = "multiclass"\n',
-        'digit_pairs gives several labels per image (multi-label records); set [data] task = '
+        "digit_pairs gives several labels per image (multi-label records); set [data] task = "
         '"multilabel"',
     )
 

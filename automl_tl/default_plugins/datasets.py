@@ -348,7 +348,9 @@ def _split_labels(cell: str, separator: str) -> tuple[str, ...]:
 
 
 def _line_list(numbers: list[int]) -> str:
-    return ", ".join(map(str, numbers[:5])) + (f", … ({len(numbers)} in all)" if len(numbers) > 5 else "")
+    return ", ".join(map(str, numbers[:5])) + (
+        f", … ({len(numbers)} in all)" if len(numbers) > 5 else ""
+    )
 
 
 @hookimpl(trylast=True)
