@@ -426,18 +426,7 @@ def _confusion_matrix(ctx: ReportContext):
     ax.set_xticks(range(n), labels, rotation=90 if n > 6 else 0)
     ax.set_yticks(range(n), labels)
     if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                if cm[i, j]:
-                    ax.text(
-                        j,
-                        i,
-                        str(cm[i, j]),
-                        ha="center",
-                        va="center",
-                        fontsize=8,
-                        color="white" if rows[i, j] > 0.5 else "black",
-                    )
+        _annotate_counts(ax, cm, rows, fontsize=8)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     trial = f"trial {pred.trial}, " if pred.trial is not None else ""
@@ -445,6 +434,22 @@ def _confusion_matrix(ctx: ReportContext):
         f"Best model ({trial}exported) on test: {len(pred.truth)} images, accuracy {accuracy:.4f}"
     )
     return fig
+
+
+def _annotate_counts(ax, counts, shade, fontsize: int) -> None:
+    """Each non-zero count written on its cell, white on cells shaded past half."""
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            if counts[i, j]:
+                ax.text(
+                    j,
+                    i,
+                    str(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=fontsize,
+                    color="white" if shade[i, j] > 0.5 else "black",
+                )
 
 
 def _misclassified(ctx: ReportContext):
@@ -542,19 +547,7 @@ def _label_cooccurrence(ctx: ReportContext):
         ax.set_xticks(range(n), labels, rotation=90 if n > 6 else 0)
         ax.set_yticks(range(n), labels)
         if n <= 20:
-            top = max(1, int(matrix.max()))
-            for i in range(n):
-                for j in range(n):
-                    if matrix[i, j]:
-                        ax.text(
-                            j,
-                            i,
-                            str(matrix[i, j]),
-                            ha="center",
-                            va="center",
-                            fontsize=7,
-                            color="white" if matrix[i, j] > top / 2 else "black",
-                        )
+            _annotate_counts(ax, matrix, matrix / max(1, int(matrix.max())), fontsize=7)
         ax.set_title(f"Co-occurrence of {what}")
     return fig
 
