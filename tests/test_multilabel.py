@@ -353,3 +353,31 @@ def test_search_export_predict_end_to_end(tmp_path):
 
     (model_row,) = Catalog(tmp_path / "tiny" / "catalog.db").db["models"].rows
     assert model_row["task"] == "multilabel" and model_row["test_map"] == metrics["test"]["map"]
+
+
+@pytest.mark.slow
+def test_the_multilabel_demo_study_runs(tmp_path):
+    """The README's `automl-tl search studies/digit_pairs.toml` and `predict ... --format csv`
+    on a copy, one trial."""
+    from .conftest import REPO
+
+    study = tmp_path / "digit_pairs.toml"
+    study.write_text((REPO / "studies" / "digit_pairs.toml").read_text())
+    result = run_main("search", str(study), "--n-trials", "1", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "digit_pairs" / "best" / "metrics.json").read_text())
+    assert metrics["task"] == "multilabel" and metrics["data"]["sizes"] == {
+        "train": 718,
+        "val": 241,
+        "test": 241,
+    }
+    assert f"test mAP {metrics['test']['map']:.4f}" in result.stdout
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, record in enumerate(DigitPairs().load(None, tmp_path).records[:3]):
+        Image.fromarray(record.image).save(images / f"{i}.png")
+    out = run_main(
+        "predict", str(tmp_path / "digit_pairs" / "best"), str(images), "--format", "csv"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "path,labels,scores" and len(out.stdout.splitlines()) == 4
