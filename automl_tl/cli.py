@@ -324,8 +324,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         directory, metrics = retrain(config, registry, trial_number=args.trial, device=device)
     announce_export(pm, config, directory, metrics)
     test = metrics["test"]
+    name, key = ("mAP", "map") if metrics.get("task") == "multilabel" else ("accuracy", "accuracy")
     print(
-        f"trial {metrics['trial']} retrained on {metrics['retrained_on']}: test accuracy {test['accuracy']:.4f} -> {directory}"
+        f"trial {metrics['trial']} retrained on {metrics['retrained_on']}: test {name} {test[key]:.4f} -> {directory}"
     )
     return 0
 

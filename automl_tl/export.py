@@ -522,6 +522,17 @@ def load_ensemble(directory: Path, device: str = "cpu", registry=None) -> Loaded
     )
 
 
+def check_single_label(folders: Sequence[Path], what: str) -> None:
+    """Ensembles and soups average one softmax: a multi-label export is refused by name."""
+    for folder in folders:
+        config = json.loads((Path(folder) / "config.json").read_text())
+        if (config.get("automl_tl") or {}).get("task") == "multilabel":
+            raise UserError(
+                f"{folder} is a multi-label model; {what} of multi-label models are not "
+                "supported (they average one softmax over the classes): use the model alone"
+            )
+
+
 def check_same_classes(folders: Sequence[Path], label_lists: Sequence[list[str]]) -> None:
     """An ensemble's members predict the same classes in the same order, or a clear error."""
     first = list(label_lists[0])
@@ -549,6 +560,7 @@ def export_ensemble(
         raise UserError("an ensemble needs at least one member model")
     for m in members:
         check_timm_export(m)
+    check_single_label(members, "ensembles")
     labels = []
     for m in members:
         config = json.loads((m / "config.json").read_text())

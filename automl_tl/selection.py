@@ -47,7 +47,7 @@ from .catalog import Catalog, catalog_path
 from .config import StudyConfig
 from .data import Split, Splits
 from .errors import UserError
-from .export import export_ensemble, export_model, load_model
+from .export import check_single_label, export_ensemble, export_model, load_model
 from .leaderboard import weights_label
 from .registry import Registry
 from .retrain import retrain, retrain_once, score_predictions
@@ -740,6 +740,7 @@ def score_model(
 
 def check_soup(folders: list[Path]) -> None:
     """A soup's ingredients share architecture and classes, or a clear error."""
+    check_single_label(folders, "soups")
     first = json.loads((folders[0] / "config.json").read_text())
     for f in folders[1:]:
         other = json.loads((f / "config.json").read_text())

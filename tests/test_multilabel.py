@@ -381,3 +381,15 @@ def test_the_multilabel_demo_study_runs(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == "path,labels,scores" and len(out.stdout.splitlines()) == 4
+
+
+def test_ensembles_and_soups_of_multilabel_models_are_refused(tmp_path):
+    from automl_tl import UserError
+    from automl_tl.export import check_single_label
+
+    for name, task in (("a", "multilabel"), ("b", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"automl_tl": {"task": task}}))
+    check_single_label([tmp_path / "b"], "ensembles")
+    with pytest.raises(UserError, match="a is a multi-label model; soups of multi-label models"):
+        check_single_label([tmp_path / "b", tmp_path / "a"], "soups")
