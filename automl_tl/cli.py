@@ -518,14 +518,20 @@ def _format_data_check(check) -> str:
 
     from .data import SPLIT_NAMES
 
+    s = check.settings
+    multilabel = s.get("task") == "multilabel"
     lines = [
         f"{check.source}: {check.files} image files, {len(check.bad)} unreadable, "
-        f"{len(check.class_names)} classes"
+        + (
+            f"{len(check.class_names)} labels (multi-label: the counts are images per label)"
+            if multilabel
+            else f"{len(check.class_names)} classes"
+        )
     ]
-    s = check.settings
     if check.split_kind == "stratified":
+        how = "iterative stratification" if multilabel else "stratified"
         lines.append(
-            f"split: stratified, seed {s.get('seed')} (val {s.get('val_fraction')}, "
+            f"split: {how}, seed {s.get('seed')} (val {s.get('val_fraction')}, "
             f"test {s.get('test_fraction')})"
         )
     else:

@@ -206,7 +206,9 @@ def test_fixed_split_column_is_kept(tmp_path, registry):
 
 
 def _cli_refuses(tmp_path, body: str, *message: str) -> None:
-    study = write_study(tmp_path, body)
+    # one small backbone: the backbone checks before the data are not what is tested
+    body += "" if "[search]" in body else "[search]\n"
+    study = write_study(tmp_path, body + 'backbones = ["test_resnet"]\n')
     result = run_main("search", str(study), "--device", "cpu")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -393,3 +395,19 @@ def test_ensembles_and_soups_of_multilabel_models_are_refused(tmp_path):
     check_single_label([tmp_path / "b"], "ensembles")
     with pytest.raises(UserError, match="a is a multi-label model; soups of multi-label models"):
         check_single_label([tmp_path / "b", tmp_path / "a"], "soups")
+
+
+def test_check_data_counts_images_per_label(tmp_path):
+    csv = _pairs_csv(tmp_path / "d", n=40)
+    result = run_main("check-data", f"csv:{csv}", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["settings"]["task"] == "multilabel" and data["usable"]
+    records = DigitPairs().load(None, tmp_path).records[:40]
+    per_label = {c: sum(c in r.labels for r in records) for c in data["classes"]}
+    totals = {
+        c: sum(data["counts"][s].get(c, 0) for s in ("train", "val", "test")) for c in per_label
+    }
+    assert totals == per_label
+    text = run_main("check-data", f"csv:{csv}")
+    assert "split: iterative stratification, seed 0" in text.stdout
