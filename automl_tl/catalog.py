@@ -17,7 +17,7 @@ import sqlite_utils
 from ._util import NETWORK_FILESYSTEMS, filesystem_type
 from .space import SHOWN_PARAMS, effective_params
 from .storage import storage_kind
-from .trials import TrialSummary
+from .trials import Direction, TrialSummary
 
 
 def catalog_path(config) -> Path:
@@ -95,6 +95,8 @@ class Catalog:
                 "number": int,
                 "state": str,
                 "value": float,
+                "metric": str,  # the study's [search] metric, which "value" is
+                "direction": str,  # "maximize" / "minimize": which way "value" is better
                 **params,
                 "params": str,
                 "duration_s": float,
@@ -134,6 +136,8 @@ class Catalog:
                 "params": str,
                 "data_fingerprint": str,
                 "val_accuracy": float,
+                "metric": str,
+                "direction": str,
                 "test_accuracy": float,
                 "test_balanced_accuracy": float,
                 "test_macro_f1": float,
@@ -217,14 +221,19 @@ class Catalog:
             lambda: self.db["epochs"].upsert(row, pk=("study", "trial", "epoch"), alter=True)
         )
 
-    def record_trial(self, study: str, trial: Any) -> None:
-        """Record an Optuna FrozenTrial (any state)."""
+    def record_trial(
+        self, study: str, trial: Any, metric: str | None = None, direction: Direction | None = None
+    ) -> None:
+        """Record an Optuna FrozenTrial (any state); ``value`` is ``metric``'s, better
+        higher or lower as ``direction`` (a :class:`automl_tl.trials.Direction`) says."""
         s = TrialSummary.of(trial)
         row = {
             "study": study,
             "number": s.number,
             "state": s.state,
-            "value": trial.value if trial.values else None,
+            "value": s.value,
+            "metric": metric,
+            "direction": direction.name if direction is not None else None,
             # one column per parameter in its shown form; the stored names are in "params"
             **dict(zip(SHOWN_PARAMS, map(effective_params(s.params).get, SHOWN_PARAMS))),
             "weights": s.weights,  # resolved: fixed sources too, a file with its sha256
@@ -263,6 +272,8 @@ class Catalog:
             "params": json.dumps(params, sort_keys=True),
             "data_fingerprint": data_fingerprint,
             "val_accuracy": (metrics.get("val") or {}).get("accuracy"),
+            "metric": metrics.get("metric"),  # the study's; "direction": which way is better
+            "direction": metrics.get("direction"),
             "test_accuracy": test.get("accuracy"),
             "test_balanced_accuracy": test.get("balanced_accuracy"),
             "test_macro_f1": test.get("macro_f1"),

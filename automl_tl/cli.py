@@ -122,6 +122,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .search import search
+    from .trials import Direction
     from .workers import die_with_parent
 
     die_with_parent()  # a worker of `--workers N`: never outlive the parent
@@ -143,7 +144,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     if outcome.metrics:
         _print_retrained(config, outcome.metrics, outcome.model_dir)
     _print_selection(outcome.selection)
-    _print_weights_comparison(outcome.comparison, config.search.metric)
+    _print_weights_comparison(
+        outcome.comparison, config.search.metric, Direction.of(outcome.study).name
+    )
     return 0
 
 
@@ -177,6 +180,14 @@ def _print_retrained(config, metrics: dict[str, Any], directory) -> None:
             f"  trial #{metrics['trial']}; 95 % intervals on {metrics.get('test_images', '?')} "
             f"test images: accuracy{_interval(metrics, 'accuracy')}, balanced"
             f"{_interval(metrics, 'balanced_accuracy')}, macro F1{_interval(metrics, 'macro_f1')}"
+        )
+    lat = metrics.get("latency")
+    if lat:
+        t = lat["target"]
+        print(
+            f"latency on {t['device']} ({t['runtime']}, {t['threads']} thread(s), batch "
+            f"{t['batch_size']}): {lat['export_ms']:.3f} ms the export timed on its own, "
+            f"{lat['trial_ms']:.3f} ms its trial (ratio {lat['ratio']:.2f})"
         )
     cal = metrics.get("calibration")
     if cal and cal.get("fitted_on"):
@@ -218,12 +229,15 @@ def _print_selection(data: dict[str, Any] | None) -> None:
         )
 
 
-def _print_weights_comparison(rows: list[dict[str, Any]] | None, metric: str) -> None:
+def _print_weights_comparison(
+    rows: list[dict[str, Any]] | None, metric: str, direction: str = "maximize"
+) -> None:
     """Transferred vs scratch (when [weights] is searched): one line per weight source, and
     the difference between the best transferred and the best scratch model."""
     if not rows:
         return
     from .leaderboard import transfer_difference
+    from .trials import Direction
 
     print("best per weight source (retrained, same budget):")
     for r in rows:
@@ -233,10 +247,10 @@ def _print_weights_comparison(rows: list[dict[str, Any]] | None, metric: str) ->
             f"complete trials): val {r['val']:.4f}, test "
             + (f"{test:.4f}" if test is not None else "n/a (not retrained)")
         )
-    diff = transfer_difference(rows, metric)
+    diff = transfer_difference(rows, metric, Direction.named(direction))
     if diff is not None:
         d = diff["difference"]
-        verdict = "pays" if d > 0 else "does not pay"
+        verdict = "pays" if diff["pays"] else "does not pay"
         if diff.get("inside_noise"):
             tail = (
                 f", inside the noise (95 % interval ±{diff['noise']:.4f}): "
@@ -257,6 +271,7 @@ def _search_with_workers(args: argparse.Namespace, config, pm, registry, device:
     from .search import announce_export
     from .selection import select_and_retrain
     from .storage import storage_for_workers, url_to_env
+    from .trials import Direction
     from .workers import run_workers
 
     config.search.storage = storage_for_workers(config, args.workers)
@@ -304,7 +319,8 @@ def _search_with_workers(args: argparse.Namespace, config, pm, registry, device:
             _print_retrained(config, metrics, directory)
             _print_selection(chosen)
             rows = retrain_per_weights(config, registry, result.study, splits, device=device)
-            _print_weights_comparison(rows, config.search.metric)
+            direction = Direction.of(result.study).name
+            _print_weights_comparison(rows, config.search.metric, direction)
     return 1 if result.failed else 0
 
 
@@ -355,6 +371,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .config import load_config
     from .leaderboard import leaderboard
     from .space import SHOWN_PARAMS, effective_params
+    from .trials import Direction
 
     config = load_config(args.study, {"search.storage": _storage_arg(args)})
     device = _device(args.device or "cpu")
@@ -367,12 +384,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return 0
     rows = []
-    for t in sorted(data["trials"], key=lambda t: (t["value"] is None, -(t["value"] or 0))):
+    direction = Direction.named(data.get("direction"))  # best first: lower for a cost
+    for t in sorted(data["trials"], key=lambda t: direction.key(t["value"])):
         rows.append(
             {
                 "trial": t["number"],
                 "state": t["state"],
                 config.search.metric: t["value"],
+                **{m: (t.get("measured") or {}).get(m) for m in config.search.measures},
                 **{k: effective_params(t["params"]).get(k) for k in SHOWN_PARAMS},
                 "weights": t.get("weights"),  # resolved: fixed sources too, a file's sha256
                 "epochs": t["epochs_run"],
@@ -384,6 +403,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         "trial",
         "state",
         config.search.metric,
+        *config.search.measures,
         *SHOWN_PARAMS,
         "epochs",
         "seconds",
@@ -392,7 +412,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.format == "csv":
         sys.stdout.write(_csv(rows, columns))
         return 0
-    print(f"study {data['study']} ({len(rows)} trials, metric {data['metric']})")
+    lower = ", lower is better" if not direction.higher_is_better else ""
+    print(f"study {data['study']} ({len(rows)} trials, metric {data['metric']}{lower})")
     print(_table(rows, columns))
     skipped = data.get("skipped_images") or []
     if skipped:
@@ -408,6 +429,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         )
     if data.get("selection_note"):
         print(f"\nnote: {data['selection_note']}")
+    if data.get("pareto") is not None:
+        print(
+            f"\nPareto front ({', '.join(data['objectives'])}): trials "
+            + (", ".join(map(str, data["pareto"])) or "none yet")
+        )
     if data.get("best_model"):
         bm = data["best_model"]
         print(
@@ -419,7 +445,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         _print_selection(data["selection"])
     if data.get("weights"):
         print()
-        _print_weights_comparison(data["weights"], config.search.metric)
+        _print_weights_comparison(data["weights"], config.search.metric, direction.name)
     return 0
 
 

@@ -268,12 +268,19 @@ class ParamGroup:
 
 
 class UnfreezeStrategy(ABC):
-    """Which layer groups train, when, and at which learning rate.
+    """Which parameters train, when, and at which learning rate.
 
     ``depth`` is the number of body groups counted from the top (0 = linear probe, i.e. head
     only; ``len(groups)`` = full fine-tune). Strategies are stateless: the host asks them for
     the optimizer's parameter groups once and for the trainable set at every epoch, sets
     ``requires_grad`` accordingly and keeps BatchNorm statistics of frozen layers frozen.
+
+    A strategy may train a subset of a group's parameters (BitFit: its biases) and may add
+    parameters to the model (LoRA: low-rank adapters): :meth:`adapt` runs once, before
+    training, and returns the layer groups the other methods then get; :meth:`merge` runs
+    once after training and folds added parameters back, so the model is exported with the
+    backbone's own parameter names (plain timm loads it). The host checks that the merged
+    model has exactly the parameters the backbone created.
     """
 
     name: str = ""
@@ -285,6 +292,29 @@ class UnfreezeStrategy(ABC):
     #: random features, so the search offers only ``from_scratch`` strategies to trials without
     #: pretrained weights (see the space table in docs/architecture.md).
     from_scratch: bool = False
+
+    def adapt(
+        self, model: nn.Module, groups: list[LayerGroup], head: list[str], depth: int
+    ) -> list[LayerGroup]:
+        """Prepare ``model`` for training at ``depth`` and return the layer groups that
+        :meth:`param_groups` and :meth:`trainable` get.
+
+        Called once per training run, before the model moves to the device. It may change
+        the model in place (replace a submodule with ``setattr``; the head stays as it is)
+        and return, per group (same number, same order), the names the strategy trains of
+        it: the group itself, a subset (its biases), or new names (an adapter's parameters).
+        At depth 0 it must leave the model unchanged (a linear probe trains the head on the
+        body's cached features). Default: the model and the groups unchanged.
+        """
+        return groups
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold what :meth:`adapt` added back into the backbone's own parameters and return
+        the model, which must then have exactly the parameter names and shapes the backbone
+        created (adapters merged: :func:`automl_tl.adapters.merge_lora`). Called once after
+        training, before anything evaluates the final model or exports it. Default: the
+        model unchanged."""
+        return model
 
     @abstractmethod
     def param_groups(
@@ -301,8 +331,9 @@ class UnfreezeStrategy(ABC):
 
 class Metric(ABC):
     """A score a team selects models by (recall at a fixed precision, a cost-weighted error),
-    registered with ``register_metrics``; usable as ``[search] metric``, in pruning and in
-    the report beside the built-in ``accuracy``, ``balanced_accuracy`` and ``macro_f1``.
+    registered with ``register_metrics``; usable as ``[search] metric`` (higher- or
+    lower-is-better), in pruning, racing, ensembles and in the report beside the built-in
+    ``accuracy``, ``balanced_accuracy`` and ``macro_f1``.
 
     ``score(y_true, y_pred)`` gets the true class indices (``int64``, shape ``(N,)``) and
     either the predicted classes (shape ``(N,)``) or, with :attr:`uses_probabilities`, the
@@ -313,7 +344,8 @@ class Metric(ABC):
 
     name: str = ""
     description: str = ""
-    #: True: larger is better. A ``[search] metric`` must be (Optuna maximizes it).
+    #: True: larger is better; False: smaller is (a cost, an error). As ``[search] metric``
+    #: the study is created to maximize or minimize it, and every ranking follows.
     higher_is_better: bool = True
     #: the values ``score`` can return, (low, high)
     range: tuple[float, float] = (0.0, 1.0)

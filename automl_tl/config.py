@@ -18,6 +18,7 @@ from typing import Any
 from . import tasks, weightsource
 from .errors import ConfigError, did_you_mean
 from .paths import StudyPaths
+from .trials import MAXIMIZE, Direction
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,7 +29,16 @@ else:  # pragma: no cover
 METRICS = tasks.MULTICLASS_METRICS
 #: the largest val_fraction + test_fraction: at least a tenth of the data stays to train on
 MAX_HELD_OUT = 0.9
-SAMPLERS = ("tpe", "gp", "random")
+SAMPLERS = ("tpe", "gp", "random", "nsga2")
+#: what a multi-objective study can measure on each trained model beside its metric (all
+#: lower-is-better): milliseconds per call on the [search] latency target, millions of
+#: parameters, megabytes of weights
+MEASURES = ("latency_ms", "params_m", "model_mb")
+#: how [selection] pick names a measure: "fastest within 1 point" and the like
+PICK_WORDS = {"fastest": "latency_ms", "smallest": "params_m", "lightest": "model_mb"}
+#: the keys of [search] latency and their defaults (where latency_ms is measured)
+LATENCY_DEFAULTS = {"device": "cpu", "threads": 1, "batch_size": 1, "runtime": "torch"}
+LATENCY_RUNTIMES = ("torch", "onnxruntime")
 PRUNERS = ("hyperband", "median", "none")
 
 
@@ -111,6 +121,26 @@ class SearchSection:
     patience: int = field(default=0, metadata={"min": 0})
     #: multi-label studies: "bce" (binary cross-entropy) or "asymmetric" (Ridnik et al., 2021)
     multilabel_loss: str = field(default="bce", metadata=_choices(*tasks.MULTILABEL_LOSSES))
+    #: more than one: a multi-objective study (Optuna's TPE or NSGA-II): the first is the
+    #: metric, the others are measured on each trained model (MEASURES, all minimized)
+    objectives: list[str] = field(default_factory=list)
+    #: where latency_ms is measured: {device, threads, batch_size, runtime} (LATENCY_DEFAULTS)
+    latency: dict = field(default_factory=dict)
+    #: bounds on measured objectives, e.g. ["latency_ms <= 20"] (Optuna's constraints_func)
+    constraints: list[str] = field(default_factory=list)
+
+    @property
+    def measures(self) -> list[str]:
+        """The objectives measured on the model (after the metric)."""
+        return list(self.objectives[1:])
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def latency_target(self) -> dict[str, Any]:
+        """[search] latency with its defaults filled in."""
+        return {**LATENCY_DEFAULTS, **self.latency}
 
 
 @dataclass
@@ -143,6 +173,10 @@ class SelectionSection:
     soup: bool = True
     #: temperature scaling fitted on held-out validation predictions
     calibrate: bool = True
+    #: a multi-objective study's model to ship: "best" (the best metric on the Pareto front)
+    #: or e.g. "fastest within 1 point" (the lowest latency_ms within 1 point of the best
+    #: metric; "smallest": params_m, "lightest": model_mb)
+    pick: str = "best"
 
 
 @dataclass
@@ -452,6 +486,7 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
         **sections,
     )
     _resolve_task(config)
+    check_objectives(config, raw)
     asked = (raw.get("selection") or {}).get("finalists")
     if asked is not None and asked > config.search.n_trials:
         raise ConfigError(
@@ -514,6 +549,132 @@ def _resolve_task(config: StudyConfig) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """One ``[search] constraints`` entry: ``name <= bound`` or ``name >= bound``."""
+
+    name: str
+    op: str
+    bound: float
+
+    def violation(self, value: float) -> float:
+        """Optuna's convention: <= 0 when satisfied, else by how much it is not."""
+        return value - self.bound if self.op == "<=" else self.bound - value
+
+
+def parse_constraint(text: str) -> Constraint:
+    """``"latency_ms <= 20"`` -> Constraint; a ConfigError naming the entry otherwise."""
+    parts = text.split()
+    ok = len(parts) == 3 and parts[1] in ("<=", ">=")
+    try:
+        bound = float(parts[2]) if ok else math.nan
+    except ValueError:
+        bound = math.nan
+    if not ok or not math.isfinite(bound):
+        raise ConfigError(
+            f'[search] constraints: "{text}" is not NAME <= NUMBER or NAME >= NUMBER '
+            '(e.g. "latency_ms <= 20")'
+        )
+    return Constraint(parts[0], parts[1], bound)
+
+
+def parse_pick(text: str) -> tuple[str, float] | None:
+    """``[selection] pick``: None for "best", else (measure, points), e.g. ("latency_ms", 1)."""
+    if text == "best":
+        return None
+    words = text.split()
+    if (
+        len(words) == 4
+        and words[0] in PICK_WORDS
+        and words[1] == "within"
+        and words[3] in ("point", "points")
+    ):
+        try:
+            points = float(words[2])
+        except ValueError:
+            points = math.nan
+        if math.isfinite(points) and points >= 0:
+            return PICK_WORDS[words[0]], points
+    raise ConfigError(
+        f'[selection] pick = "{text}" is not "best" or "WORD within N points" with WORD one of '
+        f'{", ".join(PICK_WORDS)} (e.g. "fastest within 1 point")'
+    )
+
+
+def check_objectives(config: StudyConfig, raw: dict[str, Any]) -> None:
+    """[search] objectives, latency and constraints and [selection] pick agree: the first
+    objective is the metric, the others are MEASURES, and a constraint or pick only names
+    what is measured."""
+    s = config.search
+    if s.objectives:
+        first = s.objectives[0]
+        if first in MEASURES:
+            raise ConfigError(
+                f"[search] objectives starts with {first!r}; the first objective is the metric "
+                f'to select by, then the measures, e.g. ["accuracy", "{first}"]'
+            )
+        for name in s.objectives[1:]:
+            if name not in MEASURES:
+                raise ConfigError(
+                    f"unknown objective {name!r} in [search] objectives"
+                    f"{did_you_mean(name, MEASURES)}; after the metric ({first!r}) come "
+                    f"measures: {', '.join(MEASURES)}"
+                )
+        if "metric" in (raw.get("search") or {}) and s.metric != first:
+            raise ConfigError(
+                f"[search] metric = {s.metric!r} but [search] objectives starts with {first!r}; "
+                "the first objective is the metric: drop one of them or make them agree"
+            )
+        s.metric = first
+    measured = s.objectives or [s.metric]
+    for text in s.constraints:
+        c = parse_constraint(text)
+        if c.name not in measured:
+            known = [*MEASURES, *METRICS]
+            what = "measured" if c.name in known else f"known{did_you_mean(c.name, known)}"
+            raise ConfigError(
+                f'[search] constraints: "{text}" bounds {c.name!r}, which is not {what}; '
+                f"a constraint names one of [search] objectives ({', '.join(measured)}), e.g. "
+                '["accuracy", "latency_ms"] with "latency_ms <= 20"'
+            )
+    if not isinstance(s.latency, dict):
+        raise ConfigError(
+            f'[search] latency must be a table, e.g. {{device = "cpu", threads = 1}}, got '
+            f"{_type_name(s.latency)} {s.latency!r}"
+        )
+    for key in s.latency:
+        if key not in LATENCY_DEFAULTS:
+            raise ConfigError(
+                f"unknown key {key!r} in [search] latency{did_you_mean(key, LATENCY_DEFAULTS)}; "
+                f"allowed: {', '.join(LATENCY_DEFAULTS)}"
+            )
+    target = s.latency_target()
+    for key in ("threads", "batch_size"):
+        value = target[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"[search] latency {key} = {value!r} must be an integer >= 1")
+    if target["runtime"] not in LATENCY_RUNTIMES:
+        raise ConfigError(
+            f"[search] latency runtime = {target['runtime']!r} is not allowed"
+            f"{did_you_mean(str(target['runtime']), LATENCY_RUNTIMES)}; choose one of: "
+            f"{', '.join(LATENCY_RUNTIMES)}"
+        )
+    if not isinstance(target["device"], str) or target["device"].split(":")[0] not in (
+        "cpu",
+        "cuda",
+    ):
+        raise ConfigError(
+            f'[search] latency device = {target["device"]!r} must be "cpu" or "cuda" '
+            '(or "cuda:N"): the device the model will run on'
+        )
+    pick = parse_pick(config.selection.pick)
+    if pick is not None and pick[0] not in s.measures:
+        raise ConfigError(
+            f'[selection] pick = "{config.selection.pick}" needs {pick[0]!r} measured; add it '
+            f'to [search] objectives (e.g. ["{s.metric}", "{pick[0]}"]) or pick "best"'
+        )
+
+
 #: under ``[data] orientation = "fixed"``, the default ``[search] augmentations`` with these
 #: built-in policies swapped for their orientation-safe twins
 FIXED_ORIENTATION_SWAPS = {"flip_crop": "crop"}
@@ -541,6 +702,18 @@ def _check_weights(config: StudyConfig, backbone: str, value: str | list[str]) -
             )
     for choice in value if isinstance(value, list) else [value]:
         weightsource.validate(weightsource.parse(choice, config.base_dir), key)
+
+
+def metric_direction(name: str, registry=None) -> Direction:
+    """Which way ``name`` is better: the built-in metrics are higher-is-better in [0, 1]; a
+    plugin's metric (``register_metrics``) says so itself (``higher_is_better``, ``range``)."""
+    if name in METRICS:
+        return MAXIMIZE
+    if registry is None:
+        raise ValueError(f"metric {name!r} is a plugin's: its direction needs the registry")
+    metric = registry.get("metrics", name)
+    low, high = metric.range
+    return Direction(bool(metric.higher_is_better), (float(low), float(high)))
 
 
 def check_named_weights(config: StudyConfig, registry) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,10 @@ from optuna.trial import FrozenTrial, TrialState
 from . import trials
 from .catalog import Catalog, catalog_path
 from .config import StudyConfig
-from .scores import difference_in_noise
+from .scores import difference_in_noise, standard_error
 from .space import effective_params
 from .storage import open_study
+from .trials import MAXIMIZE, Direction
 
 
 def describe_params(params: dict[str, Any]) -> str:
@@ -49,34 +49,46 @@ def count_finished(study: optuna.Study) -> int:
 def best_summary(study: optuna.Study) -> dict[str, Any] | None:
     """``{"number", "value", "params"}`` of the best complete trial, or None."""
     try:
-        t = study.best_trial
+        t = trials.best_trial(study)
     except ValueError:
         return None
-    return {"number": t.number, "value": t.value, "params": dict(t.params)}
+    return {"number": t.number, "value": trials.value_of(t), "params": dict(t.params)}
+
+
+def pareto_front(study: optuna.Study) -> list[int] | None:
+    """The numbers of a multi-objective study's Pareto-optimal trials (feasible ones, when
+    it has constraints), or None for a single-objective study."""
+    if len(study.directions) == 1:
+        return None
+    return sorted(t.number for t in study.best_trials)
 
 
 def selection_note(study: optuna.Study) -> str | None:
     """A warning when the validation split is too small to tell the best trials apart.
 
     Validation scores are fractions of ``n`` images, so one standard error of the best score
-    ``p`` is about ``sqrt(p (1 - p) / n)`` (binomial; at least one image). When three or more
-    complete trials lie within it of the best, picking "the best" among them is mostly chance,
-    and its test score will say so; the user should know before trusting the ranking.
+    ``p`` is about ``sqrt(p (1 - p) / n)`` (binomial; at least one image; a metric with
+    another range is scaled to [0, 1] first). When three or more complete trials lie within it
+    of the best, picking "the best" among them is mostly chance, and its test score will say
+    so; the user should know before trusting the ranking.
     """
     n = ((study.user_attrs.get("data") or {}).get("sizes") or {}).get("val")
+    direction = Direction.of(study)
     values = sorted(
         (
-            t.value
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and math.isfinite(t.value)
+            v
+            for v in map(
+                trials.value_of, study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            )
+            if v is not None
         ),
-        reverse=True,
+        key=direction.key,
     )
     if not n or len(values) < 3:
         return None
     best = values[0]
-    error = math.sqrt(max(best * (1 - best), 1 / n) / n)
-    close = sum(v >= best - error for v in values)
+    error = standard_error(best, n, direction.range)
+    close = sum(direction.within(v, best, error) for v in values)
     if close < 3:
         return None
     return (
@@ -118,9 +130,10 @@ def weights_label(config: StudyConfig, params: dict[str, Any]) -> str:
 def best_by_weights(config: StudyConfig, study: optuna.Study) -> dict[str, FrozenTrial]:
     """The best complete trial of each weight source (only sources with a complete trial)."""
     best: dict[str, FrozenTrial] = {}
+    direction = Direction.of(study)
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         label = weights_label(config, t.params)
-        if label not in best or t.value > best[label].value:
+        if label not in best or direction.better(trials.value_of(t), trials.value_of(best[label])):
             best[label] = t
     return best
 
@@ -161,7 +174,7 @@ def comparison(config: StudyConfig, study: optuna.Study) -> list[dict[str, Any]]
                 "scratch": label == "none",
                 "trial": t.number,
                 "backbone": t.params.get("backbone"),
-                "val": t.value,
+                "val": trials.value_of(t),
                 "trials": sum(1 for x in complete if weights_label(config, x.params) == label),
                 "test": test,
                 "test_interval": interval,  # 95 %
@@ -169,24 +182,35 @@ def comparison(config: StudyConfig, study: optuna.Study) -> list[dict[str, Any]]
                 "path": str(folder) if folder else None,
             }
         )
-    metric = config.search.metric
-    rows.sort(key=lambda r: ((r["test"] or {}).get(metric, -1.0), r["val"]), reverse=True)
+    metric, direction = config.search.metric, Direction.of(study)
+    rows.sort(key=lambda r: (direction.key((r["test"] or {}).get(metric)), direction.key(r["val"])))
     return rows
 
 
-def transfer_difference(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
-    """Best transferred minus best scratch test score, when both were retrained, with the
-    half-width of its 95 % interval (binomial, normal approximation, on the test split's
-    size) and whether the difference lies inside it (``inside_noise``)."""
+def transfer_difference(
+    rows: list[dict[str, Any]], metric: str, direction: Direction = MAXIMIZE
+) -> dict[str, Any] | None:
+    """Best transferred minus best scratch test score, when both were retrained, whether
+    transfer ``pays`` (the difference is better in ``direction``), the half-width of its 95 %
+    interval (binomial, normal approximation, on the test split's size) and whether the
+    difference lies inside it (``inside_noise``)."""
     scratch = [r for r in rows if r["scratch"] and r["test"]]
     transferred = [r for r in rows if not r["scratch"] and r["test"]]
     if not (scratch and transferred):
         return None
     a, b = transferred[0], scratch[0]
-    out = {"weights": a["weights"], "difference": a["test"][metric] - b["test"][metric]}
+    out = {
+        "weights": a["weights"],
+        "difference": a["test"][metric] - b["test"][metric],
+        "pays": direction.better(a["test"][metric], b["test"][metric]),
+    }
     if a.get("test_images") and b.get("test_images"):
         half, inside = difference_in_noise(
-            a["test"][metric], a["test_images"], b["test"][metric], b["test_images"]
+            a["test"][metric],
+            a["test_images"],
+            b["test"][metric],
+            b["test_images"],
+            direction.range,
         )
         out.update(noise=round(half, 4), inside_noise=inside)
     return out
@@ -217,12 +241,18 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
                 "images_per_s": s.images_per_s,
                 "batch_size": s.batch_size,
                 "best_epoch": t.user_attrs.get(trials.BEST_EPOCH),  # 1-based
+                # multi-objective: latency_ms / params_m / model_mb, and the constraints held
+                "measured": t.user_attrs.get(trials.MEASURED),
+                "feasible": trials.feasible(t) if trials.CONSTRAINTS in t.user_attrs else None,
             }
         )
     out: dict[str, Any] = {
         "study": config.name,
         "metric": config.search.metric,
+        "direction": Direction.of(study).name,  # "minimize": a lower-is-better plugin metric
         "best": best_summary(study),
+        "objectives": config.search.objectives or [config.search.metric],
+        "pareto": pareto_front(study),  # trial numbers; None for one objective
         "trials": rows,
         "throughput": backbone_throughput(study),  # training images/s per backbone
         "selection_note": selection_note(study),  # a validation split too small to rank by

@@ -78,7 +78,10 @@ def study_state(study) -> StudyState:
     """Finished and running trials, the best so far and the mean time of a finished trial."""
     from optuna.trial import TrialState
 
+    from .trials import Direction, value_of
+
     state = StudyState()
+    direction = Direction.of(study)
     durations = []
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.RUNNING:
@@ -87,9 +90,8 @@ def study_state(study) -> StudyState:
             state.finished += 1
             if t.datetime_start and t.datetime_complete:
                 durations.append((t.datetime_complete - t.datetime_start).total_seconds())
-        better = state.best_value is None or (t.values and t.value > state.best_value)
-        if t.state == TrialState.COMPLETE and t.values and better:
-            state.best_value, state.best_number = float(t.value), t.number
+        if t.state == TrialState.COMPLETE and direction.better(value_of(t), state.best_value):
+            state.best_value, state.best_number = value_of(t), t.number
     if durations:
         state.mean_trial_s = sum(durations) / len(durations)
     return state

@@ -58,6 +58,7 @@ from ._util import write_atomic
 from .config import StudyConfig
 from .registry import Registry
 from .space import SHOWN_PARAMS, effective_params
+from .trials import Direction, value_of
 
 #: Bump when the report's content changes, so existing reports are rebuilt.
 REPORT_VERSION = 4  # 4: multi-label figures
@@ -119,6 +120,10 @@ class ReportContext:
         cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
         return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
 
+    def target(self) -> Callable[[FrozenTrial], float] | None:
+        """What Optuna's plots show of a multi-objective study: its metric (None: the value)."""
+        return value_of if len(self.study.directions) > 1 else None
+
     def complete(self) -> list[FrozenTrial]:
         return [t for t in self.trials if t.state == TrialState.COMPLETE and t.values]
 
@@ -136,7 +141,7 @@ class ReportContext:
 
 def _last_score(trial: FrozenTrial) -> float | None:
     if trial.state == TrialState.COMPLETE and trial.values:
-        return float(trial.value)
+        return value_of(trial)
     if trial.intermediate_values:
         return float(trial.intermediate_values[max(trial.intermediate_values)])
     return None
@@ -153,7 +158,9 @@ def _optimization_history(ctx: ReportContext):
 
     if not ctx.complete():
         raise Skipped("no trial has completed yet")
-    ax = plot_optimization_history(ctx.study, target_name=f"validation {ctx.metric}")
+    ax = plot_optimization_history(
+        ctx.study, target=ctx.target(), target_name=f"validation {ctx.metric}"
+    )
     ax.set_title(f"Optimization history: validation {ctx.metric} per trial")
     return ax.figure
 
@@ -167,6 +174,7 @@ def _param_importances(ctx: ReportContext):
     try:
         ax = plot_param_importances(
             ctx.study,
+            target=ctx.target(),
             evaluator=PedAnovaImportanceEvaluator(),
             target_name=f"validation {ctx.metric}",
         )
@@ -270,7 +278,7 @@ def _depth_vs_strength(ctx: ReportContext):
     policies = sorted({t.params.get("augmentation", "?") for t in finished})
     fig, ax = plt.subplots(figsize=(7, 4.5), tight_layout=True)
     complete = [t for t in finished if t.state == TrialState.COMPLETE]
-    values = [float(t.value) for t in complete]
+    values = [value_of(t) for t in complete]
     vmin, vmax = (min(values), max(values)) if values else (0.0, 1.0)
     mappable = None
     for i, policy in enumerate(policies):
@@ -279,7 +287,7 @@ def _depth_vs_strength(ctx: ReportContext):
             mappable = ax.scatter(
                 [float(t.params.get("aug_strength", 0.0)) for t in mine],
                 [float(effective_params(t.params)["unfreeze_depth"]) for t in mine],
-                c=[float(t.value) for t in mine],
+                c=[value_of(t) for t in mine],
                 cmap="viridis",
                 vmin=vmin,
                 vmax=vmax if vmax > vmin else vmin + 1e-9,
@@ -631,12 +639,50 @@ def _reliability(ctx: ReportContext):
     return fig
 
 
+def _pareto_front(ctx: ReportContext):
+    from optuna.visualization.matplotlib import plot_pareto_front
+
+    names = [f"validation {ctx.metric}", *ctx.config.search.measures]
+    if len(names) > 3:
+        raise Skipped(f"{len(names)} objectives: a Pareto front is drawn for 2 or 3")
+    if not ctx.complete():
+        raise Skipped("no trial has completed yet")
+    constrained = ctx.config.search.constraints
+    # Optuna finds the constraints the search stored on each trial itself
+    ax = plot_pareto_front(ctx.study, target_names=names)
+    ax.set_title(
+        f"Pareto front: {' vs. '.join(names)}"
+        + (f" ({', '.join(constrained)})" if constrained else "")
+    )
+    return ax.figure
+
+
+#: drawn only for a multi-objective study (``[search] objectives``)
+PARETO = (
+    "pareto_front.png",
+    "Pareto front",
+    "Each complete trial by its validation score and its measured cost (latency on the "
+    "declared target, parameters or size); the highlighted trials are the Pareto front: none "
+    "is beaten on every objective at once. [selection] pick (or retrain --trial N) chooses "
+    "the point to ship; trials breaking [search] constraints are greyed out.",
+    _pareto_front,
+)
+
+
+def figures_for(config: StudyConfig) -> list[tuple[str, str, str, Callable[[ReportContext], Any]]]:
+    """The study's figures: those of :data:`FIGURES` for its task kind (multi-label or
+    not), and the Pareto front of a multi-objective one."""
+    skip = SINGLE_LABEL_FIGURES if config.task.multilabel else MULTILABEL_FIGURES
+    figures = [f for f in FIGURES if f[0] not in skip]
+    return [*figures, PARETO] if config.search.multi_objective else figures
+
+
 FIGURES: list[tuple[str, str, str, Callable[[ReportContext], Any]]] = [
     (
         "optimization_history.png",
         "Optimization history",
         "Each dot is a complete trial's validation score in the order the trials ran; the line is "
-        "the best score so far. A line that stops rising means more trials are unlikely to help.",
+        "the best score so far. A line that stops improving means more trials are unlikely to help.",
         _optimization_history,
     ),
     (
@@ -720,11 +766,6 @@ SINGLE_LABEL_FIGURES = frozenset({"reliability.png", "confusion_matrix.png", "mi
 MULTILABEL_FIGURES = frozenset({"per_label_ap.png", "label_cooccurrence.png", "label_mistakes.png"})
 
 
-def figures_for(config: StudyConfig) -> list[tuple[str, str, str, Callable[[ReportContext], Any]]]:
-    """The figures of the study's task kind."""
-    skip = SINGLE_LABEL_FIGURES if config.task.multilabel else MULTILABEL_FIGURES
-    return [f for f in FIGURES if f[0] not in skip]
-
 
 # ---------------------------------------------------------------------------------------------
 # the page
@@ -781,7 +822,8 @@ def _leaderboard_html(data: dict[str, Any]) -> str:
     ]
     columns = ["trial", "state", metric, *used, "epochs", "seconds", "fail_reason"]
     best = (data.get("best") or {}).get("number")
-    trials = sorted(data["trials"], key=lambda t: (t["value"] is None, -(t["value"] or 0)))
+    direction = Direction.named(data.get("direction"))  # best first, either way
+    trials = sorted(data["trials"], key=lambda t: direction.key(t["value"]))
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = []
     for t in trials:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,14 @@ from typing import Any
 import optuna
 import torch
 
-from . import trials
+from . import latency, trials
+from ._util import write_atomic
 from .budget import claim_expiry, claim_marker, describe_worker, holder_gone
 from .catalog import Catalog, catalog_path
 from .config import StudyConfig
 from .data import Splits, load_splits
 from .errors import UserError
-from .export import export_model
+from .export import export_model, load_model
 from .leaderboard import best_by_weights, comparison, describe_params, retrained_model
 from .paths import ensure_writable
 from .plugins import component_origin
@@ -35,6 +37,7 @@ from .space import choice_from_params
 from .storage import check_data, open_study, storage_of
 from .tasks import multilabel_metrics, tune_thresholds
 from .train import evaluate, fit, plugin_metrics, resolve_device
+from .trials import Direction
 
 log = logging.getLogger("automl_tl")
 
@@ -79,7 +82,7 @@ def retrain(
         check_data(study, splits)
     if trial_number is None:
         try:
-            trial = study.best_trial
+            trial = trials.best_trial(study)
         except ValueError as exc:
             raise UserError(f"study {config.name!r} has no complete trial to retrain yet") from exc
         directory = paths.best
@@ -163,6 +166,7 @@ def retrain(
         "trial": trial.number,
         "metric": config.search.metric,
         "task": task.name,
+        "direction": Direction.of(study).name,  # which way the metric is better
         "params": dict(trial.params),
         "retrained_on": on,
         "epochs": choice.epochs,
@@ -194,6 +198,9 @@ def retrain(
             "weights": metrics["weights"],
         },
     )
+    if "latency_ms" in (trial.user_attrs.get(trials.MEASURED) or {}):
+        metrics["latency"] = export_latency(config, registry, directory, trial)
+        write_atomic(directory / "metrics.json", json.dumps(metrics, indent=2))
     Catalog(catalog_path(config)).record_model(
         config.name,
         trial.number,
@@ -211,6 +218,30 @@ def retrain(
         directory,
     )
     return directory, metrics
+
+
+#: the exported model's latency may differ from the trial's by this much (issue 12)
+LATENCY_TOLERANCE = 0.10
+
+
+def export_latency(
+    config: StudyConfig, registry: Registry, directory: Path, trial: optuna.trial.FrozenTrial
+) -> dict[str, Any]:
+    """The exported model timed on its own (loaded from ``directory``) on the study's latency
+    target, beside the latency its trial was chosen for: ``ratio`` = export / trial, and
+    whether they agree within :data:`LATENCY_TOLERANCE`."""
+    target = config.search.latency_target()
+    loaded = load_model(directory, device="cpu", registry=registry)
+    export_ms = latency.time_model(loaded.model, loaded.image_size, target)
+    trial_ms = float(trial.user_attrs[trials.MEASURED]["latency_ms"])
+    ratio = export_ms / trial_ms if trial_ms > 0 else math.inf
+    return {
+        "target": target,
+        "trial_ms": round(trial_ms, 4),
+        "export_ms": round(export_ms, 4),
+        "ratio": round(ratio, 4),
+        "within_tolerance": abs(ratio - 1) <= LATENCY_TOLERANCE,
+    }
 
 
 def held_out_temperature(
@@ -287,8 +318,8 @@ def score_predictions(
 
 
 def best_dir_for(config: StudyConfig, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Path:
-    """``best/``, unless it holds a trial that scores higher than ``trial`` (then the trial's
-    own ``models/trial-N/``)."""
+    """``best/``, unless it holds a trial that scores better than ``trial`` (in the study's
+    direction; then the trial's own ``models/trial-N/``)."""
     paths = config.paths
     try:
         held = json.loads((paths.best / "metrics.json").read_text()).get("trial")
@@ -297,14 +328,16 @@ def best_dir_for(config: StudyConfig, study: optuna.Study, trial: optuna.trial.F
     if held is None or held == trial.number:
         return paths.best
     other = next((t for t in study.get_trials(deepcopy=False) if t.number == held), None)
-    if other is not None and other.value is not None and other.value > trial.value:
+    if other is not None and Direction.of(study).better(
+        trials.value_of(other), trials.value_of(trial)
+    ):
         log.warning(
             "best/ holds trial %d (val %.4f), better than trial %d (val %.4f): writing trial %d "
             "to %s instead",
             held,
-            other.value,
+            trials.value_of(other),
             trial.number,
-            trial.value,
+            trials.value_of(trial),
             trial.number,
             paths.model(trial.number),
         )
@@ -437,7 +470,7 @@ def retrain_once(
         )
         finish_claim(study, number)
         return directory, metrics
-    best = study.best_trial
+    best = trials.best_trial(study)
     won, holder = claim_retrain(study, best.number, config.paths.best)
     if not won:
         log.info(

@@ -12,10 +12,10 @@ from typing import Any
 
 import optuna
 
-from .config import StudyConfig
+from .config import METRICS, StudyConfig
 from .portfolio import portfolio
 from .storage import set_trial_attr
-from .trials import DEAD_AT_CHANCE
+from .trials import DEAD_AT_CHANCE, Direction, trial_constraints
 
 
 class WrappingSampler(optuna.samplers.BaseSampler):
@@ -123,7 +123,14 @@ def alternate_weights(
 
 
 def pruner_warning(config: StudyConfig) -> str | None:
-    """Why the study's pruner makes a searched weight source's comparison unfair, if it does."""
+    """Why the study's pruner is not used (a multi-objective study), or makes a searched
+    weight source's comparison unfair, if it does."""
+    if config.search.multi_objective and config.search.pruner != "none":
+        return (
+            f'[search] pruner = "{config.search.pruner}" is not used: Optuna prunes only '
+            "single-objective studies, so every trial of this multi-objective study "
+            f"({', '.join(config.search.objectives)}) runs all its epochs"
+        )
     if config.searches_weights() and config.search.pruner != "none":
         return (
             f'[search] pruner = "{config.search.pruner}" compares trials of every weight '
@@ -141,16 +148,29 @@ def startup_trials(config: StudyConfig) -> int:
 
 
 def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
-    """The study's sampler: TPE (multivariate, grouped, constant liar), GP or random; with
-    TPE/GP the default portfolio first (``[search] portfolio``); a searched ``[weights]``
-    source takes turns."""
+    """The study's sampler: TPE (multivariate, grouped, constant liar), GP, NSGA-II or
+    random (TPE and NSGA-II also for a multi-objective study); with TPE/GP/NSGA-II the default
+    portfolio first (``[search] portfolio``); ``[search] constraints`` as Optuna's
+    ``constraints_func``; a searched ``[weights]`` source takes turns."""
     seed = config.data.seed
     name = config.search.sampler
+    # [search] constraints: Optuna >= 5 reads what the objective set (Trial.set_constraint);
+    # before, a constraints_func reads them back from the trial (trials.CONSTRAINTS)
+    old_api = not hasattr(optuna.trial.Trial, "set_constraint")
+    constraints = (
+        {"constraints_func": trial_constraints} if config.search.constraints and old_api else {}
+    )
     if name == "random":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
     else:
-        if name == "gp":
-            sampler = optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(config))
+        if name == "nsga2":  # a population per generation: the start-up's size
+            sampler = optuna.samplers.NSGAIISampler(
+                seed=seed, population_size=startup_trials(config), **constraints
+            )
+        elif name == "gp":
+            sampler = optuna.samplers.GPSampler(
+                seed=seed, n_startup_trials=startup_trials(config), **constraints
+            )
         else:
             sampler = optuna.samplers.TPESampler(
                 multivariate=True,
@@ -158,6 +178,7 @@ def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
                 constant_liar=True,
                 seed=seed,
                 n_startup_trials=startup_trials(config),
+                **constraints,
             )
         if config.search.portfolio:
             # the first start-up trials: one textbook configuration per backbone, then random
@@ -168,14 +189,19 @@ def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
     """Hyperband over epochs (default), median, or none; the first two with the dead-trial
     guard (:class:`DeadTrialGuard`: pruned at <= 1.5x chance from epoch 2 while another trial
-    has left chance)."""
+    has left chance) when ``[search] metric`` is a built-in one, whose chance level is known.
+    Both prune in the study's direction (a lower-is-better plugin metric is minimized)."""
     name, epochs = config.search.pruner, config.search.epochs
+    if config.search.multi_objective:  # Optuna prunes single-objective studies only
+        return optuna.pruners.NopPruner()
+    guarded = config.search.metric in METRICS  # a plugin's metric: no chance level to guard
+    extra = {"epochs": epochs} if guarded else {}
     if name == "hyperband":
-        return GuardedHyperbandPruner(
-            min_resource=1, max_resource=epochs, reduction_factor=3, epochs=epochs
-        )
+        hyperband = GuardedHyperbandPruner if guarded else optuna.pruners.HyperbandPruner
+        return hyperband(min_resource=1, max_resource=epochs, reduction_factor=3, **extra)
     if name == "median":
-        return GuardedMedianPruner(n_startup_trials=5, n_warmup_steps=1, epochs=epochs)
+        median = GuardedMedianPruner if guarded else optuna.pruners.MedianPruner
+        return median(n_startup_trials=5, n_warmup_steps=1, **extra)
     return optuna.pruners.NopPruner()
 
 
@@ -215,6 +241,8 @@ class DeadTrialGuard:
         data = study.user_attrs.get("data") or {}
         if data.get("task") == "multilabel":  # chance is no 1 / classes there (mAP: the
             return None  # labels' prevalence; subset accuracy: ~0): no guard
+        if not Direction.of(study).higher_is_better:  # "chance" is a low accuracy-like score
+            return None
         classes = data.get("classes") or []
         return self.guard_factor / len(classes) if len(classes) >= 2 else None
 

@@ -124,18 +124,25 @@ def metric_intervals(
     }
 
 
-def standard_error(p: float, n: int) -> float:
+def standard_error(p: float, n: int, span: tuple[float, float] = (0.0, 1.0)) -> float:
     """Binomial standard error of a score ``p`` on ``n`` images (at least one image's worth),
-    as :func:`automl_tl.leaderboard.selection_note` computes it."""
+    as :func:`automl_tl.leaderboard.selection_note` computes it. A metric whose values lie in
+    another ``span`` (a plugin's cost, say) is scaled to [0, 1] and back."""
     if not n:
         return 0.0
-    return math.sqrt(max(p * (1 - p), 1 / n) / n)
+    low, high = span
+    width = (high - low) or 1.0
+    q = min(1.0, max(0.0, (p - low) / width))
+    return width * math.sqrt(max(q * (1 - q), 1 / n) / n)
 
 
-def difference_in_noise(a: float, n_a: int, b: float, n_b: int) -> tuple[float, bool]:
+def difference_in_noise(
+    a: float, n_a: int, b: float, n_b: int, span: tuple[float, float] = (0.0, 1.0)
+) -> tuple[float, bool]:
     """(half-width of the 95 % interval of ``a - b``, whether ``a - b`` lies inside it), for
-    two accuracies on ``n_a`` and ``n_b`` images (normal approximation)."""
-    half = Z95 * math.sqrt(standard_error(a, n_a) ** 2 + standard_error(b, n_b) ** 2)
+    two accuracies (or scores in ``span``) on ``n_a`` and ``n_b`` images (normal
+    approximation)."""
+    half = Z95 * math.sqrt(standard_error(a, n_a, span) ** 2 + standard_error(b, n_b, span) ** 2)
     return half, abs(a - b) <= half
 
 

@@ -18,7 +18,10 @@ Example (a hand-written loop on an in-memory study)::
 
     objective = Objective(config, registry, pm, splits, device="cpu")
     recorder = TrialRecorder(config, pm)
-    study = optuna.create_study(direction="maximize", sampler=make_sampler(config))
+    study = optuna.create_study(
+        direction=metric_direction(config.search.metric, registry).name,
+        sampler=make_sampler(config),
+    )
     study.optimize(objective, n_trials=8, callbacks=[recorder], catch=(TrialFailed,))
 """
 
@@ -37,11 +40,17 @@ import optuna
 import pluggy
 from optuna.trial import FrozenTrial, TrialState
 
-from . import trials, weightsource
+from . import latency, trials, weightsource
 from ._util import failure_reason, is_out_of_memory
 from .budget import Budget, RetryStaleTrial, TrialSkipped, worker_identity
 from .catalog import Catalog, catalog_path
-from .config import METRICS, StudyConfig, check_named_weights
+from .config import (
+    METRICS,
+    StudyConfig,
+    check_named_weights,
+    metric_direction,
+    parse_constraint,
+)
 from .data import Splits, load_splits, parse_source
 from .errors import ConfigError, UnknownNameError, UserError, did_you_mean
 from .leaderboard import (
@@ -59,8 +68,16 @@ from .samplers import make_pruner, make_sampler, pruner_warning
 from .scores import pack
 from .selection import check_selection, select_and_retrain
 from .space import check_space, suggest
-from .storage import fail_trial, join_study, one_search_per_sqlite, open_storage, redact
+from .storage import (
+    check_existing_direction,
+    fail_trial,
+    join_study,
+    one_search_per_sqlite,
+    open_storage,
+    redact,
+)
 from .train import EpochResult, expected_seconds, fit, release_memory, resolve_device
+from .trials import Direction
 
 log = logging.getLogger("automl_tl")
 
@@ -90,6 +107,8 @@ def check_names(config: StudyConfig, registry: Registry) -> None:
             registry.get(kind, name)
     registry.get("datasets", parse_source(config.data.source)[0])
     check_metric_name(config, registry)
+    if "latency_ms" in config.search.measures:  # onnxruntime asked for and not installed
+        latency.check_runtime(config.search.latency_target())
     check_named_weights(config, registry)
     check_space(config, registry)  # no empty branch; no flipping policy under fixed orientation
 
@@ -108,8 +127,8 @@ def announce_export(
 
 
 def check_metric_name(config: StudyConfig, registry: Registry) -> None:
-    """``[search] metric`` is a built-in metric or one a plugin registered that Optuna can
-    maximize (a lower-is-better metric is reported, not searched by)."""
+    """``[search] metric`` is a built-in metric or one a plugin registered (a lower-is-better
+    one is minimized: :func:`automl_tl.config.metric_direction`)."""
     name = config.search.metric
     task = config.task
     if name in task.metrics:
@@ -124,12 +143,6 @@ def check_metric_name(config: StudyConfig, registry: Registry) -> None:
         raise UnknownNameError(
             f"unknown metric {name!r} in [search] metric{did_you_mean(name, known)}; known: "
             f"{', '.join(known)} (a plugin adds more with register_metrics)"
-        )
-    if not registry.get("metrics", name).higher_is_better:
-        raise ConfigError(
-            f"[search] metric = {name!r} is lower-is-better; the search maximizes its metric, so "
-            "choose a higher-is-better one (the report still shows this one for every model), "
-            "or register its complement (e.g. 1 - error)"
         )
 
 
@@ -178,10 +191,13 @@ def check_weight_files(config: StudyConfig, registry: Registry) -> None:
             ) from exc
 
 
-def open_search_study(config: StudyConfig, splits: Splits) -> optuna.Study:
+def open_search_study(
+    config: StudyConfig, splits: Splits, registry: Registry | None = None
+) -> optuna.Study:
     """Create or join the study for a search: its storage with heartbeats and retries on a
-    database server, the study's sampler and pruner; refuses data that differ from the
-    study's (:func:`automl_tl.storage.join_study`)."""
+    database server, the study's sampler and pruner, the direction of ``[search] metric``
+    (a plugin's metric needs ``registry``); refuses data that differ from the study's, and a
+    study made for the other direction (:func:`automl_tl.storage.join_study`)."""
     warning = pruner_warning(config)
     if warning:
         warnings.warn(warning, stacklevel=2)
@@ -191,7 +207,12 @@ def open_search_study(config: StudyConfig, splits: Splits) -> optuna.Study:
         on_stale=RetryStaleTrial(),
     )
     return join_study(
-        config, splits, storage=storage, sampler=make_sampler(config), pruner=make_pruner(config)
+        config,
+        splits,
+        storage=storage,
+        sampler=make_sampler(config),
+        pruner=make_pruner(config),
+        direction=metric_direction(config.search.metric, registry),
     )
 
 
@@ -233,7 +254,7 @@ class Objective:
         self.interrupts = interrupts
         self.started: list[int] = []  # trial numbers this process ran (or is running)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple:
         self.started.append(trial.number)  # first: an interrupt from here on fails it cleanly
         try:
             if self.interrupts is not None:
@@ -250,7 +271,7 @@ class Objective:
                 release_memory(self.device)  # the next trial starts clean
             raise
 
-    def _train(self, trial: optuna.Trial) -> float:
+    def _train(self, trial: optuna.Trial) -> float | tuple:
         name = self.config.name
         choice = suggest(trial, self.config, self.registry)
         trial.set_user_attr(trials.DEVICE, str(self.device))
@@ -282,6 +303,8 @@ class Objective:
                 trial.set_user_attr(trials.FEATURE_CACHE, "used")  # "hit" / "miss" once complete
             else:  # pruned trials count too in backbone_throughput()
                 trial.set_user_attr(trials.IMAGES_PER_S, round(r.images_per_s, 1))
+            if self.config.search.multi_objective:
+                return  # Optuna prunes single-objective studies only
             trial.report(r.val[self.metric], r.epoch + 1)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {r.epoch + 1}")
@@ -328,7 +351,28 @@ class Objective:
             trial.set_user_attr(trials.FEATURE_CACHE, result.feature_cache)
         trial.set_user_attr(trials.BATCH_SIZE, result.batch_size)  # halved on out-of-memory
         trial.set_user_attr(trials.VAL_METRICS, val)
+        if self.config.search.multi_objective or self.config.search.constraints:
+            return self._objectives(trial, result, float(val[self.metric]))
         return float(val[self.metric])
+
+    def _objectives(self, trial: optuna.Trial, result, score: float) -> float | tuple:
+        """The metric and the measures of ``[search] objectives`` (measured on the trained
+        model: :mod:`automl_tl.latency`), with the ``[search] constraints`` values stored
+        for Optuna's ``constraints_func``."""
+        s = self.config.search
+        measured = latency.measure(
+            result.model, self.splits.image_size, s.measures, s.latency_target()
+        )
+        trial.set_user_attr(trials.MEASURED, measured)
+        values = {s.metric: score, **measured}
+        violations = [c.violation(values[c.name]) for c in map(parse_constraint, s.constraints)]
+        trial.set_user_attr(trials.CONSTRAINTS, violations)
+        if hasattr(trial, "set_constraint"):  # Optuna >= 5 (before: the sampler's constraints_func)
+            for text, value in zip(s.constraints, violations):
+                trial.set_constraint(text, value)
+        if not s.multi_objective:
+            return score
+        return (score, *(measured[m] for m in s.measures))
 
     def too_slow(self, trial: optuna.Trial, choice) -> str | None:
         """Why ``choice`` cannot finish within ``[search] timeout`` at the training speed its
@@ -377,18 +421,20 @@ class TrialRecorder:
         self.ran += 1
         self.recorded.add(trial.number)
         name = self.config.name
-        self.catalog.record_trial(name, trial)
+        self.catalog.record_trial(name, trial, self.config.search.metric, Direction.of(study))
         self.hook.trial_finished(
             study_name=name,
             trial_number=trial.number,
             state=trial.state.name,
-            value=trial.value if trial.values else None,
+            value=trials.value_of(trial),
             # (without the packed validation predictions: kilobytes no tracker wants)
             attrs={k: v for k, v in trial.user_attrs.items() if k != trials.VAL_LOG_PROBS},
         )
         reason = trial.user_attrs.get(trials.FAIL_REASON, "unknown")
         if trial.state == TrialState.COMPLETE:
-            outcome = f"{self.config.search.metric}={trial.value:.4f}"
+            outcome = f"{self.config.search.metric}={trial.values[0]:.4f}"
+            for name, value in (trial.user_attrs.get(trials.MEASURED) or {}).items():
+                outcome += f" {name}={value:.4g}"
         elif trial.state == TrialState.PRUNED:
             outcome = f"pruned at epoch {trial.user_attrs.get(trials.EPOCHS_RUN, '?')}"
         elif reason == "interrupted":
@@ -396,8 +442,8 @@ class TrialRecorder:
         else:
             outcome = f"failed: {reason}"
         try:
-            best = study.best_trial
-            best_text = f"best {best.value:.4f} (#{best.number})"
+            best = trials.best_trial(study)
+            best_text = f"best {trials.value_of(best):.4f} (#{best.number})"
         except ValueError:
             best_text = "no complete trial yet"
         log.info(
@@ -415,7 +461,9 @@ class TrialRecorder:
         recorded = self.catalog.trial_states(self.config.name)
         for trial in study.get_trials(deepcopy=False):
             if trial.state != TrialState.RUNNING and recorded.get(trial.number) != trial.state.name:
-                self.catalog.record_trial(self.config.name, trial)
+                self.catalog.record_trial(
+                    self.config.name, trial, self.config.search.metric, Direction.of(study)
+                )
 
 
 class FailureStreak:
@@ -576,6 +624,8 @@ def search(
     check_names(config, registry)
     check_backbones_run(config, registry)
     ensure_writable(config.output_dir)
+    # an existing study made for the other direction: refused before any data loads
+    check_existing_direction(config, metric_direction(config.search.metric, registry))
     with one_search_per_sqlite(config.storage_url):
         return _search(config, registry, pm, device=device, retrain_best=retrain_best)
 
@@ -591,7 +641,9 @@ def _search(
     ensure_study_weights(config, registry, device=device)  # pretrain:SOURCE, built once
     splits = load_splits(config, registry)
     check_selection(config, splits)  # e.g. more folds than the smallest class: before training
-    study = open_search_study(config, splits)  # refuses to join if this worker's data differ
+    study = open_search_study(
+        config, splits, registry
+    )  # refuses to join if this worker's data differ
     catalog = Catalog(catalog_path(config))
     interrupts = Interrupts()
     # n_trials finished trials across every worker sharing the storage, exactly

@@ -44,7 +44,7 @@ from . import trials
 from ._util import write_atomic
 from .budget import claim_expiry, claim_marker, holder_gone, worker_identity
 from .catalog import Catalog, catalog_path
-from .config import StudyConfig
+from .config import StudyConfig, metric_direction, parse_pick
 from .data import Split, Splits
 from .errors import UserError
 from .export import check_single_label, export_ensemble, export_model, load_model
@@ -63,6 +63,7 @@ from .scores import (
 from .space import choice_from_params
 from .storage import storage_of
 from .train import evaluate, fit, plugin_metrics, resolve_device
+from .trials import Direction
 
 log = logging.getLogger("automl_tl")
 
@@ -90,7 +91,7 @@ class Finalists:
 
 def finalists(study: optuna.Study, limit: int, val_images: int | None = None) -> Finalists:
     """The complete trials within one standard error of the best (binomial, on the
-    validation split's size), best first, at most ``limit``."""
+    validation split's size), best first (in the study's direction), at most ``limit``."""
     if val_images is None:
         val_images = ((study.user_attrs.get("data") or {}).get("sizes") or {}).get("val") or 0
     complete = [
@@ -98,12 +99,13 @@ def finalists(study: optuna.Study, limit: int, val_images: int | None = None) ->
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if trials.value_of(t) is not None
     ]
-    complete.sort(key=lambda t: (-t.value, t.number))
+    direction = Direction.of(study)
+    complete.sort(key=lambda t: (direction.key(trials.value_of(t)), t.number))
     if not complete:
         return Finalists([], None, 0.0, val_images, 0, "no complete trial")
-    best = complete[0].value
-    se = standard_error(best, val_images)
-    within = [t.number for t in complete if t.value >= best - se - 1e-12]
+    best = trials.value_of(complete[0])
+    se = standard_error(best, val_images, direction.range)
+    within = [t.number for t in complete if direction.within(trials.value_of(t), best, se)]
     note = None
     if len(within) > limit:
         note = (
@@ -275,11 +277,12 @@ def race_study_name(study_name: str) -> str:
 
 
 def open_race_study(study: optuna.Study) -> optuna.Study:
-    """The study holding the race's runs as COMPLETE trials (created on first use)."""
+    """The study holding the race's runs as COMPLETE trials (created on first use, in the
+    study's direction)."""
     return optuna.create_study(
         study_name=race_study_name(study.study_name),
         storage=storage_of(study),
-        direction="maximize",
+        direction=Direction.of(study).name,
         load_if_exists=True,
     )
 
@@ -533,6 +536,106 @@ def _median_epochs(values: list[int]) -> int | None:
     return max(1, int(round(statistics.median(values)))) if values else None
 
 
+def _temperature(
+    config: StudyConfig, splits: Splits, trial: FrozenTrial, runs: list[FrozenTrial]
+) -> list[Any] | None:
+    """``[T, what it was fitted on]`` from the trial's held-out predictions (its search
+    trial's and its race runs'), with ``[selection] calibrate``; else None."""
+    if not (config.selection.calibrate and splits.task.supports_calibration):
+        return None
+    preds = held_out_predictions(config, splits, trial, runs)
+    if not preds:
+        return None
+    labels = _pool_labels(splits)
+    lp = torch.cat([p for _, p in preds])
+    y = torch.cat([labels[i] for i, _ in preds])
+    return [
+        round(fit_temperature(lp, y), 4),
+        f"held-out predictions of trial {trial.number} ({len(y)})",
+    ]
+
+
+def pick_trial(study: optuna.Study, config: StudyConfig) -> tuple[FrozenTrial, str]:
+    """The trial ``[selection] pick`` ships from a multi-objective study, and why: "best" is
+    the feasible trial with the best metric; "fastest within 1 point" the lowest
+    ``latency_ms`` among feasible trials whose metric is within 1 point (a hundredth of the
+    metric's range) of that best ("smallest": ``params_m``, "lightest": ``model_mb``)."""
+    best = trials.best_trial(study)
+    rule = parse_pick(config.selection.pick)
+    metric = config.search.metric
+    if rule is None:
+        return best, f"the best {metric} among the feasible trials"
+    measure, points = rule
+    direction = Direction.of(study)
+    margin = points * (direction.range[1] - direction.range[0]) / 100
+
+    def measured(t: FrozenTrial) -> float:
+        return float((t.user_attrs.get(trials.MEASURED) or {}).get(measure, math.inf))
+
+    top = trials.value_of(best)
+    candidates = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if trials.value_of(t) is not None
+        and trials.feasible(t)
+        and direction.within(trials.value_of(t), top, margin)
+    ]
+    chosen = min(
+        candidates, key=lambda t: (measured(t), direction.key(trials.value_of(t)), t.number)
+    )
+    return chosen, (
+        f'[selection] pick = "{config.selection.pick}": trial {chosen.number} ({measure} '
+        f"{measured(chosen):.4g}, {metric} {trials.value_of(chosen):.4f}) against the best "
+        f"trial {best.number} ({measure} {measured(best):.4g}, {metric} {top:.4f})"
+    )
+
+
+def _picked(
+    config: StudyConfig, study: optuna.Study, splits: Splits, argmax: FrozenTrial
+) -> Selection:
+    """The :class:`Selection` of a multi-objective study: the picked trial, not raced."""
+    chosen, why = pick_trial(study, config)
+    temperature = _temperature(config, splits, chosen, [])
+    value = float(trials.value_of(chosen))
+    row = {
+        "trial": chosen.number,
+        "value": value,
+        "scores": [round(value, 4)],
+        "mean": round(value, 4),
+        "lcb": round(value, 4),
+        "standard_error": 0.0,
+        "best_epochs": [e for e in [chosen.user_attrs.get(trials.BEST_EPOCH)] if e],
+        "params": dict(chosen.params),
+        "run_seconds": 0.0,
+        "measured": chosen.user_attrs.get(trials.MEASURED),
+    }
+    epochs = _median_epochs(row["best_epochs"]) if config.search.patience else None
+    return Selection(
+        winner=chosen.number,
+        argmax=argmax.number,
+        rule=f"pick: {config.selection.pick}",
+        finalists=[row],
+        standard_error=0.0,
+        val_images=len(splits.val),
+        folds=0,
+        repeats=0,
+        budget=0,
+        runs=0,
+        run_seconds=0.0,
+        epochs=epochs,
+        temperature=temperature,
+        notes=[why, "a multi-objective study is not raced: the race ranks by the metric alone"],
+    )
+
+
+def race_winner(rows: list[dict[str, Any]], rule: str, direction: Direction) -> dict[str, Any]:
+    """The finalist row with the best ``rule`` value (``mean``, or ``lcb``: the mean one
+    standard error towards worse) in the study's direction; ties go to the better search
+    score, then the earlier trial."""
+    key = "lcb" if rule == "lcb" else "mean"
+    return min(rows, key=lambda r: (direction.key(r[key]), direction.key(r["value"]), r["trial"]))
+
+
 def select(
     config: StudyConfig,
     registry: Registry,
@@ -544,13 +647,17 @@ def select(
     """Race the finalists and choose; None when the study has no complete trial.
 
     With ``[selection] race = false`` or a single finalist the argmax is kept (still with
-    the epoch count and temperature)."""
+    the epoch count and temperature). A multi-objective study is not raced: ``[selection]
+    pick`` chooses a point of it (:func:`pick_trial`)."""
     sel = config.selection
     try:
-        argmax = study.best_trial
+        argmax = trials.best_trial(study)
     except ValueError:
         return None
+    if config.search.multi_objective:
+        return _picked(config, study, splits, argmax)
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    direction = Direction.of(study)
     found = finalists(study, sel.finalists, len(splits.val))
     notes = [found.note] if found.note else []
     folds = folds_for(config, splits)
@@ -589,22 +696,23 @@ def select(
         ]
         scores = [float(r.value) for r in runs]
         if not folds or not runs:  # the search's own score is a sample of the same split
-            scores = [float(t.value), *scores]
+            scores = [float(trials.value_of(t)), *scores]
         mean = statistics.fmean(scores)
         if len(scores) > 1:
             se = statistics.stdev(scores) / math.sqrt(len(scores))
         else:
-            se = standard_error(mean, len(splits.val))
+            se = standard_error(mean, len(splits.val), direction.range)
         epochs = [t.user_attrs.get(trials.BEST_EPOCH)] + [
             r.user_attrs.get("best_epoch") for r in runs
         ]
         rows.append(
             {
                 "trial": n,
-                "value": float(t.value),
+                "value": float(trials.value_of(t)),
                 "scores": [round(s, 4) for s in scores],
                 "mean": round(mean, 4),
-                "lcb": round(mean - se, 4),
+                # the pessimistic bound: mean - se (+ se for a lower-is-better metric)
+                "lcb": round(direction.pessimistic(mean, se), 4),
                 "standard_error": round(se, 4),
                 "best_epochs": [e for e in epochs if e],
                 "params": dict(t.params),
@@ -612,8 +720,7 @@ def select(
             }
         )
     key = "lcb" if sel.rule == "lcb" else "mean"
-    # the highest rule value; ties go to the better search score, then the earlier trial
-    best_row = max(rows, key=lambda r: (r[key], r["value"], -r["trial"]))
+    best_row = race_winner(rows, sel.rule, direction)
     winner = best_row["trial"]
     epochs = None
     if config.search.patience:
@@ -622,22 +729,12 @@ def select(
             notes.append(
                 f"retraining for {epochs} epochs: the median best epoch of the finalists' runs"
             )
-    temperature = None
-    if sel.calibrate and splits.task.supports_calibration:
-        preds = held_out_predictions(
-            config,
-            splits,
-            by_number[winner],
-            [r for r in done.values() if r.user_attrs.get("finalist") == winner],
-        )
-        if preds:
-            labels = _pool_labels(splits)
-            lp = torch.cat([p for _, p in preds])
-            y = torch.cat([labels[i] for i, _ in preds])
-            temperature = [
-                round(fit_temperature(lp, y), 4),
-                f"held-out predictions of trial {winner} ({len(y)})",
-            ]
+    temperature = _temperature(
+        config,
+        splits,
+        by_number[winner],
+        [r for r in done.values() if r.user_attrs.get("finalist") == winner],
+    )
     if winner != argmax.number:
         notes.append(
             f"the race chose trial {winner} ({sel.rule} {best_row[key]:.4f}) over the search's "
@@ -725,6 +822,10 @@ def score_model(
     num_classes = len(loaded.label_names)
     pred = log_probs.argmax(1)
     test_metrics = metrics_from_predictions(test.y, pred, num_classes)
+    if registry is not None:  # the plugins' metrics too: the study's may be one
+        probs = log_probs.exp().numpy()
+        for metric in plugin_metrics(registry):
+            test_metrics[metric.name] = metric.checked(test.y.numpy(), probs)
     # log_probs already include the temperature: score them as they are
     scored = score_predictions(log_probs, test.y, num_classes, None, seed=seed)
     return {
@@ -775,14 +876,15 @@ def soup_models(folders: list[Path], weights: list[float] | None = None, registr
     return base
 
 
-def _metric_of(config: StudyConfig, registry: Registry, num_classes: int):
-    """The study's metric as a function of (probabilities, labels): a built-in one or a
-    plugin's (``register_metrics``)."""
+def metric_to_maximize(config: StudyConfig, registry: Registry, num_classes: int):
+    """The study's metric as a function of (probabilities, labels) to maximize: a built-in
+    one or a plugin's (``register_metrics``), negated when lower is better."""
     metric = config.search.metric
+    sign = metric_direction(metric, registry).sign
     plugin = next((m for m in plugin_metrics(registry) if m.name == metric), None)
     if plugin is not None:
-        return lambda probs, y: plugin.checked(y.numpy(), probs.float().numpy())
-    return lambda probs, y: metrics_from_predictions(y, probs.argmax(1), num_classes)[metric]
+        return lambda probs, y: sign * plugin.checked(y.numpy(), probs.float().numpy())
+    return lambda probs, y: sign * metrics_from_predictions(y, probs.argmax(1), num_classes)[metric]
 
 
 def _val_score(loaded, splits: Splits, metric: str, registry: Registry) -> float:
@@ -826,7 +928,9 @@ def build_extras(
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     labels = _pool_labels(splits)
     num_classes = len(splits.class_names)
-    if sel.ensemble and len(numbers) >= 2:
+    if config.search.multi_objective:  # a mix of models has another latency and size
+        out["ensemble_note"] = "multi-objective study: no ensemble or soup of the picked model"
+    elif sel.ensemble and len(numbers) >= 2:
         done = done_runs(open_race_study(study))
         preds = {
             n: held_out_predictions(
@@ -846,7 +950,7 @@ def build_extras(
             log_probs = [pooled[n][0][common].clamp(min=1e-12).log().float() for n in usable]
             # hill-climb the study's metric (ties by likelihood), as Caruana did
             counts = caruana_selection(
-                log_probs, labels[common], score=_metric_of(config, registry, num_classes)
+                log_probs, labels[common], score=metric_to_maximize(config, registry, num_classes)
             )
             members = [(n, c) for n, c in zip(usable, counts) if c]
             total = sum(c for _, c in members)
@@ -882,7 +986,7 @@ def build_extras(
                 [c for _, c in members],
                 paths.ensemble,
             )
-    if sel.soup:
+    if sel.soup and not config.search.multi_objective:
         winner = by_number[selection.winner]
         same = [
             n
@@ -915,21 +1019,22 @@ def _greedy_soup(
     device: str,
 ) -> dict[str, Any]:
     """Greedy soup (Wortsman et al., 2022): ingredients in race order, each kept when the
-    soup's validation accuracy does not drop. With ``[retrain] on = "train+val"`` the
+    soup's validation score (the study's metric, in its direction) does not get worse. With ``[retrain] on = "train+val"`` the
     validation images were trained on, so this only rejects ingredients that break the soup."""
     folders = [_member(config, registry, study, splits, n, selection, device) for n in order]
     check_soup(folders)
     kept = [0]
     metric = config.search.metric
+    direction = metric_direction(metric, registry)
     current = _val_score(
         load_model(folders[0], device="cpu", registry=registry), splits, metric, registry
     )
     for i in range(1, len(folders)):
         trial_soup = soup_models([folders[j] for j in [*kept, i]], registry=registry)
-        acc = _val_score(trial_soup, splits, metric, registry)
-        if acc >= current:
+        score = _val_score(trial_soup, splits, metric, registry)
+        if not direction.better(current, score):  # as good or better: keep it
             kept.append(i)
-            current = acc
+            current = score
     soup = soup_models([folders[j] for j in kept], registry=registry)
     winner_metrics = json.loads((folders[0] / "metrics.json").read_text())
     temperature = float(winner_metrics.get("calibration", {}).get("temperature") or 1.0)

@@ -40,7 +40,8 @@ from optuna.trial import FrozenTrial, TrialState
 from ._util import node_lock
 from .config import StudyConfig, sqlite_path
 from .data import describe_changes
-from .errors import DataError, UserError
+from .errors import ConfigError, DataError, UserError
+from .trials import MAXIMIZE, STUDY_METRIC, Direction
 
 log = logging.getLogger("automl_tl")
 
@@ -306,6 +307,53 @@ def check_data(study: optuna.Study, splits) -> None:
         )
 
 
+def check_direction(study: optuna.Study, metric: str, direction: Direction) -> None:
+    """Refuse to search ``study`` by ``metric`` when it was created for the other direction
+    (Optuna fixes a study's direction when it is created)."""
+    stored = Direction.of(study)
+    if stored.higher_is_better == direction.higher_is_better:
+        return
+    was = (study.user_attrs.get(STUDY_METRIC) or {}).get("name")
+    raise ConfigError(
+        f"[search] metric = {metric!r} is {_better_word(direction)}, but study "
+        f"{study.study_name!r} was created to {stored.name}"
+        + (f" {was!r}" if was else "")
+        + f" ({_better_word(stored)}); "
+        "a study keeps its direction: give the study a new name, or search it by a metric "
+        f"that is {_better_word(stored)}"
+    )
+
+
+def check_objectives(study: optuna.Study, config: StudyConfig) -> None:
+    """Refuse to search ``study`` by other ``[search] objectives`` than it was created with
+    (Optuna fixes the number of objectives when a study is created)."""
+    had = (study.user_attrs.get(STUDY_METRIC) or {}).get("measures") or []
+    wanted = config.search.measures
+    if len(study.directions) - 1 == len(wanted) and (not had or had == wanted):
+        return
+    was = [config.search.metric, *had] if had else f"{len(study.directions)} objective(s)"
+    raise ConfigError(
+        f"[search] objectives = {[config.search.metric, *wanted]!r}, but study "
+        f"{study.study_name!r} was created with {was!r}; a study keeps its objectives: give "
+        "the study a new name, or search it with the objectives it has"
+    )
+
+
+def check_existing_direction(config: StudyConfig, direction: Direction) -> None:
+    """:func:`check_direction` on the study if it exists already, before any data is loaded
+    (a search refused after minutes of decoding images helps no one)."""
+    try:
+        study = optuna.load_study(study_name=config.name, storage=open_storage(config.storage_url))
+    except KeyError:
+        return
+    check_direction(study, config.search.metric, direction)
+    check_objectives(study, config)
+
+
+def _better_word(direction: Direction) -> str:
+    return "higher-is-better" if direction.higher_is_better else "lower-is-better"
+
+
 def join_study(
     config: StudyConfig,
     splits,
@@ -313,12 +361,16 @@ def join_study(
     storage: optuna.storages.BaseStorage,
     sampler: optuna.samplers.BaseSampler,
     pruner: optuna.pruners.BasePruner,
+    direction: Direction = MAXIMIZE,
 ) -> optuna.Study:
     """Create or load the study for a search; store the data identity on a new one, verify it
     otherwise.
 
     Exactly one worker creates the study (the storage refuses a duplicate name) and stores the
     data fingerprint; every other one waits for it and refuses to join if its data differ.
+    A new study optimizes in ``direction`` (``[search] metric``'s, and records the metric),
+    and minimizes each measure of ``[search] objectives`` after it (a multi-objective study);
+    an existing study made for the other direction or other objectives is refused.
     """
     if storage_kind(config.storage_url) != "sqlite":
         # Workers seeded alike would sample the same configurations side by side; each trial
@@ -326,11 +378,18 @@ def join_study(
         sampler.reseed_rng()
     kwargs = {"study_name": config.name, "storage": storage, "sampler": sampler, "pruner": pruner}
     try:
-        study = optuna.create_study(direction="maximize", **kwargs)
+        measures = config.search.measures
+        study = optuna.create_study(
+            directions=[direction.name, *["minimize"] * len(measures)], **kwargs
+        )
+        record = direction.record(config.search.metric)
+        study.set_user_attr(STUDY_METRIC, {**record, "measures": measures})
         check_data(study, splits)
         return study
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(**kwargs)
+    check_direction(study, config.search.metric, direction)
+    check_objectives(study, config)
     deadline = time.monotonic() + 30
     while (
         "data" not in study.user_attrs

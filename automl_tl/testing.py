@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .components import (
     AugmentationPolicy,
@@ -38,6 +39,7 @@ from .components import (
     UnfreezeStrategy,
     flipped_outputs,
 )
+from .train import parameter_shapes
 
 NUM_CLASSES = 3
 IMAGE_SIZE = 32
@@ -133,29 +135,77 @@ def check_policy_orientation(policy: AugmentationPolicy, image_size: int = IMAGE
     )
 
 
+class StrategyProbe(nn.Module):
+    """The model :func:`check_strategy` runs a strategy on: four body groups like a small
+    hybrid backbone (a convolution with BatchNorm, a convolution block, an MLP, and a final
+    LayerNorm alone, as a ViT's last group) and a linear head."""
+
+    groups = ("stem", "block", "mlp", "norm")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        )
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(self.stem(x)).mean(dim=(2, 3))
+        return self.head(self.norm(x + self.mlp(x)))
+
+    def layer_groups(self) -> list[list[str]]:
+        return [[f"{g}.{n}" for n, _ in getattr(self, g).named_parameters()] for g in self.groups]
+
+
 def check_strategy(strategy: UnfreezeStrategy) -> None:
-    """Depth 0 trains only the head; every parameter group is known; full depth reaches the input."""
+    """Run on :class:`StrategyProbe` at every depth: ``adapt()`` returns one list of the
+    model's body parameters per group and leaves the model alone at depth 0; depth 0 trains
+    only the head; param groups are disjoint, known and include the head; depth ≥ 1 trains
+    (some of) the top group; full depth reaches the input; ``merge()`` gives back the
+    model's own parameters (names and shapes) and its outputs."""
     assert isinstance(strategy, UnfreezeStrategy), (
         f"{strategy!r} must subclass automl_tl.UnfreezeStrategy"
     )
-    groups = [[f"g{i}.w", f"g{i}.b"] for i in range(4)]
-    head = ["head.w", "head.b"]
-    everything = {n for g in groups for n in g} | set(head)
+    assert isinstance(strategy.from_scratch, bool), (
+        f"strategy {strategy.name!r}: from_scratch must be a bool"
+    )
+    head = ["head.weight", "head.bias"]
     epochs = 4
-    for epoch in range(epochs):
-        probe = strategy.trainable(epoch, epochs, groups, head, 0)
-        assert probe == set(head), (
-            f"strategy {strategy.name!r}: depth 0 is a linear probe, so only the head may train "
-            f"(epoch {epoch} trains {sorted(probe)})"
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for depth in range(len(StrategyProbe.groups) + 1):
+        torch.manual_seed(0)
+        model = StrategyProbe()
+        groups = model.layer_groups()
+        created = parameter_shapes(model)
+        original = {n for n, _ in model.named_parameters()}
+        adapted = strategy.adapt(model, [list(g) for g in groups], list(head), depth)
+        assert isinstance(adapted, list) and len(adapted) == len(groups), (
+            f"strategy {strategy.name!r}: adapt() must return a list of {len(groups)} layer "
+            f"groups (one per group it got, possibly a subset of it), got {adapted!r:.200}"
         )
-    for depth in range(len(groups) + 1):
-        pgs = strategy.param_groups(groups, head, depth)
+        params = dict(model.named_parameters())
+        unknown = [n for g in adapted for n in g if n not in params or n in head]
+        assert not unknown, (
+            f"strategy {strategy.name!r}: adapt() at depth {depth} returned names that are no "
+            f"body parameter of the adapted model: {unknown[:5]}"
+        )
+        if depth == 0:
+            assert parameter_shapes(model) == created, (
+                f"strategy {strategy.name!r}: adapt() at depth 0 must leave the model unchanged "
+                "(a linear probe trains the head on the body's cached features)"
+            )
+        everything = {n for g in adapted for n in g} | set(head)
+        pgs = strategy.param_groups(adapted, head, depth)
         named = [n for pg in pgs for n in pg.names]
         assert len(named) == len(set(named)), (
             f"strategy {strategy.name!r}: a parameter is in two param groups"
         )
         assert set(named) <= everything, (
-            f"strategy {strategy.name!r}: param_groups() names unknown parameters"
+            f"strategy {strategy.name!r}: param_groups() names parameters that are not in the "
+            "layer groups adapt() returned"
         )
         assert set(head) <= set(named), (
             f"strategy {strategy.name!r}: the head must always be in param_groups()"
@@ -164,32 +214,66 @@ def check_strategy(strategy: UnfreezeStrategy) -> None:
             f"strategy {strategy.name!r}: lr_scale must be positive"
         )
         for epoch in range(epochs):
-            trainable = strategy.trainable(epoch, epochs, groups, head, depth)
+            trainable = strategy.trainable(epoch, epochs, adapted, head, depth)
+            if depth == 0:
+                assert trainable == set(head), (
+                    f"strategy {strategy.name!r}: depth 0 is a linear probe, so only the head "
+                    f"may train (epoch {epoch} trains {sorted(trainable)})"
+                )
             assert trainable <= set(named), (
-                f"strategy {strategy.name!r}: trainable() at epoch {epoch} names parameters that are not in "
-                "param_groups(), so the optimizer would never update them"
+                f"strategy {strategy.name!r}: trainable() at epoch {epoch} names parameters that "
+                "are not in param_groups(), so the optimizer would never update them"
             )
             assert set(head) <= trainable, (
                 f"strategy {strategy.name!r}: the head must train at every epoch"
             )
-        top = set(groups[-1]) if depth else set()
-        assert top <= set(named), (
-            f"strategy {strategy.name!r}: depth {depth} must include the top group"
-        )
-    final = strategy.trainable(epochs - 1, epochs, groups, head, len(groups))
-    assert set(groups[0]) <= final, (
-        f"strategy {strategy.name!r}: at full depth the lowest group must train by the last epoch"
-    )
-    assert isinstance(strategy.from_scratch, bool), (
-        f"strategy {strategy.name!r}: from_scratch must be a bool"
-    )
-    if strategy.from_scratch:  # random-init trials get it at full depth: everything trains
-        for epoch in range(epochs):
-            assert strategy.trainable(epoch, epochs, groups, head, len(groups)) == everything, (
-                f"strategy {strategy.name!r} declares from_scratch = True, so at full depth the "
-                f"whole body must train from the first epoch (epoch {epoch} freezes some); "
-                "set from_scratch = False"
+            if strategy.from_scratch and depth == len(groups):
+                assert original <= trainable, (
+                    f"strategy {strategy.name!r} declares from_scratch = True, so at full depth "
+                    f"the whole body must train from the first epoch (epoch {epoch} freezes "
+                    "some); set from_scratch = False"
+                )
+        if depth:
+            assert set(adapted[-1]) & set(named), (
+                f"strategy {strategy.name!r}: depth {depth} must include the top group (all of "
+                "its parameters, or the subset adapt() returns for it, such as its biases)"
             )
+        if depth == len(groups):
+            final = strategy.trainable(epochs - 1, epochs, adapted, head, depth)
+            assert set(adapted[0]) & final, (
+                f"strategy {strategy.name!r}: at full depth the lowest group (or the subset "
+                "adapt() returns for it) must train by the last epoch"
+            )
+        _check_merge(strategy, model, original, created, x, depth)
+
+
+def _check_merge(strategy, model, original, created, x, depth) -> None:
+    """merge() after a stand-in for training (every added parameter moved off its init)
+    gives back the model's own tensors and the adapted model's outputs."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name not in original:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    merged = strategy.merge(model)
+    assert isinstance(merged, nn.Module), (
+        f"strategy {strategy.name!r}: merge() must return the model"
+    )
+    now = parameter_shapes(merged)
+    assert now == created, (
+        f"strategy {strategy.name!r}: after merge() at depth {depth} the model must have exactly "
+        f"the backbone's tensors (added: {sorted(set(now) - set(created))[:3]}, missing: "
+        f"{sorted(set(created) - set(now))[:3]}); fold what adapt() added into the backbone's "
+        "own parameters (automl_tl.adapters.merge_lora does for LoRA layers)"
+    )
+    with torch.no_grad():
+        diff = float((merged.eval()(x) - before).abs().max())
+    assert diff <= 1e-4, (
+        f"strategy {strategy.name!r}: merge() at depth {depth} changed the model's outputs by "
+        f"{diff:.3g}; the merged weights must compute what the adapted model computed"
+    )
 
 
 def check_dataset_source(source: DatasetSource) -> None:
@@ -325,7 +409,9 @@ _CHECKS = {
         ("contract (identity at 0, shape, range, seed)", check_policy),
         ("keeps orientation when it says so (no flips)", check_policy_orientation),
     ],
-    "unfreeze_strategies": [("contract (linear probe at 0, param groups)", check_strategy)],
+    "unfreeze_strategies": [
+        ("contract (linear probe at 0, param groups, adapt and merge)", check_strategy)
+    ],
     "datasets": [("contract (name, argument)", check_dataset_source)],
     "metrics": [("contract (finite, in its range, on any predictions)", check_metric)],
 }
@@ -334,7 +420,8 @@ _HINTS = {
     "backbones": "create(num_classes, weights='none', image_size=None) must build the model "
     "offline, without downloading anything",
     "augmentation_policies": "build(strength, image_size) must return an nn.Module",
-    "unfreeze_strategies": "param_groups(groups, head, depth) must return ParamGroup objects",
+    "unfreeze_strategies": "adapt(model, groups, head, depth) must return one list of names per "
+    "layer group, param_groups(groups, head, depth) ParamGroup objects",
     "datasets": "",
     "metrics": "score(y_true, y_pred) must return a float within the metric's range",
 }

@@ -39,6 +39,7 @@ from torch import nn
 
 from . import features as _features
 from .components import Backbone, DataConfig, Metric, UnfreezeStrategy
+from .config import metric_direction
 from .data import Split, Splits, batches
 from .errors import ConfigError, DataError
 from .registry import Registry
@@ -414,6 +415,55 @@ def set_trainable(model: nn.Module, trainable: set[str]) -> None:
                 module.eval()
 
 
+def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the model's state dict (parameters and buffers)."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def adapt_model(
+    strategy: UnfreezeStrategy,
+    model: nn.Module,
+    groups: list[list[str]],
+    head: list[str],
+    depth: int,
+) -> list[list[str]]:
+    """``strategy.adapt(...)``: the layer groups the strategy trains of, checked to be one per
+    body group and to name parameters of the (adapted) model outside the head."""
+    adapted = [list(g) for g in strategy.adapt(model, groups, head, depth)]
+    if len(adapted) != len(groups):
+        raise RuntimeError(
+            f"strategy {strategy.name!r}: adapt() returned {len(adapted)} layer groups for the "
+            f"backbone's {len(groups)}; return one (possibly empty) list of names per group"
+        )
+    names = dict(model.named_parameters())
+    wrong = [n for g in adapted for n in g if n not in names or n in head]
+    if wrong:
+        raise RuntimeError(
+            f"strategy {strategy.name!r}: adapt() returned names that are no body parameter of "
+            f"the adapted model: {', '.join(wrong[:5])}"
+        )
+    return adapted
+
+
+def merge_model(
+    strategy: UnfreezeStrategy, model: nn.Module, created: dict[str, tuple[int, ...]]
+) -> nn.Module:
+    """``strategy.merge(model)``, checked to give back exactly the tensors (names, shapes)
+    the backbone created, so that the export loads where the backbone's own weights do."""
+    merged = strategy.merge(model)
+    now = parameter_shapes(merged)
+    if now != created:
+        extra = sorted(set(now) - set(created))
+        missing = sorted(set(created) - set(now))
+        reshaped = sorted(k for k in set(now) & set(created) if now[k] != created[k])
+        raise RuntimeError(
+            f"strategy {strategy.name!r}: after merge() the model differs from the backbone's "
+            f"(added {extra[:3]}, missing {missing[:3]}, reshaped {reshaped[:3]}); merge() must "
+            "fold what adapt() added back into the backbone's own parameters"
+        )
+    return merged
+
+
 def _optimizer(
     model: nn.Module, strategy: UnfreezeStrategy, groups, head, depth: int, choice: Choice
 ):
@@ -597,6 +647,7 @@ def _fit(
     num_classes = len(data.class_names)
     start = time.perf_counter()
     metrics = plugin_metrics(registry)  # scored beside the built-in ones every epoch
+    direction = metric_direction(metric, registry)  # a plugin's metric may be lower-is-better
 
     backbone: Backbone = registry.get("backbones", choice.backbone)
     policy = registry.get("augmentation_policies", choice.augmentation)
@@ -610,6 +661,8 @@ def _fit(
     groups = backbone.layer_groups(model)
     head = backbone.head_parameters(model)
     depth = depth_to_groups(choice.unfreeze_depth, len(groups))
+    created = parameter_shapes(model)
+    groups = adapt_model(strategy, model, groups, head, depth)
     plan = [strategy.trainable(e, choice.epochs, groups, head, depth) for e in range(choice.epochs)]
     augment = policy.build(choice.aug_strength, data.image_size)
     if isinstance(augment, nn.Identity):
@@ -745,13 +798,15 @@ def _fit(
             result.val = {k: v for k, v in val.items() if not isinstance(v, list)}
             if collected:
                 last_log_probs = torch.cat(collected)
-            if best_val is None or val[metric] > best_val[metric]:  # the first best epoch
+            # strictly better: the first of equally good epochs is the best
+            if best_val is None or direction.better(val[metric], best_val[metric]):
                 best_epoch, best_val, best_log_probs = epoch, val, last_log_probs
         history.append(result)
         on_epoch(result)
         if patience and best_epoch is not None and epoch - best_epoch >= patience:
             stopped_early = epoch + 1 < choice.epochs
             break
+    model = merge_model(strategy, model, created)
     return FitResult(
         model=model.eval(),
         backbone=backbone,

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 #: the states a trial's budget counts (a failed trial does not use up the budget)
@@ -35,6 +36,10 @@ STOPPED_EARLY = "stopped_early"  #: True: no improvement for [search] patience e
 VAL_LOG_PROBS = "val_log_probs"
 DEAD_AT_CHANCE = "dead_at_chance"  #: the epoch the dead-trial guard pruned it at (samplers.py)
 WEIGHTS = "weights"  #: its weight source as written, with a local file's short sha256
+#: {latency_ms, params_m, model_mb} measured on the trained model (multi-objective studies)
+MEASURED = "measured"
+#: Optuna's constraint values of ``[search] constraints`` (<= 0: satisfied)
+CONSTRAINTS = "constraints"
 
 #: attributes that belong to one run of a trial, not to its configuration: a trial queued
 #: again (its worker died, it was interrupted) starts without them
@@ -55,6 +60,8 @@ RUN_ATTRS = (
     VAL_LOG_PROBS,
     DEAD_AT_CHANCE,
     WEIGHTS,
+    MEASURED,
+    CONSTRAINTS,
 )
 
 
@@ -66,9 +73,39 @@ def duration(trial: FrozenTrial) -> float | None:
 
 
 def value_of(trial: FrozenTrial) -> float | None:
-    """The trial's score, or None if it has none or it is not finite."""
-    value = trial.value if trial.values else None
+    """The trial's score (its metric: the first objective of a multi-objective study), or
+    None if it has none or it is not finite."""
+    value = trial.values[0] if trial.values else None
     return value if value is not None and math.isfinite(value) else None
+
+
+def trial_constraints(trial: FrozenTrial) -> list[float]:
+    """The ``constraints_func`` of a study with ``[search] constraints``: the values the
+    search stored (<= 0 each when satisfied); a trial without them counts as infeasible."""
+    return list(trial.user_attrs.get(CONSTRAINTS) or [1.0])
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    """Every ``[search] constraint`` holds (true when the study has none)."""
+    values = trial.user_attrs.get(CONSTRAINTS)
+    return values is None or all(v <= 0 for v in values)
+
+
+def best_trial(study: Any) -> FrozenTrial:
+    """The study's best complete trial: Optuna's ``best_trial`` for one objective; for
+    several, the feasible trial with the best metric (the first objective), ties going to
+    lower measures, then the earlier trial. ValueError when there is none."""
+    if len(study.directions) == 1:
+        return study.best_trial
+    direction = Direction.of(study)
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if value_of(t) is not None and feasible(t)
+    ]
+    if not complete:
+        raise ValueError("no feasible complete trial")
+    return min(complete, key=lambda t: (direction.key(value_of(t)), *t.values[1:], t.number))
 
 
 @dataclass
@@ -114,6 +151,90 @@ class TrialSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# which way is better
+
+
+#: the study's user attribute describing its metric (``Direction.record``)
+STUDY_METRIC = "metric"
+
+
+@dataclass(frozen=True)
+class Direction:
+    """Which way the study's metric is better, and the range it lies in: the one place that
+    decides which of two scores wins (sorting, the best trial, finalists, the race, ensembles,
+    soups, the leaderboard). A plugin metric declares it (``Metric.higher_is_better``,
+    ``Metric.range``); the study stores it (:meth:`record`) and readers take it from there
+    (:meth:`of`), so nothing downstream assumes that higher is better.
+
+    Example::
+
+        d = Direction(higher_is_better=False)
+        d.better(0.1, 0.3)                # True
+        sorted([0.3, 0.1], key=d.key)    # [0.1, 0.3]: best first
+    """
+
+    higher_is_better: bool = True
+    #: the values the metric can take (a binomial standard error is computed on this span)
+    range: tuple[float, float] = (0.0, 1.0)
+
+    @property
+    def name(self) -> str:
+        """``"maximize"`` or ``"minimize"`` (Optuna's word)."""
+        return "maximize" if self.higher_is_better else "minimize"
+
+    @property
+    def sign(self) -> float:
+        """+1 when higher is better, -1 when lower is: ``sign * value`` is to be maximized."""
+        return 1.0 if self.higher_is_better else -1.0
+
+    @property
+    def worst(self) -> float:
+        return -math.inf if self.higher_is_better else math.inf
+
+    def key(self, value: float | None) -> float:
+        """A sort key that puts the best value first (None and NaN last)."""
+        if value is None or not math.isfinite(value):
+            return math.inf
+        return -value if self.higher_is_better else value
+
+    def better(self, a: float | None, b: float | None) -> bool:
+        """``a`` is strictly better than ``b`` (a missing score is worse than any)."""
+        return self.key(a) < self.key(b)
+
+    def best(self, values):
+        """The best of ``values`` (the first of equals)."""
+        return min(values, key=self.key)
+
+    def within(self, value: float, best: float, margin: float) -> bool:
+        """``value`` is no more than ``margin`` worse than ``best``."""
+        return self.sign * (best - value) <= margin + 1e-12
+
+    def pessimistic(self, mean: float, error: float) -> float:
+        """The mean one standard error towards worse (the race's ``lcb`` rule)."""
+        return mean - self.sign * error
+
+    def record(self, name: str) -> dict[str, Any]:
+        """What a study stores about its metric (user attribute :data:`STUDY_METRIC`)."""
+        return {"name": name, "direction": self.name, "range": list(self.range)}
+
+    @classmethod
+    def of(cls, study: Any) -> Direction:
+        """The direction of ``study``'s (first) objective, with the range it recorded."""
+        stored = (getattr(study, "user_attrs", None) or {}).get(STUDY_METRIC) or {}
+        span = stored.get("range") or (0.0, 1.0)
+        return cls(study.directions[0] != StudyDirection.MINIMIZE, (float(span[0]), float(span[1])))
+
+    @classmethod
+    def named(cls, name: str | None) -> Direction:
+        """``"maximize"`` / ``"minimize"`` (as a leaderboard or metrics.json writes it)."""
+        return cls(name != "minimize")
+
+
+MAXIMIZE = Direction(True)
+MINIMIZE = Direction(False)
 
 
 def _iso(value) -> str | None:

@@ -197,7 +197,7 @@ def run_workers(
     check_backbones_run(config, registry)
     config.output_dir.mkdir(parents=True, exist_ok=True)
     splits = load_splits(config, registry)  # decoded once, here, into the shared cache
-    study = open_search_study(config, splits)
+    study = open_search_study(config, splits, registry)
     del splits  # the workers read the cache; the parent holds no images while they run
     url = config.storage_url
     recover_stale_trials(study, url)  # trials of workers killed in an earlier run

@@ -17,9 +17,9 @@ PACKAGE = REPO / "automl_tl"
 #: docs/architecture.md's layers, bottom (1) to top (4)
 LAYERS = {
     1: {"config", "weightsource", "paths", "trials", "registry", "components", "plugins"}
-    | {"hookspecs", "errors", "_util", "tasks"},
+    | {"hookspecs", "errors", "_util", "adapters", "tasks"},
     2: {"budget", "storage", "samplers", "portfolio", "space", "train", "features", "weights"}
-    | {"data", "catalog", "default_plugins", "scores"},
+    | {"data", "catalog", "default_plugins", "scores", "latency"},
     3: {"search", "workers", "retrain", "leaderboard", "report", "progress", "pretrain"}
     | {"export", "testing", "selection", "scaffold", "bench", "clean"},
     4: {"cli", "study", "transfer"},

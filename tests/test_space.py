@@ -127,7 +127,15 @@ def test_built_in_strategies_declare_whether_they_train_from_scratch(registry):
         n: registry.get("unfreeze_strategies", n).from_scratch
         for n in registry.names("unfreeze_strategies")
     }
-    assert declared == {"top_k": True, "gradual": False, "lp_ft": False, "layer_decay": False}
+    assert declared == {
+        "top_k": True,
+        "gradual": False,
+        "lp_ft": False,
+        "layer_decay": False,
+        "bitfit": False,
+        "norm_fit": False,
+        "lora": False,
+    }
 
 
 def test_contract_catches_a_freezing_strategy_that_claims_from_scratch(registry):

@@ -9,6 +9,21 @@
 - ``layer_decay``: the top ``depth`` groups train, the learning rate shrinking by
   ``DECAY`` per group going down (the head at the full rate).
 
+Parameter-efficient strategies train part of the top ``depth`` groups (the head in full):
+
+- ``bitfit``: only the biases (Ben Zaken et al. 2022, "BitFit: Simple Parameter-efficient
+  Fine-tuning for Transformer-based Masked Language-models").
+- ``norm_fit``: only the normalization layers' affine parameters (BatchNorm, LayerNorm,
+  GroupNorm, …; Frankle et al. 2021, "Training BatchNorm and Only BatchNorm").
+- ``lora``: every ``nn.Linear`` and ``nn.Conv2d`` (zero padding, no channel groups) of those
+  groups gets a rank-8 adapter (:mod:`automl_tl.adapters`, Hu et al. 2021) and its weight
+  stays frozen; the groups' other parameters (biases, norms, depthwise convolutions, tokens)
+  train as with ``top_k``. The adapters are merged into the weights after training, so the
+  exported model is the backbone's own architecture.
+
+They skip the weight gradients of the frozen matrices and keep no optimizer state for them
+(see benchmarks/RESULTS.md for the measured per-step speed and optimizer memory).
+
 Depth 0 is a linear probe for every strategy.
 
 From random init (``[weights]`` ``"none"``) there are no features to keep, so the search gives
@@ -22,7 +37,10 @@ from __future__ import annotations
 
 import math
 
+from torch import nn
+
 from automl_tl import hookimpl
+from automl_tl.adapters import add_lora, can_adapt, merge_lora
 from automl_tl.components import LayerGroup, ParamGroup, UnfreezeStrategy
 
 
@@ -81,7 +99,97 @@ class LayerDecay(UnfreezeStrategy):
         return out
 
 
+def _owners(model: nn.Module) -> dict[str, nn.Module]:
+    """Parameter name -> the module that holds it directly."""
+    return {
+        f"{prefix}.{n}" if prefix else n: module
+        for prefix, module in model.named_modules()
+        for n, _ in module.named_parameters(recurse=False)
+    }
+
+
+def is_normalization(module: nn.Module) -> bool:
+    """BatchNorm / InstanceNorm, LayerNorm, GroupNorm, RMSNorm and timm's variants of them
+    (``BatchNormAct2d``, ``LayerNorm2d``, ``RmsNorm``: a class name with "Norm")."""
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)):
+        return True
+    return "norm" in type(module).__name__.lower()
+
+
+def is_bias(name: str) -> bool:
+    """A bias term: ``bias``, or a named one such as timm's ``q_bias`` / ``v_bias``."""
+    last = name.rsplit(".", 1)[-1]
+    return last == "bias" or last.endswith("_bias")
+
+
+class BitFit(TopK):
+    name = "bitfit"
+    description = "train only the biases of the top k groups, and the head"
+    from_scratch = False  # a random body with trained biases is still a random body
+
+    def adapt(self, model, groups, head, depth):
+        return [[n for n in g if is_bias(n)] for g in groups]
+
+
+class NormFit(TopK):
+    name = "norm_fit"
+    description = (
+        "train only the normalization layers (scale, shift) of the top k groups, and the head"
+    )
+    from_scratch = False
+
+    def adapt(self, model, groups, head, depth):
+        owners = _owners(model)
+        return [[n for n in g if is_normalization(owners[n])] for g in groups]
+
+
+class LoRA(TopK):
+    name = "lora"
+    description = (
+        "low-rank adapters on the Linear/Conv2d layers of the top k groups (merged on export)"
+    )
+    from_scratch = False
+    RANK = 8
+    ALPHA = 16.0
+
+    def adapt(self, model, groups, head, depth):
+        top = {n for g in _top(groups, depth) for n in g}
+        owners = _owners(model)
+        targets = {}  # module name -> the weight that stays frozen
+        for name in top:
+            prefix, _, last = name.rpartition(".")
+            if last == "weight" and prefix and can_adapt(owners[name]):
+                targets[prefix] = name
+        added = add_lora(model, sorted(targets), self.RANK, self.ALPHA)
+        frozen = set(targets.values())
+        out = []
+        for group in groups:
+            kept = []
+            for n in group:
+                if n in frozen:
+                    kept += added[n.rpartition(".")[0]]
+                else:
+                    kept.append(n)
+            out.append(kept)
+        return out
+
+    def merge(self, model):
+        return merge_lora(model)
+
+
+#: trained with top_k's schedule; opt-in in a study's [search] unfreeze (docs/architecture.md)
+PARAMETER_EFFICIENT = ("bitfit", "norm_fit", "lora")
+
+
 @hookimpl(trylast=True)
 def register_unfreeze_strategies(register):
-    for strategy in (TopK(), Gradual(), LinearProbeThenFineTune(), LayerDecay()):
+    for strategy in (
+        TopK(),
+        Gradual(),
+        LinearProbeThenFineTune(),
+        LayerDecay(),
+        BitFit(),
+        NormFit(),
+        LoRA(),
+    ):
         register(strategy)
