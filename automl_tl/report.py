@@ -766,7 +766,6 @@ SINGLE_LABEL_FIGURES = frozenset({"reliability.png", "confusion_matrix.png", "mi
 MULTILABEL_FIGURES = frozenset({"per_label_ap.png", "label_cooccurrence.png", "label_mistakes.png"})
 
 
-
 # ---------------------------------------------------------------------------------------------
 # the page
 
