@@ -707,7 +707,7 @@ def _check_weights(config: StudyConfig, backbone: str, value: str | list[str]) -
 def metric_direction(name: str, registry=None) -> Direction:
     """Which way ``name`` is better: the built-in metrics are higher-is-better in [0, 1]; a
     plugin's metric (``register_metrics``) says so itself (``higher_is_better``, ``range``)."""
-    if name in METRICS:
+    if name in METRICS or name in tasks.MULTILABEL_METRICS:
         return MAXIMIZE
     if registry is None:
         raise ValueError(f"metric {name!r} is a plugin's: its direction needs the registry")
