@@ -234,9 +234,13 @@ class Budget:
         timeout: float | None = None,
         poll: float | None = None,
         heartbeat_interval: int = 60,
+        stop_at: Deadline | None = None,
+        reserve: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.study, self.n_trials, self.url = study, n_trials, url
         self.deadline = None if timeout is None else time.monotonic() + timeout
+        #: the search's deadline, and the seconds to keep free before it (the retrain)
+        self.stop_at, self.reserve = stop_at, reserve
         if poll is None:
             poll = min(5.0, max(0.5, heartbeat_interval / 2)) if storage_kind(url) == "rdb" else 1.0
         self.poll = poll
@@ -268,9 +272,12 @@ class Budget:
             raise TrialSkipped(reason)
 
     def room(self) -> bool:
-        """Wait until this worker may start a trial (True), or the budget is spent (False)."""
+        """Wait until this worker may start a trial (True), or the budget is spent, or the time
+        before ``stop_at`` is the retrain's (False)."""
         waiting_since = None
         while True:
+            if self.stop_at is not None and self.stop_at.left() <= self.reserve():
+                return False  # what is left of the time belongs to the retrain
             recover_stale_trials(self.study, self.url)
             finished, running = self.counts()
             if finished >= self.n_trials:
@@ -311,6 +318,115 @@ class Budget:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if not self.room():
             study.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# the deadline: a trial starts only if it can finish, leaving time for the retrain
+
+#: where a job scheduler tells a job when it ends (Slurm: seconds since the epoch)
+SLURM_END_ENV = "SLURM_JOB_END_TIME"
+#: consecutive trials skipped for the deadline after which the search stops (nothing fits)
+DEADLINE_SKIPS_TO_STOP = 3
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When the search must be over (seconds since the epoch) and who said so."""
+
+    at: float
+    source: str
+
+    def left(self, now: float | None = None) -> float:
+        return self.at - (time.time() if now is None else now)
+
+    def iso(self) -> str:
+        return datetime.datetime.fromtimestamp(self.at).isoformat(timespec="seconds")
+
+
+def parse_deadline(text: str, now: float | None = None) -> float:
+    """``--deadline``: a date and time (ISO 8601, ``2026-12-01T06:00``, local time unless it
+    names its zone), or a duration from now (``90m``, ``2h``, ``1h30m``, ``45s``, or seconds).
+    Raises ValueError for anything else."""
+    now = time.time() if now is None else now
+    text = text.strip()
+    body = text.lstrip("+")
+    if body and body[0].isdigit() and all(c.isdigit() or c in _UNITS or c == "." for c in body):
+        if body.replace(".", "", 1).isdigit():
+            return now + float(body)
+        seconds, number = 0.0, ""
+        for c in body:
+            if c in _UNITS:
+                if not number:
+                    raise ValueError(text)
+                seconds += float(number) * _UNITS[c]
+                number = ""
+            else:
+                number += c
+        if number:
+            raise ValueError(text)
+        return now + seconds
+    return datetime.datetime.fromisoformat(text).timestamp()
+
+
+def search_deadline(
+    text: str | None, env: dict[str, str] | None = None, now: float | None = None
+) -> Deadline | None:
+    """The search's deadline: ``--deadline`` and the Slurm job's end (``SLURM_JOB_END_TIME``),
+    whichever comes first; None when neither is set. Raises :class:`UserError` for a deadline
+    that cannot be read or has passed."""
+    from .errors import UserError
+
+    env = os.environ if env is None else env
+    now = time.time() if now is None else now
+    found = []
+    if text:
+        try:
+            found.append(Deadline(parse_deadline(text, now), "--deadline"))
+        except ValueError:
+            raise UserError(
+                f"--deadline {text!r} is neither a date and time (2026-12-01T06:00) nor a duration "
+                "from now (90m, 2h, 1h30m)"
+            ) from None
+    slurm = env.get(SLURM_END_ENV, "").strip()
+    if slurm:
+        try:
+            found.append(Deadline(float(slurm), SLURM_END_ENV))
+        except ValueError:
+            log.warning("%s=%r is not a time in seconds; ignored", SLURM_END_ENV, slurm)
+    if not found:
+        return None
+    deadline = min(found, key=lambda d: d.at)
+    if deadline.left(now) <= 0:
+        raise UserError(
+            f"the deadline ({deadline.source}: {deadline.iso()}) has passed "
+            f"{-deadline.left(now):.0f} s ago; give a later --deadline (or a duration: 2h)"
+        )
+    return deadline
+
+
+def retrain_reserve(study: optuna.Study, n_train: int, n_retrain: int) -> float:
+    """Seconds kept free for the retrain after the search: the longest completed trial,
+    scaled from its ``n_train`` training images to the retrain's ``n_retrain``."""
+    longest = max(
+        (
+            d
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if (d := trials.duration(t)) is not None
+        ),
+        default=0.0,
+    )
+    return longest * n_retrain / max(1, n_train)
+
+
+def deadline_skips(study: optuna.Study) -> list[dict[str, Any]]:
+    """The trials skipped because they would not have finished before the deadline, with
+    the reason (the summary at the end of a search)."""
+    return [
+        {"number": t.number, "reason": t.user_attrs.get(trials.FAIL_REASON, "")}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if t.user_attrs.get(trials.DEADLINE_SKIP)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

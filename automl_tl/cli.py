@@ -120,20 +120,48 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _workers_plan(args: argparse.Namespace, config, registry, device: str) -> tuple[int, Any]:
+    """(workers, trials per GPU) for ``--workers`` / ``--trials-per-gpu`` on this machine."""
+    from .train import resolve_device
+    from .workers import plan_workers, study_trials_per_gpu, visible_gpus
+
+    cuda = resolve_device(device).type == "cuda"
+    return plan_workers(
+        args.workers,
+        args.trials_per_gpu,
+        cuda=cuda,
+        gpus=visible_gpus() if cuda else [],
+        auto_k=lambda: study_trials_per_gpu(config, registry),
+    )
+
+
 def cmd_search(args: argparse.Namespace) -> int:
+    from .budget import search_deadline
     from .search import search
     from .trials import Direction
-    from .workers import die_with_parent
+    from .workers import apply_memory_fraction, die_with_parent
 
     die_with_parent()  # a worker of `--workers N`: never outlive the parent
+    apply_memory_fraction()  # a worker sharing its GPU (--trials-per-gpu): its share only
     config, pm, registry = _load(args, **_overrides(args))
     device = _device(args.device or config.search.device)
-    if args.workers != 1:
-        return _search_with_workers(args, config, pm, registry, device)
+    deadline = search_deadline(args.deadline)  # --deadline, or the Slurm job's end
+    workers, per_gpu = _workers_plan(args, config, registry, device)
+    if workers != 1:
+        return _search_with_workers(args, config, pm, registry, device, workers, per_gpu, deadline)
     from .progress import show_progress
 
     with show_progress(config, args.verbosity, pm=pm):  # live lines on a terminal
-        outcome = search(config, registry, pm, device=device, retrain_best=not args.no_retrain)
+        outcome = search(
+            config,
+            registry,
+            pm,
+            device=device,
+            retrain_best=not args.no_retrain,
+            deadline=deadline,
+            race=args.race,
+        )
+    _print_deadline_skips(outcome.skipped)
     if outcome.best is None:
         print(f"study {config.name}: no trial completed")
         return 1
@@ -264,8 +292,26 @@ def _print_weights_comparison(
         )
 
 
-def _search_with_workers(args: argparse.Namespace, config, pm, registry, device: str) -> int:
+def _print_deadline_skips(skipped: list[dict[str, Any]]) -> None:
+    if not skipped:
+        return
+    print(f"deadline: {len(skipped)} trial{'s' if len(skipped) != 1 else ''} not started:")
+    for row in skipped:
+        print(f"  #{row['number']}: {row['reason']}")
+
+
+def _search_with_workers(
+    args: argparse.Namespace,
+    config,
+    pm,
+    registry,
+    device: str,
+    workers: int,
+    per_gpu: int | None = None,
+    deadline=None,
+) -> int:
     """``search --workers N``: N local worker processes on one study (see automl_tl.workers)."""
+    from .budget import deadline_skips
     from .leaderboard import best_summary, count_finished
     from .retrain import retrain_per_weights
     from .search import announce_export
@@ -274,25 +320,34 @@ def _search_with_workers(args: argparse.Namespace, config, pm, registry, device:
     from .trials import Direction
     from .workers import run_workers
 
-    config.search.storage = storage_for_workers(config, args.workers)
+    config.search.storage = storage_for_workers(config, workers)
     child_url, child_env = url_to_env(config.search.storage)  # a password: off the workers' argv
 
     def child_args(slot) -> list[str]:
         argv = ["search", str(config.path), "--workers", "1", "--no-retrain"]
+        # the race's runs are spread over the workers (their GPUs); the parent retrains
+        argv += [] if args.no_retrain else ["--race"]
         argv += ["--storage", child_url] if child_url else []
         argv += ["--device", "cuda" if slot.gpu else "cpu"]
         for flag, value in (("--n-trials", args.n_trials), ("--timeout", args.timeout)):
             argv += [flag, str(value)] if value is not None else []
         argv += ["--seed", str(args.seed)] if args.seed is not None else []
+        argv += ["--deadline", deadline.iso()] if deadline is not None else []
         for plugin in args.plugin:
             argv += ["--plugin", plugin]
         return argv + ({-1: ["-q"], 0: []}.get(args.verbosity, ["-v"]))
 
     from .progress import show_progress
 
-    with show_progress(config, args.verbosity, workers=args.workers):  # one line per worker
+    with show_progress(config, args.verbosity, workers=workers):  # one line per worker
         result = run_workers(
-            config, registry, args.workers, device=device, child_args=child_args, env=child_env
+            config,
+            registry,
+            workers,
+            device=device,
+            child_args=child_args,
+            env=child_env,
+            per_gpu=per_gpu,
         )
     for w in result.workers:
         print(f"worker {w.slot.index} ({w.slot.label}, pid {w.pid}): {w.describe()}")
@@ -302,9 +357,10 @@ def _search_with_workers(args: argparse.Namespace, config, pm, registry, device:
         return 1
     budget = config.search.n_trials
     print(
-        f"study {config.name}: {finished} of {budget} trials finished, {args.workers} workers; best "
+        f"study {config.name}: {finished} of {budget} trials finished, {workers} workers; best "
         f"trial #{best['number']} val {config.search.metric} {best['value']:.4f}"
     )
+    _print_deadline_skips(deadline_skips(result.study))
     if not args.no_retrain and (finished >= budget or not result.failed):
         from .data import load_splits
 
@@ -886,10 +942,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers",
-        type=int,
-        default=1,
-        help="worker processes on this node sharing the study, one per visible GPU (round "
-        "robin) or CPU threads split between them; default storage: a journal file",
+        default="auto",
+        help="worker processes on this node sharing the study, GPUs round robin or CPU "
+        "threads split between them (default auto: every visible GPU x --trials-per-gpu with "
+        "a CUDA device, one process on the CPU); default storage with several: a journal file",
+    )
+    p.add_argument("--race", action="store_true", help=argparse.SUPPRESS)  # --workers' children
+    p.add_argument(
+        "--trials-per-gpu",
+        help="trials sharing each GPU, each with its share of the memory (K, or auto: from "
+        "the backbones and the image size)",
+    )
+    p.add_argument(
+        "--deadline",
+        help="the search ends by then, leaving time for the retrain: a date and time "
+        "(2026-12-01T06:00) or a duration (90m, 2h); default: the Slurm job's end if set",
     )
     p.set_defaults(func=cmd_search)
 

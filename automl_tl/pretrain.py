@@ -104,6 +104,7 @@ def pretrain(
     cache_dir: Path | None = None,
     device: str = "auto",
     force: bool = False,
+    block: bool = True,
 ) -> PretrainResult:
     """Train ``spec.backbone`` on ``spec.source`` and write its weights to ``out`` (cached).
 
@@ -115,6 +116,8 @@ def pretrain(
         cache_dir: where the decoded images are cached (default: none, decode in memory).
         device: ``auto``, ``cpu``, ``cuda``, ...
         force: retrain even when ``out`` is up to date.
+        block: wait while another process of this node builds ``out``; False raises
+            ``BlockingIOError`` instead (:func:`ensure_study_weights` then takes another).
     """
     from .data import content_fingerprint, fingerprint, load_dataset, record_digests
 
@@ -142,7 +145,7 @@ def pretrain(
             log.info("pretrained %s on %s is up to date: %s", spec.backbone, spec.source, out)
             return PretrainResult(out, meta, cached=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with node_lock(out.with_name(f".{out.name}.lock")):
+    with node_lock(out.with_name(f".{out.name}.lock"), block=block):
         # another worker of this node may have built it while we waited for the lock
         meta = None if force else _up_to_date(out, key)
         if meta is not None:
@@ -315,15 +318,32 @@ def study_specs(config) -> list[tuple[PretrainSpec, Path]]:
 
 
 def ensure_study_weights(config, registry: Registry, device: str = "auto") -> list[PretrainResult]:
-    """Build (or find up to date) the weights of every ``pretrain:SOURCE`` in ``[weights]``."""
-    return [
-        pretrain(
+    """Build (or find up to date) the weights of every ``pretrain:SOURCE`` in ``[weights]``.
+
+    The workers of a node share the builds, first come first served: each takes the first
+    backbone no other worker is building (its lock is free), so N workers build N backbones
+    side by side, each on its own GPU; then each waits for the builds the others took.
+    """
+    specs = study_specs(config)
+
+    def build(spec, path, block: bool) -> PretrainResult:
+        return pretrain(
             spec,
             path,
             registry,
             base_dir=config.base_dir,
             cache_dir=config.paths.cache,
             device=device,
+            block=block,
         )
-        for spec, path in study_specs(config)
-    ]
+
+    built: dict[int, PretrainResult] = {}
+    for i, (spec, path) in enumerate(specs):
+        try:
+            built[i] = build(spec, path, block=False)
+        except BlockingIOError:  # another worker builds this one: take the next
+            log.info("pretrained %s on %s: built by another worker", spec.backbone, spec.source)
+    for i, (spec, path) in enumerate(specs):  # then wait for theirs (up to date: cached)
+        if i not in built:
+            built[i] = build(spec, path, block=True)
+    return [built[i] for i in range(len(specs))]

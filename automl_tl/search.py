@@ -32,7 +32,7 @@ import logging
 import signal
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,16 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import latency, trials, weightsource
 from ._util import failure_reason, is_out_of_memory
-from .budget import Budget, RetryStaleTrial, TrialSkipped, worker_identity
+from .budget import (
+    DEADLINE_SKIPS_TO_STOP,
+    Budget,
+    Deadline,
+    RetryStaleTrial,
+    TrialSkipped,
+    deadline_skips,
+    retrain_reserve,
+    worker_identity,
+)
 from .catalog import Catalog, catalog_path
 from .config import (
     METRICS,
@@ -66,7 +75,7 @@ from .registry import Registry
 from .retrain import retrain_per_weights
 from .samplers import make_pruner, make_sampler, pruner_warning
 from .scores import pack
-from .selection import check_selection, select_and_retrain
+from .selection import check_selection, select, select_and_retrain
 from .space import check_space, suggest
 from .storage import (
     check_existing_direction,
@@ -232,6 +241,9 @@ class Objective:
     Args:
         budget: the global :class:`automl_tl.budget.Budget` when workers share the study
             (a trial admitted after the budget is covered raises ``TrialSkipped``).
+        deadline: when the search must be over: a trial that would not finish before it,
+            with time left for the retrain, is skipped (``TrialSkipped``, attribute
+            ``deadline_skip``); after a few in a row the search stops.
     """
 
     def __init__(
@@ -245,8 +257,11 @@ class Objective:
         budget: Budget | None = None,
         catalog: Catalog | None = None,
         interrupts: Interrupts | None = None,
+        deadline: Deadline | None = None,
     ) -> None:
         self.config, self.registry, self.hook, self.splits = config, registry, pm.hook, splits
+        self.deadline = deadline
+        self.late_in_a_row = 0
         self.device = resolve_device(device)
         self.catalog = catalog or Catalog(catalog_path(config))
         self.metric = config.search.metric
@@ -274,6 +289,7 @@ class Objective:
     def _train(self, trial: optuna.Trial) -> float | tuple:
         name = self.config.name
         choice = suggest(trial, self.config, self.registry)
+        self.admit_before_deadline(trial, choice)
         trial.set_user_attr(trials.DEVICE, str(self.device))
         # the source as trained from, a file with its sha256 (leaderboard, catalog, index.html)
         trial.set_user_attr(
@@ -313,6 +329,10 @@ class Objective:
         if too_slow:
             trial.set_user_attr(trials.TOO_SLOW, too_slow)
             raise optuna.TrialPruned(too_slow)
+        expected = None
+        if self.config.search.compile:  # compiled only where it pays (train.compile_decision)
+            rate = backbone_throughput(trial.study, device=str(self.device)).get(choice.backbone)
+            expected = expected_seconds(choice, self.splits, self.registry, rate) if rate else None
         try:
             result = fit(
                 choice,
@@ -325,6 +345,7 @@ class Objective:
                 patience=self.config.search.patience,
                 metric=self.metric,
                 keep_predictions=True,  # for ensembles and calibration (automl_tl.selection)
+                expected_seconds=expected,
             )
         except optuna.TrialPruned:
             raise
@@ -349,11 +370,64 @@ class Objective:
             trial.set_user_attr(trials.IMAGES_PER_S, round(result.images_per_s, 1))
         else:
             trial.set_user_attr(trials.FEATURE_CACHE, result.feature_cache)
-        trial.set_user_attr(trials.BATCH_SIZE, result.batch_size)  # halved on out-of-memory
+        trial.set_user_attr(trials.BATCH_SIZE, result.batch_size)  # the searched one, always
+        if result.compiled is not None:
+            trial.set_user_attr(trials.COMPILED, result.compiled)
+        if result.micro_batch and result.micro_batch < result.batch_size:  # out of memory
+            trial.set_user_attr(trials.ACCUMULATION, result.batch_size // result.micro_batch)
         trial.set_user_attr(trials.VAL_METRICS, val)
         if self.config.search.multi_objective or self.config.search.constraints:
             return self._objectives(trial, result, float(val[self.metric]))
         return float(val[self.metric])
+
+    def reserve(self, study: optuna.Study) -> float:
+        """Seconds to keep for the retrain after the search (:func:`retrain_reserve`)."""
+        n_train = len(self.splits.train)
+        n_retrain = n_train + (len(self.splits.val) if self.config.retrain.on == "train+val" else 0)
+        return retrain_reserve(study, n_train, n_retrain)
+
+    def expected(self, study: optuna.Study, choice) -> float:
+        """Seconds ``choice`` should take here: at its backbone's measured speed on this kind
+        of device, else the median completed trial (0 before any)."""
+        rate = backbone_throughput(study, device=str(self.device)).get(choice.backbone)
+        if rate:
+            return expected_seconds(choice, self.splits, self.registry, rate)
+        durations = sorted(
+            d
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if (d := trials.duration(t)) is not None
+        )
+        return durations[len(durations) // 2] if durations else 0.0
+
+    def late(self, trial: optuna.Trial, choice) -> str | None:
+        """Why ``choice`` cannot start before the deadline (it would not finish with the
+        retrain's time left over), or None when it can (or there is no deadline)."""
+        if self.deadline is None:
+            return None
+        left = self.deadline.left()
+        expected, reserve = self.expected(trial.study, choice), self.reserve(trial.study)
+        if expected + reserve <= left:
+            return None
+        return (
+            f"not started: {choice.backbone} would take ~{expected:.0f} s, {left:.0f} s are left "
+            f"before the deadline ({self.deadline.source}, {self.deadline.iso()}) and "
+            f"{reserve:.0f} s of them are kept for the retrain"
+        )
+
+    def admit_before_deadline(self, trial: optuna.Trial, choice) -> None:
+        """Skip (``TrialSkipped``) a trial that would end after the deadline; stop the search
+        after :data:`automl_tl.budget.DEADLINE_SKIPS_TO_STOP` of them in a row."""
+        why = self.late(trial, choice)
+        if why is None:
+            self.late_in_a_row = 0
+            return
+        self.late_in_a_row += 1
+        trial.set_user_attr(trials.SKIPPED, True)
+        trial.set_user_attr(trials.DEADLINE_SKIP, True)
+        trial.set_user_attr(trials.FAIL_REASON, why)
+        if self.late_in_a_row >= DEADLINE_SKIPS_TO_STOP:
+            trial.study.stop()  # nothing the sampler proposes fits any more
+        raise TrialSkipped(why)
 
     def _objectives(self, trial: optuna.Trial, result, score: float) -> float | tuple:
         """The metric and the measures of ``[search] objectives`` (measured on the trained
@@ -610,6 +684,8 @@ class SearchOutcome:
     comparison: list[dict[str, Any]] | None = None
     #: what the race chose and the single / ensemble / soup test scores (selection.json)
     selection: dict[str, Any] | None = None
+    #: trials not started because they would have ended after the deadline (number, reason)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
 def search(
@@ -619,15 +695,33 @@ def search(
     *,
     device: str = "auto",
     retrain_best: bool = True,
+    deadline: Deadline | None = None,
+    race: bool = False,
 ) -> SearchOutcome:
-    """Run (or resume) the study until ``n_trials`` trials have finished; then retrain the best."""
+    """Run (or resume) the study until ``n_trials`` trials have finished; then retrain the best.
+
+    ``race`` without ``retrain_best`` (a worker of ``--workers N``): take part in the race of
+    the finalists (:func:`automl_tl.selection.select`: its runs are claimed one by one, so
+    the workers spread them over their GPUs) and leave the retrain to the parent.
+
+    With a ``deadline`` (:func:`automl_tl.budget.search_deadline`) a trial starts only if it
+    should finish before it with time left for the retrain; :attr:`SearchOutcome.skipped`
+    lists those that did not."""
     check_names(config, registry)
     check_backbones_run(config, registry)
     ensure_writable(config.output_dir)
     # an existing study made for the other direction: refused before any data loads
     check_existing_direction(config, metric_direction(config.search.metric, registry))
     with one_search_per_sqlite(config.storage_url):
-        return _search(config, registry, pm, device=device, retrain_best=retrain_best)
+        return _search(
+            config,
+            registry,
+            pm,
+            device=device,
+            retrain_best=retrain_best,
+            deadline=deadline,
+            race=race,
+        )
 
 
 def _search(
@@ -637,6 +731,8 @@ def _search(
     *,
     device: str,
     retrain_best: bool,
+    deadline: Deadline | None = None,
+    race: bool = False,
 ) -> SearchOutcome:
     ensure_study_weights(config, registry, device=device)  # pretrain:SOURCE, built once
     splits = load_splits(config, registry)
@@ -646,16 +742,25 @@ def _search(
     )  # refuses to join if this worker's data differ
     catalog = Catalog(catalog_path(config))
     interrupts = Interrupts()
+    objective = Objective(
+        config,
+        registry,
+        pm,
+        splits,
+        device,
+        catalog=catalog,
+        interrupts=interrupts,
+        deadline=deadline,
+    )
     # n_trials finished trials across every worker sharing the storage, exactly
-    budget = Budget(
+    objective.budget = budget = Budget(
         study,
         config.search.n_trials,
         url=config.storage_url,
         timeout=config.search.timeout,
         heartbeat_interval=config.search.heartbeat_interval,
-    )
-    objective = Objective(
-        config, registry, pm, splits, device, budget=budget, catalog=catalog, interrupts=interrupts
+        stop_at=deadline,
+        reserve=lambda: objective.reserve(study),
     )
     recorder = TrialRecorder(config, pm, catalog)
     streak = FailureStreak(config.search.max_consecutive_failures)
@@ -699,7 +804,9 @@ def _search(
             f"search stopped: {streak.stopped_for}. Completed trials are kept; fix the cause and run "
             "the same command again to resume (raise [search] max_consecutive_failures to tolerate more)."
         )
-    outcome = SearchOutcome(study, count_finished(study), recorder.ran, best)
+    outcome = SearchOutcome(
+        study, count_finished(study), recorder.ran, best, skipped=deadline_skips(study)
+    )
     if retrain_best and best is not None:  # once per study, however many workers end here
         retrained, outcome.selection = select_and_retrain(
             config, registry, study, splits, device=device
@@ -709,4 +816,6 @@ def _search(
             announce_export(pm, config, *retrained)
             # [weights] searched: retrain each source's best too (transferred vs scratch)
             outcome.comparison = retrain_per_weights(config, registry, study, splits, device=device)
+    elif race and best is not None:  # a worker's share of the race; the parent retrains
+        select(config, registry, study, splits, device=device)
     return outcome

@@ -28,6 +28,7 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -38,12 +39,13 @@ import torch
 from torch import nn
 
 from . import features as _features
+from ._util import is_out_of_memory as _is_out_of_memory
 from .components import Backbone, DataConfig, Metric, UnfreezeStrategy
 from .config import metric_direction
 from .data import Split, Splits, batches
 from .errors import ConfigError, DataError
 from .registry import Registry
-from .tasks import MultiLabelScores, Task, for_targets
+from .tasks import MULTICLASS, MultiLabelScores, Task, for_targets
 
 log = logging.getLogger("automl_tl")
 
@@ -53,6 +55,9 @@ MEMORY_PROBE_DEVICES = {"cuda"}
 RESIDENT_FRACTION = 0.25
 #: How many splits stay resident on the GPU (train, val, test, train+val).
 RESIDENT_SPLITS = 4
+#: The share of the GPU's memory this process may use, when workers share a GPU
+#: (set per worker by ``--trials-per-gpu``; see :mod:`automl_tl.workers`).
+MEMORY_FRACTION_ENV = "AUTOML_TL_MEMORY_FRACTION"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,9 +109,14 @@ class FitResult:
     images_per_s: float
     depth: int
     num_groups: int
-    #: the batch size trained with: the choice's, halved once per out-of-memory retry
+    #: the batch size trained with: always the choice's (each optimizer step sees it)
     batch_size: int = 0
     oom_retries: int = 0
+    #: images per forward/backward: the batch size, or less after out-of-memory (the batch's
+    #: gradient is then accumulated over ``batch_size // micro_batch`` micro-batches)
+    micro_batch: int = 0
+    #: with ``compile``: "yes", or "no: <why>" (:func:`compile_decision`); None when not asked
+    compiled: str | None = None
     #: "hit" / "miss" when the head trained on cached features (miss: computed here), else None
     feature_cache: str | None = None
     #: seconds spent computing features for the cache (0 on a hit)
@@ -184,14 +194,10 @@ def classification_metrics(confusion: torch.Tensor) -> dict[str, Any]:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's out-of-memory error on any device (CUDA, MPS, a failed host allocation)."""
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    if isinstance(exc, oom):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
+    """torch's out-of-memory error on any device (CUDA, MPS, a failed host allocation), and
+    a cuBLAS / cuDNN allocation failure (:func:`automl_tl._util.is_out_of_memory`); not a
+    host ``MemoryError`` (the data, not the batch, is then too large)."""
+    return not isinstance(exc, MemoryError) and _is_out_of_memory(exc)
 
 
 def is_convolutional(model: nn.Module) -> bool:
@@ -260,7 +266,7 @@ def on_device(split: Split, device: torch.device) -> Split:
         return entry[1]
     nbytes = int(split.x.nbytes) + int(split.y.nbytes)
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+        free = _free_gpu_memory(device)
         if nbytes > RESIDENT_FRACTION * free:
             return split
     resident = Split(split.x.to(device), split.y.to(device), split.names)
@@ -268,6 +274,17 @@ def on_device(split: Split, device: torch.device) -> Split:
     while len(_RESIDENT) > RESIDENT_SPLITS:
         _RESIDENT.popitem(last=False)
     return resident
+
+
+def _free_gpu_memory(device: torch.device) -> int:
+    """Free bytes on the GPU for this process: the device's free memory, or less when the
+    process is capped at a share of it (workers sharing a GPU)."""
+    free, total = torch.cuda.mem_get_info(device)
+    share = os.environ.get(MEMORY_FRACTION_ENV)
+    if share:
+        mine = float(share) * total - torch.cuda.memory_reserved(device)
+        free = min(free, max(0, int(mine)))
+    return free
 
 
 def release_memory(device: torch.device | None = None) -> None:
@@ -289,8 +306,12 @@ def _confusion(num_classes: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
 
 
-def _add_predictions(confusion: torch.Tensor, yb, pred, num_classes: int) -> None:
-    confusion += torch.bincount(yb * num_classes + pred, minlength=num_classes**2)
+def add_to_confusion(confusion: torch.Tensor, labels, predictions, num_classes: int) -> None:
+    """Count (label, prediction) pairs into the flat ``confusion`` (row = true class), on its
+    device and without a host sync (``torch.bincount`` on CUDA reads the largest index back
+    to size its output: one sync per call)."""
+    index = labels.long() * num_classes + predictions.long()
+    confusion.scatter_add_(0, index, torch.ones_like(index, dtype=confusion.dtype))
 
 
 def plugin_metrics(registry: Registry) -> list[Metric]:
@@ -314,16 +335,23 @@ class _Scores:
         self.confusion = _confusion(num_classes, device)
         self.labels: list[torch.Tensor] = []
         self.probs: list[torch.Tensor] = []
+        self.device_log_probs: list[torch.Tensor] = []
 
     def add(self, logits: torch.Tensor, yb: torch.Tensor) -> None:
-        _add_predictions(self.confusion, yb, logits.argmax(1), self.num_classes)
+        add_to_confusion(self.confusion, yb, logits.argmax(1), self.num_classes)
+        # kept on the device until the end: a copy to the host per batch would be a sync each
         if self.log_probs is not None:
-            self.log_probs.append(logits.float().log_softmax(1).cpu())
+            self.device_log_probs.append(logits.float().log_softmax(1))
         if self.metrics:
-            self.labels.append(yb.cpu())
-            self.probs.append(logits.float().softmax(1).cpu())
+            self.labels.append(yb)
+            self.probs.append(logits.float().softmax(1))
 
     def result(self) -> dict[str, Any]:
+        if self.log_probs is not None and self.device_log_probs:
+            self.log_probs.append(torch.cat(self.device_log_probs).cpu())
+            self.device_log_probs = []
+        self.labels = [torch.cat(self.labels).cpu()] if self.labels else []
+        self.probs = [torch.cat(self.probs).cpu()] if self.probs else []
         n = self.num_classes
         out = classification_metrics(self.confusion.view(n, n).cpu())
         if self.metrics and self.labels:
@@ -483,6 +511,40 @@ def _optimizer(
         return torch.optim.AdamW(param_groups)
 
 
+#: roughly what ``torch.compile`` of a timm backbone costs on a GPU (its first steps)
+COMPILE_SECONDS = 60.0
+#: compile only a trial expected to take at least this many times :data:`COMPILE_SECONDS`
+COMPILE_PAYS_AT = 10.0
+
+
+def compile_decision(
+    compile: bool | str,
+    plan: Sequence[set[str]],
+    *,
+    cached_features: bool = False,
+    expected_seconds: float | None = None,
+) -> str | None:
+    """Whether a trial asked to compile (``[search] compile = true``) is compiled: ``"yes"``,
+    or ``"no: <why>"`` (recorded on the trial, never a silent fallback); None when it was not
+    asked. Compiling pays only where the trial is long next to the compile and its graph
+    stays the same: not when the trainable set changes between epochs (``gradual``,
+    ``lp_ft``: every change would recompile), not for a head trained on cached features, not
+    when the trial should take less than :data:`COMPILE_PAYS_AT` compiles (``expected_seconds``
+    from the backbone's measured speed; unknown: compiled)."""
+    if not compile:
+        return None
+    if cached_features:
+        return "no: the head trains on cached features (nothing to compile)"
+    if any(p != plan[0] for p in plan):
+        return "no: the trainable layers change between epochs, and every change would recompile"
+    if expected_seconds is not None and expected_seconds < COMPILE_PAYS_AT * COMPILE_SECONDS:
+        return (
+            f"no: the trial should take ~{expected_seconds:.0f} s, less than {COMPILE_PAYS_AT:g} "
+            f"times the ~{COMPILE_SECONDS:.0f} s a compile costs"
+        )
+    return "yes"
+
+
 def _compiled(model: nn.Module, compile: bool | str) -> nn.Module:
     """``torch.compile(model)``; a string names the backend (e.g. "eager" in tests)."""
     if not compile:
@@ -549,6 +611,7 @@ def fit(
     patience: int = 0,
     metric: str = "accuracy",
     keep_predictions: bool = False,
+    expected_seconds: float | None = None,
 ) -> FitResult:
     """Train ``choice`` on ``data.part(train_on)``; score ``evaluate_on`` after every epoch.
 
@@ -557,7 +620,8 @@ def fit(
     is NaN or infinite.
 
     Args:
-        compile: ``torch.compile`` the model (a string: the compile backend).
+        compile: ``torch.compile`` the model (a string: the compile backend) where it pays
+            (:func:`compile_decision`; :attr:`FitResult.compiled` says whether and why).
         feature_cache: the cache a linear probe without augmentation trains its head from:
             ``True`` the process-wide one, ``False`` none (train through the whole model).
         patience: stop when ``metric`` on ``evaluate_on`` has not improved for this many
@@ -565,9 +629,13 @@ def fit(
             the best epoch's either way.
         keep_predictions: keep the best epoch's log-probabilities on ``evaluate_on``
             (:attr:`FitResult.val_log_probs`).
+        expected_seconds: how long the trial should take (its backbone's measured speed,
+            :func:`expected_seconds`), for the compile decision; None: unknown.
 
-    Out of memory before the first epoch is reported restarts the trial with half the batch
-    size, down to 2; the batch size used is :attr:`FitResult.batch_size`.
+    Out of memory (a cuBLAS / cuDNN allocation failure too) before the first epoch is
+    reported restarts the trial with the same batch size in micro-batches of half as many
+    images, accumulating their gradients (down to micro-batches of 2); the micro-batch used
+    is :attr:`FitResult.micro_batch`.
     """
     device = resolve_device(device)
     if feature_cache is True:
@@ -582,7 +650,7 @@ def fit(
         if on_epoch is not None:
             on_epoch(result)
 
-    batch_size, retries = choice.batch_size, 0
+    batch_size, micro, retries = choice.batch_size, choice.batch_size, 0
     while True:
         try:
             result = _fit(
@@ -597,9 +665,11 @@ def fit(
                 compile=compile,
                 cache=cache,
                 batch_size=batch_size,
+                micro_batch=micro,
                 patience=patience,
                 metric=metric,
                 keep_predictions=keep_predictions,
+                expected=expected_seconds,
             )
             result.oom_retries = retries
             return result
@@ -607,18 +677,87 @@ def fit(
             if not is_out_of_memory(exc):
                 raise
             release_memory(device)  # the caches at least, also when the trial ends here
-            if reported or batch_size <= 2:
+            if reported or micro <= MIN_MICRO_BATCH:
                 raise
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         # outside the except block: the traceback (and the model it holds) is gone
         release_memory(device)
+        micro, retries = max(MIN_MICRO_BATCH, micro // 2), retries + 1
         log.warning(
-            "out of memory at batch size %d (%s); retrying with %d",
-            batch_size,
+            "out of memory at %d images per step (%s); retrying batch size %d as %d "
+            "micro-batches of %d with their gradients accumulated",
+            min(batch_size, micro * 2),
             reason,
-            max(2, batch_size // 2),
+            batch_size,
+            _micro_batches(batch_size, micro),
+            micro,
         )
-        batch_size, retries = max(2, batch_size // 2), retries + 1
+
+
+#: the largest evaluation batch on a GPU (forward only: at low resolution many images fit, and
+#: a small batch leaves the GPU waiting on kernel launches)
+EVAL_BATCH_MAX = 1024
+
+
+def eval_batch_size(
+    batch_size: int, image_size: int, device: torch.device, *, shrunk: bool = False
+) -> int:
+    """Images per evaluation batch: 4 training batches, at most 256; on a GPU as many as 256
+    images at 224 px take (``256 * (224 / size)^2``, at most :data:`EVAL_BATCH_MAX`) unless
+    out-of-memory has ``shrunk`` the training batch."""
+    base = min(256, 4 * batch_size)
+    if device.type != "cuda" or shrunk:
+        return base
+    scaled = int(256 * (224 / max(1, image_size)) ** 2) // 8 * 8
+    return max(base, min(EVAL_BATCH_MAX, scaled))
+
+
+#: the smallest micro-batch out-of-memory backs off to (BatchNorm needs 2 images)
+MIN_MICRO_BATCH = 2
+
+
+def _micro_batches(n: int, micro: int) -> int:
+    """Into how many micro-batches a batch of ``n`` images is split (each at least ``micro``
+    images, so none falls below :data:`MIN_MICRO_BATCH`)."""
+    return 1 if micro >= n else max(1, n // micro)
+
+
+def _backward(
+    step: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    micro: int,
+    amp,
+    flatten: bool,
+    task: Task = MULTICLASS,
+) -> torch.Tensor:
+    """Forward and backward of one batch; the batch's mean loss (:func:`training_loss`, the
+    task's), detached.
+
+    When the batch does not fit (``micro`` < its size) it runs as micro-batches whose
+    gradients add up to the whole batch's: each micro-batch's mean loss is weighted by its
+    share of the batch.
+    """
+    n = len(y)
+    parts = _micro_batches(n, micro)
+    if parts == 1:
+        with amp():
+            logits = step(x)
+        if flatten:
+            logits = logits.reshape(n, -1)
+        loss = training_loss(task, logits, y)
+        loss.backward()
+        return loss.detach()
+    total = torch.zeros((), device=y.device)
+    for xp, yp in zip(x.tensor_split(parts), y.tensor_split(parts)):
+        with amp():
+            logits = step(xp)
+        if flatten:
+            logits = logits.reshape(len(yp), -1)
+        loss = training_loss(task, logits, yp) * (len(yp) / n)
+        loss.backward()
+        total += loss.detach()
+    return total
 
 
 def _steps_per_epoch(n: int, batch_size: int) -> int:
@@ -638,10 +777,13 @@ def _fit(
     compile: bool | str,
     cache: _features.FeatureCache | None,
     batch_size: int,
+    micro_batch: int | None = None,
     patience: int = 0,
     metric: str = "accuracy",
     keep_predictions: bool = False,
+    expected: float | None = None,
 ) -> FitResult:
+    micro_batch = micro_batch or batch_size
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     num_classes = len(data.class_names)
@@ -669,7 +811,9 @@ def _fit(
         augment = None
     else:
         augment = augment.to(device)
-    eval_batch = min(256, 4 * batch_size)
+    eval_batch = eval_batch_size(
+        micro_batch, data.image_size, device, shrunk=micro_batch < batch_size
+    )
 
     model.to(device)
     memory_format = memory_format_for(model, device)
@@ -705,15 +849,22 @@ def _fit(
     if probe is not None:
         head_module, train_source, eval_source, feature_cache, feature_seconds = probe
         step = head_module
+        compiled = compile_decision(compile, plan, cached_features=True)
     else:
         head_module = eval_source = feature_cache = None
         feature_seconds = 0.0
         train_source = train
-        step = _compiled(model, compile)
+        compiled = compile_decision(compile, plan, expected_seconds=expected)
+        if compiled is not None and compiled != "yes":
+            log.info("not compiled: %s", compiled[4:])
+        step = _compiled(model, compile if compiled == "yes" else False)
         peak = set().union(*plan)
         if device.type in MEMORY_PROBE_DEVICES and peak != plan[0]:
-            _try_peak_memory(model, step, peak, train, batch_size, inputs, amp, device, data.task)
+            _try_peak_memory(model, step, peak, train, micro_batch, inputs, amp, device, data.task)
 
+    # a compiled model sees one batch shape: the last partial batch is dropped (when a whole
+    # one exists), else a smaller last batch would compile a second graph
+    min_batch = batch_size if compiled == "yes" and len(train_source) >= batch_size else 2
     optimizer = _optimizer(model, strategy, groups, head, depth, choice)
     steps_per_epoch = _steps_per_epoch(len(train), batch_size)
     total_steps = steps_per_epoch * choice.epochs
@@ -743,19 +894,16 @@ def _fit(
             device=device,
             shuffle=True,
             generator=generator,
-            min_batch=2,
+            min_batch=min_batch,
         ):
             x = xb if probe is not None else inputs(xb, augment)
-            with amp():
-                logits = step(x)
-            if probe is not None:
-                logits = logits.reshape(len(yb), -1)
-            loss = training_loss(data.task, logits, yb)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = _backward(
+                step, x, yb, micro_batch, amp, flatten=probe is not None, task=data.task
+            )
             optimizer.step()
             scheduler.step()
-            loss_sum += loss.detach() * len(yb)
+            loss_sum += loss * len(yb)
             seen += len(yb)
         if seen == 0:  # every batch was dropped: the model would leave untrained, as if fine
             raise DataError(
@@ -818,6 +966,8 @@ def _fit(
         depth=depth,
         num_groups=len(groups),
         batch_size=batch_size,
+        micro_batch=micro_batch,
+        compiled=compiled,
         feature_cache=feature_cache,
         feature_seconds=feature_seconds,
         best_epoch=best_epoch,

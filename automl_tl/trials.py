@@ -27,9 +27,12 @@ SKIPPED = "skipped"  #: True: admitted after the budget was covered; trained not
 SECONDS = "seconds"  #: training seconds of a completed trial
 IMAGES_PER_S = "images_per_s"  #: training throughput of the backbone
 VAL_METRICS = "val_metrics"  #: every validation metric of the scored epoch
-BATCH_SIZE = "batch_size"  #: the batch size it trained with (halved on out-of-memory)
+BATCH_SIZE = "batch_size"  #: the batch size it trained with (kept on out-of-memory)
 FEATURE_CACHE = "feature_cache"  #: "hit" / "miss" / "used": the head trained on cached features
 TOO_SLOW = "too_slow"  #: why it was pruned before training under [search] timeout
+DEADLINE_SKIP = "deadline_skip"  #: True: not started, it would not finish before --deadline
+COMPILED = "compiled"  #: "yes" or why the model ran eagerly under [search] compile = true
+ACCUMULATION = "accumulation"  #: micro-batches per step after out-of-memory (1: none)
 BEST_EPOCH = "best_epoch"  #: the epoch (1-based) whose validation score was best
 STOPPED_EARLY = "stopped_early"  #: True: no improvement for [search] patience epochs
 #: the best epoch's validation log-probabilities (float16, base64; automl_tl.scores.pack)
@@ -55,6 +58,9 @@ RUN_ATTRS = (
     BATCH_SIZE,
     FEATURE_CACHE,
     TOO_SLOW,
+    DEADLINE_SKIP,
+    COMPILED,
+    ACCUMULATION,
     BEST_EPOCH,
     STOPPED_EARLY,
     VAL_LOG_PROBS,

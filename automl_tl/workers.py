@@ -31,6 +31,7 @@ from .data import load_splits
 from .errors import UserError
 from .search import check_backbones_run, check_names, open_search_study
 from .storage import storage_kind
+from .train import MEMORY_FRACTION_ENV
 
 log = logging.getLogger("automl_tl")
 
@@ -41,15 +42,24 @@ log = logging.getLogger("automl_tl")
 
 @dataclass
 class Slot:
-    """Where one local worker runs: a GPU (``CUDA_VISIBLE_DEVICES``) and its CPU threads."""
+    """Where one local worker runs: a GPU (``CUDA_VISIBLE_DEVICES``) and its CPU threads.
+
+    When several workers share a GPU, each gets ``memory_fraction`` of its memory
+    (``torch.cuda.set_per_process_memory_fraction`` in the worker, see
+    :func:`apply_memory_fraction`), and ``mps`` says the MPS daemon runs their kernels side
+    by side (without it the GPU time-slices between them)."""
 
     index: int
     gpu: str | None
     threads: int
+    memory_fraction: float | None = None
+    mps: bool = False
 
     @property
     def label(self) -> str:
         where = f"GPU {self.gpu}" if self.gpu is not None else "CPU"
+        if self.memory_fraction is not None:
+            where += f" ({self.memory_fraction:.0%} of its memory{', MPS' if self.mps else ''})"
         return f"{where}, {self.threads} thread{'s' if self.threads != 1 else ''}"
 
     def env(self) -> dict[str, str]:
@@ -60,6 +70,8 @@ class Slot:
         }
         if self.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu
+        if self.memory_fraction is not None:
+            env[MEMORY_FRACTION_ENV] = f"{self.memory_fraction:.4f}"
         return env
 
 
@@ -78,6 +90,13 @@ WORKERS_PER_GPU = 8
 WORKERS_PER_CORE = 4
 #: the environment variable that tells a worker process its parent's pid
 PARENT_ENV = "AUTOML_TL_PARENT_PID"
+#: the share of a GPU's memory that the workers on it split between them (the rest is the
+#: CUDA context of each and the allocator's slack)
+GPU_MEMORY_SHARE = 0.95
+#: ``--trials-per-gpu auto``: (largest image side, most backbone parameters, trials per GPU),
+#: the first row that fits, else 1: small models at small images leave a GPU mostly idle
+#: (launch-bound), so several of their trials share it
+AUTO_TRIALS_PER_GPU = ((64, 30e6, 4), (64, float("inf"), 2), (128, 30e6, 2))
 
 
 def max_workers(*, gpus: list[str], cpus: int) -> int:
@@ -86,8 +105,105 @@ def max_workers(*, gpus: list[str], cpus: int) -> int:
     return max(1, WORKERS_PER_CORE * cpus, WORKERS_PER_GPU * len(gpus))
 
 
-def plan_slots(workers: int, device: str, *, gpus: list[str], cpus: int) -> list[Slot]:
-    """One slot per worker: GPUs round robin (unless the device is the CPU); CPU threads split."""
+def mps_running() -> bool:
+    """Whether an NVIDIA MPS control daemon is reachable: its pipe directory
+    (``CUDA_MPS_PIPE_DIRECTORY``, default ``/tmp/nvidia-mps``) holds its ``control`` pipe.
+    CUDA processes of the same user then share the GPU's SMs instead of time-slicing."""
+    pipes = os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps"
+    return os.path.exists(os.path.join(pipes, "control"))
+
+
+def auto_trials_per_gpu(image_size: int, max_parameters: float) -> int:
+    """``--trials-per-gpu auto``: how many trials share one GPU for this image size and the
+    largest backbone of the study (:data:`AUTO_TRIALS_PER_GPU`; 1 for anything larger)."""
+    for side, parameters, k in AUTO_TRIALS_PER_GPU:
+        if image_size <= side and max_parameters <= parameters:
+            return min(k, WORKERS_PER_GPU)
+    return 1
+
+
+def study_trials_per_gpu(config: StudyConfig, registry) -> int:
+    """:func:`auto_trials_per_gpu` for a study: its image size and its largest backbone (each
+    built once on the CPU, without weights, to count its parameters)."""
+    largest = 0
+    for name in config.search.backbones:
+        model = registry.get("backbones", name).create(
+            2, weights="none", image_size=config.data.image_size
+        )
+        largest = max(largest, sum(p.numel() for p in model.parameters()))
+    return auto_trials_per_gpu(config.data.image_size, largest)
+
+
+def parse_workers(text: str | int) -> int | str:
+    """``--workers``: ``auto`` or a whole number of at least 1 (:class:`UserError` if not)."""
+    return _count_or_auto(text, "--workers", "one per visible GPU, or 1 on the CPU")
+
+
+def parse_trials_per_gpu(text: str | int | None) -> int | str | None:
+    """``--trials-per-gpu``: None, ``auto`` or a whole number of at least 1."""
+    if text is None:
+        return None
+    return _count_or_auto(text, "--trials-per-gpu", "from the backbones and the image size")
+
+
+def _count_or_auto(text: str | int, flag: str, auto_means: str) -> int | str:
+    text = str(text)
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != text.strip():
+        raise UserError(f"{flag} {text}: give a whole number of at least 1, or auto ({auto_means})")
+    return value
+
+
+def plan_workers(
+    workers: int | str,
+    trials_per_gpu: int | str | None,
+    *,
+    cuda: bool,
+    gpus: list[str],
+    auto_k: Callable[[], int] = lambda: 1,
+) -> tuple[int, int | None]:
+    """(number of workers, trials per GPU or None) for ``--workers`` and ``--trials-per-gpu``.
+
+    ``--workers auto`` is one worker per visible GPU times the trials per GPU on a CUDA
+    device, and one (this process, as before) on the CPU. ``--trials-per-gpu`` is ``K``,
+    ``auto`` (``auto_k()``) or None (not given: 1 with ``--workers auto``, else round robin).
+    More workers than GPUs x K is refused.
+    """
+    workers, trials_per_gpu = parse_workers(workers), parse_trials_per_gpu(trials_per_gpu)
+    if not cuda or not gpus:
+        if trials_per_gpu is not None:
+            log.warning("--trials-per-gpu is for CUDA devices; ignored on the CPU")
+        return (1 if workers == "auto" else int(workers)), None
+    k = auto_k() if trials_per_gpu == "auto" else trials_per_gpu
+    if workers == "auto":
+        return len(gpus) * (k or 1), k
+    if k is not None and int(workers) > len(gpus) * k:
+        raise UserError(
+            f"--workers {workers} is more than {len(gpus)} GPU{'s' if len(gpus) != 1 else ''} x "
+            f"--trials-per-gpu {k} = {len(gpus) * k}; pass --workers {len(gpus) * k} or fewer "
+            "(or --workers auto), or raise --trials-per-gpu"
+        )
+    return int(workers), k
+
+
+def plan_slots(
+    workers: int,
+    device: str,
+    *,
+    gpus: list[str],
+    cpus: int,
+    per_gpu: int | None = None,
+    mps: bool = False,
+) -> list[Slot]:
+    """One slot per worker: GPUs round robin (unless the device is the CPU); CPU threads split.
+
+    Workers that share a GPU (``per_gpu`` of them, or more workers than GPUs) split
+    :data:`GPU_MEMORY_SHARE` of its memory evenly; ``mps`` (:func:`mps_running`) is noted."""
     limit = max_workers(gpus=gpus if device != "cpu" else [], cpus=cpus)
     if workers > limit:
         where = f"{cpus} CPU core{'s' if cpus != 1 else ''}"
@@ -109,11 +225,36 @@ def plan_slots(workers: int, device: str, *, gpus: list[str], cpus: int) -> list
     if device == "cuda" and not gpus:
         raise UserError("--device cuda, but no GPU is visible (check CUDA_VISIBLE_DEVICES)")
     use = gpus if device != "cpu" else []
+    sharing = max(per_gpu or 1, -(-workers // len(use))) if use else 1
+    fraction = round(GPU_MEMORY_SHARE / sharing, 4) if sharing > 1 else None
     base, extra = divmod(max(1, cpus), workers)
     return [
-        Slot(i, use[i % len(use)] if use else None, max(1, base + (1 if i < extra else 0)))
+        Slot(
+            i,
+            use[i % len(use)] if use else None,
+            max(1, base + (1 if i < extra else 0)),
+            memory_fraction=fraction,
+            mps=mps and fraction is not None,
+        )
         for i in range(workers)
     ]
+
+
+def apply_memory_fraction() -> float | None:
+    """In a worker that shares its GPU: cap this process at its share of the GPU's memory
+    (:data:`automl_tl.train.MEMORY_FRACTION_ENV`, set by :class:`Slot`), so that one trial
+    runs out of memory alone instead of taking its neighbours with it. Returns the fraction
+    applied, or None."""
+    text = os.environ.get(MEMORY_FRACTION_ENV)
+    if not text:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    fraction = float(text)
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    return fraction
 
 
 @dataclass
@@ -183,6 +324,7 @@ def run_workers(
     device: str,
     child_args: Callable[[Slot], Sequence[str]],
     env: dict[str, str] | None = None,
+    per_gpu: int | None = None,
 ) -> WorkersOutcome:
     """Start ``workers`` local ``automl-tl search`` processes on one study and wait for them.
 
@@ -190,6 +332,7 @@ def run_workers(
     its data fingerprint) before any child starts; each child is an ordinary worker pinned to
     one slot, in its own session so a terminal's Ctrl-C reaches it once, through the parent.
     A child that dies does not stop the others: its running trial is failed and retried.
+    ``per_gpu`` workers share each GPU (:func:`plan_slots`).
     """
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
@@ -203,7 +346,14 @@ def run_workers(
     recover_stale_trials(study, url)  # trials of workers killed in an earlier run
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpus = visible_gpus() if device != "cpu" else []
-    slots = plan_slots(workers, device, gpus=gpus, cpus=cpus or 1)
+    slots = plan_slots(
+        workers,
+        device,
+        gpus=gpus,
+        cpus=cpus or 1,
+        per_gpu=per_gpu,
+        mps=bool(gpus) and mps_running(),
+    )
     log.info(
         "starting %d workers on study %r (%s storage): %s",
         workers,

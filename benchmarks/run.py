@@ -5,7 +5,9 @@ alternately, in this one process, so a busy machine slows both sides alike.
     python benchmarks/run.py --quick --json out.json     # CPU, under 5 minutes
     python benchmarks/run.py --json out.json             # CPU, larger sizes
     python benchmarks/run.py --device cuda --json gpu.json
-        # GPU: resnet50 and vit_small at 224 px, bf16, channels-last, batch 128 (< 8 minutes)
+        # GPU: resnet50 and vit_small at 224 px, resnet18 and convnext_atto at 64 px,
+        # efficientnet_b0 at 224 px, bf16, channels-last (benchmarks/gpu_check.sh: every GPU
+        # figure in one call, under 7 minutes)
     python benchmarks/run.py --tiny                      # seconds; what the test suite runs
 
 Figures (JSON keys; each one a ratio measured in this run):
@@ -15,8 +17,9 @@ trial_loop_vs_bare           images/s of fit()'s training loop (decoded cache ->
                              benchmark.py style: ready float tensors, forward, loss, backward,
                              AdamW step) on the same model, batch, tensors and device; the
                              smallest over the models measured
-augment_share                fraction of fit()'s step time spent inside the augmentation module,
-                             randaugment at strength 0.5 (every policy under "details")
+augment_share                fraction of fit()'s step time spent inside the augmentation module
+                             at strength 0.5, the worst built-in policy (every policy under
+                             "details", with its epoch time / the epoch without augmentation)
 cached_vs_pil_epoch          seconds per epoch of a torchvision ImageFolder + DataLoader that
                              decodes JPEG/PNG with PIL every epoch / the decoded uint8 cache
 linear_probe_cached_speedup  wall time of a 10-epoch linear probe through the whole model /
@@ -25,6 +28,15 @@ frozen_backward_saving       step time of a full fine-tune / with half the layer
 search_efficiency            mean over seeds of (epochs random search needed to reach its final
                              best) / (epochs TPE + Hyperband needed to reach that score), both
                              on the digits study's space at the same epoch budget
+trial_loop_vs_compiled_bare  (GPU) images/s of fit() with [search] compile / a bare loop through
+                             torch.compile, resnet50 at 224 px (peak memory of both)
+fit_train_share              share of a whole fit() (set-up, training epochs, evaluation) spent
+                             in its training epochs, with the three parts under "details"
+packing_speedup              aggregate training images/s of K concurrent trials on one device
+                             (K = 1, 2, 4: separate processes, each with 1/K of the GPU memory)
+                             at the best K / at K = 1, small models at 64 px
+syncs_per_step               (GPU) host syncs one more training step costs, augmentation on
+                             (flip_crop): CUDA's sync debug mode over two split sizes
 
 ``--profile`` adds torch.profiler tables of the trial loop and the bare loop.
 """
@@ -41,6 +53,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -75,11 +88,15 @@ from automl_tl.train import (  # noqa: E402
 
 TARGETS = {  # (target, "min" | "max", on which device)
     "trial_loop_vs_bare": {"cpu": (0.95, "min"), "cuda": (0.90, "min")},
-    "augment_share": {"cuda": (0.10, "max")},
+    "augment_share": {"cuda": (0.05, "max")},
     "cached_vs_pil_epoch": {"cpu": (5.0, "min"), "cuda": (5.0, "min")},
     "linear_probe_cached_speedup": {"cpu": (5.0, "min"), "cuda": (5.0, "min")},
     "frozen_backward_saving": {},
     "search_efficiency": {"cpu": (2.0, "min"), "cuda": (2.0, "min")},
+    "trial_loop_vs_compiled_bare": {"cuda": (0.95, "min")},
+    "fit_train_share": {},
+    "packing_speedup": {"cuda": (2.0, "min")},
+    "syncs_per_step": {"cuda": (0.0, "max")},
 }
 
 
@@ -113,6 +130,16 @@ class Profile:
     search_cap: float = 2.0  # TPE + Hyperband may use this many times random's budget
     search_train_images: int | None = None  # None: all of digits' training split
     probe_epochs: int = 10
+    #: (backbone, image size, batch) of the compiled comparison (trial_loop_vs_compiled_bare)
+    compiled_model: tuple[str, int, int] = ("test_resnet", 32, 16)
+    compiled_rounds: int = 2
+    #: (backbone, image size, batch, steps, epochs) of the whole-fit() figure
+    fit_model: tuple[str, int, int, int, int] = ("test_resnet", 32, 16, 2, 2)
+    #: (backbone, image size, batch, steps per epoch, epochs) of each concurrent trial
+    packing_models: list[tuple[str, int, int, int, int]] = dataclasses.field(
+        default_factory=lambda: [("test_resnet", 32, 16, 2, 2)]
+    )
+    packing_counts: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
 
 
 ALL_POLICIES = ["none", "flip_crop", "color", "randaugment", "trivialaugment", "autoaugment"]
@@ -199,9 +226,15 @@ PROFILES = {
     ),
     "cuda": Profile(
         name="cuda",
-        loop_models=[("resnet50", 224, 128), ("vit_small_patch16_224", 224, 128)],
+        loop_models=[
+            ("resnet50", 224, 128),
+            ("vit_small_patch16_224", 224, 128),
+            ("resnet18", 64, 128),
+            ("convnext_atto", 64, 128),
+            ("efficientnet_b0", 224, 128),
+        ],
         loop_steps=12,
-        loop_rounds=6,
+        loop_rounds=4,
         aug_model=("resnet50", 224, 128),
         aug_policies=ALL_POLICIES,
         aug_steps=12,
@@ -220,6 +253,11 @@ PROFILES = {
         search_seeds=3,
         search_trials=12,
         search_epochs=3,
+        compiled_model=("resnet50", 224, 128),
+        compiled_rounds=3,
+        fit_model=("resnet50", 224, 128, 12, 3),
+        packing_models=[("resnet18", 64, 128, 24, 3), ("convnext_atto", 64, 128, 24, 3)],
+        packing_counts=[1, 2, 4],
     ),
 }
 
@@ -362,6 +400,7 @@ class BareLoop:
         data: Splits,
         batches: list[tuple[torch.Tensor, torch.Tensor]],
         device: torch.device,
+        compile: bool = False,
     ) -> None:
         torch.manual_seed(0)
         component = registry.get("backbones", backbone)
@@ -376,10 +415,11 @@ class BareLoop:
             self.optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
         self.batches = batches
         self.amp = device.type == "cuda"
+        self.forward = torch.compile(self.model) if compile else self.model
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            out = self.model(x)
+            out = self.forward(x)
         loss = F.cross_entropy(out.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -395,6 +435,23 @@ class BareLoop:
         for x, y in self.batches:
             self.step(x, y)
         return clock() - t0
+
+
+def _second_epoch(choice, data, registry, device, clock: Clock, **kwargs) -> tuple[float, Any]:
+    """A fresh fit() of ``choice`` on ``data`` (training only); (seconds of its second epoch,
+    from one on_epoch call to the next: the whole trial loop, the FitResult)."""
+    marks: list[float] = []
+    result = fit(
+        choice,
+        data,
+        registry,
+        device=device,
+        evaluate_on=None,
+        feature_cache=False,
+        on_epoch=lambda r: marks.append(clock()),
+        **kwargs,
+    )
+    return marks[1] - marks[0], result
 
 
 def bench_trial_loop(registry, device, profile: Profile, do_profile: bool = False) -> dict:
@@ -417,17 +474,7 @@ def bench_trial_loop(registry, device, profile: Profile, do_profile: bool = Fals
         )
 
         def trial(choice=choice, data=data) -> float:
-            marks: list[float] = []
-            fit(
-                choice,
-                data,
-                registry,
-                device=device,
-                evaluate_on=None,
-                feature_cache=False,
-                on_epoch=lambda r: marks.append(clock()),
-            )
-            return marks[1] - marks[0]
+            return _second_epoch(choice, data, registry, device, clock)[0]
 
         def bare(backbone=backbone, data=data, ready=ready) -> float:
             loop = BareLoop(registry, backbone, data, ready, device)
@@ -446,6 +493,9 @@ def bench_trial_loop(registry, device, profile: Profile, do_profile: bool = Fals
             "trial_images_per_s": round(images / _median(trial_times), 1),
             "bare_images_per_s": round(images / _median(bare_times), 1),
         }
+        if device.type == "cuda":
+            rows[key]["trial_peak_mib"] = _peak_mib(lambda trial=trial: trial())
+            rows[key]["bare_peak_mib"] = _peak_mib(lambda bare=bare: bare())
         if device.type == "cuda":  # host syncs one more epoch costs: expected 2, not per step
             syncs = [
                 count_syncs(
@@ -549,6 +599,15 @@ def _with(registry: Registry, kind: str, component: Any) -> Registry:
     return copy
 
 
+def _peak_mib(fn: Callable[[], Any]) -> float:
+    """Peak CUDA memory allocated while ``fn`` runs, MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
 def count_syncs(fn: Callable[[], Any]) -> int:
     """How many host-device synchronisations ``fn`` forces (CUDA's sync debug mode)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -595,16 +654,20 @@ def bench_augment(registry, device, profile: Profile, strength: float = 0.5) -> 
         row: dict[str, Any] = {
             "share": round(sum(inside) / sum(epochs), 4),
             "ms_per_step": round(1000 * sum(inside) / (len(epochs) * profile.aug_steps), 3),
+            "epoch_seconds": round(_median(epochs), 5),
         }
+        if "none" in per_policy:  # the epoch with this policy / the epoch without
+            row["epoch_ratio"] = round(_median(epochs) / per_policy["none"]["epoch_seconds"], 4)
         if device.type == "cuda" and timed.built is not None:
             x = data.train.x[:batch].to(device).float().div_(255.0)
             op = timed.built.op
             op(x)
             row["syncs_per_call"] = count_syncs(lambda op=op, x=x: op(x))
         per_policy[name] = row
-    value = per_policy.get("randaugment", next(iter(per_policy.values())))["share"]
+    worst = max(per_policy, key=lambda p: per_policy[p]["share"])
     return {
-        "value": value,
+        "value": per_policy[worst]["share"],
+        "worst": worst,
         "clock": clock.kind,
         "model": f"{backbone}@{size}/b{batch}",
         "strength": strength,
@@ -774,18 +837,8 @@ def bench_frozen(registry, device, profile: Profile) -> dict:
 
     def step_seconds(depth: float) -> Callable[[], float]:
         def run() -> float:
-            marks: list[float] = []
             choice = Choice(backbone=backbone, unfreeze_depth=depth, epochs=2, batch_size=batch)
-            fit(
-                choice,
-                data,
-                registry,
-                device=device,
-                evaluate_on=None,
-                feature_cache=False,
-                on_epoch=lambda r: marks.append(clock()),
-            )
-            return (marks[1] - marks[0]) / profile.frozen_steps
+            return _second_epoch(choice, data, registry, device, clock)[0] / profile.frozen_steps
 
         return run
 
@@ -925,10 +978,246 @@ def bench_search(registry, device, profile: Profile, tmp: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# GPU nodes (issue 17): the compiled bare loop, the whole fit(), packed trials, syncs per step
+
+
+def bench_compiled(registry, device, profile: Profile) -> dict:
+    """fit() with compile on vs a bare loop through ``torch.compile`` (second epoch of each
+    timed, alternating rounds). On the CPU the "eager" backend stands in (no C compiler
+    needed), which keeps the code path working but measures no compiler."""
+    clock = Clock(device)
+    backend: bool | str = True if device.type == "cuda" else "eager"
+    backbone, size, batch = profile.compiled_model
+    data = image_data(registry, size, batch * profile.loop_steps, batch)
+    ready = bare_batches(registry, backbone, data, batch, device)
+    choice = Choice(
+        backbone=backbone, unfreeze="top_k", unfreeze_depth=1.0, epochs=2, batch_size=batch
+    )
+    compiled: list[str | None] = []
+
+    def trial() -> float:
+        seconds, result = _second_epoch(choice, data, registry, device, clock, compile=backend)
+        compiled.append(result.compiled)
+        return seconds
+
+    def bare() -> float:
+        loop = BareLoop(registry, backbone, data, ready, device, compile=backend)
+        loop.epoch(clock)  # warm-up: the compile
+        return loop.epoch(clock)
+
+    trial_times, bare_times = _alternate(profile.compiled_rounds, trial, bare)
+    compared = _compare(trial_times, bare_times)
+    row: dict[str, Any] = {
+        "value": round(1.0 / compared["paired"]["median"], 4),
+        "model": f"{backbone}@{size}/b{batch}",
+        "backend": "inductor" if backend is True else backend,
+        "paired": _spread([b / t for t, b in zip(trial_times, bare_times)]),
+        "trial_compiled": compiled[-1] if compiled else None,
+        "clock": clock.kind,
+    }
+    if device.type == "cuda":
+        row["trial_peak_mib"] = _peak_mib(trial)
+        row["bare_peak_mib"] = _peak_mib(bare)
+    return row
+
+
+def bench_fit(registry, device, profile: Profile) -> dict:
+    """One whole fit() (train and validation split, the search's settings) split into its
+    set-up (model, data to the device, optimizer), training epochs and evaluations."""
+    backbone, size, batch, steps, epochs = profile.fit_model
+    data = image_data(registry, size, batch * steps, max(batch, batch * steps // 4))
+    choice = Choice(
+        backbone=backbone,
+        augmentation="flip_crop",
+        aug_strength=0.5,
+        unfreeze_depth=1.0,
+        epochs=epochs,
+        batch_size=batch,
+    )
+
+    def now() -> float:
+        _sync(device)
+        return time.perf_counter()
+
+    fit(dataclasses.replace(choice, epochs=1), data, registry, device=device)  # warm-up
+    marks: list[tuple[float, float]] = []
+    t0 = now()
+    result = fit(
+        choice,
+        data,
+        registry,
+        device=device,
+        feature_cache=False,
+        on_epoch=lambda r: marks.append((now(), r.seconds)),
+    )
+    total = now() - t0
+    train = sum(r.seconds for r in result.history)
+    # between two epochs' marks: one epoch's training and its evaluation
+    evals = [marks[i][0] - marks[i - 1][0] - marks[i][1] for i in range(1, len(marks))]
+    evaluation = max(0.0, _median(evals)) * len(marks) if evals else 0.0
+    setup = max(0.0, total - train - evaluation)
+    return {
+        "value": round(train / total, 4),
+        "model": f"{backbone}@{size}/b{batch}, {epochs} epochs, flip_crop",
+        "seconds": {
+            "total": round(total, 3),
+            "setup": round(setup, 3),
+            "train": round(train, 3),
+            "eval": round(evaluation, 3),
+        },
+        "images_per_s": round(result.images_per_s, 1),
+        "clock": "wall time (synchronised)",
+    }
+
+
+def _packing_worker(spec: dict[str, Any]) -> int:
+    """One of K concurrent trials (a process of bench_packing): warm up, say ready, wait for
+    the go file, train, print the start and end times and the images trained."""
+    from automl_tl.workers import apply_memory_fraction
+
+    apply_memory_fraction()
+    registry = registry_for()
+    device = resolve_device(spec["device"])
+    data = image_data(registry, spec["size"], spec["batch"] * spec["steps"], spec["batch"])
+    choice = Choice(
+        backbone=spec["backbone"],
+        unfreeze_depth=1.0,
+        epochs=spec["epochs"],
+        batch_size=spec["batch"],
+    )
+    kwargs = dict(device=device, evaluate_on=None, feature_cache=False)
+    fit(dataclasses.replace(choice, epochs=1), data, registry, **kwargs)  # CUDA context, cuDNN
+    Path(spec["ready"]).write_text("ready")
+    go = Path(spec["go"])
+    limit = time.monotonic() + 300
+    while not go.exists() and time.monotonic() < limit:
+        time.sleep(0.01)
+    start = time.time()
+    result = fit(choice, data, registry, **kwargs)
+    _sync(device)
+    end = time.time()
+    images = sum(round(r.images_per_s * r.seconds) for r in result.history)
+    print(json.dumps({"start": start, "end": end, "images": images}), flush=True)
+    return 0
+
+
+def _packed(
+    spec: dict[str, Any], k: int, device: torch.device, tmp: Path, threads: int
+) -> dict[str, Any]:
+    """Aggregate images/s of ``k`` trials started together, each in its own process."""
+    run = tmp / f"pack-{spec['backbone']}-{k}"
+    run.mkdir(parents=True, exist_ok=True)
+    go = run / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // k))}
+    if device.type == "cuda" and k > 1:
+        from automl_tl.workers import GPU_MEMORY_SHARE
+
+        env["AUTOML_TL_MEMORY_FRACTION"] = f"{GPU_MEMORY_SHARE / k:.4f}"
+    procs = []
+    for i in range(k):
+        mine = {**spec, "ready": str(run / f"ready-{i}"), "go": str(go), "device": str(device)}
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--packing-worker",
+                    json.dumps(mine),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    limit = time.monotonic() + 300
+    while not all((run / f"ready-{i}").exists() for i in range(k)):
+        if time.monotonic() > limit or any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.05)
+    go.write_text("go")
+    reports = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"packing worker failed ({p.returncode}): {err[-2000:]}")
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    wall = max(r["end"] for r in reports) - min(r["start"] for r in reports)
+    images = sum(r["images"] for r in reports)
+    return {"images_per_s": round(images / wall, 1), "seconds": round(wall, 3), "trials": k}
+
+
+def bench_packing(registry, device, profile: Profile, tmp: Path) -> dict:
+    """K trials sharing one device (1, 2, 4: separate processes, each with 1/K of the GPU's
+    memory, as ``--trials-per-gpu K`` runs them): aggregate images/s against one trial."""
+    threads = torch.get_num_threads() if device.type == "cpu" else (os.cpu_count() or 1)
+    rows = {}
+    for backbone, size, batch, steps, epochs in profile.packing_models:
+        spec = dict(backbone=backbone, size=size, batch=batch, steps=steps, epochs=epochs)
+        per_k = {k: _packed(spec, k, device, tmp, threads) for k in profile.packing_counts}
+        one = per_k[profile.packing_counts[0]]["images_per_s"]
+        best = max(per_k, key=lambda k: per_k[k]["images_per_s"])
+        rows[f"{backbone}@{size}/b{batch}"] = {
+            "per_k": per_k,
+            "best_k": best,
+            "speedup": round(per_k[best]["images_per_s"] / one, 3),
+        }
+    return {
+        "value": min(r["speedup"] for r in rows.values()),
+        "models": rows,
+        "clock": "wall time",
+    }
+
+
+def bench_syncs(registry, device, profile: Profile) -> dict:
+    """Host syncs per training step with augmentation on (flip_crop) and evaluation: the
+    syncs of a fit over twice the steps, less those of the fit, per added step (CUDA's sync
+    debug mode). Without CUDA there is nothing to count (NaN)."""
+    if device.type != "cuda":
+        return {"value": float("nan"), "why": "no CUDA device: the sync debug mode is CUDA's"}
+    backbone, size, batch = profile.aug_model
+    counts = {}
+    for steps in (profile.aug_steps, 2 * profile.aug_steps):
+        data = image_data(registry, size, batch * steps, batch)
+        choice = Choice(
+            backbone=backbone,
+            augmentation="flip_crop",
+            aug_strength=0.5,
+            unfreeze_depth=1.0,
+            epochs=2,
+            batch_size=batch,
+        )
+        fit(choice, data, registry, device=device)  # warm-up
+        counts[steps] = count_syncs(
+            lambda choice=choice, data=data: fit(choice, data, registry, device=device)
+        )
+    small, large = profile.aug_steps, 2 * profile.aug_steps
+    per_step = (counts[large] - counts[small]) / (2 * (large - small))  # 2 epochs each
+    return {"value": per_step, "model": f"{backbone}@{size}/b{batch}", "syncs": counts}
+
+
+# ---------------------------------------------------------------------------------------------
 # driver
 
 
-BENCHES = ("loop", "augment", "pil", "probe", "frozen", "search")
+BENCHES = (
+    "loop",
+    "augment",
+    "pil",
+    "probe",
+    "frozen",
+    "search",
+    "compiled",
+    "fit",
+    "packing",
+    "syncs",
+)
+#: run without --only: everything on a GPU; on the CPU the figures of before (the GPU-node ones
+#: run there with --only, as benchmarks/gpu_check.sh's CPU smoke run does)
+DEFAULT_BENCHES = {
+    "cpu": ("loop", "augment", "pil", "probe", "frozen", "search"),
+    "cuda": BENCHES,
+}
 KEYS = {
     "loop": "trial_loop_vs_bare",
     "augment": "augment_share",
@@ -936,6 +1225,10 @@ KEYS = {
     "probe": "linear_probe_cached_speedup",
     "frozen": "frozen_backward_saving",
     "search": "search_efficiency",
+    "compiled": "trial_loop_vs_compiled_bare",
+    "fit": "fit_train_share",
+    "packing": "packing_speedup",
+    "syncs": "syncs_per_step",
 }
 
 
@@ -984,10 +1277,15 @@ def _detail(key: str, r: dict) -> str:
             for m, v in r["models"].items()
         )
     if key == "augment_share":
-        return f"{r['model']}, s={r['strength']}: " + ", ".join(
-            f"{p} {v['share']:.1%}"
-            + (f" ({v['syncs_per_call']} syncs)" if "syncs_per_call" in v else "")
-            for p, v in r["policies"].items()
+        return (
+            f"{r['model']}, s={r['strength']}: "
+            + ", ".join(
+                f"{p} {v['share']:.1%}"
+                + (f" x{v['epoch_ratio']:.2f}" if "epoch_ratio" in v and p != "none" else "")
+                + (f" ({v['syncs_per_call']} syncs)" if "syncs_per_call" in v else "")
+                for p, v in r["policies"].items()
+            )
+            + f"; worst {r['worst']}"
         )
     if key == "cached_vs_pil_epoch":
         return f"{r['images']} images at {r['size']} px vs " + ", ".join(
@@ -1000,6 +1298,30 @@ def _detail(key: str, r: dict) -> str:
         )
     if key == "frozen_backward_saving":
         return f"{r['model']}, per round {_range(r['paired'])}"
+    if key == "trial_loop_vs_compiled_bare":
+        return (
+            f"{r['model']} ({r['backend']}), per round {_range(r['paired'])}; trial compiled: "
+            f"{r['trial_compiled']}"
+            + (
+                f"; peak {r['trial_peak_mib']:.0f} vs {r['bare_peak_mib']:.0f} MiB"
+                if "trial_peak_mib" in r
+                else ""
+            )
+        )
+    if key == "fit_train_share":
+        sec = r["seconds"]
+        return (
+            f"{r['model']}: {sec['total']:.2f} s = set-up {sec['setup']:.2f} + train "
+            f"{sec['train']:.2f} + eval {sec['eval']:.2f}"
+        )
+    if key == "packing_speedup":
+        return "; ".join(
+            f"{m}: "
+            + ", ".join(f"K={k} {v['images_per_s']:.0f} img/s" for k, v in row["per_k"].items())
+            for m, row in r["models"].items()
+        )
+    if key == "syncs_per_step":
+        return r.get("why") or f"{r['model']}, flip_crop: syncs {r['syncs']}"
     if key == "search_efficiency":
         return (
             f"{len(r['seeds'])} seeds (std {r['std']:.2f}): "
@@ -1047,7 +1369,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--search-trials", type=int, help="override random search's trials")
     parser.add_argument("--search-epochs", type=int, help="override the epochs per trial")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--packing-worker", help=argparse.SUPPRESS)  # bench_packing's trials
     args = parser.parse_args(argv)
+    if args.packing_worker:
+        logging.getLogger("automl_tl").setLevel(logging.WARNING)
+        return _packing_worker(json.loads(args.packing_worker))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
@@ -1083,7 +1409,9 @@ def main(argv: list[str] | None = None) -> int:
             if v is not None
         },
     )
-    only = set(args.only.split(",")) if args.only else set(BENCHES)
+    only = (
+        set(args.only.split(",")) if args.only else set(DEFAULT_BENCHES.get(device.type, BENCHES))
+    )
     unknown = only - set(BENCHES)
     if unknown:
         parser.error(f"--only: unknown {sorted(unknown)}; choose from {', '.join(BENCHES)}")
@@ -1100,6 +1428,10 @@ def main(argv: list[str] | None = None) -> int:
             "probe": lambda: bench_linear_probe(registry, device, profile),
             "frozen": lambda: bench_frozen(registry, device, profile),
             "search": lambda: bench_search(registry, device, profile, tmp),
+            "compiled": lambda: bench_compiled(registry, device, profile),
+            "fit": lambda: bench_fit(registry, device, profile),
+            "packing": lambda: bench_packing(registry, device, profile, tmp),
+            "syncs": lambda: bench_syncs(registry, device, profile),
         }
         for bench in BENCHES:
             if bench not in only:
@@ -1113,6 +1445,9 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"[{time.perf_counter() - started:6.1f}s] {key} = {detail['value']:.4f}", flush=True
             )
+    results["verdicts"] = {  # (target, "ok" | "MISS" | "") per figure, for gpu_check.py
+        key: verdict(key, results[key], device) for key in KEYS.values() if key in results
+    }
     results["meta"] = {
         "profile": profile.name,
         "device": str(device),

@@ -178,3 +178,66 @@ def test_multilabel_benchmark_refuses_an_unknown_task():
         timeout=300,
     )
     assert proc.returncode == 2 and "unknown task(s) ['nope']" in proc.stderr
+
+
+def _gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_keeps_to_its_budget_and_records_what_it_skipped(tmp_path):
+    """With no time left every part is recorded as skipped (nothing lost, nothing run), and
+    the JSON and the table are written all the same."""
+    gpu_check = _gpu_check()
+    assert gpu_check.main(["--device", "cpu", "--seconds", "5", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(report["parts"]) == [name for name, _, _ in gpu_check.PARTS]
+    assert {p["status"] for p in report["parts"].values()} == {"skipped: the time budget is spent"}
+    assert report["figures"] == [] and report["meta"]["budget_seconds"] == 5.0
+    assert (
+        "| loop | skipped: the time budget is spent | 0 |"
+        in (tmp_path / "gpu_check.md").read_text()
+    )
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_python_parts_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh end to end on the CPU (tiny sizes): the parts that need no GPU
+    produce their figures; the GPU-only ones say so."""
+    import os
+
+    env = {
+        **os.environ,
+        "GPU_CHECK_DEVICE": "cpu",
+        "GPU_CHECK_TINY": "1",
+        "GPU_CHECK_PARTS": "fit,packing,sync-test,search",
+        "PYTHON": sys.executable,
+        "GPU_CHECK_SECONDS": "560",
+    }
+    proc = subprocess.run(
+        [str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    statuses = {name: part["status"] for name, part in report["parts"].items()}
+    assert statuses == {
+        "fit": "ok",
+        "packing": "ok",
+        "sync-test": "skipped: needs a GPU",
+        "search": "skipped: needs a GPU",
+    }, report["parts"]
+    assert {r["figure"] for r in report["figures"]} == {"fit_train_share", "packing_speedup"}
+    for row in report["figures"]:
+        assert math.isfinite(row["value"]) and row["value"] > 0, row
+    per_k = report["parts"]["packing"]["results"]["details"]["packing_speedup"]["models"]
+    (model,) = per_k.values()
+    assert set(model["per_k"]) == {"1", "2"}
+    assert "| fit_train_share |" in (tmp_path / "gpu_check.md").read_text()

@@ -404,7 +404,11 @@ def test_two_local_workers_share_a_journal_study(tmp_path):
     assert (tmp_path / "tiny" / "best" / "model.safetensors").is_file()
     trials = trials_of(f"journal:{journal}")
     assert len(finished(trials)) == 4
-    assert len({t.user_attrs["worker"]["pid"] for t in finished(trials)}) == 2
+    children = {t.user_attrs["worker"]["pid"] for t in finished(trials)}
+    assert len(children) == 2
+    # the race ran in the workers (spread over their GPUs), not after them in the parent
+    race = trials_of(f"journal:{journal}", "tiny:race")
+    assert race and {t.user_attrs["worker"]["pid"] for t in race} <= children
     # the workers sampled different configurations (not one seeded sequence twice)
     params = [tuple(sorted(t.params.items())) for t in finished(trials)]
     assert len(set(params)) == 4

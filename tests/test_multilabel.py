@@ -418,3 +418,24 @@ def test_check_data_counts_images_per_label(tmp_path):
     assert totals == per_label
     text = run_main("check-data", f"csv:{csv}")
     assert "split: iterative stratification, seed 0" in text.stdout
+
+
+def test_micro_batches_accumulate_a_multilabel_batchs_gradient():
+    import contextlib
+
+    from automl_tl.train import _backward
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    x, y = torch.randn(10, 3, 2, 2), (torch.rand(10, 4) < 0.4).float()
+    for task in (MultiLabel("bce"), MultiLabel("asymmetric")):
+        grads, losses = [], []
+        for micro in (10, 4, 2):
+            model.zero_grad()
+            losses.append(float(_backward(model, x, y, micro, contextlib.nullcontext, False, task)))
+            grads.append([p.grad.clone() for p in model.parameters()])
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+        assert losses[2] == pytest.approx(losses[0], rel=1e-5)
+        for other in grads[1:]:
+            for a, b in zip(grads[0], other):
+                assert torch.allclose(a, b, atol=1e-6)

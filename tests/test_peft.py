@@ -319,3 +319,44 @@ def test_peft_benchmark_runs_every_arm_on_tiny_models(registry):
         if name != "top_k":
             assert row["optimizer_memory_ratio"] < 0.2, name
     assert "| test_resnet (32) | lora |" in bench.markdown(results, 2)
+
+
+@pytest.mark.slow  # a search of 2 trials and its retrain (~20-40 s on 2 cores)
+def test_a_search_with_the_peft_strategies_exports_a_plain_timm_best(tmp_path, pretrained_digits):
+    from automl_tl import load_model
+
+    from .conftest import write_study
+
+    study = write_study(
+        tmp_path,
+        f"""
+        [data]
+        source = "digits:5-9"
+        image_size = 32
+        seed = 0
+
+        [search]
+        n_trials = 2
+        backbones = ["test_resnet"]
+        augmentations = ["none"]
+        unfreeze = ["lora"]
+        unfreeze_depth = [0.5, 1.0]
+        epochs = 1
+        pruner = "none"
+
+        [weights]
+        test_resnet = "{pretrained_digits.path}"
+        """,
+        name="peft",
+    )
+    result = run_main("search", str(study), "--device", "cpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    best = tmp_path / "peft" / "best"
+    metrics = json.loads((best / "metrics.json").read_text())
+    assert metrics["params"]["unfreeze"] == "lora"
+    plain = timm.create_model("test_resnet", pretrained=False, num_classes=5)
+    plain.load_state_dict(load_file(str(best / "model.safetensors")), strict=True)
+    loaded = load_model(best)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(x), loaded.model.eval()(x), atol=1e-5)

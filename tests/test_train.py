@@ -161,12 +161,12 @@ def _with_backbone(registry, backbone: Backbone):
     return copy
 
 
-def test_out_of_memory_halves_the_batch_and_retries(registry, few_digits):
+def test_out_of_memory_keeps_the_batch_and_accumulates_micro_batches(registry, few_digits):
     registry = _with_backbone(registry, _RunsOutOfMemory(limit=40))
     seen = []
     choice = Choice(backbone="oom_resnet", unfreeze_depth=1.0, epochs=2, batch_size=128)
     result = fit(choice, few_digits, registry, device="cpu", on_epoch=seen.append)
-    assert (result.batch_size, result.oom_retries) == (32, 2)
+    assert (result.batch_size, result.micro_batch, result.oom_retries) == (128, 32, 2)
     assert [r.epoch for r in seen] == [0, 1]  # every epoch reported once
 
 
@@ -184,7 +184,7 @@ def test_peak_memory_probe_halves_before_the_first_epoch(registry, few_digits, m
     registry = _with_backbone(registry, _RunsOutOfMemory(limit=16, body_only=True))
     choice = Choice(backbone="oom_resnet", unfreeze="gradual", unfreeze_depth=1.0, epochs=2)
     result = fit(choice, few_digits, registry, device="cpu")
-    assert result.batch_size == 16 and len(result.history) == 2
+    assert (result.batch_size, result.micro_batch, len(result.history)) == (64, 16, 2)
 
 
 def test_peak_memory_probe_leaves_no_trace(registry, few_digits, monkeypatch):

@@ -6,8 +6,8 @@ How ``strength`` s in [0, 1] maps onto Kornia's own scales (s = 0 is always the 
 policy          mapping
 =============== =====================================================================
 none            identity at every strength
-flip_crop       RandomResizedCrop scale = (1 - 0.6 s, 1), ratio = (1 - 0.25 s, 1 + 0.25 s);
-                RandomHorizontalFlip p = 0.5 s
+flip_crop       RandomResizedCrop scale = (1 - 0.6 s, 1), ratio = (1 - 0.25 s, 1 + 0.25 s)
+                (batched: ``cropping_mode="resample"``); RandomHorizontalFlip p = 0.5 s
 crop            flip_crop without the flip (for ``[data] orientation = "fixed"``)
 color           ColorJitter brightness = contrast = saturation = 0.4 s, hue = 0.1 s
                 (p = 1), RandomGrayscale p = 0.2 s
@@ -72,19 +72,19 @@ class _Policy(AugmentationPolicy):
         return self._builder(float(strength), int(image_size))
 
 
-def _flip_crop(s: float, size: int) -> nn.Module:
-    return nn.Sequential(
-        K.RandomResizedCrop(
-            (size, size), scale=(1.0 - 0.6 * s, 1.0), ratio=(1 - 0.25 * s, 1 + 0.25 * s)
-        ),
-        K.RandomHorizontalFlip(p=0.5 * s),
-    )
-
-
 def _crop(s: float, size: int) -> nn.Module:
+    # "resample": one batched affine warp crops and resizes every image at once; the default
+    # "slice" mode crops image by image with its box sizes read back to the host (a sync)
     return K.RandomResizedCrop(
-        (size, size), scale=(1.0 - 0.6 * s, 1.0), ratio=(1 - 0.25 * s, 1 + 0.25 * s)
+        (size, size),
+        scale=(1.0 - 0.6 * s, 1.0),
+        ratio=(1 - 0.25 * s, 1 + 0.25 * s),
+        cropping_mode="resample",
     )
+
+
+def _flip_crop(s: float, size: int) -> nn.Module:
+    return nn.Sequential(_crop(s, size), K.RandomHorizontalFlip(p=0.5 * s))
 
 
 def _color(s: float, size: int) -> nn.Module:
