@@ -29,6 +29,7 @@ from .config import config_from_dict
 from .data import load_splits
 from .errors import UserError
 from .export import export_model, export_onnx, plain_timm_loads
+from .prior import meta_features
 from .registry import Registry
 from .train import Choice, EpochResult, evaluate, fit, resolve_device
 
@@ -111,6 +112,7 @@ def bench_plugin(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device_t = resolve_device(device)
+    catalog = Catalog(out / "catalog.db")
     rows = []
     for task in SUITE if tasks is None else tasks:
         data = {"source": task.source, "image_size": image_size, "seed": seed}
@@ -120,6 +122,8 @@ def bench_plugin(
             {"name": task.name, "data": data, "search": {"output": str(out / "data" / task.name)}}
         )
         splits = load_splits(config, registry)
+        # the task's meta-features: a team prior ranks the backbones by these rows
+        catalog.record_dataset(f"bench:{task.name}", meta_features(splits, "none"))
         for name in [*backbones, *REFERENCES]:
             reference = name in REFERENCES
             for source in ["none"] + ([weights[name]] if name in (weights or {}) else []):
@@ -127,7 +131,7 @@ def bench_plugin(
                     _run(plugin, name, reference, task, splits, registry, device_t, seed, source)
                 )
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    Catalog(out / "catalog.db").db["benchmarks"].insert_all(
+    catalog.db["benchmarks"].insert_all(
         ({**asdict(r), "created": created} for r in rows), alter=True
     )
     return rows

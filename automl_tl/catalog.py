@@ -1,5 +1,7 @@
-"""The catalog: one SQLite file per study (``catalog.db``) with tables ``trials``, ``epochs`` and
-``models``, written with sqlite-utils so it can be queried with ``sqlite-utils`` or datasette.
+"""The catalog: one SQLite file per study (``catalog.db``) with tables ``trials``, ``epochs``,
+``models``, ``races``, ``datasets`` (the data's meta-features, read by automl_tl.prior) and
+``skipped_images`` (``benchmarks`` from ``plugins --bench``), written with sqlite-utils so it
+can be queried with ``sqlite-utils`` or datasette.
 
 Each write is one transaction, so a kill at any moment leaves the previous good state.
 """
@@ -172,6 +174,19 @@ class Catalog:
             pk=("study", "key"),
             if_not_exists=True,
         )
+        self.db["datasets"].create(
+            {
+                "study": str,
+                "classes": int,
+                "images_per_class": float,
+                "resolution": int,
+                "weights": str,
+                **{f"{k}_{c}": float for k in ("mean", "std") for c in "rgb"},
+                "recorded": str,
+            },
+            pk="study",
+            if_not_exists=True,
+        )
         self.db["skipped_images"].create(
             {"study": str, "path": str, "reason": str},
             pk=("study", "path"),
@@ -188,6 +203,15 @@ class Catalog:
                     pk=("study", "path"),
                     replace=True,
                 )
+
+    def record_dataset(self, study: str, features: dict[str, Any]) -> None:
+        """The study's dataset meta-features (automl_tl.prior.meta_features), for later priors."""
+        row = {"study": study, **features, "recorded": _iso(dt.datetime.now(dt.timezone.utc))}
+        self._write(lambda: self.db["datasets"].upsert(row, pk="study", alter=True))
+
+    def dataset(self, study: str) -> dict[str, Any] | None:
+        rows = list(self.db["datasets"].rows_where("study = ?", [study]))
+        return rows[0] if rows else None
 
     def skipped(self, study: str) -> list[dict[str, str]]:
         return [
@@ -247,6 +271,7 @@ class Catalog:
             "fail_reason": s.fail_reason,
             "started": s.started,
             "finished": s.finished,
+            "prior": s.prior,  # from the team prior (automl_tl.prior): where from
         }
         self._write(lambda: self.db["trials"].upsert(row, pk=("study", "number"), alter=True))
 

@@ -453,6 +453,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 "epochs": t["epochs_run"],
                 "seconds": t["duration_s"],
                 "fail_reason": t["fail_reason"],
+                "prior": t.get("prior"),
             }
         )
     columns = [
@@ -465,6 +466,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         "seconds",
         "fail_reason",
     ]
+    if any(r["prior"] for r in rows):  # the team prior chose some trials: say which
+        columns.append("prior")
     if args.format == "csv":
         sys.stdout.write(_csv(rows, columns))
         return 0
@@ -699,6 +702,90 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         f"{meta['source']} ({len(meta['classes'])} classes, {meta['epochs']} epochs), held-out "
         f"accuracy {meta['accuracy']:.4f} -> {result.path} (+ {result.path.with_suffix('.json').name})"
     )
+    return 0
+
+
+def cmd_prior(args: argparse.Namespace) -> int:
+    """``prior build|show STUDY``, ``prior publish CATALOG URL`` (automl_tl.prior)."""
+    from .errors import ConfigError
+    from .prior import publish, read_study_prior
+
+    if args.action == "publish":
+        return _publish_catalog(args, publish)
+    if args.url:
+        raise UserError(f"prior {args.action} takes a study file only, not {args.url!r}")
+    config, _, registry = _load(args)
+    if args.action == "build":
+        from .data import load_splits
+        from .prior import meta_features, study_prior, study_weights
+        from .samplers import startup_trials
+
+        if not config.search.prior:
+            raise ConfigError(
+                f"{config.name}: [search] prior is empty, so there is no prior to build; list "
+                'earlier studies\' catalogs there, e.g. prior = ["studies/*/catalog.db"]'
+            )
+        splits = load_splits(config, registry)
+        features = meta_features(splits, study_weights(config))
+        prior = study_prior(config, features, startup_trials(config), rebuild=True)
+    else:
+        prior = read_study_prior(config)
+        if prior is None:
+            raise UserError(
+                f"{config.name} has no prior yet ({config.paths.prior} is missing); run "
+                f"automl-tl prior build {args.study}"
+            )
+    if args.format == "json":
+        print(json.dumps(prior.to_dict(), indent=2))
+        return 0
+    for warning in prior.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    f = prior.features
+    print(
+        f"{config.name}: {f['classes']} classes, {f['images_per_class']:g} images per class, "
+        f"{f['resolution']} px, weights {f['weights']}"
+    )
+    print(f"\nnearest earlier tasks ({len(prior.tasks)}):")
+    print(_table(prior.tasks[:10], ["name", "distance", "weight", "configurations", "origin"]))
+    rows = [
+        {
+            "#": n + 1,
+            **{k: e.params.get(k) for k in ("backbone", "augmentation", "aug_strength")},
+            **{k: e.params.get(k) for k in ("unfreeze", "unfreeze_depth", "lr")},
+            "expected": e.expected,
+            "seconds": e.seconds,
+            "from": e.task,
+        }
+        for n, e in enumerate(prior.entries)
+    ]
+    how = "per expected second ([search] timeout)" if prior.per_second else "by expected score"
+    print(f"\nportfolio, run first ({how}):")
+    print(_table(rows, list(rows[0]) if rows else ["#"]))
+    if prior.backbones:
+        print("\nbackbones as the prior ranks them:")
+        print(_table(prior.backbones, ["backbone", "expected"]))
+    print(f"\n-> {config.paths.prior}")
+    return 0
+
+
+def _publish_catalog(args: argparse.Namespace, publish) -> int:
+    from pathlib import Path
+
+    import sqlite_utils
+
+    from .storage import redact
+
+    if not args.url or "://" not in args.url:
+        raise UserError(
+            "prior publish CATALOG URL: give the catalog.db to copy and the shared catalog's "
+            "URL, e.g. automl-tl prior publish studies/digits/catalog.db postgresql://host/team"
+        )
+    path = Path(args.study)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; give a study's catalog.db (or bench/catalog.db)")
+    written = publish(sqlite_utils.Database(path), args.url)
+    shown = ", ".join(f"{n} {table}" for table, n in written.items()) or "nothing"
+    print(f"published {shown} from {path} to {redact(args.url)}")
     return 0
 
 
@@ -1082,6 +1169,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soup", action="store_true", help="average the weights instead")
     p.add_argument("--plugin", action="append", default=[])
     p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser(
+        "prior",
+        help="the team prior: build or show what a study learns from earlier ones; publish a "
+        "catalog to a shared one",
+        description="build STUDY: the study's prior from [search] prior (its data's "
+        "meta-features, the nearest earlier tasks, the portfolio run first), written to "
+        "<study>/prior.json; show STUDY: print it; publish CATALOG URL: copy a catalog's "
+        "datasets, trials and benchmarks into a shared catalog database.",
+    )
+    p.add_argument("action", choices=("build", "show", "publish"))
+    p.add_argument("study", metavar="STUDY|CATALOG", help="study file (publish: a catalog.db)")
+    p.add_argument("url", nargs="?", help="publish: the shared catalog's URL")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--plugin", action="append", default=[])
+    p.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", default=0)
+    p.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity")
+    p.set_defaults(func=cmd_prior)
 
     p = sub.add_parser(
         "clean",

@@ -116,6 +116,10 @@ class SearchSection:
     #: tpe / gp: start with one textbook configuration per backbone (automl_tl/portfolio.py)
     #: in place of the first random start-up trials; false: random start-up only
     portfolio: bool = True
+    #: a team prior: catalogs of earlier studies (file patterns, e.g. "studies/*/catalog.db",
+    #: relative to the study file) or a shared catalog URL ("postgresql://…"); the best
+    #: configurations of the most similar earlier datasets run first (automl_tl/prior.py)
+    prior: list[str] = field(default_factory=list)
     #: early stopping: a trial stops when its validation score has not improved for this
     #: many epochs, and scores as its best epoch (0 = off: every trial runs all epochs)
     patience: int = field(default=0, metadata={"min": 0})

@@ -241,6 +241,7 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
                 "images_per_s": s.images_per_s,
                 "batch_size": s.batch_size,
                 "best_epoch": t.user_attrs.get(trials.BEST_EPOCH),  # 1-based
+                "prior": s.prior,  # where the team prior took it from, if it did
                 # multi-objective: latency_ms / params_m / model_mb, and the constraints held
                 "measured": t.user_attrs.get(trials.MEASURED),
                 "feasible": trials.feasible(t) if trials.CONSTRAINTS in t.user_attrs else None,

@@ -68,6 +68,10 @@ class StudyPaths:
         return self.root / "selection.json"
 
     @property
+    def prior(self) -> Path:
+        return self.root / "prior.json"
+
+    @property
     def report(self) -> Path:
         return self.root / "report"
 

@@ -14,6 +14,8 @@ validation_curves.png        the validation score after every epoch, one line pe
                              ``plot_intermediate_values``, recoloured)
 accuracy_vs_time.png         validation score against the trial's wall-clock time, one colour
                              per backbone (pruned trials at their last reported score)
+best_vs_seconds.png          the best validation score so far against the device-seconds the
+                             finished trials took, summed; trials from the team prior starred
 depth_vs_strength.png        unfreeze depth against augmentation strength, coloured by the
                              validation score, one marker per augmentation policy
 confusion_matrix.png         the exported best model on the test split: true class (rows)
@@ -58,10 +60,10 @@ from ._util import write_atomic
 from .config import StudyConfig
 from .registry import Registry
 from .space import SHOWN_PARAMS, effective_params
-from .trials import Direction, value_of
+from .trials import PRIOR, Direction, value_of
 
 #: Bump when the report's content changes, so existing reports are rebuilt.
-REPORT_VERSION = 4  # 4: multi-label figures
+REPORT_VERSION = 5  # 5: multi-label figures
 MAX_MISCLASSIFIED = 32
 
 
@@ -260,6 +262,37 @@ def _accuracy_vs_time(ctx: ReportContext):
     ax.set_title(f"Validation {ctx.metric} vs. trial time, per backbone")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+    return fig
+
+
+def _best_vs_seconds(ctx: ReportContext):
+    import matplotlib.pyplot as plt
+
+    finished = sorted(
+        (t for t in ctx.trials if t.state.is_finished() and _duration(t) is not None),
+        key=lambda t: t.datetime_complete,
+    )
+    spent, best, xs, ys, prior = 0.0, None, [], [], []
+    for t in finished:
+        spent += _duration(t)
+        if t.state == TrialState.COMPLETE and t.values:
+            best = t.value if best is None else max(best, t.value)
+            if PRIOR in t.user_attrs:
+                prior.append((spent, t.value))
+        if best is not None:
+            xs.append(spent)
+            ys.append(best)
+    if not xs:
+        raise Skipped("no trial has completed yet")
+    fig, ax = plt.subplots(figsize=(7, 4.5), tight_layout=True)
+    ax.step([0.0, *xs], [ys[0], *ys], where="post", color="black", label="best so far")
+    if prior:
+        ax.scatter(*zip(*prior), marker="*", s=90, color="tab:orange", label="from the prior")
+    ax.set_xlabel("device-seconds spent (trial times summed, in finishing order)")
+    ax.set_ylabel(f"best validation {ctx.metric}")
+    ax.set_title(f"Best validation {ctx.metric} vs. compute spent")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="lower right")
     return fig
 
 
@@ -706,6 +739,14 @@ FIGURES: list[tuple[str, str, str, Callable[[ReportContext], Any]]] = [
         "Each trial's validation score against its wall-clock time, one colour per backbone "
         "(crosses: pruned trials at their last score). Up and to the left is cheap and good.",
         _accuracy_vs_time,
+    ),
+    (
+        "best_vs_seconds.png",
+        "Best score vs. compute spent",
+        "The best validation score so far against the device-seconds all finished trials took "
+        "(their times summed, in the order they finished): how much compute the search needed "
+        "to get where it is. Stars: trials the team prior chose ([search] prior).",
+        _best_vs_seconds,
     ),
     (
         "depth_vs_strength.png",

@@ -14,8 +14,9 @@ import optuna
 
 from .config import METRICS, StudyConfig
 from .portfolio import portfolio
+from .prior import Prior, study_params
 from .storage import set_trial_attr
-from .trials import DEAD_AT_CHANCE, Direction, trial_constraints
+from .trials import DEAD_AT_CHANCE, PRIOR, Direction, trial_constraints
 
 
 class WrappingSampler(optuna.samplers.BaseSampler):
@@ -75,6 +76,40 @@ class PortfolioSampler(WrappingSampler):
             if _allowed(param_distribution, value):
                 return value
         return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+
+class PriorSampler(PortfolioSampler):
+    """A :class:`PortfolioSampler` whose entries come from the team prior
+    (:mod:`automl_tl.prior`): trial *n* < ``len(labels)`` carries the attribute ``prior`` (where
+    its configuration came from), so the leaderboard and report can say so."""
+
+    def __init__(
+        self, base: optuna.samplers.BaseSampler, entries: list[dict[str, Any]], labels: list[str]
+    ) -> None:
+        super().__init__(base, entries)
+        self.labels = list(labels)
+
+    def before_trial(self, study, trial) -> None:
+        if trial.number < len(self.labels) and PRIOR not in trial.user_attrs:
+            set_trial_attr(study, trial, PRIOR, self.labels[trial.number])
+        super().before_trial(study, trial)
+
+
+def prior_entries(
+    config: StudyConfig, prior: Prior, size: int
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The first ``size`` start-up trials' parameters with a prior: its portfolio, then (when
+    it found fewer configurations) the default portfolio's for the slots left; and the label
+    of each prior entry."""
+    entries = [study_params(config, e.params, n) for n, e in enumerate(prior.entries[:size])]
+    labels = [e.label(n + 1) for n, e in enumerate(prior.entries[:size])]
+    covered = {e["backbone"] for e in entries}
+    for entry in portfolio(config, size):
+        if len(entries) >= size:
+            break
+        if entry["backbone"] not in covered:
+            entries.append(entry)
+    return entries, labels
 
 
 def _allowed(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
@@ -147,13 +182,28 @@ def startup_trials(config: StudyConfig) -> int:
     return max(4, min(10, config.search.n_trials // 3))
 
 
-def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(config: StudyConfig, prior: Prior | None = None) -> optuna.samplers.BaseSampler:
     """The study's sampler: TPE (multivariate, grouped, constant liar), GP, NSGA-II or
     random (TPE and NSGA-II also for a multi-objective study); with TPE/GP/NSGA-II the default
-    portfolio first (``[search] portfolio``); ``[search] constraints`` as Optuna's
+    portfolio first (``[search] portfolio``); with a team ``prior`` (any sampler) its
+    portfolio instead, in every start-up slot, so the model-based sampler models from the
+    prior's trials rather than random ones; ``[search] constraints`` as Optuna's
     ``constraints_func``; a searched ``[weights]`` source takes turns."""
-    seed = config.data.seed
-    name = config.search.sampler
+    if prior is not None and prior.entries:
+        entries, labels = prior_entries(config, prior, startup_trials(config))
+        base = _base_sampler(config, len(entries))
+        return alternate_weights(config, PriorSampler(base, entries, labels))
+    sampler = _base_sampler(config, startup_trials(config))
+    if config.search.sampler != "random" and config.search.portfolio:
+        # the first start-up trials: one textbook configuration per backbone, then random
+        sampler = PortfolioSampler(sampler, portfolio(config, startup_trials(config)))
+    return alternate_weights(config, sampler)
+
+
+def _base_sampler(config: StudyConfig, n_startup: int) -> optuna.samplers.BaseSampler:
+    """Random, NSGA-II (a population of ``n_startup``), GP or TPE with ``n_startup`` start-up
+    trials, with ``[search] constraints`` on Optuna < 5."""
+    seed, name = config.data.seed, config.search.sampler
     # [search] constraints: Optuna >= 5 reads what the objective set (Trial.set_constraint);
     # before, a constraints_func reads them back from the trial (trials.CONSTRAINTS)
     old_api = not hasattr(optuna.trial.Trial, "set_constraint")
@@ -161,29 +211,19 @@ def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
         {"constraints_func": trial_constraints} if config.search.constraints and old_api else {}
     )
     if name == "random":
-        sampler: optuna.samplers.BaseSampler = optuna.samplers.RandomSampler(seed=seed)
-    else:
-        if name == "nsga2":  # a population per generation: the start-up's size
-            sampler = optuna.samplers.NSGAIISampler(
-                seed=seed, population_size=startup_trials(config), **constraints
-            )
-        elif name == "gp":
-            sampler = optuna.samplers.GPSampler(
-                seed=seed, n_startup_trials=startup_trials(config), **constraints
-            )
-        else:
-            sampler = optuna.samplers.TPESampler(
-                multivariate=True,
-                group=True,
-                constant_liar=True,
-                seed=seed,
-                n_startup_trials=startup_trials(config),
-                **constraints,
-            )
-        if config.search.portfolio:
-            # the first start-up trials: one textbook configuration per backbone, then random
-            sampler = PortfolioSampler(sampler, portfolio(config, startup_trials(config)))
-    return alternate_weights(config, sampler)
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":  # a population per generation: the start-up's size
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=n_startup, **constraints)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, **constraints)
+    return optuna.samplers.TPESampler(
+        multivariate=True,
+        group=True,
+        constant_liar=True,
+        seed=seed,
+        n_startup_trials=n_startup,
+        **constraints,
+    )
 
 
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:

@@ -71,9 +71,10 @@ from .leaderboard import (
 )
 from .paths import ensure_writable
 from .pretrain import ensure_study_weights
+from .prior import Prior, check_sources, meta_features, publish, study_prior, study_weights
 from .registry import Registry
 from .retrain import retrain_per_weights
-from .samplers import make_pruner, make_sampler, pruner_warning
+from .samplers import make_pruner, make_sampler, pruner_warning, startup_trials
 from .scores import pack
 from .selection import check_selection, select, select_and_retrain
 from .space import check_space, suggest
@@ -84,6 +85,7 @@ from .storage import (
     one_search_per_sqlite,
     open_storage,
     redact,
+    scrub,
 )
 from .train import EpochResult, expected_seconds, fit, release_memory, resolve_device
 from .trials import Direction
@@ -201,12 +203,16 @@ def check_weight_files(config: StudyConfig, registry: Registry) -> None:
 
 
 def open_search_study(
-    config: StudyConfig, splits: Splits, registry: Registry | None = None
+    config: StudyConfig,
+    splits: Splits,
+    registry: Registry | None = None,
+    prior: Prior | None = None,
 ) -> optuna.Study:
     """Create or join the study for a search: its storage with heartbeats and retries on a
-    database server, the study's sampler and pruner, the direction of ``[search] metric``
-    (a plugin's metric needs ``registry``); refuses data that differ from the study's, and a
-    study made for the other direction (:func:`automl_tl.storage.join_study`)."""
+    database server, the study's sampler (with the team ``prior``'s portfolio first) and
+    pruner, the direction of ``[search] metric`` (a plugin's metric needs ``registry``);
+    refuses data that differ from the study's, and a study made for the other direction
+    (:func:`automl_tl.storage.join_study`)."""
     warning = pruner_warning(config)
     if warning:
         warnings.warn(warning, stacklevel=2)
@@ -219,7 +225,7 @@ def open_search_study(
         config,
         splits,
         storage=storage,
-        sampler=make_sampler(config),
+        sampler=make_sampler(config, prior),
         pruner=make_pruner(config),
         direction=metric_direction(config.search.metric, registry),
     )
@@ -672,6 +678,40 @@ def _one_line_per_failure():
 # the search
 
 
+def load_prior(config: StudyConfig, splits: Splits, catalog: Catalog) -> Prior | None:
+    """Record the data's meta-features in the catalog (for later studies' priors); with
+    ``[search] prior``, the study's prior (``prior.json``), its warnings logged."""
+    features = meta_features(splits, study_weights(config))
+    catalog.record_dataset(config.name, features)
+    prior = study_prior(config, features, startup_trials(config))
+    if prior is not None:
+        for warning in prior.warnings:
+            log.warning("%s", warning)
+        log.info(
+            "prior: %d configurations from %d earlier tasks first (nearest: %s)",
+            len(prior.entries),
+            len(prior.tasks),
+            ", ".join(t["name"] for t in prior.tasks[:3]) or "none",
+        )
+    return prior
+
+
+def share_with_team(config: StudyConfig, catalog: Catalog) -> None:
+    """The study's dataset and trials into each shared catalog of ``[search] prior`` (a
+    database URL), so later studies on any node learn from it; a failure is a warning."""
+    for url in config.search.prior:
+        if "://" not in url:
+            continue
+        try:
+            publish(catalog.db, url, [config.name])
+        except Exception as exc:  # never stops a search: the local catalog has everything
+            log.warning(
+                "could not add this study to the shared catalog %s: %s",
+                redact(url),
+                scrub(failure_reason(exc), url),
+            )
+
+
 @dataclass
 class SearchOutcome:
     study: optuna.Study
@@ -708,6 +748,7 @@ def search(
     should finish before it with time left for the retrain; :attr:`SearchOutcome.skipped`
     lists those that did not."""
     check_names(config, registry)
+    check_sources(config.search.prior, config.base_dir)  # [search] prior: catalogs, or exit 2
     check_backbones_run(config, registry)
     ensure_writable(config.output_dir)
     # an existing study made for the other direction: refused before any data loads
@@ -737,10 +778,10 @@ def _search(
     ensure_study_weights(config, registry, device=device)  # pretrain:SOURCE, built once
     splits = load_splits(config, registry)
     check_selection(config, splits)  # e.g. more folds than the smallest class: before training
-    study = open_search_study(
-        config, splits, registry
-    )  # refuses to join if this worker's data differ
     catalog = Catalog(catalog_path(config))
+    prior = load_prior(config, splits, catalog)
+    # refuses to join if this worker's data differ
+    study = open_search_study(config, splits, registry, prior)
     interrupts = Interrupts()
     objective = Objective(
         config,
@@ -794,6 +835,7 @@ def _search(
         except KeyboardInterrupt:
             record_interrupted(study, objective, recorder)
             raise
+    share_with_team(config, catalog)
     best = best_summary(study)
     note = selection_note(study)
     if note:

@@ -185,7 +185,7 @@ def open_storage(
             }
         return _first_come(
             lambda: optuna.storages.RDBStorage(
-                _with_driver(url),
+                with_driver(url),
                 # two connections per worker in use (main thread + heartbeat thread)
                 engine_kwargs={"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2},
                 **kwargs,
@@ -215,7 +215,7 @@ def _first_come(open_rdb: Callable[[], optuna.storages.RDBStorage]) -> optuna.st
     raise AssertionError("unreachable")
 
 
-def _with_driver(url: str) -> str:
+def with_driver(url: str) -> str:
     """``postgresql://`` with the PostgreSQL driver that is installed: SQLAlchemy 2.1 defaults
     to psycopg 3, 2.0 to psycopg2, and automl-tl's ``postgres`` extra installs psycopg2."""
     if not url.startswith(("postgresql://", "postgres://")):

@@ -39,6 +39,7 @@ STOPPED_EARLY = "stopped_early"  #: True: no improvement for [search] patience e
 VAL_LOG_PROBS = "val_log_probs"
 DEAD_AT_CHANCE = "dead_at_chance"  #: the epoch the dead-trial guard pruned it at (samplers.py)
 WEIGHTS = "weights"  #: its weight source as written, with a local file's short sha256
+PRIOR = "prior"  #: where a trial's configuration came from when the team prior chose it
 #: {latency_ms, params_m, model_mb} measured on the trained model (multi-objective studies)
 MEASURED = "measured"
 #: Optuna's constraint values of ``[search] constraints`` (<= 0: satisfied)
@@ -133,6 +134,8 @@ class TrialSummary:
     weights: str | None = None
     started: str | None = None
     finished: str | None = None
+    #: where the team prior took its configuration from (None: not from the prior)
+    prior: str | None = None
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> TrialSummary:
@@ -153,6 +156,7 @@ class TrialSummary:
             weights=attrs.get(WEIGHTS) or trial.params.get("weights"),
             started=_iso(trial.datetime_start),
             finished=_iso(trial.datetime_complete),
+            prior=attrs.get(PRIOR),
         )
 
     def to_dict(self) -> dict[str, Any]:

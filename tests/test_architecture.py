@@ -19,7 +19,7 @@ LAYERS = {
     1: {"config", "weightsource", "paths", "trials", "registry", "components", "plugins"}
     | {"hookspecs", "errors", "_util", "adapters", "tasks"},
     2: {"budget", "storage", "samplers", "portfolio", "space", "train", "features", "weights"}
-    | {"data", "catalog", "default_plugins", "scores", "latency"},
+    | {"data", "catalog", "default_plugins", "scores", "latency", "prior"},
     3: {"search", "workers", "retrain", "leaderboard", "report", "progress", "pretrain"}
     | {"export", "testing", "selection", "scaffold", "bench", "clean"},
     4: {"cli", "study", "transfer"},

@@ -34,6 +34,16 @@ def test_the_scorecard_compares_the_plugin_backbone_with_built_ins(tmp_path):
     assert stored == [("team_cnn", SUITE[0].name, 0), *((b, SUITE[0].name, 1) for b in REFERENCES)]
     card = format_card("team_backbone", rows)
     assert "| **team_cnn** |" in card and "test_resnet (built-in)" in card
+    # the task's meta-features are recorded, so a team prior ranks the plugin's backbone
+    from automl_tl.prior import build_prior, read_tasks
+
+    tasks, warnings = read_tasks(["out/catalog.db"], tmp_path)
+    assert warnings == [] and [t.name for t in tasks] == [f"bench:{SUITE[0].name}"]
+    prior = build_prior(tasks, tasks[0].features, 3)
+    ranked = [b["backbone"] for b in prior.backbones]
+    assert sorted(ranked) == sorted(["team_cnn", *REFERENCES])
+    best = max(rows, key=lambda r: r.test_accuracy)
+    assert ranked[0] == best.backbone and prior.entries[0].params["backbone"] == best.backbone
 
 
 def test_a_scorecard_for_a_name_that_is_no_plugin_is_one_message(tmp_path):

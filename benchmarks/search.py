@@ -1,0 +1,361 @@
+#!/usr/bin/env python
+"""Search methods compared on the tabular benchmark (``benchmarks/data/tabular.json``, built
+by ``benchmarks/build_tabular.py``): each method runs on the table instead of training, so a
+hundred seeds take seconds to minutes, as LCBench / YAHPO do it.
+
+    python benchmarks/search.py                       # 100 seeds, every task left out in turn
+    python benchmarks/search.py --seeds 5 --json out.json
+
+The space is the study's (automl_tl/space.py's shape): backbone, augmentation policy,
+strength in [0, 1], unfreeze strategy, depth in [0, 1] (``top_k``), lr (log, [1e-4, 3e-2]);
+a sampled point runs as the nearest configuration of the table's grid (strength, depth and lr
+snapped to the grid's values). A trial's cost is the seconds its epochs took when the table
+was built; a pruned trial costs the epochs it ran.
+
+Methods (each as the search builds it, on Optuna's samplers; seed = the run's seed):
+
+- ``random``: Optuna's RandomSampler, ``--trials`` trials (the reference);
+- ``tpe``: TPE (multivariate, grouped, constant liar), random start-up of
+  :func:`automl_tl.samplers.startup_trials` trials, no portfolio;
+- ``tpe+hyperband``: the same with Hyperband on the per-epoch validation accuracy;
+- ``portfolio``: the default: the textbook portfolio (automl_tl/portfolio.py: one entry per
+  backbone) first, then TPE, with Hyperband;
+- ``prior``: the team prior learned on the *other* tasks (leave-one-task-out:
+  :func:`automl_tl.prior.build_prior` on their rows and meta-features) in every start-up slot,
+  then TPE, with Hyperband (what ``[search] prior`` does);
+- ``prior/s``: the same portfolio chosen per expected second (``[search] timeout``).
+
+Measured, per left-out task and seed: random's best final accuracy after ``--trials`` trials,
+the seconds random spent until it first reached it, and the seconds each method spent until
+it first reached it (at most ``--cap`` x random's total seconds; a run that never gets there
+counts as the cap and is reported as a miss). The ratio random / method is the method's
+speed-up (>1: faster than random); printed as the median and quartiles over seeds (all tasks
+pooled) and the median per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import optuna  # noqa: E402
+
+from automl_tl.prior import Evaluation, Task, build_prior  # noqa: E402
+from automl_tl.samplers import PortfolioSampler  # noqa: E402
+
+TABLE = REPO / "benchmarks" / "data" / "tabular.json"
+METHODS = ("random", "tpe", "tpe+hyperband", "portfolio", "prior", "prior/s")
+LR_RANGE = (1e-4, 3e-2)
+
+
+class Table:
+    """The table of one task: configuration key -> (final curve, seconds per epoch)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+        self.grid = {
+            k: sorted({r[k] for r in rows})
+            for k in (
+                "backbone",
+                "augmentation",
+                "aug_strength",
+                "unfreeze",
+                "unfreeze_depth",
+                "lr",
+            )
+        }
+        self.by_key = {self.key(r): r for r in rows}
+
+    @staticmethod
+    def key(p: dict) -> tuple:
+        return (
+            p["backbone"],
+            p["augmentation"],
+            p["aug_strength"],
+            p["unfreeze"],
+            p["unfreeze_depth"],
+            p["lr"],
+        )
+
+    def snap(self, params: dict) -> dict:
+        """The grid configuration nearest to a sampled point."""
+
+        def nearest(name, value, log=False):
+            values = [v for v in self.grid[name] if not (name == "aug_strength" and v == 0)]
+            f = (lambda v: math.log(v)) if log else (lambda v: v)
+            return min(values, key=lambda v: abs(f(v) - f(value)))
+
+        aug = params["augmentation"]
+        unfreeze = params["unfreeze"]
+        return {
+            "backbone": params["backbone"],
+            "augmentation": aug,
+            "aug_strength": 0.0
+            if aug == "none"
+            else nearest("aug_strength", params["aug_strength"]),
+            "unfreeze": unfreeze,
+            "unfreeze_depth": 1.0
+            if unfreeze != "top_k"
+            else nearest("unfreeze_depth", params["unfreeze_depth"]),
+            "lr": nearest("lr", params["lr"], log=True),
+        }
+
+    def row(self, params: dict) -> dict:
+        return self.by_key[self.key(self.snap(params))]
+
+
+def suggest(trial: optuna.Trial, table: Table) -> dict:
+    """The space, define-by-run as automl_tl.space.suggest draws it."""
+    backbone = trial.suggest_categorical("backbone", table.grid["backbone"])
+    augmentation = trial.suggest_categorical("augmentation", table.grid["augmentation"])
+    strength = 0.0 if augmentation == "none" else trial.suggest_float("aug_strength", 0.0, 1.0)
+    unfreeze = trial.suggest_categorical("unfreeze", table.grid["unfreeze"])
+    depth = trial.suggest_float("unfreeze_depth", 0.0, 1.0) if unfreeze == "top_k" else 1.0
+    lr = trial.suggest_float("lr", *LR_RANGE, log=True)
+    return {
+        "backbone": backbone,
+        "augmentation": augmentation,
+        "aug_strength": strength,
+        "unfreeze": unfreeze,
+        "unfreeze_depth": depth,
+        "lr": lr,
+    }
+
+
+def startup(n_trials: int) -> int:
+    """automl_tl.samplers.startup_trials for ``n_trials``."""
+    return max(4, min(10, n_trials // 3))
+
+
+def textbook(table: Table) -> list[dict]:
+    """automl_tl/portfolio.py's entries for pretrained backbones: flip_crop at 0.5, lp_ft at
+    depth 1, lr at the fine-tuning range's log-centre (3e-4)."""
+    return [
+        {
+            "backbone": b,
+            "augmentation": "flip_crop",
+            "aug_strength": 0.5,
+            "unfreeze": "lp_ft",
+            "unfreeze_depth": 1.0,
+            "lr": 3e-4,
+        }
+        for b in table.grid["backbone"]
+    ]
+
+
+def run(table: Table, sampler, pruner, budget_s: float, max_trials: int, stop_at: float | None):
+    """One search on the table until ``budget_s`` seconds or ``max_trials`` trials (or a final
+    score >= ``stop_at``). Returns [(cumulative seconds, final score or None)] per trial."""
+    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
+    trace: list[tuple[float, float | None]] = []
+    spent = 0.0
+    for _ in range(max_trials):
+        if spent >= budget_s:
+            break
+        trial = study.ask()
+        row = table.row(suggest(trial, table))
+        cost, pruned = 0.0, False
+        for epoch, (value, seconds) in enumerate(zip(row["val_accuracy"], row["seconds"])):
+            cost += seconds
+            trial.report(value, epoch + 1)
+            if pruner is not None and epoch + 1 < len(row["val_accuracy"]) and trial.should_prune():
+                pruned = True
+                break
+        spent += cost
+        if pruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            trace.append((spent, None))
+        else:
+            final = row["val_accuracy"][-1]
+            study.tell(trial, final)
+            trace.append((spent, final))
+            if stop_at is not None and final >= stop_at:
+                break
+    return trace
+
+
+def _tpe(seed: int, n_startup: int):
+    return optuna.samplers.TPESampler(
+        multivariate=True, group=True, constant_liar=True, seed=seed, n_startup_trials=n_startup
+    )
+
+
+def _hyperband(epochs: int):
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+
+
+def prior_entries(table_data: dict, task: str, size: int, per_second: bool) -> list[dict]:
+    """The team prior's portfolio for ``task``, learned on every other task of the table."""
+    others = []
+    for name, t in table_data["tasks"].items():
+        if name == task:
+            continue
+        evaluations = [
+            Evaluation(_params(r), r["val_accuracy"][-1], sum(r["seconds"])) for r in t["rows"]
+        ]
+        others.append(Task(name, "table", t["meta_features"], evaluations))
+    features = table_data["tasks"][task]["meta_features"]
+    prior = build_prior(others, features, size, per_second=per_second)
+    return [_params(e.params) for e in prior.entries]
+
+
+def _params(r: dict) -> dict:
+    return {
+        k: r[k]
+        for k in ("backbone", "augmentation", "aug_strength", "unfreeze", "unfreeze_depth", "lr")
+    }
+
+
+def sampler_for(method: str, seed: int, n_trials: int, table: Table, entries: dict):
+    n = startup(n_trials)
+    if method == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if method in ("tpe", "tpe+hyperband"):
+        return _tpe(seed, n)
+    if method == "portfolio":
+        return PortfolioSampler(_tpe(seed, n), textbook(table)[:n])
+    chosen = entries[method]
+    return PortfolioSampler(_tpe(seed, len(chosen)), chosen)
+
+
+def reached(trace, target: float) -> float | None:
+    """Seconds until the first final score >= target (None: never)."""
+    for spent, value in trace:
+        if value is not None and value >= target - 1e-9:
+            return spent
+    return None
+
+
+def simulate(
+    table_data: dict, seeds: int, n_trials: int, cap: float, methods=METHODS, only=None
+) -> list[dict]:
+    """Every method on every left-out task (``only``: these) for ``seeds`` seeds; one dict
+    per (task, seed). The prior learns from every other task of the table either way."""
+    epochs = table_data["epochs"]
+    results = []
+    for task, data in table_data["tasks"].items():
+        if only and task not in only:
+            continue
+        print(f"{task} ...", file=sys.stderr, flush=True)
+        table = Table(data["rows"])
+        entries = {
+            m: prior_entries(table_data, task, startup(n_trials), m == "prior/s")
+            for m in methods
+            if m.startswith("prior")
+        }
+        for seed in range(seeds):
+            base = run(
+                table, optuna.samplers.RandomSampler(seed=seed), None, math.inf, n_trials, None
+            )
+            target = max(v for _, v in base if v is not None)
+            random_s = reached(base, target)
+            budget = cap * base[-1][0]
+            row = {"task": task, "seed": seed, "target": target, "random_s": random_s}
+            for method in methods:
+                if method == "random":
+                    row[method] = random_s
+                    continue
+                sampler = sampler_for(method, seed, n_trials, table, entries)
+                pruner = None if method == "tpe" else _hyperband(epochs)
+                trace = run(table, sampler, pruner, budget, 10 * n_trials, target)
+                row[method] = reached(trace, target)
+                row[f"{method}_budget"] = budget
+            results.append(row)
+    return results
+
+
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return q[0], statistics.median(values), q[2]
+
+
+def summarize(results: list[dict], methods=METHODS) -> dict:
+    """Per method: median and quartiles of random's seconds / the method's (a miss counts as
+    the cap), the geometric mean, misses; and the median per task."""
+    out = {}
+    for m in methods:
+        ratios, misses, per_task = [], 0, {}
+        for r in results:
+            spent = r[m] if r[m] is not None else r.get(f"{m}_budget")
+            if r[m] is None:
+                misses += 1
+            ratio = r["random_s"] / spent
+            ratios.append(ratio)
+            per_task.setdefault(r["task"], []).append(ratio)
+        q1, med, q3 = _quartiles(ratios)
+        out[m] = {
+            "median": round(med, 3),
+            "q1": round(q1, 3),
+            "q3": round(q3, 3),
+            "geomean": round(math.exp(statistics.fmean(math.log(x) for x in ratios)), 3),
+            "misses": misses,
+            "runs": len(ratios),
+            "per_task": {t: round(statistics.median(v), 3) for t, v in per_task.items()},
+        }
+    return out
+
+
+def format_summary(summary: dict, seeds: int, n_trials: int, cap: float) -> str:
+    tasks = list(next(iter(summary.values()))["per_task"])
+    lines = [
+        f"speed-up to random's final best ({n_trials} random trials; {seeds} seeds x "
+        f"{len(tasks)} left-out tasks; a miss = {cap:g}x random's seconds): random's seconds "
+        "/ the method's",
+        "",
+        "| method | median | quartiles | geometric mean | misses | " + " | ".join(tasks) + " |",
+        "|---|---|---|---|---|" + "---|" * len(tasks),
+    ]
+    for m, s in summary.items():
+        lines.append(
+            f"| {m} | {s['median']:.2f}x | {s['q1']:.2f}–{s['q3']:.2f} | {s['geomean']:.2f}x | "
+            f"{s['misses']}/{s['runs']} | "
+            + " | ".join(f"{s['per_task'][t]:.2f}" for t in tasks)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--table", default=str(TABLE))
+    parser.add_argument("--seeds", type=int, default=100)
+    parser.add_argument("--trials", type=int, default=20, help="random search's trials")
+    parser.add_argument("--cap", type=float, default=3.0, help="x random's seconds")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--json", help="write the per-run results and the summary here")
+    parser.add_argument("--tasks", nargs="+", help="leave out only these tasks in turn")
+    parser.add_argument(
+        "--combine", nargs="+", metavar="JSON", help="summarize the runs of earlier --json files"
+    )
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    methods = ["random", *[m for m in args.methods if m != "random"]]
+    started = time.perf_counter()
+    if args.combine:  # e.g. two halves of the tasks run side by side
+        results = [r for f in args.combine for r in json.loads(Path(f).read_text())["runs"]]
+        args.seeds = len({r["seed"] for r in results})
+    else:
+        table_data = json.loads(Path(args.table).read_text())
+        results = simulate(table_data, args.seeds, args.trials, args.cap, methods, only=args.tasks)
+    summary = summarize(results, methods)
+    print(format_summary(summary, args.seeds, args.trials, args.cap))
+    print(f"\n({time.perf_counter() - started:.0f}s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

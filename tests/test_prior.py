@@ -1,0 +1,311 @@
+"""The team prior (issue 12): meta-features in the catalog, a greedy portfolio over earlier
+studies, the sampler that runs it first, ``automl-tl prior``, bad input, shared catalogs."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sqlite3
+
+import optuna
+import pytest
+import torch
+
+from automl_tl import registry_for
+from automl_tl.catalog import Catalog
+from automl_tl.config import config_from_dict
+from automl_tl.data import Split, Splits
+from automl_tl.prior import (
+    PriorError,
+    Task,
+    build_prior,
+    fits_study,
+    greedy_portfolio,
+    meta_features,
+    publish,
+    read_tasks,
+    task_distance,
+)
+from automl_tl.samplers import PortfolioSampler, PriorSampler, make_sampler
+from automl_tl.space import suggest
+from automl_tl.trials import PRIOR
+
+from .conftest import SMALL_STUDY, TINY_STUDY, run_main, write_study
+from .postgres import PASSWORD
+
+FEATURES = {
+    "classes": 10,
+    "images_per_class": 20.0,
+    "resolution": 32,
+    "weights": "none",
+    **{f"mean_{c}": 0.3 for c in "rgb"},
+    **{f"std_{c}": 0.3 for c in "rgb"},
+}
+#: a configuration of TINY_STUDY's space (effective params)
+GOOD = {
+    "backbone": "test_convnext",
+    "augmentation": "none",
+    "aug_strength": 0.0,
+    "unfreeze": "top_k",
+    "unfreeze_depth": 1.0,
+    "lr": 0.004,
+    "weight_decay": 1e-4,
+}
+
+
+def _catalog(path, study: str, features: dict, trials: list[tuple[dict, float, float]]) -> None:
+    """A catalog as a search leaves it: the dataset row and COMPLETE trials."""
+    catalog = Catalog(path)
+    catalog.record_dataset(study, features)
+    for number, (params, value, seconds) in enumerate(trials):
+        catalog.db["trials"].insert(
+            {
+                "study": study,
+                "number": number,
+                "state": "COMPLETE",
+                "value": value,
+                "params": json.dumps(params),
+                "duration_s": seconds,
+            }
+        )
+
+
+def _config(tmp_path, **search):
+    raw = {
+        "name": "new",
+        "data": {"source": "digits", "image_size": 32},
+        "search": {
+            "backbones": ["test_resnet", "test_convnext"],
+            "augmentations": ["none", "flip_crop"],
+            "unfreeze": ["top_k", "layer_decay"],
+            **search,
+        },
+    }
+    return config_from_dict(raw, tmp_path / "new.toml")
+
+
+def test_meta_features_of_a_split():
+    x = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    x[:, 0] = 255  # red
+    split = Split(x, torch.tensor([0, 0, 1, 1]))
+    splits = Splits(["a", "b"], split, Split(x[:2], torch.tensor([0, 1])), split, 8, "f", "h")
+    f = meta_features(splits, "none")
+    assert f == {
+        "classes": 2,
+        "images_per_class": 3.0,
+        "resolution": 8,
+        "weights": "none",
+        "mean_r": 1.0,
+        "mean_g": 0.0,
+        "mean_b": 0.0,
+        "std_r": 0.0,
+        "std_g": 0.0,
+        "std_b": 0.0,
+    }
+
+
+def test_task_distance_grows_with_what_differs():
+    assert task_distance(FEATURES, FEATURES) == 0.0
+    ten_times = {**FEATURES, "images_per_class": 200.0}
+    assert task_distance(FEATURES, ten_times) == pytest.approx(1.0)
+    pretrained = {**FEATURES, "weights": "timm"}
+    assert task_distance(FEATURES, pretrained) == pytest.approx(math.sqrt(1 + 0.25**2))
+
+
+def test_greedy_portfolio_covers_the_tasks_then_prefers_cheap_gains():
+    # candidate 0 is good on task 0, 1 on task 1, 2 a bit of both
+    scores = [[1.0, 0.0], [0.0, 1.0], [0.6, 0.6]]
+    assert greedy_portfolio(scores, [1.0, 1.0], 3) == [2, 0, 1]  # 1.2, then +0.4 each
+    assert greedy_portfolio(scores, [1.0, 0.1], 2) == [0, 1]  # task 1 hardly counts
+    # per second: the all-rounder at ten times the cost comes last
+    assert greedy_portfolio(scores, [1.0, 1.0], 3, costs=[1.0, 1.0, 10.0]) == [0, 1, 2]
+
+
+def test_prior_takes_the_best_of_the_nearest_task_first(tmp_path):
+    bad = {**GOOD, "lr": 1e-2, "augmentation": "flip_crop", "aug_strength": 0.9}
+    other = {**GOOD, "backbone": "test_resnet", "lr": 1e-4}
+    _catalog(tmp_path / "a" / "catalog.db", "near", FEATURES, [(GOOD, 0.9, 5.0), (bad, 0.2, 5.0)])
+    far = {**FEATURES, "classes": 100, "images_per_class": 1000.0, "weights": "timm"}
+    _catalog(tmp_path / "b" / "catalog.db", "far", far, [(other, 0.8, 50.0), (GOOD, 0.3, 50.0)])
+    config = _config(tmp_path, prior=["*/catalog.db"])
+    tasks, warnings = read_tasks(config.search.prior, config.base_dir)
+    assert warnings == [] and sorted(t.name for t in tasks) == ["far", "near"]
+    prior = build_prior(tasks, FEATURES, 3, allowed=lambda p: fits_study(config, p))
+    assert [t["name"] for t in prior.tasks] == ["near", "far"]
+    assert prior.tasks[0]["distance"] == 0.0 and prior.tasks[0]["weight"] == 1.0
+    first = prior.entries[0]
+    assert first.params["backbone"] == "test_convnext" and first.params["lr"] == 0.004
+    assert first.task == "near" and first.seconds == pytest.approx(5.0, rel=0.01)
+    assert prior.backbones[0]["backbone"] == "test_convnext"
+    # a backbone the study does not search never enters its portfolio
+    narrow = _config(tmp_path, backbones=["test_resnet"], prior=["*/catalog.db"])
+    prior = build_prior(tasks, FEATURES, 3, allowed=lambda p: fits_study(narrow, p))
+    assert {e.params["backbone"] for e in prior.entries} == {"test_resnet"}
+
+
+def test_the_sampler_runs_the_prior_first_and_marks_those_trials(tmp_path):
+    _catalog(tmp_path / "a" / "catalog.db", "near", FEATURES, [(GOOD, 0.9, 5.0)])
+    config = _config(tmp_path, prior=["a/catalog.db"], n_trials=12)
+    tasks, _ = read_tasks(config.search.prior, config.base_dir)
+    prior = build_prior(tasks, FEATURES, 4, allowed=lambda p: fits_study(config, p))
+    sampler = make_sampler(config, prior)
+    assert isinstance(sampler, PriorSampler)
+    # the prior knew one configuration; the default portfolio's other backbone follows, and
+    # TPE models from there: no random start-up
+    assert len(prior.entries) == 1 and len(sampler.entries) == 2
+    assert sampler.base._n_startup_trials == 2
+    registry = registry_for()
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    chosen = []
+
+    def objective(trial):
+        chosen.append(suggest(trial, config, registry))
+        return 0.5
+
+    study.optimize(objective, n_trials=3)
+    trials = study.get_trials()
+    assert chosen[0].backbone == "test_convnext" and chosen[0].lr == pytest.approx(0.004)
+    assert chosen[0].augmentation == "none" and chosen[0].unfreeze == "top_k"
+    assert trials[0].user_attrs[PRIOR].startswith("#1 from near (")
+    assert PRIOR not in trials[1].user_attrs  # the rest of the start-up: the default portfolio
+    assert chosen[1].backbone == "test_resnet"
+
+
+def test_without_a_prior_the_sampler_is_as_before(tmp_path):
+    config = _config(tmp_path)
+    sampler = make_sampler(config)
+    assert type(sampler) is PortfolioSampler
+    assert make_sampler(config, None).entries == sampler.entries
+
+
+@pytest.mark.slow
+def test_a_search_records_meta_features_and_a_later_one_starts_from_them(searched, tmp_path):
+    folder, *_ = searched
+    with sqlite3.connect(folder / "tiny" / "catalog.db") as db:
+        row = db.execute("select classes, images_per_class, resolution, weights from datasets")
+        assert row.fetchall() == [(10, 143.8, 32, "none")]
+    body = SMALL_STUDY.replace(
+        "[search]", f'[search]\nprior = ["{folder}/*/catalog.db"]\nsampler = "random"'
+    )
+    study = write_study(tmp_path, body, name="later")
+    built = run_main("prior", "build", str(study))
+    assert built.returncode == 0, built.stderr
+    # the table: header, rule, one row
+    assert re.search(r"nearest earlier tasks \(1\):\nname .*\n[- ]+\ntiny ", built.stdout)
+    shown = run_main("prior", "show", str(study), "--format", "json")
+    prior = json.loads(shown.stdout)
+    assert prior["tasks"][0]["name"] == "tiny" and len(prior["entries"]) >= 1
+    result = run_main("search", str(study), "--device", "cpu", "--no-retrain", "--n-trials", "1")
+    assert result.returncode == 0, result.stderr
+    report = run_main("report", str(study), "--no-files", "--format", "json")
+    trial = json.loads(report.stdout)["trials"][0]
+    assert trial["prior"] == "#1 from tiny (" + str(folder / "tiny" / "catalog.db") + ")"
+    expected = prior["entries"][0]["params"]
+    assert trial["params"]["backbone"] == expected["backbone"]
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "matches no catalog file"),
+        (lambda p: p.write_text("not a database"), "is not a SQLite database"),
+        (
+            lambda p: sqlite3.connect(p).execute("create table runs (x)").connection.commit(),
+            "it has no trials table (tables: runs)",
+        ),
+        (
+            lambda p: sqlite3.connect(p).execute("create table trials (study)").connection.commit(),
+            "its trials table lacks number, state, value, params, duration_s",
+        ),
+    ],
+)
+def test_a_prior_that_is_no_catalog_is_one_message(tmp_path, setup, message):
+    setup(tmp_path / "old.db")
+    body = TINY_STUDY.replace("[search]", '[search]\nprior = ["old.db"]')
+    study = write_study(tmp_path, body, name="p")
+    result = run_main("search", str(study), "--device", "cpu")
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "[search] prior" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "p" / "optuna.db").exists() or _no_trials(tmp_path / "p" / "optuna.db")
+
+
+def _no_trials(db) -> bool:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("select count(*) from trials").fetchone()[0] == 0
+
+
+def test_an_unreachable_shared_catalog_is_a_warning(tmp_path):
+    _catalog(tmp_path / "a" / "catalog.db", "near", FEATURES, [(GOOD, 0.9, 5.0)])
+    url = "postgresql://team:hunter2-secret@127.0.0.1:1/catalog"
+    tasks, warnings = read_tasks(["a/catalog.db", url], tmp_path)
+    assert [t.name for t in tasks] == ["near"]  # the readable catalog still counts
+    assert len(warnings) == 1 and "runs without it" in warnings[0]
+    assert "team:***@127.0.0.1:1" in warnings[0] and "hunter2" not in warnings[0]
+
+
+def test_prior_show_before_build_and_build_without_sources(tmp_path):
+    result = run_main("prior", "publish", str(tmp_path / "catalog.db"))
+    assert result.returncode == 2 and "give the catalog.db to copy" in result.stderr
+    study = write_study(tmp_path, TINY_STUDY, name="none")
+    result = run_main("prior", "show", str(study))
+    assert result.returncode == 2 and "automl-tl prior build" in result.stderr
+    result = run_main("prior", "build", str(study))
+    assert result.returncode == 2 and "[search] prior is empty" in result.stderr
+
+
+@pytest.mark.postgres
+def test_a_shared_postgres_catalog_feeds_the_prior(tmp_path, postgres_url):
+    _catalog(tmp_path / "a" / "catalog.db", "near", FEATURES, [(GOOD, 0.9, 5.0)])
+    written = publish(Catalog(tmp_path / "a" / "catalog.db").db, postgres_url)
+    assert written["datasets"] == 1 and written["trials"] == 1
+    # the command does the same, and never shows the password
+    result = run_main("prior", "publish", str(tmp_path / "a" / "catalog.db"), postgres_url)
+    assert result.returncode == 0, result.stderr
+    assert "published 1 datasets, 1 trials from" in result.stdout
+    assert PASSWORD not in result.stdout + result.stderr
+    publish(Catalog(tmp_path / "a" / "catalog.db").db, postgres_url)  # again: replaced, not doubled
+    tasks, warnings = read_tasks([postgres_url], tmp_path)
+    assert warnings == [] and [t.name for t in tasks] == ["near"]
+    assert tasks[0].evaluations[0].params == GOOD and tasks[0].features == FEATURES
+    with pytest.raises(PriorError):
+        read_tasks([str(tmp_path / "missing*.db")], tmp_path)
+
+
+def test_a_task_without_close_configurations_predicts_its_mean():
+    task = Task("t", "o", FEATURES)
+    from automl_tl.prior import Evaluation
+
+    task.evaluations = [Evaluation(GOOD, 0.9, 1.0), Evaluation({**GOOD, "lr": 1e-5}, 0.1, 2.0)]
+    assert task.predict(GOOD) == (1.0, 1.0)
+    far = {**GOOD, "backbone": "x", "augmentation": "y", "unfreeze": "z"}
+    assert task.predict(far) == (0.5, None)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_a_search_adds_itself_to_the_shared_catalog_it_learns_from(tmp_path, postgres_url):
+    body = SMALL_STUDY.replace("[search]", f'[search]\nprior = ["{postgres_url}"]')
+    study = write_study(tmp_path, body, name="first")
+    result = run_main("search", str(study), "--device", "cpu", "--no-retrain", "--n-trials", "1")
+    assert result.returncode == 0, result.stderr
+    assert "runs without it" not in result.stderr  # an empty shared catalog is no error
+    tasks, warnings = read_tasks([postgres_url], tmp_path)
+    assert warnings == [] and [t.name for t in tasks] == ["first"]
+    assert tasks[0].features["classes"] == 3 and len(tasks[0].evaluations) == 1
+
+
+def test_under_a_timeout_the_prior_prefers_score_per_second(tmp_path):
+    cheap = {**GOOD, "backbone": "test_resnet", "unfreeze_depth": 0.0}
+    bad = {**GOOD, "lr": 1e-2, "augmentation": "flip_crop", "aug_strength": 0.9}
+    trials = [(GOOD, 0.9, 50.0), (cheap, 0.8, 1.0), (bad, 0.1, 50.0)]
+    _catalog(tmp_path / "a" / "catalog.db", "near", FEATURES, trials)
+    from automl_tl.prior import compute_prior
+
+    untimed = compute_prior(_config(tmp_path, prior=["a/catalog.db"]), FEATURES, 2)
+    assert [e.params["backbone"] for e in untimed.entries] == ["test_convnext", "test_resnet"]
+    assert not untimed.per_second
+    timed = compute_prior(_config(tmp_path, prior=["a/catalog.db"], timeout=600), FEATURES, 2)
+    assert [e.params["backbone"] for e in timed.entries] == ["test_resnet", "test_convnext"]
+    assert timed.per_second and timed.entries[0].seconds == 1.0

@@ -1,0 +1,115 @@
+"""benchmarks/search.py: search methods simulated on the tabular benchmark (issue 12)."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+
+import pytest
+
+from .conftest import REPO
+
+TABLE = REPO / "benchmarks" / "data" / "tabular.json"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("search_bench", REPO / "benchmarks" / "search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BEST = ("b", "crop", 0.3, "top_k", 1.0, 0.01)
+
+
+def _table(tasks: int) -> dict:
+    """A full small grid on ``tasks`` identical tasks: one configuration (BEST) reaches 0.9,
+    the others 0.1-0.6; every epoch takes one second."""
+    rows = []
+    grid = itertools.product(
+        ("a", "b"),
+        (("none", 0.0), ("crop", 0.3)),
+        (("top_k", 0.0), ("top_k", 1.0), ("lp_ft", 1.0)),
+        (1e-3, 1e-2),
+    )
+    for i, (backbone, (aug, strength), (unfreeze, depth), lr) in enumerate(grid):
+        key = (backbone, aug, strength, unfreeze, depth, lr)
+        final = 0.9 if key == BEST else 0.1 + (i * 7 % 11) / 20
+        rows.append(
+            {
+                "backbone": backbone,
+                "augmentation": aug,
+                "aug_strength": strength,
+                "unfreeze": unfreeze,
+                "unfreeze_depth": depth,
+                "lr": lr,
+                "val_accuracy": [round(final * 0.5, 4), round(final * 0.8, 4), final],
+                "seconds": [1.0, 1.0, 1.0],
+            }
+        )
+    features = {
+        "classes": 5,
+        "images_per_class": 20.0,
+        "resolution": 16,
+        "weights": "none",
+        **{f"{k}_{c}": 0.3 for k in ("mean", "std") for c in "rgb"},
+    }
+    return {
+        "epochs": 3,
+        "tasks": {f"t{n}": {"meta_features": features, "rows": rows} for n in range(tasks)},
+    }
+
+
+def test_the_prior_learned_on_the_other_tasks_starts_with_their_best():
+    bench = _module()
+    table = _table(3)
+    results = bench.simulate(table, seeds=3, n_trials=8, cap=3.0)
+    assert len(results) == 9 and {r["task"] for r in results} == {"t0", "t1", "t2"}
+    for r in results:
+        assert r["random"] == r["random_s"] and r["target"] <= 0.9
+        # the other tasks' best is this task's best: the prior's first trial reaches it
+        assert r["prior"] == 3.0 and r["prior/s"] == 3.0
+    summary = bench.summarize(results)
+    assert summary["random"]["median"] == 1.0 and summary["random"]["misses"] == 0
+    assert summary["prior"]["median"] == pytest.approx(
+        sorted(r["random_s"] / 3.0 for r in results)[4], abs=1e-3
+    )
+    text = bench.format_summary(summary, 3, 8, 3.0)
+    assert "| prior |" in text and "| tpe+hyperband |" in text
+
+
+def test_the_snapped_space_covers_the_grid():
+    bench = _module()
+    table = bench.Table(_table(1)["tasks"]["t0"]["rows"])
+    point = {
+        "backbone": "b",
+        "augmentation": "crop",
+        "aug_strength": 0.95,
+        "unfreeze": "top_k",
+        "unfreeze_depth": 0.7,
+        "lr": 0.004,
+    }
+    assert table.key(table.snap(point)) == BEST
+    assert table.snap({**point, "unfreeze": "lp_ft"})["unfreeze_depth"] == 1.0
+    assert table.snap({**point, "augmentation": "none"})["aug_strength"] == 0.0
+
+
+def test_the_shipped_table_is_complete_and_simulates(tmp_path):
+    """The table in benchmarks/data: every task has the full grid and its meta-features; two
+    seeds of every method run on it (the figures are RESULTS.md's, from 100 seeds)."""
+    bench = _module()
+    data = json.loads(TABLE.read_text())
+    assert len(data["tasks"]) >= 4
+    sizes = {len(t["rows"]) for t in data["tasks"].values()}
+    assert len(sizes) == 1
+    for task in data["tasks"].values():
+        assert set(task["meta_features"]) >= {"classes", "images_per_class", "mean_r", "std_b"}
+        for row in task["rows"]:
+            assert len(row["val_accuracy"]) == len(row["seconds"]) == data["epochs"]
+    some = dict(list(data["tasks"].items())[:3])
+    results = bench.simulate({**data, "tasks": some}, seeds=2, n_trials=8, cap=2.0)
+    summary = bench.summarize(results)
+    for method in bench.METHODS:
+        assert math.isfinite(summary[method]["geomean"]) and summary[method]["geomean"] > 0
