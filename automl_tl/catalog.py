@@ -143,6 +143,9 @@ class Catalog:
                 "test_accuracy": float,
                 "test_balanced_accuracy": float,
                 "test_macro_f1": float,
+                "task": str,
+                "test_map": float,
+                "test_micro_f1": float,
                 "metrics": str,
                 "sha256": str,
                 "weights": str,
@@ -236,7 +239,8 @@ class Catalog:
         for key in ("train_loss", "lr", "seconds", "images_per_s"):
             row[key] = metrics.get(key)
         for key, value in (metrics.get("val") or {}).items():
-            row[f"val_{key}"] = value
+            if not isinstance(value, (list, dict)):  # per-label lists stay in the trial
+                row[f"val_{key}"] = value
         self._write(
             lambda: self.db["epochs"].upsert(row, pk=("study", "trial", "epoch"), alter=True)
         )
@@ -298,6 +302,10 @@ class Catalog:
             "test_accuracy": test.get("accuracy"),
             "test_balanced_accuracy": test.get("balanced_accuracy"),
             "test_macro_f1": test.get("macro_f1"),
+            # the task kind, and a multi-label model's own headline metrics
+            "task": metrics.get("task", "multiclass"),
+            "test_map": test.get("map"),
+            "test_micro_f1": test.get("micro_f1"),
             "metrics": json.dumps(metrics, sort_keys=True),
             "sha256": sha256,
             "weights": weights.get("source"),

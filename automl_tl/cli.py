@@ -187,6 +187,19 @@ def _interval(metrics: dict[str, Any], key: str) -> str:
 def _print_retrained(config, metrics: dict[str, Any], directory) -> None:
     """The retrained model's test scores with their 95 % intervals, and its calibration."""
     test = metrics["test"]
+    if metrics.get("task") == "multilabel":
+        tuned = (metrics.get("thresholds") or {}).get("tuned_on")
+        print(
+            f"retrained on {config.retrain.on}: test mAP {test['map']:.4f}, micro F1 "
+            f"{test['micro_f1']:.4f}, macro F1 {test['macro_f1']:.4f}, subset accuracy "
+            f"{test['subset_accuracy']:.4f} -> {directory}"
+        )
+        print(
+            f"  trial #{metrics['trial']}; F1 at per-label thresholds tuned on {tuned} "
+            f"(micro F1 at 0.5: {test['micro_f1_at_0.5']:.4f}); {metrics.get('test_images', '?')} "
+            "test images"
+        )
+        return
     print(
         f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "
         f"{test['balanced_accuracy']:.4f}, macro F1 {test['macro_f1']:.4f} -> {directory}"
@@ -385,8 +398,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         directory, metrics = retrain(config, registry, trial_number=args.trial, device=device)
     announce_export(pm, config, directory, metrics)
     test = metrics["test"]
+    name, key = ("mAP", "map") if metrics.get("task") == "multilabel" else ("accuracy", "accuracy")
     print(
-        f"trial {metrics['trial']} retrained on {metrics['retrained_on']}: test accuracy {test['accuracy']:.4f} -> {directory}"
+        f"trial {metrics['trial']} retrained on {metrics['retrained_on']}: test {name} {test[key]:.4f} -> {directory}"
     )
     return 0
 
@@ -499,11 +513,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .export import load_model, predict_paths
 
-    if args.top_k < 1:
+    if args.top_k is not None and args.top_k < 1:
         raise UserError(f"--top-k {args.top_k}: give 1 or more labels per image")
     # installed plugins load by themselves; a file or module plugin comes with --plugin
     model = load_model(args.model, device=_device(args.device or "cpu"), plugins=args.plugin)
     rows = predict_paths(model, args.paths, top_k=args.top_k)
+    if model.multilabel:
+        return _print_multilabel_predictions(rows, args.format, model.label_separator)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
     elif args.format == "csv":
@@ -516,6 +532,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         print(_table(rows, ["path", "label", "score"]))
     return 0 if all(r.get("label") is not None for r in rows) else 1
+
+
+def _print_multilabel_predictions(rows: list[dict], fmt: str, separator: str) -> int:
+    """A multi-label model's predictions: path, labels, scores; in CSV and the table the
+    labels and scores of an image are one cell each, joined by the study's label
+    separator (a space by default, like a multi-label CSV's labels cell)."""
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        flat = [
+            {
+                **r,
+                "labels": separator.join(r.get("labels") or []),
+                "scores": separator.join(f"{s:.6f}" for s in r.get("scores") or []),
+            }
+            for r in rows
+        ]
+        columns = ["path", "labels", "scores"] + (
+            ["error"] if any("error" in r for r in rows) else []
+        )
+        if fmt == "csv":
+            sys.stdout.write(_csv(flat, columns))
+        else:
+            print(_table(flat, columns))
+    return 0 if all("error" not in r for r in rows) else 1
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
@@ -549,6 +590,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         seed=d.seed,
         base_dir=config.base_dir,
         orientation=d.orientation,
+        label_separator=d.label_separator,
     )
     if args.format == "json":
         print(json.dumps(result.to_dict(), indent=2))
@@ -563,14 +605,20 @@ def _format_data_check(check) -> str:
 
     from .data import SPLIT_NAMES
 
+    s = check.settings
+    multilabel = s.get("task") == "multilabel"
     lines = [
         f"{check.source}: {check.files} image files, {len(check.bad)} unreadable, "
-        f"{len(check.class_names)} classes"
+        + (
+            f"{len(check.class_names)} labels (multi-label: the counts are images per label)"
+            if multilabel
+            else f"{len(check.class_names)} classes"
+        )
     ]
-    s = check.settings
     if check.split_kind == "stratified":
+        how = "iterative stratification" if multilabel else "stratified"
         lines.append(
-            f"split: stratified, seed {s.get('seed')} (val {s.get('val_fraction')}, "
+            f"split: {how}, seed {s.get('seed')} (val {s.get('val_fraction')}, "
             f"test {s.get('test_fraction')})"
         )
     else:
@@ -1036,7 +1084,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="exported model folder, e.g. studies/digits/best")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="the k most probable labels per image (default 1; a multi-label model: every "
+        "label above its threshold)",
+    )
     p.add_argument("--device")
     p.add_argument(
         "--plugin",

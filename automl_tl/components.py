@@ -391,11 +391,27 @@ class Metric(ABC):
 
 @dataclass
 class Record:
-    """One labelled image: a file path or a decoded array, its class name, and its split if fixed."""
+    """One labelled image: a file path or a decoded array, its class name, and its split if fixed.
+
+    A multi-label record (``[data] task = "multilabel"``) names its labels in ``labels``
+    (one or more) and leaves ``label`` empty: ``Record(path, labels=("cat", "sofa"))``.
+    """
 
     image: str | Path | np.ndarray
-    label: str
+    label: str = ""
     split: str | None = None  # "train" | "val" | "test" | None (split by the study)
+    labels: tuple[str, ...] = ()
+
+    @property
+    def label_set(self) -> tuple[str, ...]:
+        """Every label of the image: ``labels``, or ``(label,)`` for a single-label record."""
+        return tuple(self.labels) if self.labels else (self.label,)
+
+    @property
+    def label_text(self) -> str:
+        """The labels as one string (``label`` itself for a single-label record): the
+        record's identity in fingerprints."""
+        return self.label if not self.labels else " ".join(self.labels)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import weightsource
+from . import tasks, weightsource
 from .errors import ConfigError, did_you_mean
 from .paths import StudyPaths
 from .trials import MAXIMIZE, Direction
@@ -25,7 +25,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+#: the built-in metrics of a multiclass study (a multi-label one: tasks.MULTILABEL_METRICS)
+METRICS = tasks.MULTICLASS_METRICS
 #: the largest val_fraction + test_fraction: at least a tenth of the data stays to train on
 MAX_HELD_OUT = 0.9
 #: the answers to class imbalance ``[search] imbalance`` chooses from (automl_tl/recipe.py)
@@ -41,6 +42,15 @@ RECIPE_KEYS = (
     "drop_path",
     "clip_grad",
     "warmup_epochs",
+    "imbalance",
+)
+#: the recipe keys that assume one label per image (refused for a multi-label study)
+SINGLE_LABEL_RECIPE = (
+    "mixup_alpha",
+    "cutmix_alpha",
+    "mix_prob",
+    "mix_switch_prob",
+    "label_smoothing",
     "imbalance",
 )
 SAMPLERS = ("tpe", "gp", "random", "nsga2")
@@ -84,6 +94,12 @@ class DataSection:
     def sizes(self) -> list[int]:
         """Every image size the study trains at: the searched ones, else ``image_size``."""
         return list(self.searched_sizes or [self.image_size])
+
+    #: "multiclass": one class per image; "multilabel": any number of labels per image
+    #: (a csv: source whose header has a labels column is multi-label without saying so)
+    task: str = field(default="multiclass", metadata=_choices(*tasks.TASK_KINDS))
+    #: what separates the labels in a multi-label CSV's labels cell (default: spaces)
+    label_separator: str = " "
 
 
 @dataclass
@@ -179,6 +195,8 @@ class SearchSection:
     imbalance: list[str] | None = field(
         default=None, metadata={"items": IMBALANCE_CHOICES, "nonempty": True}
     )
+    #: multi-label studies: "bce" (binary cross-entropy) or "asymmetric" (Ridnik et al., 2021)
+    multilabel_loss: str = field(default="bce", metadata=_choices(*tasks.MULTILABEL_LOSSES))
     #: more than one: a multi-objective study (Optuna's TPE or NSGA-II): the first is the
     #: metric, the others are measured on each trained model (MEASURES, all minimized)
     objectives: list[str] = field(default_factory=list)
@@ -274,6 +292,11 @@ class StudyConfig:
     #: the keys the study file set, as "section.key" (e.g. "search.lr"); a default that
     #: depends on something else (the lr range on the weight source) applies only to the others
     explicit: frozenset[str] = frozenset()
+
+    @property
+    def task(self) -> tasks.Task:
+        """The study's task kind (:mod:`automl_tl.tasks`), with its loss."""
+        return tasks.build(self.data.task, self.search.multilabel_loss)
 
     def sets(self, key: str) -> bool:
         """Whether the study file set ``key`` ("section.key") rather than leaving its default."""
@@ -643,6 +666,8 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
         sections["search"].augmentations = [
             FIXED_ORIENTATION_SWAPS.get(a, a) for a in sections["search"].augmentations
         ]
+    if sections["data"].label_separator == "":
+        raise ConfigError('[data] label_separator is empty; use " " (the default), ";" or "|", say')
     config = StudyConfig(
         name=name,
         plugins=list(plugins),
@@ -652,6 +677,7 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
         explicit=explicit,
         **sections,
     )
+    _resolve_task(config)
     check_objectives(config, raw)
     asked = (raw.get("selection") or {}).get("finalists")
     if asked is not None and asked > config.search.n_trials:
@@ -697,6 +723,49 @@ def _searched_sizes(raw: dict[str, Any]) -> tuple[dict[str, Any], list[int] | No
     return {**raw, "data": {**data, "image_size": sizes[0]}}, (
         list(sizes) if len(sizes) > 1 else None
     )
+
+
+def csv_is_multilabel(path: Path) -> bool:
+    """Whether a CSV manifest's header names a ``labels`` column (a multi-label manifest)."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError):
+        return False  # the source itself says what is wrong when it is read
+    return "labels" in [c.strip() for c in header]
+
+
+def _resolve_task(config: StudyConfig) -> None:
+    """The task kind: as set, or multi-label for a csv: source with a labels column; the
+    default metric follows it, and a metric of the other task kind is refused."""
+    d = config.data
+    name, _, argument = d.source.partition(":")
+    if name == "csv" and argument and not config.sets("data.task"):
+        path = Path(argument).expanduser()
+        if csv_is_multilabel(path if path.is_absolute() else config.base_dir / path):
+            d.task = "multilabel"
+    task = config.task
+    single_label = [k for k in SINGLE_LABEL_RECIPE if config.sets(f"search.{k}")]
+    if task.multilabel and single_label:
+        raise ConfigError(
+            f"[search] {', '.join(single_label)}: mixing, label smoothing and the class-imbalance "
+            "answers assume one label per image, and this study is multilabel; remove "
+            f"{'it' if len(single_label) == 1 else 'them'} (EMA, drop_path, clip_grad and "
+            "warmup_epochs work for both)"
+        )
+    if not config.sets("search.metric"):
+        config.search.metric = task.default_metric
+        return
+    metric = config.search.metric
+    other = "multiclass" if task.multilabel else "multilabel"
+    if metric not in task.metrics and metric in tasks.metric_names(other):
+        raise ConfigError(
+            f'[search] metric = "{metric}" is a {other} metric, but this study is {task.name}'
+            + (" (its CSV has a labels column)" if not config.sets("data.task") else "")
+            + f"; choose one of: {', '.join(task.metrics)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -857,7 +926,7 @@ def _check_weights(config: StudyConfig, backbone: str, value: str | list[str]) -
 def metric_direction(name: str, registry=None) -> Direction:
     """Which way ``name`` is better: the built-in metrics are higher-is-better in [0, 1]; a
     plugin's metric (``register_metrics``) says so itself (``higher_is_better``, ``range``)."""
-    if name in METRICS:
+    if name in METRICS or name in tasks.MULTILABEL_METRICS:
         return MAXIMIZE
     if registry is None:
         raise ValueError(f"metric {name!r} is a plugin's: its direction needs the registry")

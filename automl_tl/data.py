@@ -41,6 +41,7 @@ from ._util import node_lock, pid_alive
 from .components import Dataset, Record
 from .errors import ConfigError, DataError, did_you_mean
 from .registry import Registry
+from .tasks import MULTICLASS, MultiLabel, Task
 
 log = logging.getLogger("automl_tl")
 
@@ -152,7 +153,8 @@ def _concat(a: torch.Tensor | CachedImages, b: torch.Tensor | CachedImages):
 
 @dataclass
 class Split:
-    """Images ``x`` (N, 3, S, S) uint8 and labels ``y`` (N,) int64 of one split.
+    """Images ``x`` (N, 3, S, S) uint8 and labels ``y`` of one split: class indices (N,)
+    int64, or for a multi-label task multi-hot rows (N, C) float32.
 
     ``x`` is a tensor in RAM, or :class:`CachedImages` (memory-mapped) for a split larger
     than :func:`in_memory_limit`; both index the same way.
@@ -186,6 +188,8 @@ class Splits:
     #: identity of the images' contents (see :func:`content_fingerprint`); "" when unknown
     content_hash: str = ""
     content_class_hashes: dict[str, str] = field(default_factory=dict)
+    #: the task kind (:mod:`automl_tl.tasks`): its targets, loss and metrics
+    task: Task = MULTICLASS
 
     def part(self, name: str) -> Split:
         """``"train"``, ``"val"``, ``"test"`` or ``"train+val"``."""
@@ -201,9 +205,10 @@ class Splits:
         """What the study stores to recognise its data (see :func:`describe_changes`)."""
         counts = {}
         for s in SPLIT_NAMES:
-            per_class = torch.bincount(getattr(self, s).y, minlength=len(self.class_names))
+            per_class = self.task.counts(getattr(self, s).y, len(self.class_names))
             counts[s] = {c: int(n) for c, n in zip(self.class_names, per_class.tolist())}
         return {
+            "task": self.task.name,
             "classes": self.class_names,
             "sizes": {s: len(getattr(self, s)) for s in SPLIT_NAMES},
             "counts": counts,
@@ -264,12 +269,31 @@ def parse_source(source: str) -> tuple[str, str | None]:
     return name, (argument if sep else None)
 
 
-def load_dataset(registry: Registry, source: str, base_dir: Path) -> Dataset:
+def load_dataset(
+    registry: Registry, source: str, base_dir: Path, *, label_separator: str = " "
+) -> Dataset:
+    """The records of ``source``; ``label_separator`` goes to a source that reads
+    multi-label cells (the csv source's ``load(..., label_separator=)``)."""
+    import inspect
+
     name, argument = parse_source(source)
     dataset_source = registry.get("datasets", name)
     if dataset_source.needs_argument and not argument:
         raise DataError(f"[data] source {source!r} needs an argument: write it as '{name}:PATH'")
+    takes_separator = "label_separator" in inspect.signature(dataset_source.load).parameters
+    if takes_separator:
+        return dataset_source.load(argument, base_dir, label_separator=label_separator)
+    if label_separator != " ":
+        raise DataError(
+            f"[data] label_separator = {label_separator!r} has no effect on source {name!r} "
+            "(it reads no labels cells); remove it"
+        )
     return dataset_source.load(argument, base_dir)
+
+
+def task_kind(records: list[Record]) -> str:
+    """``"multilabel"`` when a record names its labels in ``labels``, else ``"multiclass"``."""
+    return "multilabel" if any(r.labels for r in records) else "multiclass"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +535,7 @@ def fingerprint(records: list[Record]) -> str:
     root = _common_root(records)
     h = hashlib.sha256()
     for r in records:
-        h.update(_encode(f"{_record_identity(r, root)}|{r.label}|{r.split or ''}\n"))
+        h.update(_encode(f"{_record_identity(r, root)}|{r.label_text}|{r.split or ''}\n"))
     return h.hexdigest()
 
 
@@ -529,9 +553,10 @@ def content_fingerprint(records: list[Record], hashes: list[str]) -> tuple[str, 
     whole = hashlib.sha256()
     per_class: dict[str, Any] = {}
     for r, digest in zip(records, hashes):
-        line = _encode(f"{_record_identity(r, root)}|{digest}|{r.label}|{r.split or ''}\n")
+        line = _encode(f"{_record_identity(r, root)}|{digest}|{r.label_text}|{r.split or ''}\n")
         whole.update(line)
-        per_class.setdefault(r.label, hashlib.sha256()).update(line)
+        for label in r.label_set:
+            per_class.setdefault(label, hashlib.sha256()).update(line)
     return whole.hexdigest(), {c: h.hexdigest()[:12] for c, h in sorted(per_class.items())}
 
 
@@ -568,8 +593,9 @@ def _class_hashes(records: list[Record]) -> dict[str, str]:
     root = _common_root(records)
     hashes: dict[str, Any] = {}
     for r in records:
-        h = hashes.setdefault(r.label, hashlib.sha256())
-        h.update(_encode(f"{_record_identity(r, root)}|{r.split or ''}\n"))
+        for label in r.label_set:
+            h = hashes.setdefault(label, hashlib.sha256())
+            h.update(_encode(f"{_record_identity(r, root)}|{r.split or ''}\n"))
     return {label: h.hexdigest()[:12] for label, h in sorted(hashes.items())}
 
 
@@ -728,6 +754,126 @@ def assign_splits(
                 f"class(es) {starved} have no training image left after the val and test splits "
                 f"(val_fraction {val_fraction}, test_fraction {test_fraction}); lower the "
                 "fractions or add images"
+            )
+    return out
+
+
+def check_labels(
+    records: list[Record], class_names: list[str], source: str
+) -> tuple[list[str], list[str]]:
+    """The multi-label counterpart of :func:`check_classes` (a record counts for each of its
+    labels). Errors: labels outside the label list, fewer than 2 labels, a label no image
+    has, a label only in val/test, a label on too few images to reach train, val and test.
+    Warnings: a label missing from a fixed val/ or test/ split."""
+    errors: list[str] = []
+    warns: list[str] = []
+    per_split: dict[str | None, Counter] = {}
+    for r in records:
+        per_split.setdefault(r.split, Counter()).update(r.label_set)
+    total = sum(per_split.values(), Counter())
+    unknown = sorted(set(total) - set(class_names))
+    if unknown:
+        errors.append(f"labels {unknown} are not in the source's label list {class_names}")
+    if len(class_names) < 2:
+        errors.append(
+            f"{source} has {len(class_names)} label(s); a multi-label classifier needs at least 2"
+        )
+    empty = [c for c in class_names if total[c] == 0]
+    if empty:
+        errors.append(f"label(s) {empty} are on no usable image; add images or remove the label")
+    pool = per_split.get("train", Counter()) + per_split.get(None, Counter())
+    only_held_out = [c for c in class_names if total[c] and not pool[c]]
+    if only_held_out:
+        errors.append(
+            f"label(s) {only_held_out} appear only in val/test rows, never in train; every "
+            "label needs training images"
+        )
+    fixed = {s for s in SPLIT_NAMES if s in per_split}
+    need = 1 + ("val" not in fixed) + ("test" not in fixed)
+    small = {c: pool[c] for c in class_names if 0 < pool[c] < need}
+    if small and not only_held_out:
+        where = (
+            "train"
+            + (", val" if "val" not in fixed else "")
+            + (", test" if "test" not in fixed else "")
+        )
+        errors.append(
+            "too few images to split: "
+            + ", ".join(
+                f"label {k!r} appears in only {v} image{'s' if v > 1 else ''}"
+                for k, v in sorted(small.items())
+            )
+            + f"; each label needs at least {need} ({where}). Add images with it or remove "
+            "the label"
+        )
+    for split in ("val", "test"):
+        if split in per_split:
+            missing = [c for c in class_names if pool[c] and not per_split[split][c]]
+            if missing:
+                warns.append(
+                    f"label(s) {missing} are on no image of the fixed {split} split; they are "
+                    "not scored there"
+                )
+    return errors, warns
+
+
+def _iterative_split(
+    indices: np.ndarray, y: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, taken): ``fraction`` of ``indices`` taken by iterative stratification
+    (Sechidis et al., 2011, as the ``iterative-stratification`` package implements it), so
+    each label's share of the taken images follows ``fraction``."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    splitter = MultilabelStratifiedShuffleSplit(
+        n_splits=1, test_size=fraction, random_state=int(seed) % 2**32
+    )
+    rest, taken = next(splitter.split(np.zeros(len(indices)), y[indices].astype(np.int64)))
+    return np.sort(indices[rest]), np.sort(indices[taken])
+
+
+def assign_multilabel_splits(
+    records: list[Record],
+    targets: np.ndarray,
+    class_names: list[str],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Indices of train / val / test for multi-hot ``targets``: the source's own splits where
+    it has them, else iterative stratification, seeded; a label seen in val or test that no
+    training image has is an error, a label missing from val or test a warning."""
+    fixed = {
+        s: np.array([i for i, r in enumerate(records) if r.split == s], dtype=np.int64)
+        for s in SPLIT_NAMES
+    }
+    unassigned = np.array([i for i, r in enumerate(records) if r.split is None], dtype=np.int64)
+    pool = np.sort(np.concatenate([fixed["train"], unassigned]))
+    out = dict(fixed)
+    if len(fixed["test"]) == 0:
+        pool, out["test"] = _iterative_split(pool, targets, test_fraction, seed)
+    if len(fixed["val"]) == 0:
+        frac = val_fraction / max(1e-9, 1.0 - (test_fraction if len(fixed["test"]) == 0 else 0.0))
+        pool, out["val"] = _iterative_split(pool, targets, min(frac, 0.9), seed + 1)
+    out["train"] = pool
+    trained = targets[pool].sum(0) > 0
+    held = targets[np.concatenate([out["val"], out["test"]])].sum(0) > 0
+    starved = [class_names[c] for c in np.flatnonzero(held & ~trained)]
+    if starved:
+        raise DataError(
+            f"label(s) {starved} have no training image left after the val and test splits "
+            f"(val_fraction {val_fraction}, test_fraction {test_fraction}); lower the "
+            "fractions or add images"
+        )
+    for name in ("val", "test"):
+        missing = [
+            class_names[c] for c in np.flatnonzero(trained & (targets[out[name]].sum(0) == 0))
+        ]
+        if missing:
+            warnings.warn(
+                f"label(s) {missing} are on no {name} image after the split; they are not "
+                f"scored on {name} (add images with them)",
+                stacklevel=3,
             )
     return out
 
@@ -981,8 +1127,16 @@ def prepare_data(
     cache_dir: Path | None = None,
     on_bad_image: str = "error",
     max_per_class: int | None = None,
+    task: Task = MULTICLASS,
+    label_separator: str = " ",
+    dataset: Dataset | None = None,
 ) -> Splits:
     """Load a dataset source, check it, decode it once, and split it (stratified, seeded).
+
+    A multi-label ``task`` (:class:`automl_tl.tasks.MultiLabel`) takes records with several
+    labels: targets are multi-hot rows, the split is iterative stratification
+    (:func:`assign_multilabel_splits`) and the checks are per label (:func:`check_labels`).
+    ``dataset``: the source's records when the caller already listed them.
 
     Raises :class:`DataError` listing every unreadable file (unless ``on_bad_image="skip"``,
     which leaves them out and lists them in ``Splits.skipped``) and every class problem;
@@ -990,8 +1144,21 @@ def prepare_data(
     ``max_per_class`` keeps at most that many images per class in train + val together
     (:func:`limit_per_class`); test keeps all of its images.
     """
-    dataset = load_dataset(registry, source, base_dir or Path.cwd())
+    if dataset is None:
+        dataset = load_dataset(
+            registry, source, base_dir or Path.cwd(), label_separator=label_separator
+        )
     all_records = dataset.records
+    if task_kind(all_records) == "multilabel" and not task.multilabel:
+        raise DataError(
+            f"{source} gives several labels per image (multi-label records); set "
+            '[data] task = "multilabel"'
+        )
+    if task.multilabel and max_per_class is not None:
+        raise DataError(
+            "[data] max_per_class caps images per class, which a multi-label split cannot "
+            "keep (an image has several labels); remove it for a multi-label study"
+        )
     images, bad, all_hashes = decoded_images(all_records, image_size, cache_dir)
     problems = list(dataset.problems) + [(str(all_records[i].image), why) for i, why in bad]
     if problems and on_bad_image == "error":
@@ -1001,17 +1168,25 @@ def prepare_data(
     records = [all_records[i] for i in keep]
     hashes = [all_hashes[i] for i in keep]
     # every label listed, so a class whose images are all unreadable is named, not dropped
-    class_names = list(dataset.class_names or sorted({r.label for r in all_records}))
-    errors, warns = check_classes(records, class_names, source)
+    class_names = list(
+        dataset.class_names or sorted({label for r in all_records for label in r.label_set})
+    )
+    checks = check_labels if task.multilabel else check_classes
+    errors, warns = checks(records, class_names, source)
     if errors:
         raise _classes_error(source, errors)
     for message in warns:
         warnings.warn(message, stacklevel=2)
-    indices = assign_splits(records, class_names, val_fraction, test_fraction, seed)
+    labels = task.targets([r.label_set for r in records], class_names)
+    if task.multilabel:
+        indices = assign_multilabel_splits(
+            records, labels.numpy(), class_names, val_fraction, test_fraction, seed
+        )
+    else:
+        indices = assign_splits(records, class_names, val_fraction, test_fraction, seed)
     if max_per_class is not None:
         label_ids = np.array([class_names.index(r.label) for r in records], dtype=np.int64)
         indices = limit_per_class(indices, label_ids, max_per_class, seed)
-    labels = torch.tensor([class_names.index(r.label) for r in records], dtype=torch.int64)
     leak = _copies_across_splits(records, hashes, indices)
     if leak:
         warnings.warn(leak, stacklevel=2)
@@ -1051,6 +1226,7 @@ def prepare_data(
         class_hashes=_class_hashes(records),
         content_hash=content_hash,
         content_class_hashes=content_classes,
+        task=task,
     )
 
 
@@ -1196,6 +1372,7 @@ def check_source(
     seed: int = 0,
     base_dir: Path | None = None,
     orientation: str = "free",
+    label_separator: str = " ",
 ) -> DataCheck:
     """Run every data check on ``source`` without training or writing anything.
 
@@ -1207,7 +1384,9 @@ def check_source(
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dataset = load_dataset(registry, source, base_dir or Path.cwd())
+        dataset = load_dataset(
+            registry, source, base_dir or Path.cwd(), label_separator=label_separator
+        )
     warns = [str(w.message) for w in caught]
     records = dataset.records
     infos: list[dict] = []
@@ -1217,16 +1396,30 @@ def check_source(
     skip = {i for i, _ in bad_idx}
     good = [r for i, r in enumerate(records) if i not in skip]
     good_hashes = [h for i, h in enumerate(hashes) if i not in skip]
-    class_names = list(dataset.class_names or sorted({r.label for r in records}))
-    errors, class_warns = check_classes(good, class_names, source)
+    class_names = list(
+        dataset.class_names or sorted({label for r in records for label in r.label_set})
+    )
+    multilabel = task_kind(records) == "multilabel"
+    errors, class_warns = (check_labels if multilabel else check_classes)(good, class_names, source)
     warns += class_warns
     fixed = {r.split for r in good}
     counts: dict[str, dict[str, int]] = {}
     split_kind = "not split"
     if not errors:
-        indices = assign_splits(good, class_names, val_fraction, test_fraction, seed)
+        if multilabel:
+            targets = MultiLabel().targets([r.label_set for r in good], class_names).numpy()
+            with warnings.catch_warnings(record=True) as split_warnings:
+                warnings.simplefilter("always")
+                indices = assign_multilabel_splits(
+                    good, targets, class_names, val_fraction, test_fraction, seed
+                )
+            warns += [str(w.message) for w in split_warnings]
+        else:
+            indices = assign_splits(good, class_names, val_fraction, test_fraction, seed)
         for name in SPLIT_NAMES:
-            counts[name] = dict(Counter(good[i].label for i in indices[name].tolist()))
+            counts[name] = dict(
+                Counter(label for i in indices[name].tolist() for label in good[i].label_set)
+            )
         leak = _copies_across_splits(good, good_hashes, indices)  # the split a study would use
         if leak:
             warns.append(leak)
@@ -1237,7 +1430,7 @@ def check_source(
         )
     else:
         for r in good:
-            counts.setdefault(r.split or "unsplit", Counter())[r.label] += 1
+            counts.setdefault(r.split or "unsplit", Counter()).update(r.label_set)
         counts = {k: dict(v) for k, v in counts.items()}
     readable = [info for i, info in enumerate(infos) if i not in skip and info.get("size")]
     sizes: dict[str, str] = {}
@@ -1273,6 +1466,7 @@ def check_source(
             "val_fraction": val_fraction,
             "test_fraction": test_fraction,
             "orientation": orientation,
+            "task": "multilabel" if multilabel else "multiclass",
         },
         suggestions=suggestions,
     )
@@ -1280,8 +1474,21 @@ def check_source(
 
 def load_splits(config, registry: Registry, image_size: int | None = None) -> Splits:
     """The splits of a study (:class:`automl_tl.config.StudyConfig`), decoded into its cache
-    (at ``image_size``, one of a searched ``[data] image_size``; default: the study's)."""
+    (at ``image_size``, one of a searched ``[data] image_size``; default: the study's).
+
+    The task kind is the study file's (a CSV with a labels column is multi-label by
+    itself, :func:`automl_tl.config.csv_is_multilabel`); a source that gives several labels
+    per image to a multiclass study is refused, naming the key to set.
+    """
     d = config.data
+    dataset = load_dataset(registry, d.source, config.base_dir, label_separator=d.label_separator)
+    if image_size is None and config.task.multilabel and not config.sets("data.task"):
+        log.info(
+            '%s is multi-label (several labels per image): [data] task = "multilabel", '
+            "searched by %s",
+            d.source,
+            config.search.metric,
+        )
     return prepare_data(
         registry,
         d.source,
@@ -1293,6 +1500,8 @@ def load_splits(config, registry: Registry, image_size: int | None = None) -> Sp
         cache_dir=config.paths.cache,
         on_bad_image=d.on_bad_image,
         max_per_class=d.max_per_class,
+        task=config.task,
+        dataset=dataset,
     )
 
 

@@ -33,6 +33,7 @@ from .data import IMAGE_SUFFIXES
 from .errors import PluginError, UserError
 from .plugins import component_origin, get_plugin_manager, missing_plugin_message, origin_mismatch
 from .registry import Registry
+from .tasks import predicted_labels
 
 #: Signals held back while ``best/`` is swapped, so Ctrl-C or SIGTERM cannot fall between the
 #: two renames (a SIGKILL or a crash there is repaired by :func:`recover_export`).
@@ -291,6 +292,16 @@ class LoadedModel:
     temperature: float = 1.0
     #: for an ensemble: its members' folders and weights
     members: list[tuple[Path, float]] | None = None
+    #: a multi-label model's per-label thresholds (config.json's ``automl_tl.thresholds``);
+    #: None for a multiclass model
+    thresholds: list[float] | None = None
+    #: how a multi-label model's labels are joined in one CSV cell (the study's separator)
+    label_separator: str = " "
+
+    @property
+    def multilabel(self) -> bool:
+        """One sigmoid per label (``predict`` gives every label above its threshold)."""
+        return self.thresholds is not None
 
     def calibrated_module(self) -> nn.Module:
         """The module whose outputs are the calibrated logits (what ONNX exports)."""
@@ -330,12 +341,22 @@ class LoadedModel:
 
     @torch.inference_mode()
     def predict(
-        self, images: Sequence[Any] | torch.Tensor, top_k: int = 1
+        self, images: Sequence[Any] | torch.Tensor, top_k: int | None = None
     ) -> list[list[tuple[str, float]]]:
-        """Top-k (label, probability) per image (calibrated probabilities)."""
+        """Top-k (label, probability) per image (calibrated probabilities; ``top_k`` None: 1).
+
+        A multi-label model gives every label at or above its threshold (most probable
+        first; possibly none), or with ``top_k`` the k most probable labels whatever their
+        thresholds; its probabilities are per label (sigmoid), not summing to 1.
+        """
         logits = self.calibrated_module()(self.preprocess(images)).float()
-        probs = logits.softmax(-1).cpu()
-        k = min(top_k, probs.shape[1])
+        if self.multilabel:
+            probs = logits.sigmoid().cpu()
+            if top_k is None:
+                return predicted_labels(probs.numpy(), self.label_names, self.thresholds)
+        else:
+            probs = logits.softmax(-1).cpu()
+        k = min(top_k or 1, probs.shape[1])
         values, indices = probs.topk(k, dim=1)
         return [
             [(self.label_names[i], float(p)) for p, i in zip(vs.tolist(), ix.tolist())]
@@ -455,9 +476,19 @@ def load_model(
         )
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
     device_t = torch.device(device)
-    temperature = float(config.get("automl_tl", {}).get("temperature") or 1.0)
+    record = config.get("automl_tl") or {}
+    temperature = float(record.get("temperature") or 1.0)
+    thresholds = None
+    if record.get("task") == "multilabel":
+        thresholds = [float(t) for t in record.get("thresholds") or [0.5] * len(label_names)]
     return LoadedModel(
-        model.to(device_t).eval(), list(label_names), data_config, device_t, temperature
+        model.to(device_t).eval(),
+        list(label_names),
+        data_config,
+        device_t,
+        temperature,
+        thresholds=thresholds,
+        label_separator=str(record.get("label_separator") or " "),
     )
 
 
@@ -491,6 +522,17 @@ def load_ensemble(directory: Path, device: str = "cpu", registry=None) -> Loaded
     )
 
 
+def check_single_label(folders: Sequence[Path], what: str) -> None:
+    """Ensembles and soups average one softmax: a multi-label export is refused by name."""
+    for folder in folders:
+        config = json.loads((Path(folder) / "config.json").read_text())
+        if (config.get("automl_tl") or {}).get("task") == "multilabel":
+            raise UserError(
+                f"{folder} is a multi-label model; {what} of multi-label models are not "
+                "supported (they average one softmax over the classes): use the model alone"
+            )
+
+
 def check_same_classes(folders: Sequence[Path], label_lists: Sequence[list[str]]) -> None:
     """An ensemble's members predict the same classes in the same order, or a clear error."""
     first = list(label_lists[0])
@@ -518,6 +560,7 @@ def export_ensemble(
         raise UserError("an ensemble needs at least one member model")
     for m in members:
         check_timm_export(m)
+    check_single_label(members, "ensembles")
     labels = []
     for m in members:
         config = json.loads((m / "config.json").read_text())
@@ -581,9 +624,13 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def predict_paths(
-    model: LoadedModel, paths: Iterable[str | Path], top_k: int = 1, batch_size: int = 64
+    model: LoadedModel,
+    paths: Iterable[str | Path],
+    top_k: int | None = None,
+    batch_size: int = 64,
 ) -> list[dict[str, Any]]:
-    """One row per image: path, label, score (and the top-k list)."""
+    """One row per image: path, label, score (and the top-k list); for a multi-label model
+    path, labels, scores (every label above its threshold, or the ``top_k`` most probable)."""
     from .data import decode_image
 
     rows = []
@@ -607,6 +654,17 @@ def predict_paths(
         if not arrays:
             continue
         preds = model.predict(torch.stack(arrays), top_k=top_k)
+        if model.multilabel:
+            for f, found in zip(ok, preds):
+                rows.append(
+                    {
+                        "path": str(f),
+                        "labels": [label for label, _ in found],
+                        "scores": [round(p, 6) for _, p in found],
+                    }
+                )
+            continue
+        top_k = top_k or 1
         for f, top in zip(ok, preds):
             row = {"path": str(f), "label": top[0][0], "score": round(top[0][1], 6)}
             if top_k > 1:
@@ -719,6 +777,13 @@ def export_onnx(
             "outputs": "calibrated logits: softmax gives the probabilities"
             + (" (log of the ensemble's mean probabilities)" if loaded.members else ""),
         }
+        if loaded.multilabel:
+            metadata["task"] = "multilabel"
+            metadata["thresholds"] = json.dumps(loaded.thresholds)
+            metadata["outputs"] = (
+                "logits, one per label: sigmoid gives each label's probability; a label is "
+                "predicted at or above its threshold"
+            )
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value

@@ -166,7 +166,7 @@ def comparison(config: StudyConfig, study: optuna.Study) -> list[dict[str, Any]]
         test = interval = images = None
         if folder is not None:
             metrics = json.loads((folder / "metrics.json").read_text())
-            test = {k: v for k, v in metrics.get("test", {}).items() if k != "confusion_matrix"}
+            test = _scalars(metrics.get("test", {}))
             interval, images = metrics.get("test_interval"), metrics.get("test_images")
         rows.append(
             {
@@ -272,10 +272,12 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
         out["best_model"] = {
             "path": str(metrics_path.parent),
             "trial": m.get("trial"),
-            "test": {k: v for k, v in m.get("test", {}).items() if k != "confusion_matrix"},
+            "test": _scalars(m.get("test", {})),
             "test_interval": m.get("test_interval"),  # 95 %: Wilson / bootstrap
             "test_images": m.get("test_images"),
             "calibration": m.get("calibration"),
+            "task": m.get("task", "multiclass"),
+            "thresholds": m.get("thresholds"),  # a multi-label model's, tuned on validation
         }
     with contextlib.suppress(OSError, ValueError):  # the race; single vs ensemble vs soup
         out["selection"] = json.loads(paths.selection.read_text())
@@ -283,3 +285,8 @@ def leaderboard(config: StudyConfig, study: optuna.Study | None = None) -> dict[
     if rows is not None:
         out["weights"] = rows
     return out
+
+
+def _scalars(test: dict[str, Any]) -> dict[str, Any]:
+    """A model's test metrics without the confusion matrix or per-label lists."""
+    return {k: v for k, v in test.items() if not isinstance(v, (list, dict))}

@@ -22,6 +22,12 @@ confusion_matrix.png         the exported best model on the test split: true cla
                              against predicted class (columns)
 misclassified.png            the test images the best model gets wrong, most confident first,
                              with the true and the predicted class
+per_label_ap.png             multi-label: each label's average precision on test (bars), with
+                             its count of positive test images and its threshold
+label_cooccurrence.png       multi-label: how often two labels share a test image (diagonal:
+                             each label's images), beside the best model's predicted sets
+label_mistakes.png           multi-label: per label, the most confident false positive and the
+                             most confidently missed positive on test
 index.html                   all of the above with the leaderboard and the best model's test
                              metrics in one self-contained file (images embedded)
 manifest.json                which files were written, which were skipped and why
@@ -57,7 +63,7 @@ from .space import SHOWN_PARAMS, effective_params
 from .trials import PRIOR, Direction, value_of
 
 #: Bump when the report's content changes, so existing reports are rebuilt.
-REPORT_VERSION = 4
+REPORT_VERSION = 5  # 5: multi-label figures
 MAX_MISCLASSIFIED = 32
 
 
@@ -362,6 +368,10 @@ class TestPredictions:
     predicted: list[int]
     confidence: list[float]
     trial: int | None
+    #: a multi-label model: per-label probabilities (N, C), multi-hot truth, thresholds
+    probs: Any = None
+    targets: Any = None
+    thresholds: list[float] | None = None
 
 
 def predict_test(ctx: ReportContext) -> TestPredictions | Skipped:
@@ -402,6 +412,26 @@ def predict_test(ctx: ReportContext) -> TestPredictions | Skipped:
         return Skipped("the test split is empty")
     predicted: list[int] = []
     confidence: list[float] = []
+    if model.multilabel:
+        with torch.inference_mode():
+            probs = torch.cat(
+                [
+                    model.model(model.preprocess(test.x[start : start + 256])).float().sigmoid()
+                    for start in range(0, len(test), 256)
+                ]
+            ).cpu()
+        return TestPredictions(
+            class_names=list(splits.class_names),
+            images=test.x,
+            names=list(test.names),
+            truth=[],
+            predicted=[],
+            confidence=[],
+            trial=metrics.get("trial"),
+            probs=probs.numpy(),
+            targets=test.y.numpy() > 0.5,
+            thresholds=list(model.thresholds or []),
+        )
     with torch.inference_mode():
         for start in range(0, len(test), 256):
             x = model.preprocess(test.x[start : start + 256])
@@ -439,18 +469,7 @@ def _confusion_matrix(ctx: ReportContext):
     ax.set_xticks(range(n), labels, rotation=90 if n > 6 else 0)
     ax.set_yticks(range(n), labels)
     if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                if cm[i, j]:
-                    ax.text(
-                        j,
-                        i,
-                        str(cm[i, j]),
-                        ha="center",
-                        va="center",
-                        fontsize=8,
-                        color="white" if rows[i, j] > 0.5 else "black",
-                    )
+        _annotate_counts(ax, cm, rows, fontsize=8)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     trial = f"trial {pred.trial}, " if pred.trial is not None else ""
@@ -458,6 +477,22 @@ def _confusion_matrix(ctx: ReportContext):
         f"Best model ({trial}exported) on test: {len(pred.truth)} images, accuracy {accuracy:.4f}"
     )
     return fig
+
+
+def _annotate_counts(ax, counts, shade, fontsize: int) -> None:
+    """Each non-zero count written on its cell, white on cells shaded past half."""
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            if counts[i, j]:
+                ax.text(
+                    j,
+                    i,
+                    str(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=fontsize,
+                    color="white" if shade[i, j] > 0.5 else "black",
+                )
 
 
 def _misclassified(ctx: ReportContext):
@@ -493,6 +528,118 @@ def _misclassified(ctx: ReportContext):
         f"{len(wrong)} of {len(pred.truth)} test images misclassified"
         + (f" (the {len(shown)} most confident shown)" if len(wrong) > len(shown) else "")
         + ": true → predicted (confidence)"
+    )
+    fig.tight_layout()
+    return fig
+
+
+def _short(name: str, limit: int = 14) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+def _per_label_ap(ctx: ReportContext):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .tasks import average_precision
+
+    pred = ctx.predictions()
+    n = len(pred.class_names)
+    ap = np.array([average_precision(pred.probs[:, c], pred.targets[:, c]) for c in range(n)])
+    positives = pred.targets.sum(0)
+    fig, ax = plt.subplots(figsize=(min(16.0, max(5.0, 0.5 * n + 2)), 4.5), tight_layout=True)
+    shown = np.nan_to_num(ap, nan=0.0)
+    bars = ax.bar(range(n), shown, color=["tab:blue" if p else "lightgray" for p in positives])
+    for bar, value, count, t in zip(bars, ap, positives, pred.thresholds or [None] * n):
+        text = "no positive" if np.isnan(value) else f"{value:.2f}"
+        text += f"\nn={int(count)}" + (f"\nt={t:.2f}" if t is not None else "")
+        ax.text(
+            bar.get_x() + bar.get_width() / 2,
+            bar.get_height() + 0.01,
+            text,
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    ax.set_xticks(range(n), [_short(c) for c in pred.class_names], rotation=90 if n > 8 else 0)
+    ax.set_ylim(0, 1.25)
+    ax.set_ylabel("average precision on test")
+    mean = float(np.nanmean(ap)) if not np.isnan(ap).all() else 0.0
+    trial = f"trial {pred.trial}, " if pred.trial is not None else ""
+    ax.set_title(f"Per-label average precision of the best model ({trial}test mAP {mean:.4f})")
+    return fig
+
+
+def _label_cooccurrence(ctx: ReportContext):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pred = ctx.predictions()
+    n = len(pred.class_names)
+    truth = pred.targets.astype(np.int64)
+    guessed = (pred.probs >= np.asarray(pred.thresholds)).astype(np.int64)
+    size = min(12.0, max(4.0, 0.4 * n + 2.5))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), tight_layout=True)
+    labels = [_short(c) for c in pred.class_names]
+    for ax, matrix, what in (
+        (axes[0], truth.T @ truth, "true labels"),
+        (axes[1], guessed.T @ guessed, "predicted labels (at the tuned thresholds)"),
+    ):
+        image = ax.imshow(matrix, cmap="Blues")
+        fig.colorbar(image, ax=ax, label="test images with both labels")
+        ax.set_xticks(range(n), labels, rotation=90 if n > 6 else 0)
+        ax.set_yticks(range(n), labels)
+        if n <= 20:
+            _annotate_counts(ax, matrix, matrix / max(1, int(matrix.max())), fontsize=7)
+        ax.set_title(f"Co-occurrence of {what}")
+    return fig
+
+
+#: per label, the most confident false positive and the most confidently missed positive
+MISTAKES_PER_LABEL = 2
+
+
+def _label_mistakes(ctx: ReportContext):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    pred = ctx.predictions()
+    t = np.asarray(pred.thresholds)
+    panels = []  # (label, image index, kind, probability)
+    for c, name in enumerate(pred.class_names):
+        p, y = pred.probs[:, c], pred.targets[:, c]
+        false_pos = np.flatnonzero((p >= t[c]) & ~y)
+        missed = np.flatnonzero((p < t[c]) & y)
+        if len(false_pos):
+            i = int(false_pos[np.argmax(p[false_pos])])
+            panels.append((name, i, "false +", float(p[i])))
+        if len(missed):
+            i = int(missed[np.argmin(p[missed])])
+            panels.append((name, i, "missed", float(p[i])))
+    if not panels:
+        raise Skipped(f"the best model gets every label of all {len(pred.probs)} test images right")
+    cols = min(8, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.3 * rows + 0.6), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, i, kind, prob) in zip(axes.flat, panels):
+        ax.imshow(pred.images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(f"{_short(name, 10)}: {kind} ({prob:.2f})", fontsize=8, color="darkred")
+        truth = [pred.class_names[j] for j in np.flatnonzero(pred.targets[i])]
+        caption = "true: " + " ".join(truth)
+        ax.text(
+            0.5,
+            -0.08,
+            _short(caption, 24),
+            transform=ax.transAxes,
+            ha="center",
+            va="top",
+            fontsize=7,
+        )
+    fig.suptitle(
+        "Most confident mistakes per label on test: a false positive (label predicted, not "
+        "true; its probability) and a missed label (true, not predicted)"
     )
     fig.tight_layout()
     return fig
@@ -558,8 +705,11 @@ PARETO = (
 
 
 def figures_for(config: StudyConfig) -> list[tuple[str, str, str, Callable[[ReportContext], Any]]]:
-    """The study's figures: :data:`FIGURES`, and the Pareto front of a multi-objective one."""
-    return [*FIGURES, PARETO] if config.search.multi_objective else list(FIGURES)
+    """The study's figures: those of :data:`FIGURES` for its task kind (multi-label or
+    not), and the Pareto front of a multi-objective one."""
+    skip = SINGLE_LABEL_FIGURES if config.task.multilabel else MULTILABEL_FIGURES
+    figures = [f for f in FIGURES if f[0] not in skip]
+    return [*figures, PARETO] if config.search.multi_objective else figures
 
 
 FIGURES: list[tuple[str, str, str, Callable[[ReportContext], Any]]] = [
@@ -631,7 +781,32 @@ FIGURES: list[tuple[str, str, str, Callable[[ReportContext], Any]]] = [
         "true → predicted class (confidence) with the file name below.",
         _misclassified,
     ),
+    (
+        "per_label_ap.png",
+        "Average precision per label",
+        "The exported best model on the test split: each label's average precision (grey: "
+        "no positive test image), its number of positive test images (n) and the threshold "
+        "tuned on validation (t).",
+        _per_label_ap,
+    ),
+    (
+        "label_cooccurrence.png",
+        "Label co-occurrence",
+        "How many test images carry both labels: the true label sets (left) and the best "
+        "model's predicted sets at its thresholds (right); the diagonal counts each label.",
+        _label_cooccurrence,
+    ),
+    (
+        "label_mistakes.png",
+        "Most confident mistakes per label",
+        "Per label, the test image it is most confidently predicted for without being true "
+        "(false +) and the one it is most confidently missed on, with the image's true labels.",
+        _label_mistakes,
+    ),
 ]
+#: figures of one task kind only (the others are drawn for both)
+SINGLE_LABEL_FIGURES = frozenset({"reliability.png", "confusion_matrix.png", "misclassified.png"})
+MULTILABEL_FIGURES = frozenset({"per_label_ap.png", "label_cooccurrence.png", "label_mistakes.png"})
 
 
 # ---------------------------------------------------------------------------------------------

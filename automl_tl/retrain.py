@@ -35,6 +35,7 @@ from .registry import Registry
 from .scores import calibrated, fit_temperature, metric_intervals, reliability, unpack
 from .space import choice_from_params
 from .storage import check_data, open_study, storage_of
+from .tasks import multilabel_metrics, tune_thresholds
 from .train import evaluate, fit, plugin_metrics, resolve_device
 from .trials import Direction
 
@@ -137,15 +138,36 @@ def retrain(
         )
     else:
         val = dict(trial.user_attrs.get(trials.VAL_METRICS) or {})
-    if temperature is None and config.selection.calibrate:
-        temperature = held_out_temperature(trial, splits, val_log_probs, on)
-    test_scores = score_predictions(
-        torch.cat(test_log_probs), splits.test.y, num_classes, temperature, seed=config.data.seed
-    )
+    task = splits.task
+    if task.multilabel:  # per-label thresholds from validation; no temperature (one softmax)
+        thresholds = held_out_thresholds(trial, splits, val_log_probs, on)
+        test = multilabel_metrics(
+            torch.cat(test_log_probs).exp().numpy(),
+            splits.test.y.numpy(),
+            thresholds[0] if thresholds else None,
+        )
+        test_scores = {
+            "test_images": len(splits.test),
+            "thresholds": {
+                "values": [round(float(t), 6) for t in thresholds[0]] if thresholds else None,
+                "tuned_on": thresholds[1] if thresholds else "test (no validation predictions)",
+            },
+        }
+    else:
+        if temperature is None and config.selection.calibrate:
+            temperature = held_out_temperature(trial, splits, val_log_probs, on)
+        test_scores = score_predictions(
+            torch.cat(test_log_probs),
+            splits.test.y,
+            num_classes,
+            temperature,
+            seed=config.data.seed,
+        )
     metrics = {
         "study": config.name,
         "trial": trial.number,
         "metric": config.search.metric,
+        "task": task.name,
         "direction": Direction.of(study).name,  # which way the metric is better
         "params": dict(trial.params),
         "retrained_on": on,
@@ -173,7 +195,7 @@ def retrain(
         result.data_config,
         metrics,
         extra={
-            "temperature": metrics["calibration"]["temperature"],
+            **task_export(metrics, config.data.label_separator),
             "backbone_origin": metrics["backbone_origin"],
             "weights": metrics["weights"],
         },
@@ -238,6 +260,36 @@ def held_out_temperature(
     if stored is not None and len(stored) == len(splits.val):
         return fit_temperature(stored, splits.val.y), f"validation (trial {trial.number})"
     return None
+
+
+def held_out_thresholds(
+    trial: optuna.trial.FrozenTrial, splits: Splits, val_log_probs: list, on: str
+) -> tuple[list[float], str] | None:
+    """Per-label thresholds (:func:`automl_tl.tasks.tune_thresholds`) tuned on validation
+    predictions the model did not train on, as :func:`held_out_temperature` chooses them."""
+    y = splits.val.y.numpy()
+    if on == "train" and val_log_probs:
+        probs = torch.cat(val_log_probs).exp().numpy()
+        return tune_thresholds(probs, y).tolist(), "validation (retrained model)"
+    stored = unpack(trial.user_attrs.get(trials.VAL_LOG_PROBS))
+    if stored is not None and tuple(stored.shape) == tuple(y.shape):
+        return tune_thresholds(
+            stored.exp().numpy(), y
+        ).tolist(), f"validation (trial {trial.number})"
+    return None
+
+
+def task_export(metrics: dict[str, Any], label_separator: str = " ") -> dict[str, Any]:
+    """What config.json's ``automl_tl`` table says of the task: the temperature of a
+    multiclass model; ``task``, per-label ``thresholds`` and the CSV ``label_separator`` of
+    a multi-label one."""
+    if metrics.get("task") == "multilabel":
+        return {
+            "task": "multilabel",
+            "thresholds": (metrics.get("thresholds") or {}).get("values"),
+            "label_separator": label_separator,
+        }
+    return {"temperature": metrics["calibration"]["temperature"]}
 
 
 def score_predictions(

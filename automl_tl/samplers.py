@@ -264,7 +264,8 @@ class DeadTrialGuard:
     Then it is pruned, with the attribute ``dead_at_chance`` = the epoch; ``report`` counts
     them. A trial from random init with a frozen body, or a learning rate that diverged, stays
     there; a slow starter that has left chance by epoch 2 is not touched. Until the study knows
-    its classes (``user_attrs["data"]``, stored when a search starts) the guard does nothing.
+    its classes (``user_attrs["data"]``, stored when a search starts) the guard does nothing;
+    in a multi-label study, where chance is no fraction of the labels, it does nothing either.
     The base pruner is asked first.
     """
 
@@ -277,9 +278,12 @@ class DeadTrialGuard:
         return self.dead(study, trial)
 
     def threshold(self, study: optuna.Study) -> float | None:
+        data = study.user_attrs.get("data") or {}
+        if data.get("task") == "multilabel":  # chance is no 1 / classes there (mAP: the
+            return None  # labels' prevalence; subset accuracy: ~0): no guard
         if not Direction.of(study).higher_is_better:  # "chance" is a low accuracy-like score
             return None
-        classes = ((study.user_attrs.get("data") or {}).get("classes")) or []
+        classes = data.get("classes") or []
         return self.guard_factor / len(classes) if len(classes) >= 2 else None
 
     def dead(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:

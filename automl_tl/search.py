@@ -61,7 +61,7 @@ from .config import (
     parse_constraint,
 )
 from .data import Splits, check_image_sizes, load_splits, parse_source, splits_at
-from .errors import UnknownNameError, UserError, did_you_mean
+from .errors import ConfigError, UnknownNameError, UserError, did_you_mean
 from .leaderboard import (
     backbone_throughput,
     best_summary,
@@ -141,8 +141,14 @@ def check_metric_name(config: StudyConfig, registry: Registry) -> None:
     """``[search] metric`` is a built-in metric or one a plugin registered (a lower-is-better
     one is minimized: :func:`automl_tl.config.metric_direction`)."""
     name = config.search.metric
-    if name in METRICS:
+    task = config.task
+    if name in task.metrics:
         return
+    if task.multilabel:  # plugin metrics score one class per image (Metric's contract)
+        raise ConfigError(
+            f"[search] metric = {name!r} is not a multi-label metric; a multi-label study "
+            f"is searched by one of: {', '.join(task.metrics)}"
+        )
     known = [*METRICS, *registry.names("metrics")]
     if name not in registry.names("metrics"):
         raise UnknownNameError(

@@ -47,7 +47,7 @@ from .catalog import Catalog, catalog_path
 from .config import StudyConfig, metric_direction, parse_pick
 from .data import Split, Splits, splits_at
 from .errors import UserError
-from .export import export_ensemble, export_model, load_model
+from .export import check_single_label, export_ensemble, export_model, load_model
 from .leaderboard import weights_label
 from .registry import Registry
 from .retrain import retrain, retrain_once, score_predictions
@@ -131,6 +131,14 @@ def folds_for(config: StudyConfig, splits: Splits) -> int:
     """The number of folds racing uses (0: none, the study's own split). A folds count
     larger than the smallest class in train+val is refused with a clear message."""
     asked = config.selection.folds
+    if not splits.task.supports_folds:  # a multi-label study races on its own split
+        if asked > 0:
+            raise UserError(
+                f"[selection] folds = {asked}: k-fold racing stratifies by one class per image, "
+                "which a multi-label study does not have; use 0 or -1 (it races repeats on "
+                "the study's split)"
+            )
+        return 0
     smallest = smallest_class(splits)
     if asked > 0:
         if asked < 2:
@@ -534,7 +542,7 @@ def _temperature(
 ) -> list[Any] | None:
     """``[T, what it was fitted on]`` from the trial's held-out predictions (its search
     trial's and its race runs'), with ``[selection] calibrate``; else None."""
-    if not config.selection.calibrate:
+    if not (config.selection.calibrate and splits.task.supports_calibration):
         return None
     preds = held_out_predictions(config, splits, trial, runs)
     if not preds:
@@ -834,6 +842,7 @@ def score_model(
 
 def check_soup(folders: list[Path]) -> None:
     """A soup's ingredients share architecture and classes, or a clear error."""
+    check_single_label(folders, "soups")
     first = json.loads((folders[0] / "config.json").read_text())
     for f in folders[1:]:
         other = json.loads((f / "config.json").read_text())
@@ -905,6 +914,12 @@ def build_extras(
     paths = config.paths
     sel = config.selection
     out: dict[str, Any] = {"selection": selection.to_dict()}
+    if not splits.task.supports_ensembles:
+        # the members' mean softmax, Caruana's hill-climb and the soup's check are defined on
+        # one class per image: a multi-label study keeps its single best model
+        out["note"] = "ensembles and soups are not built for a multi-label study"
+        write_atomic(paths.selection, json.dumps(out, indent=2))
+        return out
     best_dir = paths.best
     scoring = resolve_device(device)
     out["single"] = score_model(

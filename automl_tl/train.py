@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import features as _features
@@ -54,11 +53,12 @@ from .recipe import (
     lr_schedule,
     mixer_for,
     resolve_imbalance,
-    training_loss,
     warmup_steps,
     weight_average,
 )
+from .recipe import training_loss as recipe_loss
 from .registry import Registry
+from .tasks import MULTICLASS, MultiLabelScores, Task, for_targets
 
 log = logging.getLogger("automl_tl")
 
@@ -385,6 +385,47 @@ class _Scores:
         return out
 
 
+def _new_scores(
+    targets: torch.Tensor,
+    num_classes: int,
+    device: torch.device,
+    metrics: Sequence[Metric],
+    log_probs: list[torch.Tensor] | None,
+):
+    """What an evaluation over targets like ``targets`` collects: the task's scorer (plugin
+    metrics score one class per image, so a multi-label task has none)."""
+    if for_targets(targets).multilabel:
+        return MultiLabelScores(log_probs)
+    return _Scores(num_classes, device, metrics, log_probs)
+
+
+def training_loss(task: Task, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss of one training batch: the task's (cross-entropy; binary cross-entropy or
+    the asymmetric loss for a multi-label task), on float logits."""
+    return task.loss(logits.float(), targets)
+
+
+class TaskLoss(nn.Module):
+    """A task's own loss (:func:`training_loss`) as the trial's ``loss(logits, target)``."""
+
+    def __init__(self, task: Task) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return training_loss(self.task, logits, target)
+
+
+def trial_loss(task: Task, recipe: Recipe, imbalance: str, counts: list[int]) -> nn.Module:
+    """The loss a trial trains with: a multi-label study's task loss (sigmoid, multi-hot
+    targets: the recipe's mixing, smoothing and class weighting are for one label per image
+    and are refused for it by the study file's check), else the recipe's
+    (:func:`automl_tl.recipe.training_loss`)."""
+    if task.multilabel:
+        return TaskLoss(task)
+    return recipe_loss(recipe, imbalance, counts)
+
+
 def evaluate(
     model: nn.Module,
     split: Split,
@@ -402,7 +443,7 @@ def evaluate(
         model.eval()
         inputs = _Inputs(data_config, device, memory_format_for(model, device))
         amp = _autocast(device)
-        scores = _Scores(num_classes, device, metrics, log_probs)
+        scores = _new_scores(split.y, num_classes, device, metrics, log_probs)
         for xb, yb in batches(on_device(split, device), batch_size, device=device):
             with amp():
                 logits = model(inputs(xb))
@@ -422,7 +463,7 @@ def _evaluate_head(
 ) -> dict[str, Any]:
     head.eval()
     amp = _autocast(device)
-    scores = _Scores(num_classes, device, metrics, log_probs)
+    scores = _new_scores(features.y, num_classes, device, metrics, log_probs)
     for fb, yb in batches(features, batch_size, device=device):
         with amp():
             logits = head(fb).reshape(len(fb), -1)
@@ -740,14 +781,17 @@ def _backward(
     flatten: bool,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Forward and backward of one batch; the batch's mean loss, detached.
+    """Forward and backward of one batch; the batch's mean loss (``loss_fn``'s), detached.
 
     When the batch does not fit (``micro`` < its size) it runs as micro-batches whose
     gradients add up to the whole batch's: each loss is its sum over the batch's size.
-    ``loss_fn``: the trial's loss (:func:`automl_tl.recipe.training_loss`; ``y`` may be soft
+    ``loss_fn``: the trial's loss (:func:`trial_loss`; ``y`` may be soft or multi-hot
     targets), a part's mean weighted by its share of the batch (exact for an unweighted
-    loss; with class weights each part is normalised by its own weights); None: cross entropy.
+    loss; with class weights each part is normalised by its own weights); None: cross entropy
+    (the multiclass task's loss).
     """
+    if loss_fn is None:
+        loss_fn = TaskLoss(MULTICLASS)
     n = len(y)
     parts = _micro_batches(n, micro)
     if parts == 1:
@@ -755,7 +799,7 @@ def _backward(
             logits = step(x)
         if flatten:
             logits = logits.reshape(n, -1)
-        loss = F.cross_entropy(logits.float(), y) if loss_fn is None else loss_fn(logits, y)
+        loss = loss_fn(logits, y)
         loss.backward()
         return loss.detach()
     total = torch.zeros((), device=y.device)
@@ -764,10 +808,7 @@ def _backward(
             logits = step(xp)
         if flatten:
             logits = logits.reshape(len(yp), -1)
-        if loss_fn is None:
-            loss = F.cross_entropy(logits.float(), yp, reduction="sum") / n
-        else:
-            loss = loss_fn(logits, yp) * (len(yp) / n)
+        loss = loss_fn(logits, yp) * (len(yp) / n)
         loss.backward()
         total += loss.detach()
     return total
@@ -840,10 +881,11 @@ def _fit(
     amp = _autocast(device)
     train = on_device(data.part(train_on), device)
     held_out = on_device(data.part(evaluate_on), device) if evaluate_on else None
-    counts = class_counts(train.y, num_classes)
-    imbalance = resolve_imbalance(recipe.imbalance, counts)
-    criterion = training_loss(recipe, imbalance, counts).to(device)
-    mixer = mixer_for(recipe, num_classes, seed)
+    multilabel = data.task.multilabel
+    counts = [] if multilabel else class_counts(train.y, num_classes)
+    imbalance = "none" if multilabel else resolve_imbalance(recipe.imbalance, counts)
+    criterion = trial_loss(data.task, recipe, imbalance, counts).to(device)
+    mixer = None if multilabel else mixer_for(recipe, num_classes, seed)
 
     # A linear probe without augmentation: the head trains on the body's cached features.
     probe = None
@@ -880,7 +922,7 @@ def _fit(
         step = _compiled(model, compile if compiled == "yes" else False)
         peak = set().union(*plan)
         if device.type in MEMORY_PROBE_DEVICES and peak != plan[0]:
-            _try_peak_memory(model, step, peak, train, micro_batch, inputs, amp, device)
+            _try_peak_memory(model, step, peak, train, micro_batch, inputs, amp, device, data.task)
 
     # a compiled model sees one batch shape: the last partial batch is dropped (when a whole
     # one exists), else a smaller last batch would compile a second graph
@@ -982,7 +1024,7 @@ def _fit(
                 ema_won = use_ema is True or direction.better(ema_val[metric], val[metric])
                 if ema_won:
                     val, collected = ema_val, ema_collected
-            result.val = {k: v for k, v in val.items() if k != "confusion_matrix"}
+            result.val = {k: v for k, v in val.items() if not isinstance(v, list)}
             if collected:
                 last_log_probs = torch.cat(collected)
             # strictly better: the first of equally good epochs is the best
@@ -1055,6 +1097,7 @@ def _try_peak_memory(
     inputs: _Inputs,
     amp,
     device: torch.device,
+    task: Task,
 ) -> None:
     """One forward/backward with the largest trainable set, so that running out of memory
     in a late epoch (gradual unfreezing) happens now, while the batch can still be halved.
@@ -1064,7 +1107,7 @@ def _try_peak_memory(
     for xb, yb in batches(train, batch_size, device=device, min_batch=2):
         with amp():
             logits = step(inputs(xb))
-        F.cross_entropy(logits.float(), yb).backward()
+        training_loss(task, logits, yb).backward()
         break
     model.zero_grad(set_to_none=True)
     with torch.no_grad():

@@ -17,7 +17,7 @@ PACKAGE = REPO / "automl_tl"
 #: docs/architecture.md's layers, bottom (1) to top (4)
 LAYERS = {
     1: {"config", "weightsource", "paths", "trials", "registry", "components", "plugins"}
-    | {"hookspecs", "errors", "_util", "adapters"},
+    | {"hookspecs", "errors", "_util", "adapters", "tasks"},
     2: {"budget", "storage", "samplers", "portfolio", "space", "train", "features", "weights"}
     | {"recipe"}
     | {"data", "catalog", "default_plugins", "scores", "latency", "prior"},

@@ -140,6 +140,46 @@ def test_selection_benchmark_refuses_an_unknown_task():
     assert proc.returncode == 2 and "unknown task(s) ['nope']" in proc.stderr
 
 
+@pytest.mark.slow
+def test_multilabel_benchmark_quick_mode(tmp_path):
+    """benchmarks/multilabel.py --quick: every arm on one task, the threshold comparison."""
+    out = tmp_path / "multilabel.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "multilabel.py"),
+            "--quick",
+            "--tasks",
+            "pairs",
+            "--json",
+            str(out),
+            "--out",
+            str(tmp_path / "studies"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [r["arm"] for r in results["runs"]] == ["textbook", "search", "random"]
+    for row in results["runs"]:
+        assert 0.0 <= row["test_map"] <= 1.0 and row["trials"] == (
+            1 if row["arm"] == "textbook" else 2
+        )
+    assert set(results["summary"]["pairs"]) >= {"search - random", "micro F1 at 0.5"}
+
+
+def test_multilabel_benchmark_refuses_an_unknown_task():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "multilabel.py"), "--tasks", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "unknown task(s) ['nope']" in proc.stderr
+
+
 def _benchmark(stem: str):
     """benchmarks/STEM.py as a module (the folder is not a package)."""
     import importlib.util

@@ -56,7 +56,7 @@ def test_default_plugins_register_every_kind():
         "lp_ft",
         "layer_decay",
     }
-    assert set(registry.names("datasets")) == {"digits", "folder", "csv"}
+    assert set(registry.names("datasets")) == {"digits", "digit_pairs", "folder", "csv"}
     assert (
         registry.plugin_of("backbones", "test_resnet") == "automl_tl.default_plugins.timm_backbones"
     )

@@ -21,7 +21,7 @@ from PIL import Image
 from automl_tl import load_config
 from automl_tl.data import load_splits
 from automl_tl.export import export_model
-from automl_tl.report import FIGURES, build_report
+from automl_tl.report import build_report, figures_for
 from automl_tl.retrain import score_predictions
 from automl_tl.storage import open_study
 from automl_tl.train import evaluate
@@ -156,7 +156,7 @@ def _embedded_images(page: str) -> list[bytes]:
 def test_every_figure_is_written_as_a_png(made):
     config, _, report = made
     assert report.directory == config.output_dir / "report"
-    assert [f.file for f in report.files] == [name for name, *_ in FIGURES]
+    assert [f.file for f in report.files] == [name for name, *_ in figures_for(config)]
     assert [f.file for f in report.skipped] == []
     for f in report.files:
         with Image.open(report.directory / f.file) as image:
@@ -165,11 +165,11 @@ def test_every_figure_is_written_as_a_png(made):
 
 
 def test_index_html_is_self_contained_and_holds_the_leaderboard(made):
-    _, _, report = made
+    config, _, report = made
     page = report.index.read_text()
     images = _embedded_images(page)
-    assert len(images) == len(FIGURES)
-    # the embedded images are the PNG files, byte for byte, in the order of FIGURES
+    assert len(images) == len(figures_for(config))
+    # the embedded images are the PNG files, byte for byte, in the order of the figures
     assert images == [(report.directory / f.file).read_bytes() for f in report.files]
     # nothing is fetched from elsewhere: no external scripts, styles or images
     assert not re.search(r'<(script|link)\b|src="(?!data:)|url\(', page)
@@ -184,7 +184,7 @@ def test_index_html_is_self_contained_and_holds_the_leaderboard(made):
     assert [int(n) for _, n, _ in rows[:3]] == [1, 0, 4]  # best first
     assert "out of memory" in page
     assert "#1: 0.9500" in page  # the best trial in the summary
-    for _, title, description, _ in FIGURES:
+    for _, title, description, _ in figures_for(config):
         assert title.replace("×", "&#215;") in page or title in page
         assert description.split(" ")[0] in page
 
@@ -229,12 +229,12 @@ def test_a_study_with_nothing_finished_says_why_each_figure_is_missing(tmp_path,
     _add_trial(study, 0, TrialState.FAIL, "test_resnet", "none", 0.5, [], 1, fail_reason="boom")
     report = build_report(config, registry)
     reasons = {f.file: f.reason for f in report.skipped}
-    assert set(reasons) == {name for name, *_ in FIGURES}
+    assert set(reasons) == {name for name, *_ in figures_for(config)}
     assert reasons["optimization_history.png"] == "no trial has completed yet"
     assert "needs at least 2 complete trials" in reasons["param_importances.png"]
     assert "no exported best model" in reasons["confusion_matrix.png"]
     page = report.index.read_text()
-    assert page.count('class="skipped"') == len(FIGURES)
+    assert page.count('class="skipped"') == len(figures_for(config))
     assert "run `automl-tl search`" in page
     assert not list(report.directory.glob("*.png"))
 
@@ -259,7 +259,7 @@ def test_report_command_writes_the_folder_and_keeps_stdout_for_data(tmp_path, re
     data = json.loads(result.stdout)  # stdout is only the JSON
     assert data["report"]["index"] == str(config.output_dir / "report" / "index.html")
     assert [f["file"] for f in data["report"]["files"] if f["written"]] == [
-        name for name, *_ in FIGURES
+        name for name, *_ in figures_for(config)
     ]
     assert f"report written: {config.output_dir / 'report' / 'index.html'}" in result.stderr
     image = Image.open(

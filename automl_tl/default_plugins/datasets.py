@@ -1,4 +1,4 @@
-"""Dataset sources: the embedded ``digits``, ``folder:PATH`` and ``csv:PATH``."""
+"""Dataset sources: the embedded ``digits`` and ``digit_pairs``, ``folder:PATH`` and ``csv:PATH``."""
 
 from __future__ import annotations
 
@@ -97,6 +97,56 @@ def _digit_subset(argument: str) -> list[str]:
             f"digits:{argument} is not a digit range; write e.g. 'digits:0-4' or 'digits:5,7'"
         )
     return [str(d) for d in digits]
+
+
+class DigitPairs(DatasetSource):
+    """The embedded multi-label demo: scikit-learn's digits placed side by side.
+
+    ``digit_pairs``: 1,200 images of 16×16, two slots side by side, each holding a digit
+    (probability 0.8, at least one per image); the labels are the digits present (one or
+    two). ``digit_pairs:hard``: a 2×2 grid of slots (each filled with probability 0.5), so
+    up to four labels per image, with noise added. Built from a fixed seed: the same images
+    everywhere.
+    """
+
+    name = "digit_pairs"
+    description = "digits side by side, labelled with the digits present (embedded, multi-label)"
+    #: (images, slots (rows, columns), probability a slot holds a digit, noise std)
+    VARIANTS = {"": (1200, (1, 2), 0.8, 0.0), "hard": (1600, (2, 2), 0.5, 24.0)}
+
+    def load(self, argument, base_dir):
+        from sklearn.datasets import load_digits
+
+        if (argument or "") not in self.VARIANTS:
+            raise DataError(
+                f"digit_pairs:{argument} is not a variant; write 'digit_pairs' or "
+                "'digit_pairs:hard'"
+            )
+        count, (rows, cols), fill, noise = self.VARIANTS[argument or ""]
+        bunch = load_digits()
+        digits = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)
+        rng = np.random.default_rng(20111)
+        records, seen = [], set()
+        while len(records) < count:
+            filled = rng.random(rows * cols) < fill
+            if not filled.any():
+                filled[rng.integers(rows * cols)] = True
+            canvas = np.zeros((16, 16), dtype=np.float64)
+            labels = set()
+            for slot in np.flatnonzero(filled):
+                pick = int(rng.integers(len(digits)))
+                r, c = divmod(int(slot), cols)
+                top = 4 if rows == 1 else 8 * r
+                canvas[top : top + 8, 8 * c : 8 * c + 8] = digits[pick]
+                labels.add(str(int(bunch.target[pick])))
+            if noise:
+                canvas += rng.normal(0.0, noise, canvas.shape)
+            image = np.clip(canvas, 0, 255).round().astype(np.uint8)
+            if image.tobytes() in seen:  # a copy would sit in two splits: draw again
+                continue
+            seen.add(image.tobytes())
+            records.append(Record(image=image, labels=tuple(sorted(labels))))
+        return Dataset(records=records, class_names=[str(d) for d in range(10)])
 
 
 def _is_study_output(folder: Path) -> bool:
@@ -208,35 +258,55 @@ class Folder(DatasetSource):
 
 
 class CsvManifest(DatasetSource):
-    """A CSV with columns ``path,label`` (and optionally ``split``); paths relative to the CSV."""
+    """A CSV with columns ``path,label`` (and optionally ``split``); paths relative to the CSV.
+
+    ``path,labels[,split]`` is a multi-label manifest: each ``labels`` cell lists the image's
+    labels separated by ``label_separator`` (``[data] label_separator``; by default spaces,
+    as in common multi-label CSVs).
+    """
 
     name = "csv"
-    description = "CSV manifest with columns path,label[,split]"
+    description = "CSV manifest with columns path,label[,split] or path,labels[,split]"
     needs_argument = True
 
-    def load(self, argument, base_dir):
+    def load(self, argument, base_dir, *, label_separator: str = " "):
         path = _resolve(argument, base_dir, "csv")
         try:
-            return self._read(path)
+            return self._read(path, label_separator)
         except UnicodeDecodeError as exc:
             raise DataError(
                 f"{path} is not UTF-8 text (byte {exc.start}: "
                 f"{exc.object[exc.start : exc.start + 1]!r}); save it as UTF-8"
             ) from None
 
-    def _read(self, path: Path) -> Dataset:
+    def _read(self, path: Path, label_separator: str = " ") -> Dataset:
         lines: dict[str, list[int]] = {}
+        forms: dict[str, list[int]] = {"label": [], "labels": []}
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = [c.strip() for c in reader.fieldnames or []]
-            if "path" not in fields or "label" not in fields:
+            if "path" not in fields or not {"label", "labels"} & set(fields):
                 raise DataError(
-                    f"{path} must have a header with columns path,label (found {fields})"
+                    f"{path} must have a header with columns path,label (one label per image) "
+                    f"or path,labels (multi-label) (found {fields})"
                 )
             records = []
             for line_no, row in enumerate(reader, start=2):
                 row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-                if not row.get("path") or not row.get("label"):
+                labels: tuple[str, ...] = ()
+                if row.get("labels") or ("labels" in fields and "label" not in fields):
+                    labels = _split_labels(row.get("labels", ""), label_separator)
+                    if not labels:
+                        raise DataError(
+                            f"{path}:{line_no}: empty labels cell; every image needs at least "
+                            f"one label (separated by {label_separator!r}, [data] "
+                            "label_separator); remove the row or label the image"
+                        )
+                    forms["labels"].append(line_no)
+                    row["label"] = ""
+                elif row.get("label"):
+                    forms["label"].append(line_no)
+                if not row.get("path") or not (row.get("label") or labels):
                     raise DataError(f"{path}:{line_no}: empty path or label")
                 split = row.get("split") or None
                 if split is not None and split not in SPLITS:
@@ -246,10 +316,17 @@ class CsvManifest(DatasetSource):
                 image = Path(row["path"]).expanduser()
                 if not image.is_absolute():
                     image = path.parent / image
-                records.append(Record(str(image), row["label"], split))
+                records.append(Record(str(image), row["label"], split, labels))
                 lines.setdefault(os.path.normpath(image), []).append(line_no)
         if not records:
             raise DataError(f"{path} lists no images")
+        if forms["label"] and forms["labels"]:
+            raise DataError(
+                f"{path} mixes single-label rows (a label cell: lines "
+                f"{_line_list(forms['label'])}) and multi-label rows (a labels cell: lines "
+                f"{_line_list(forms['labels'])}); use one labels column for every row (an "
+                "image with one label lists just that one)"
+            )
         repeated = {p: n for p, n in lines.items() if len(n) > 1}
         if repeated:  # a repeated image can land in train and in test: a leak
             shown = "; ".join(
@@ -264,7 +341,19 @@ class CsvManifest(DatasetSource):
         return Dataset(records=records)
 
 
+def _split_labels(cell: str, separator: str) -> tuple[str, ...]:
+    """The labels of a multi-label cell, each once, in their first order."""
+    parts = cell.split() if separator == " " else cell.split(separator)
+    return tuple(dict.fromkeys(p.strip() for p in parts if p.strip()))
+
+
+def _line_list(numbers: list[int]) -> str:
+    return ", ".join(map(str, numbers[:5])) + (
+        f", … ({len(numbers)} in all)" if len(numbers) > 5 else ""
+    )
+
+
 @hookimpl(trylast=True)
 def register_datasets(register):
-    for source in (Digits(), Folder(), CsvManifest()):
+    for source in (Digits(), DigitPairs(), Folder(), CsvManifest()):
         register(source)
