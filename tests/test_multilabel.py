@@ -441,3 +441,13 @@ def test_micro_batches_accumulate_a_multilabel_batchs_gradient():
         for other in grads[1:]:
             for a, b in zip(grads[0], other):
                 assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_single_label_recipe_keys_are_refused_for_a_multilabel_study():
+    """Mixing, smoothing and the imbalance answers assume one label per image: one message
+    naming the keys; EMA and the other regularizers are accepted."""
+    base = {"name": "x", "data": {"source": "digit_pairs", "task": "multilabel"}}
+    with pytest.raises(ConfigError, match=r"\[search\] mixup_alpha, label_smoothing: .*multilabel"):
+        config_from_dict({**base, "search": {"mixup_alpha": [0.2, 0.4], "label_smoothing": 0.1}})
+    config = config_from_dict({**base, "search": {"ema_decay": 0.99, "clip_grad": 1.0}})
+    assert config.task.multilabel and config.search.ema_decay == [0.99, 0.99]
