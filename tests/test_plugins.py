@@ -55,6 +55,9 @@ def test_default_plugins_register_every_kind():
         "gradual",
         "lp_ft",
         "layer_decay",
+        "bitfit",
+        "norm_fit",
+        "lora",
     }
     assert set(registry.names("datasets")) == {"digits", "digit_pairs", "folder", "csv"}
     assert (
@@ -363,7 +366,7 @@ def test_plugins_command_shows_version_source_and_hooks(tmp_path):
     lines = result.stdout.splitlines()
     version = __import__("automl_tl").__version__
     assert f"automl_tl.default_plugins.unfreeze {version} [default] " in result.stdout
-    assert "  unfreeze strategies (4): gradual, layer_decay, lp_ft, top_k" in lines
+    assert "  unfreeze strategies (7): bitfit, gradual, layer_decay, lora, lp_ft, norm_fit, top_k" in lines
     assert f"tracker - [file] {tracker}" in lines
     assert lines[lines.index(f"tracker - [file] {tracker}") + 1] == (
         "  lifecycle hooks: trial_started, study_finished"
