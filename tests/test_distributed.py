@@ -406,9 +406,11 @@ def test_two_local_workers_share_a_journal_study(tmp_path):
     assert len(finished(trials)) == 4
     children = {t.user_attrs["worker"]["pid"] for t in finished(trials)}
     assert len(children) == 2
-    # the race ran in the workers (spread over their GPUs), not after them in the parent
-    race = trials_of(f"journal:{journal}", "tiny:race")
-    assert race and {t.user_attrs["worker"]["pid"] for t in race} <= children
+    # the race ran in the workers (spread over their GPUs), not after them in the parent; on
+    # 12 validation images the best trial may stand alone (nothing to race: no race study)
+    if "nothing to race" not in result.stdout:
+        race = trials_of(f"journal:{journal}", "tiny:race")
+        assert race and {t.user_attrs["worker"]["pid"] for t in race} <= children
     # the workers sampled different configurations (not one seeded sequence twice)
     params = [tuple(sorted(t.params.items())) for t in finished(trials)]
     assert len(set(params)) == 4
