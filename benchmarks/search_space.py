@@ -154,7 +154,7 @@ class Before:
         self.module = search_mod
         self.saved = (search_mod.suggest, search_mod.make_sampler, search_mod.make_pruner)
 
-        def make_sampler(config):  # samplers.make_sampler's TPE, the old portfolio first
+        def make_sampler(config, prior=None):  # the old TPE and portfolio (no team prior)
             tpe = optuna.samplers.TPESampler(
                 multivariate=True,
                 group=True,
