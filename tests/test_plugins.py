@@ -366,7 +366,10 @@ def test_plugins_command_shows_version_source_and_hooks(tmp_path):
     lines = result.stdout.splitlines()
     version = __import__("automl_tl").__version__
     assert f"automl_tl.default_plugins.unfreeze {version} [default] " in result.stdout
-    assert "  unfreeze strategies (7): bitfit, gradual, layer_decay, lora, lp_ft, norm_fit, top_k" in lines
+    assert (
+        "  unfreeze strategies (7): bitfit, gradual, layer_decay, lora, lp_ft, norm_fit, top_k"
+        in lines
+    )
     assert f"tracker - [file] {tracker}" in lines
     assert lines[lines.index(f"tracker - [file] {tracker}") + 1] == (
         "  lifecycle hooks: trial_started, study_finished"
