@@ -443,11 +443,19 @@ def test_micro_batches_accumulate_a_multilabel_batchs_gradient():
                 assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_single_label_recipe_keys_are_refused_for_a_multilabel_study():
-    """Mixing, smoothing and the imbalance answers assume one label per image: one message
-    naming the keys; EMA and the other regularizers are accepted."""
+def test_imbalance_is_refused_for_a_multilabel_study(tmp_path):
+    """The class-imbalance answers assume one label per image: one message naming the key
+    and the fix; mixing, smoothing (tests/test_multilabel_recipe.py), EMA and the other
+    regularizers are accepted."""
+    _cli_refuses(
+        tmp_path,
+        '[data]\nsource = "digit_pairs"\ntask = "multilabel"\n'
+        '[search]\nimbalance = ["none", "focal"]\nmixup_alpha = 0.2\n',
+        "error: [search] imbalance: the class-imbalance answers (class weights, focal loss, a "
+        "class-balanced sampler) assume one label per image, and this study is multilabel; "
+        'remove it (for rare labels try [search] multilabel_loss = "asymmetric"; mixup, CutMix, '
+        "label smoothing and the other regularizers work for both)",
+    )
     base = {"name": "x", "data": {"source": "digit_pairs", "task": "multilabel"}}
-    with pytest.raises(ConfigError, match=r"\[search\] mixup_alpha, label_smoothing: .*multilabel"):
-        config_from_dict({**base, "search": {"mixup_alpha": [0.2, 0.4], "label_smoothing": 0.1}})
     config = config_from_dict({**base, "search": {"ema_decay": 0.99, "clip_grad": 1.0}})
     assert config.task.multilabel and config.search.ema_decay == [0.99, 0.99]

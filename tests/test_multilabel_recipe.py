@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from automl_tl.config import config_from_dict, load_config
-from automl_tl.errors import ConfigError
 from automl_tl.recipe import BatchMixer, Recipe, mix_rows, smooth_multi_hot
 from automl_tl.storage import open_study
 from automl_tl.tasks import MultiLabel
@@ -115,17 +114,6 @@ def test_a_multilabel_study_takes_mixing_and_smoothing():
     config = config_from_dict({**BASE, "search": search})
     assert config.task.multilabel and config.search.mixup_alpha == [0.2, 0.4]
     assert config.search.cutmix_alpha == [1.0, 1.0] and config.search.label_smoothing == [0.0, 0.1]
-
-
-def test_imbalance_is_still_refused_for_a_multilabel_study():
-    with pytest.raises(ConfigError) as error:
-        config_from_dict({**BASE, "search": {"imbalance": ["none", "focal"], "mixup_alpha": 0.2}})
-    assert str(error.value) == (
-        "[search] imbalance: the class-imbalance answers (class weights, focal loss, a "
-        "class-balanced sampler) assume one label per image, and this study is multilabel; "
-        'remove it (for rare labels try [search] multilabel_loss = "asymmetric"; mixup, CutMix, '
-        "label smoothing and the other regularizers work for both)"
-    )
 
 
 def test_a_presets_imbalance_is_dropped_for_a_multilabel_study():
