@@ -292,27 +292,24 @@ def test_config_rejects_mismatched_metric_and_empty_separator():
 # end to end: search -> best/ -> predict, plain timm
 
 
+def pairs_study(tmp_path: Path, n: int, *search: str) -> Path:
+    """A two-trial study of ``n`` digit pairs in a CSV at 16 px: one backbone, no race;
+    ``search``: more ``[search]`` lines."""
+    csv = _pairs_csv(tmp_path / "d", n=n)
+    lines = [
+        f'[data]\nsource = "csv:{csv}"\nimage_size = 16',
+        "[selection]\nrace = false",
+        '[search]\nn_trials = 2\nbackbones = ["test_resnet"]\naugmentations = ["none"]',
+        'unfreeze = ["top_k"]\npruner = "none"',
+        *search,
+    ]
+    return write_study(tmp_path, "\n".join(lines) + "\n")
+
+
 @pytest.mark.slow
 def test_search_export_predict_end_to_end(tmp_path):
-    csv = _pairs_csv(tmp_path / "d", n=90)
-    study = write_study(
-        tmp_path,
-        f"""
-        [data]
-        source = "csv:{csv}"
-        image_size = 16
-        [search]
-        n_trials = 2
-        backbones = ["test_resnet"]
-        augmentations = ["none"]
-        unfreeze = ["top_k"]
-        epochs = 2
-        batch_size = 32
-        pruner = "none"
-        multilabel_loss = "asymmetric"
-        [selection]
-        race = false
-        """,
+    study = pairs_study(
+        tmp_path, 90, "epochs = 2", "batch_size = 32", 'multilabel_loss = "asymmetric"'
     )
     result = run_main("search", str(study), "--device", "cpu")
     assert result.returncode == 0, result.stderr

@@ -17,8 +17,8 @@ from automl_tl.storage import open_study
 from automl_tl.tasks import MultiLabel
 from automl_tl.train import trial_loss
 
-from .conftest import run_main, write_study
-from .test_multilabel import _pairs_csv
+from .conftest import run_main
+from .test_multilabel import pairs_study
 
 Y = torch.tensor(
     [[1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 1, 0], [0, 0, 1, 1], [0, 1, 1, 0]], dtype=torch.float32
@@ -130,28 +130,15 @@ def test_a_presets_imbalance_is_dropped_for_a_multilabel_study():
 
 @pytest.mark.slow
 def test_multilabel_search_with_mixup_searched(tmp_path):
-    csv = _pairs_csv(tmp_path / "d", n=60)
-    study = write_study(
+    study = pairs_study(
         tmp_path,
-        f"""
-        [data]
-        source = "csv:{csv}"
-        image_size = 16
-        [search]
-        n_trials = 2
-        backbones = ["test_resnet"]
-        augmentations = ["none"]
-        unfreeze = ["top_k"]
-        epochs = 1
-        batch_size = 16
-        pruner = "none"
-        mixup_alpha = [0.2, 0.4]
-        cutmix_alpha = 1.0
-        mix_prob = [0.5, 1.0]
-        label_smoothing = 0.1
-        [selection]
-        race = false
-        """,
+        60,
+        "epochs = 1",
+        "batch_size = 16",
+        "mixup_alpha = [0.2, 0.4]",
+        "cutmix_alpha = 1.0",
+        "mix_prob = [0.5, 1.0]",
+        "label_smoothing = 0.1",
     )
     result = run_main("search", str(study), "--device", "cpu")
     assert result.returncode == 0, result.stderr
