@@ -4,6 +4,7 @@ refuses, and a searched-mixup multi-label study end to end (with its test interv
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from automl_tl import Choice, fit
 from automl_tl.config import config_from_dict, load_config
+from automl_tl.data import Split, prepare_data
 from automl_tl.recipe import BatchMixer, Recipe, mix_rows, smooth_multi_hot
 from automl_tl.storage import open_study
 from automl_tl.tasks import MultiLabel
@@ -96,6 +99,22 @@ def test_multilabel_label_smoothing_moves_targets_towards_half():
     )
 
 
+def test_fit_trains_a_multilabel_study_on_mixed_targets(registry):
+    data = prepare_data(registry, "digit_pairs", image_size=16, task=MultiLabel())
+    data = dataclasses.replace(
+        data,
+        train=Split(data.train.x[:48], data.train.y[:48], data.train.names[:48]),
+        val=Split(data.val.x[:24], data.val.y[:24], data.val.names[:24]),
+    )
+    plain = Choice(backbone="test_resnet", lr=3e-3, epochs=1, batch_size=24)
+    mixed = dataclasses.replace(plain, recipe=Recipe(mixup_alpha=0.4, label_smoothing=0.1))
+    a = fit(plain, data, registry, device="cpu", seed=0)
+    b = fit(mixed, data, registry, device="cpu", seed=0)
+    # the same model, batches and steps: only the targets differ, so does the loss
+    assert b.history[0].train_loss != a.history[0].train_loss
+    assert 0 <= b.val["map"] <= 1 and set(b.val) >= {"map", "micro_f1", "subset_accuracy"}
+
+
 # ---------------------------------------------------------------------------------------------
 # the study file
 
@@ -157,3 +176,5 @@ def test_multilabel_search_with_mixup_searched(tmp_path):
     assert board.returncode == 0, board.stderr
     low, high = metrics["test_interval"]["map"]
     assert f"map {metrics['test']['map']:.4f} [{low:.3f}, {high:.3f}]" in board.stdout
+    page = (tmp_path / "tiny" / "report" / "index.html").read_text()
+    assert "bootstrap over the test images for each metric" in page
