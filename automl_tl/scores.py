@@ -158,7 +158,8 @@ def multilabel_intervals(
     for start in range(0, samples, block):
         b = min(block, samples - start)
         draws = rng.integers(0, n, (b, n)) + n * np.arange(b)[:, None]
-        weights = np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+        # float32 counts: exact (every sum is at most n images) and half the memory traffic
+        weights = np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.float32)
         for metric, values in resampled_multilabel_metrics(probs, y, t, weights).items():
             parts[metric].append(values)
     alpha = (1 - level) / 2
@@ -178,9 +179,13 @@ def resampled_multilabel_metrics(
     image is a tie with itself), without building them."""
     y = np.asarray(y, dtype=bool)
     pred = probs >= thresholds
-    tp = weights @ (pred & y)
-    denom = 2 * tp + weights @ (pred & ~y) + weights @ (~pred & y)
-    present = (weights @ y) > 0
+
+    def count(mask: np.ndarray) -> np.ndarray:  # images of each resample in ``mask``
+        return (weights @ mask.astype(weights.dtype)).astype(np.float64)
+
+    tp = count(pred & y)
+    denom = 2 * tp + count(pred & ~y) + count(~pred & y)
+    present = count(y) > 0
     per_label = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
     n_present = present.sum(1)
     ap_sum = np.zeros(len(weights))
@@ -193,7 +198,7 @@ def resampled_multilabel_metrics(
         "macro_f1": np.where(
             n_present > 0, (per_label * present).sum(1) / np.maximum(n_present, 1), 0.0
         ),
-        "subset_accuracy": weights @ (pred == y).all(1) / weights.sum(1),
+        "subset_accuracy": count((pred == y).all(1)) / weights.sum(1, dtype=np.float64),
     }
 
 
@@ -207,8 +212,8 @@ def _resampled_average_precision(
     s = scores[order]
     last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # the end of each run of ties
     w = weights[:, order]
-    tp = np.cumsum(w * positive[order], axis=1)[:, last]
-    seen = np.cumsum(w, axis=1)[:, last]
+    tp = np.cumsum(w * positive[order], axis=1)[:, last].astype(np.float64)
+    seen = np.cumsum(w, axis=1)[:, last].astype(np.float64)
     n_pos = tp[:, -1:]
     precision = np.where(seen > 0, tp / np.maximum(seen, 1), 0.0)
     gain = np.diff(tp, axis=1, prepend=0.0) / np.maximum(n_pos, 1)
