@@ -199,6 +199,13 @@ def _print_retrained(config, metrics: dict[str, Any], directory) -> None:
             f"(micro F1 at 0.5: {test['micro_f1_at_0.5']:.4f}); {metrics.get('test_images', '?')} "
             "test images"
         )
+        if metrics.get("test_interval"):
+            print(
+                "  95 % intervals (bootstrap over test images): "
+                f"mAP{_interval(metrics, 'map')}, micro F1{_interval(metrics, 'micro_f1')}, "
+                f"macro F1{_interval(metrics, 'macro_f1')}, subset accuracy"
+                f"{_interval(metrics, 'subset_accuracy')}"
+            )
         return
     print(
         f"retrained on {config.retrain.on}: test accuracy {test['accuracy']:.4f}, balanced "

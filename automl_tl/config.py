@@ -44,15 +44,9 @@ RECIPE_KEYS = (
     "warmup_epochs",
     "imbalance",
 )
-#: the recipe keys that assume one label per image (refused for a multi-label study)
-SINGLE_LABEL_RECIPE = (
-    "mixup_alpha",
-    "cutmix_alpha",
-    "mix_prob",
-    "mix_switch_prob",
-    "label_smoothing",
-    "imbalance",
-)
+#: the recipe keys that assume one label per image (refused for a multi-label study; mixing
+#: and label smoothing have multi-label forms, automl_tl/recipe.py)
+SINGLE_LABEL_RECIPE = ("imbalance",)
 SAMPLERS = ("tpe", "gp", "random", "nsga2")
 #: what a multi-objective study can measure on each trained model beside its metric (all
 #: lower-is-better): milliseconds per call on the [search] latency target, millions of
@@ -750,11 +744,15 @@ def _resolve_task(config: StudyConfig) -> None:
     single_label = [k for k in SINGLE_LABEL_RECIPE if config.sets(f"search.{k}")]
     if task.multilabel and single_label:
         raise ConfigError(
-            f"[search] {', '.join(single_label)}: mixing, label smoothing and the class-imbalance "
-            "answers assume one label per image, and this study is multilabel; remove "
-            f"{'it' if len(single_label) == 1 else 'them'} (EMA, drop_path, clip_grad and "
-            "warmup_epochs work for both)"
+            f"[search] {', '.join(single_label)}: the class-imbalance answers (class weights, "
+            "focal loss, a class-balanced sampler) assume one label per image, and this study "
+            f"is multilabel; remove {'it' if len(single_label) == 1 else 'them'} (for rare "
+            'labels try [search] multilabel_loss = "asymmetric"; mixup, CutMix, label '
+            "smoothing and the other regularizers work for both)"
         )
+    if task.multilabel:  # a preset's single-label keys are defaults: dropped, not refused
+        for key in SINGLE_LABEL_RECIPE:
+            setattr(config.search, key, None)
     if not config.sets("search.metric"):
         config.search.metric = task.default_metric
         return

@@ -10,8 +10,12 @@ mixup / CutMix      timm's :class:`timm.data.Mixup` on the device, after the aug
                     ``mix_switch_prob`` of those by CutMix when both are open. Targets become
                     soft (:func:`timm.data.mixup.mixup_target`), the loss soft-target cross
                     entropy (:class:`timm.loss.SoftTargetCrossEntropy` when nothing else
-                    changes the loss)
-label smoothing     ``ε``: targets ``1 - ε + ε/C`` / ``ε/C`` (Szegedy et al. 2016)
+                    changes the loss). A multi-label study mixes its multi-hot rows the
+                    same way: ``λ y_a + (1 - λ) y_b`` (CutMix: λ the kept area), fed to its
+                    sigmoid loss
+label smoothing     ``ε``: targets ``1 - ε + ε/C`` / ``ε/C`` (Szegedy et al. 2016); for a
+                    multi-label study each label's target moves towards ½:
+                    ``y (1 - ε) + ε/2`` (timm's multi-label form)
 EMA                 :class:`timm.utils.ModelEmaV3` of the weights with ``ema_decay`` (warm-up
                     on, so short trials average too); the averaged and the raw model are both
                     scored every epoch, the better one is the trial's and is exported
@@ -25,7 +29,7 @@ imbalance           ``none``; ``weighted`` (cross entropy weighted by inverse cl
                     ``sampler`` (each epoch draws the train split with replacement, every
                     class equally likely). Closed: ``weighted`` when the train split's largest
                     class has at least :data:`IMBALANCE_RATIO` × the images of its smallest,
-                    else ``none``
+                    else ``none``. Single-label only (a multi-label study refuses the key)
 =================== ============================================================================
 
 Where each piece is a searched parameter, and its range, is :mod:`automl_tl.space`'s table.
@@ -208,23 +212,30 @@ class _SoftOrHard(nn.Module):
 
 class BatchMixer:
     """timm's :class:`~timm.data.Mixup` (one λ per batch) for the training loop's batches:
-    normalized float images on the device and class indices -> mixed images (in place) and
+    normalized float images on the device and their targets -> mixed images (in place) and
     soft targets. timm draws from NumPy's global generator: this one keeps its own state
     (seeded by the trial), so a trial mixes the same way on every run and leaves the global
     generator as it was. timm requires an even batch: an odd batch's last image is left
-    unmixed, with its (smoothed) one-hot target."""
+    unmixed, with its own (smoothed) target.
 
-    def __init__(self, recipe: Recipe, num_classes: int, seed: int) -> None:
+    ``multilabel``: the targets are multi-hot float rows ``(N, C)``; each mixed row is
+    ``λ y_a + (1 - λ) y_b`` of the two images mixed (:func:`mix_rows`; CutMix: λ is the kept
+    area), unsmoothed (the multi-label loss smooths, :func:`smooth_multi_hot`)."""
+
+    def __init__(
+        self, recipe: Recipe, num_classes: int, seed: int, *, multilabel: bool = False
+    ) -> None:
         from timm.data import Mixup
 
-        self.num_classes, self.smoothing = num_classes, recipe.label_smoothing
+        self.num_classes, self.multilabel = num_classes, multilabel
+        self.smoothing = 0.0 if multilabel else recipe.label_smoothing
         self.mixup = Mixup(
             mixup_alpha=recipe.mixup_alpha,
             cutmix_alpha=recipe.cutmix_alpha,
             prob=recipe.mix_prob,
             switch_prob=recipe.mix_switch_prob,
             mode="batch",
-            label_smoothing=recipe.label_smoothing,
+            label_smoothing=self.smoothing,
             num_classes=num_classes,
         )
         self._state = np.random.RandomState(seed % 2**32).get_state()
@@ -234,19 +245,50 @@ class BatchMixer:
         saved = np.random.get_state()
         np.random.set_state(self._state)
         try:
-            _, target = self.mixup(x[:even], y[:even])  # mixes the view, i.e. x, in place
+            if self.multilabel:
+                mixing = self._mixing(x[:even])
+            else:
+                _, target = self.mixup(x[:even], y[:even])  # mixes the view, i.e. x, in place
         finally:
             self._state = np.random.get_state()
             np.random.set_state(saved)
+        if self.multilabel:
+            return x, torch.cat([mix_rows(y[:even].float(), mixing), y[even:].float()])
         if even < len(y):
             rest = soft_targets(y[even:], self.num_classes, self.smoothing)
             target = torch.cat([target, rest.to(target.dtype)])
         return x, target
 
+    def _mixing(self, x: torch.Tensor) -> torch.Tensor:
+        """Mix ``x`` in place; the ``(n, n)`` mixing matrix: row i holds how much of each
+        image of the batch went into mixed image i. It is timm's soft target of the batch's
+        own positions (image i labelled class i, no smoothing), so it carries timm's λ —
+        CutMix's area-corrected one included — whatever timm draws."""
+        self.mixup.num_classes = len(x)
+        try:
+            _, mixing = self.mixup(x, torch.arange(len(x), device=x.device))
+        finally:
+            self.mixup.num_classes = self.num_classes
+        return mixing
 
-def mixer_for(recipe: Recipe, num_classes: int, seed: int) -> BatchMixer | None:
+
+def mix_rows(y: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
+    """Mixed multi-hot targets: ``mixing @ y``. For timm's batch mode (image i mixed with
+    image n-1-i at λ) row i is ``λ y[i] + (1 - λ) y[n-1-i]``, in [0, 1]."""
+    return mixing.to(y.dtype) @ y
+
+
+def smooth_multi_hot(y: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Multi-label label smoothing: each label's target moved towards ½,
+    ``y (1 - ε) + ε/2`` (1 -> 1 - ε/2, 0 -> ε/2; timm's multi-label form)."""
+    return y * (1.0 - smoothing) + smoothing / 2 if smoothing else y
+
+
+def mixer_for(
+    recipe: Recipe, num_classes: int, seed: int, *, multilabel: bool = False
+) -> BatchMixer | None:
     """A :class:`BatchMixer` when the recipe mixes, else None."""
-    return BatchMixer(recipe, num_classes, seed) if recipe.mixes else None
+    return BatchMixer(recipe, num_classes, seed, multilabel=multilabel) if recipe.mixes else None
 
 
 # ---------------------------------------------------------------------------------------------

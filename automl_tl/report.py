@@ -942,12 +942,13 @@ def _summary_html(ctx: ReportContext) -> str:
         test = ", ".join(f"{k} {v:.4f}{_interval(model, k)}" for k, v in model["test"].items())
         items.append(("best model", f"trial {model['trial']}, test {test} — {model['path']}"))
         if model.get("test_interval"):
+            how = (
+                "bootstrap over the test images for each metric"
+                if model.get("task") == "multilabel"
+                else "Wilson for accuracy, bootstrap for balanced accuracy and macro F1"
+            )
             items.append(
-                (
-                    "intervals",
-                    f"95 % on {model.get('test_images', '?')} test images: Wilson for accuracy, "
-                    "bootstrap for balanced accuracy and macro F1",
-                )
+                ("intervals", f"95 % on {model.get('test_images', '?')} test images: {how}")
             )
         cal = model.get("calibration") or {}
         if cal.get("fitted_on"):

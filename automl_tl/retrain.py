@@ -32,7 +32,14 @@ from .paths import ensure_writable
 from .plugins import component_origin
 from .pretrain import ensure_study_weights
 from .registry import Registry
-from .scores import calibrated, fit_temperature, metric_intervals, reliability, unpack
+from .scores import (
+    calibrated,
+    fit_temperature,
+    metric_intervals,
+    multilabel_intervals,
+    reliability,
+    unpack,
+)
 from .space import choice_from_params
 from .storage import check_data, open_study, storage_of
 from .tasks import multilabel_metrics, tune_thresholds
@@ -71,8 +78,9 @@ def retrain(
             held-out validation predictions when there are some (``[selection] calibrate``).
         selection: what the selection decided, stored in ``metrics.json``.
 
-    Test metrics carry 95 % intervals (``test_interval``) and the calibration
-    (``calibration``: temperature, expected calibration error before and after, bins).
+    Test metrics carry 95 % intervals (``test_interval``; a multi-label model's: a bootstrap
+    over test images) and the calibration (``calibration``: temperature, expected
+    calibration error before and after, bins; multiclass only).
     """
     paths = config.paths
     ensure_writable(paths.root)
@@ -141,12 +149,11 @@ def retrain(
     task = splits.task
     if task.multilabel:  # per-label thresholds from validation; no temperature (one softmax)
         thresholds = held_out_thresholds(trial, splits, val_log_probs, on)
-        test = multilabel_metrics(
-            torch.cat(test_log_probs).exp().numpy(),
-            splits.test.y.numpy(),
-            thresholds[0] if thresholds else None,
-        )
+        probs, y = torch.cat(test_log_probs).exp().numpy(), splits.test.y.numpy()
+        cuts = thresholds[0] if thresholds else None
+        test = multilabel_metrics(probs, y, cuts)
         test_scores = {
+            "test_interval": multilabel_intervals(probs, y, cuts, seed=config.data.seed),
             "test_images": len(splits.test),
             "thresholds": {
                 "values": [round(float(t), 6) for t in thresholds[0]] if thresholds else None,

@@ -1,10 +1,12 @@
 """Scores you can trust, as plain functions on predictions: 95 % intervals (Wilson for
-accuracy, a stratified bootstrap for balanced accuracy and macro F1), temperature scaling and
-the expected calibration error, greedy ensemble selection (Caruana et al., 2004) and weight
-averaging for soups (Wortsman et al., 2022).
+accuracy, a stratified bootstrap for balanced accuracy and macro F1; a bootstrap over test
+images for the multi-label metrics), temperature scaling and the expected calibration error,
+greedy ensemble selection (Caruana et al., 2004) and weight averaging for soups (Wortsman et
+al., 2022).
 
-Everything here takes tensors of log-probabilities ``(N, C)`` and labels ``(N,)``; nothing
-trains a model or reads a study. ``automl_tl.selection`` and ``automl_tl.retrain`` use it.
+Everything here takes tensors of log-probabilities ``(N, C)`` and labels ``(N,)`` (the
+multi-label intervals: probabilities and multi-hot rows ``(N, C)``); nothing trains a model
+or reads a study. ``automl_tl.selection`` and ``automl_tl.retrain`` use it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,15 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
+
+from .tasks import MULTILABEL_METRICS, tune_thresholds
 
 #: the z of a two-sided 95 % interval
 Z95 = 1.959963984540054
+#: bootstrap resamples of the test images behind a 95 % interval
+BOOTSTRAP_SAMPLES = 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +129,95 @@ def metric_intervals(
             round(v, 4) for v in bootstrap_interval(y, pred, num_classes, "macro_f1", seed=seed)
         ],
     }
+
+
+def multilabel_intervals(
+    probs: np.ndarray,
+    y: np.ndarray,
+    thresholds: np.ndarray | list[float] | None = None,
+    *,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, list[float]]:
+    """95 % percentile bootstrap intervals of the multi-label test metrics (``map``,
+    ``micro_f1``, ``macro_f1``, ``subset_accuracy``): ``samples`` resamples of the images
+    with replacement (seeded), each scored as :func:`automl_tl.tasks.multilabel_metrics`
+    scores it at the fixed ``thresholds`` (None: tuned once on all of these predictions, as
+    the point estimate is); a label with no positive image in a resample is left out of that
+    resample's macro means."""
+    probs = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(y) > 0.5
+    n = len(y)
+    if n == 0:
+        return {m: [0.0, 1.0] for m in MULTILABEL_METRICS}
+    t = tune_thresholds(probs, y) if thresholds is None else np.asarray(thresholds, np.float64)
+    rng = np.random.default_rng(seed)
+    block = max(1, min(samples, 2_000_000 // n))  # resamples scored at once (memory)
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in MULTILABEL_METRICS}
+    for start in range(0, samples, block):
+        b = min(block, samples - start)
+        draws = rng.integers(0, n, (b, n)) + n * np.arange(b)[:, None]
+        # float32 counts: exact (every sum is at most n images) and half the memory traffic
+        weights = np.bincount(draws.ravel(), minlength=b * n).reshape(b, n).astype(np.float32)
+        for metric, values in resampled_multilabel_metrics(probs, y, t, weights).items():
+            parts[metric].append(values)
+    alpha = (1 - level) / 2
+    out = {}
+    for metric, values in parts.items():
+        low, high = np.quantile(np.concatenate(values), [alpha, 1 - alpha])
+        out[metric] = [round(float(low), 4), round(float(high), 4)]
+    return out
+
+
+def resampled_multilabel_metrics(
+    probs: np.ndarray, y: np.ndarray, thresholds: np.ndarray, weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The multi-label metrics of ``B`` resamples at once, each given by how many times it
+    draws each image (``weights``, ``(B, N)`` counts): the same numbers
+    :func:`automl_tl.tasks.multilabel_metrics` gives for the resampled images (a repeated
+    image is a tie with itself), without building them."""
+    y = np.asarray(y, dtype=bool)
+    pred = probs >= thresholds
+
+    def count(mask: np.ndarray) -> np.ndarray:  # images of each resample in ``mask``
+        return (weights @ mask.astype(weights.dtype)).astype(np.float64)
+
+    tp = count(pred & y)
+    denom = 2 * tp + count(pred & ~y) + count(~pred & y)
+    present = count(y) > 0
+    per_label = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    n_present = present.sum(1)
+    ap_sum = np.zeros(len(weights))
+    for label in range(y.shape[1]):
+        ap = _resampled_average_precision(probs[:, label], y[:, label], weights)
+        ap_sum += np.where(present[:, label], ap, 0.0)
+    return {
+        "map": np.where(n_present > 0, ap_sum / np.maximum(n_present, 1), 0.0),
+        "micro_f1": 2 * tp.sum(1) / np.maximum(denom.sum(1), 1),
+        "macro_f1": np.where(
+            n_present > 0, (per_label * present).sum(1) / np.maximum(n_present, 1), 0.0
+        ),
+        "subset_accuracy": count((pred == y).all(1)) / weights.sum(1, dtype=np.float64),
+    }
+
+
+def _resampled_average_precision(
+    scores: np.ndarray, positive: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """:func:`automl_tl.tasks.average_precision` of one label in each resample (``weights``
+    ``(B, N)``): precision at the end of each run of tied scores, weighted by the recall it
+    gains (0 where the resample has no positive; the caller leaves those out)."""
+    order = np.argsort(-scores, kind="stable")
+    s = scores[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # the end of each run of ties
+    w = weights[:, order]
+    tp = np.cumsum(w * positive[order], axis=1)[:, last].astype(np.float64)
+    seen = np.cumsum(w, axis=1)[:, last].astype(np.float64)
+    n_pos = tp[:, -1:]
+    precision = np.where(seen > 0, tp / np.maximum(seen, 1), 0.0)
+    gain = np.diff(tp, axis=1, prepend=0.0) / np.maximum(n_pos, 1)
+    return (precision * gain).sum(1)
 
 
 def standard_error(p: float, n: int, span: tuple[float, float] = (0.0, 1.0)) -> float:

@@ -53,6 +53,7 @@ from .recipe import (
     lr_schedule,
     mixer_for,
     resolve_imbalance,
+    smooth_multi_hot,
     warmup_steps,
     weight_average,
 )
@@ -406,23 +407,27 @@ def training_loss(task: Task, logits: torch.Tensor, targets: torch.Tensor) -> to
 
 
 class TaskLoss(nn.Module):
-    """A task's own loss (:func:`training_loss`) as the trial's ``loss(logits, target)``."""
+    """A task's own loss (:func:`training_loss`) as the trial's ``loss(logits, target)``;
+    ``smoothing``: multi-hot targets smoothed towards ½ first
+    (:func:`automl_tl.recipe.smooth_multi_hot`)."""
 
-    def __init__(self, task: Task) -> None:
+    def __init__(self, task: Task, smoothing: float = 0.0) -> None:
         super().__init__()
-        self.task = task
+        self.task, self.smoothing = task, smoothing
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.smoothing:
+            target = smooth_multi_hot(target.float(), self.smoothing)
         return training_loss(self.task, logits, target)
 
 
 def trial_loss(task: Task, recipe: Recipe, imbalance: str, counts: list[int]) -> nn.Module:
-    """The loss a trial trains with: a multi-label study's task loss (sigmoid, multi-hot
-    targets: the recipe's mixing, smoothing and class weighting are for one label per image
-    and are refused for it by the study file's check), else the recipe's
-    (:func:`automl_tl.recipe.training_loss`)."""
+    """The loss a trial trains with: a multi-label study's task loss on its (possibly mixed)
+    multi-hot targets, with the recipe's label smoothing in its multi-label form (class
+    weighting is for one label per image: the study file's check refuses ``imbalance``),
+    else the recipe's (:func:`automl_tl.recipe.training_loss`)."""
     if task.multilabel:
-        return TaskLoss(task)
+        return TaskLoss(task, recipe.label_smoothing)
     return recipe_loss(recipe, imbalance, counts)
 
 
@@ -885,7 +890,7 @@ def _fit(
     counts = [] if multilabel else class_counts(train.y, num_classes)
     imbalance = "none" if multilabel else resolve_imbalance(recipe.imbalance, counts)
     criterion = trial_loss(data.task, recipe, imbalance, counts).to(device)
-    mixer = None if multilabel else mixer_for(recipe, num_classes, seed)
+    mixer = mixer_for(recipe, num_classes, seed, multilabel=multilabel)
 
     # A linear probe without augmentation: the head trains on the body's cached features.
     probe = None

@@ -292,27 +292,24 @@ def test_config_rejects_mismatched_metric_and_empty_separator():
 # end to end: search -> best/ -> predict, plain timm
 
 
+def pairs_study(tmp_path: Path, n: int, *search: str) -> Path:
+    """A two-trial study of ``n`` digit pairs in a CSV at 16 px: one backbone, no race;
+    ``search``: more ``[search]`` lines."""
+    csv = _pairs_csv(tmp_path / "d", n=n)
+    lines = [
+        f'[data]\nsource = "csv:{csv}"\nimage_size = 16',
+        "[selection]\nrace = false",
+        '[search]\nn_trials = 2\nbackbones = ["test_resnet"]\naugmentations = ["none"]',
+        'unfreeze = ["top_k"]\npruner = "none"',
+        *search,
+    ]
+    return write_study(tmp_path, "\n".join(lines) + "\n")
+
+
 @pytest.mark.slow
 def test_search_export_predict_end_to_end(tmp_path):
-    csv = _pairs_csv(tmp_path / "d", n=90)
-    study = write_study(
-        tmp_path,
-        f"""
-        [data]
-        source = "csv:{csv}"
-        image_size = 16
-        [search]
-        n_trials = 2
-        backbones = ["test_resnet"]
-        augmentations = ["none"]
-        unfreeze = ["top_k"]
-        epochs = 2
-        batch_size = 32
-        pruner = "none"
-        multilabel_loss = "asymmetric"
-        [selection]
-        race = false
-        """,
+    study = pairs_study(
+        tmp_path, 90, "epochs = 2", "batch_size = 32", 'multilabel_loss = "asymmetric"'
     )
     result = run_main("search", str(study), "--device", "cpu")
     assert result.returncode == 0, result.stderr
@@ -443,11 +440,19 @@ def test_micro_batches_accumulate_a_multilabel_batchs_gradient():
                 assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_single_label_recipe_keys_are_refused_for_a_multilabel_study():
-    """Mixing, smoothing and the imbalance answers assume one label per image: one message
-    naming the keys; EMA and the other regularizers are accepted."""
+def test_imbalance_is_refused_for_a_multilabel_study(tmp_path):
+    """The class-imbalance answers assume one label per image: one message naming the key
+    and the fix; mixing, smoothing (tests/test_multilabel_recipe.py), EMA and the other
+    regularizers are accepted."""
+    _cli_refuses(
+        tmp_path,
+        '[data]\nsource = "digit_pairs"\ntask = "multilabel"\n'
+        '[search]\nimbalance = ["none", "focal"]\nmixup_alpha = 0.2\n',
+        "error: [search] imbalance: the class-imbalance answers (class weights, focal loss, a "
+        "class-balanced sampler) assume one label per image, and this study is multilabel; "
+        'remove it (for rare labels try [search] multilabel_loss = "asymmetric"; mixup, CutMix, '
+        "label smoothing and the other regularizers work for both)",
+    )
     base = {"name": "x", "data": {"source": "digit_pairs", "task": "multilabel"}}
-    with pytest.raises(ConfigError, match=r"\[search\] mixup_alpha, label_smoothing: .*multilabel"):
-        config_from_dict({**base, "search": {"mixup_alpha": [0.2, 0.4], "label_smoothing": 0.1}})
     config = config_from_dict({**base, "search": {"ema_decay": 0.99, "clip_grad": 1.0}})
     assert config.task.multilabel and config.search.ema_decay == [0.99, 0.99]
