@@ -90,6 +90,23 @@ def needs(module: str):
         pytest.skip(message)
 
 
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+    """Every test leaves the ``automl_tl`` logger and Optuna's verbosity as it found them: a
+    test that calls ``cli.main`` or ``setup_logging`` itself (``-q`` sets the logger to
+    WARNING, which also turns the decoding bar off) must not change what a later test sees."""
+    import logging
+
+    import optuna
+
+    logger = logging.getLogger("automl_tl")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    verbosity = optuna.logging.get_verbosity()
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+    optuna.logging.set_verbosity(verbosity)
+
+
 @pytest.fixture(scope="session")
 def registry():
     return registry_for()
