@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -494,13 +495,15 @@ def retrain_per_weights(
     splits: Splits,
     *,
     device: str = "auto",
+    skip: Collection[int] = (),
 ) -> list[dict[str, Any]] | None:
-    """Retrain the best trial of every weight source not yet retrained; return
+    """Retrain the best trial of every weight source not yet retrained (but those in
+    ``skip``: their retrain failed elsewhere); return
     :func:`automl_tl.leaderboard.comparison`."""
     if not config.searches_weights():
         return None
     for label, t in best_by_weights(config, study).items():
-        if retrained_model(config, t.number) is None:
+        if retrained_model(config, t.number) is None and t.number not in skip:
             log.info("retraining the best %r trial (#%d) for the comparison", label, t.number)
             retrain(
                 config, registry, trial_number=t.number, device=device, study=study, splits=splits

@@ -1085,6 +1085,20 @@ def select_and_retrain(
     chosen = select(config, registry, study, splits, device=device)
     if chosen is None:
         return None, None
+    return retrain_selected(config, registry, study, splits, chosen, device=device)
+
+
+def retrain_selected(
+    config: StudyConfig,
+    registry: Registry,
+    study: optuna.Study,
+    splits: Splits,
+    chosen: Selection,
+    *,
+    device: str = "auto",
+) -> tuple[tuple[Path, dict[str, Any]] | None, dict[str, Any] | None]:
+    """:func:`select_and_retrain` once the race has chosen: the winner's retrain into
+    ``best/`` (claimed: one worker), then the ensemble and the soup."""
     for note in chosen.notes:
         log.debug("selection: %s", note)
     retrained = retrain_once(

@@ -405,3 +405,173 @@ def test_the_documented_gpu_node_command_runs_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "--trials-per-gpu is for CUDA devices; ignored on the CPU" in result.stderr
     assert "1 trials finished" in result.stdout and "deadline:" not in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the retrains after the search, fanned out over the GPUs
+
+
+def test_retrains_get_one_slot_per_gpu_and_stay_in_this_process_with_one():
+    from automl_tl.workers import retrain_slots
+
+    slots = retrain_slots("cuda", gpus=EIGHT, cpus=16)
+    assert [s.gpu for s in slots] == EIGHT  # a GPU each, its whole memory
+    assert {s.memory_fraction for s in slots} == {None} and {s.threads for s in slots} == {2}
+    assert retrain_slots("cuda", gpus=["0"], cpus=16) == []  # one GPU: serial, as before
+    assert retrain_slots("cpu") == []  # the CPU: serial, as before
+
+
+WEIGHTS_STUDY = """
+[data]
+source = "digits:0-2"
+image_size = 16
+seed = 0
+[search]
+n_trials = 2
+backbones = ["test_resnet"]
+augmentations = ["none"]
+unfreeze = ["top_k"]
+epochs = 1
+batch_size = 32
+pruner = "none"
+[selection]
+race = false
+[weights]
+test_resnet = ["none", "w.safetensors"]
+"""
+
+
+def _searched_by_hand(registry, folder, trials_from=None):
+    """A study of WEIGHTS_STUDY in ``folder`` with two complete trials (one per weight
+    source, the scratch one best), made by hand, or copied from ``trials_from``."""
+    from safetensors.torch import save_file
+
+    from automl_tl import load_config
+    from automl_tl.data import load_splits
+    from automl_tl.search import open_search_study
+    from automl_tl.space import suggest
+
+    torch.manual_seed(1)
+    source = registry.get("backbones", "test_resnet").create(5, image_size=16)
+    folder.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in source.state_dict().items()}, str(folder / "w.safetensors")
+    )
+    config = load_config(write_study(folder, WEIGHTS_STUDY))
+    splits = load_splits(config, registry)
+    study = open_search_study(config, splits, registry)
+    if trials_from is not None:
+        for t in trials_from:
+            study.add_trial(t)
+        return config, study, splits
+    for weights, value in (("none", 0.9), ("w.safetensors", 0.8)):
+        study.enqueue_trial({"weights": weights})
+        trial = study.ask()
+        suggest(trial, config, registry)
+        study.tell(trial, value)
+    return config, study, splits
+
+
+def _files(config) -> dict[str, bytes]:
+    root = config.output_dir
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for folder in (root / "best", root / "models")
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_retrains_fan_out_over_slots_and_export_what_the_serial_path_does(registry, tmp_path):
+    """Two slots (CPU ones standing in for GPUs: the planning is the same): the winner's and
+    the other weight source's retrains run in two worker processes at once, and best/,
+    models/trial-1/, the catalog rows and the comparison are the serial path's. A retrain
+    whose worker fails is named; the other one's model is kept."""
+    import json
+
+    from automl_tl.catalog import Catalog, catalog_path
+    from automl_tl.workers import RetrainJob, fan_out_retrains, plan_slots, retrain_after_search
+
+    serial_config, serial_study, serial_splits = _searched_by_hand(registry, tmp_path / "serial")
+    config, study, splits = _searched_by_hand(
+        registry, tmp_path / "fanned", serial_study.get_trials()
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker of a two-slot plan on two cores: same sums
+    try:
+        serial = retrain_after_search(
+            serial_config,
+            registry,
+            serial_study,
+            serial_splits,
+            device="cpu",
+            slots=[],
+            child_args=None,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+    def child_args(slot, jobs):
+        return [
+            "retrain",
+            str(config.path),
+            "--device",
+            "cpu",
+            "--jobs",
+            json.dumps([j.to_json() for j in jobs]),
+        ]
+
+    slots = plan_slots(2, "cpu", gpus=[], cpus=2)
+    fanned = retrain_after_search(
+        config, registry, study, splits, device="cpu", slots=slots, child_args=child_args
+    )
+    assert fanned.failed == [] and serial.failed == []
+    first, second = fanned.workers
+    assert first.slot.index != second.slot.index and first.pid != second.pid
+    assert max(first.started, second.started) < min(first.ended, second.ended)  # side by side
+    assert (
+        sorted(_files(config))
+        == sorted(_files(serial_config))
+        == [
+            "best/config.json",
+            "best/metrics.json",
+            "best/model.safetensors",
+            "models/trial-1/config.json",
+            "models/trial-1/metrics.json",
+            "models/trial-1/model.safetensors",
+        ]
+    )
+    for name in ("best/model.safetensors", "models/trial-1/model.safetensors"):
+        assert _files(config)[name] == _files(serial_config)[name], name
+    directory, metrics = fanned.retrained
+    assert directory == config.paths.best and metrics["trial"] == 0
+    assert metrics["test"] == serial.retrained[1]["test"]
+    assert metrics["selection"] == serial.retrained[1]["selection"]
+    assert [r["test"] for r in fanned.comparison] == [r["test"] for r in serial.comparison]
+    rows = {
+        k: sorted(
+            (r["trial"], r["test_accuracy"]) for r in Catalog(catalog_path(c)).db["models"].rows
+        )
+        for k, c in (("fanned", config), ("serial", serial_config))
+    }
+    assert (
+        rows["fanned"]
+        == rows["serial"]
+        == [(0, metrics["test"]["accuracy"]), (1, rows["serial"][1][1])]
+    )
+
+    # a retrain whose worker fails is named with why; the other worker's model is kept
+    failed, _ = fan_out_retrains(
+        config,
+        [RetrainJob(1, weights="w.safetensors"), RetrainJob(7, weights="none")],
+        slots,
+        child_args,
+    )
+    ((job, why),) = failed
+    assert (
+        job.trial == 7 and job.describe() == "trial 7 (the best 'none' trial, into models/trial-7/)"
+    )
+    assert why.startswith("retrain worker 1 (CPU, 1 thread, pid ") and "has no trial 7" in why
+    assert json.loads((config.paths.model(1) / "metrics.json").read_text())["trial"] == 1
+    assert len(study.get_trials()) == 2
