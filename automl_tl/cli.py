@@ -1093,7 +1093,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--deadline",
-        help="the search ends by then, leaving time for the retrain: a date and time "
+        help="the search ends by then, leaving time for the race and the retrain: a date and time "
         "(2026-12-01T06:00) or a duration (90m, 2h); default: the Slurm job's end if set",
     )
     p.set_defaults(func=cmd_search)

@@ -28,7 +28,7 @@ from typing import Any
 import optuna
 
 from . import trials
-from .budget import describe_worker, recover_stale_trials
+from .budget import RACERS_ENV, describe_worker, recover_stale_trials
 from .config import StudyConfig
 from .data import load_splits
 from .errors import UserError
@@ -375,7 +375,10 @@ def run_workers(
         log.warning("worker %d: exit %s; the others go on", outcome.slot.index, outcome.returncode)
         recover_stale_trials(study, url)  # its running trial is failed and retried
 
-    outcomes = run_processes(slots, child_args, env=env, prefix="worker", on_failure=died)
+    racers = {RACERS_ENV: str(workers)}  # the deadline keeps time for their share of the race
+    outcomes = run_processes(
+        slots, child_args, env={**(env or {}), **racers}, prefix="worker", on_failure=died
+    )
     by_pid = {o.pid: o for o in outcomes}
     for t in study.get_trials(deepcopy=False, states=trials.FINISHED):
         worker = t.user_attrs.get(trials.WORKER) or {}

@@ -151,7 +151,11 @@ def test_a_trial_that_would_end_after_the_deadline_is_skipped_and_said_so(regist
 
     splits = prepare_data(registry, "digits:0-2", image_size=16, seed=0)
     config = config_from_dict(
-        {"name": "t", "search": {"output": str(tmp_path), "backbones": ["test_resnet", "test_vit"]}}
+        {
+            "name": "t",
+            "search": {"output": str(tmp_path), "backbones": ["test_resnet", "test_vit"]},
+            "selection": {"race": False},  # the race's share: the test below
+        }
     )
     study = optuna.create_study(direction="maximize")
     _timed_trial(study, "test_resnet", seconds=100.0, rate=10.0)  # a slow backbone here
@@ -161,6 +165,7 @@ def test_a_trial_that_would_end_after_the_deadline_is_skipped_and_said_so(regist
         config, registry, get_plugin_manager()[0], splits, "cpu", deadline=deadline
     )
     n_train, n_val = len(splits.train), len(splits.val)
+    assert (n_train, n_val) == (322, 108)
     assert objective.reserve(study) == pytest.approx(100.0 * (n_train + n_val) / n_train)
     fast = Choice(backbone="test_vit", unfreeze_depth=1.0, epochs=1)
     assert objective.late(study.ask(), fast) is None
@@ -170,9 +175,54 @@ def test_a_trial_that_would_end_after_the_deadline_is_skipped_and_said_so(regist
         objective.admit_before_deadline(trial, slow)
     study.tell(trial, state=optuna.trial.TrialState.FAIL)
     (skip,) = budget_module.deadline_skips(study)
-    assert skip["number"] == trial.number and "kept for the retrain" in skip["reason"]
+    assert skip["number"] == trial.number and skip["reason"].endswith("kept for the retrain")
     # after DEADLINE_SKIPS_TO_STOP in a row the search stops: nothing fits any more
     assert objective.late_in_a_row == 1
+
+
+def test_the_deadline_reserve_keeps_the_races_time_shared_by_its_workers(
+    registry, tmp_path, monkeypatch
+):
+    """A trial that would fit with the retrain's time alone is not started when the race's
+    runs (after the search, shared by the workers racing) would no longer fit."""
+    from automl_tl import Choice, config_from_dict
+    from automl_tl.data import prepare_data
+    from automl_tl.plugins import get_plugin_manager
+    from automl_tl.search import Objective
+    from automl_tl.selection import race_size
+
+    splits = prepare_data(registry, "digits:0-2", image_size=16, seed=0)
+
+    def objective(selection, seconds_left):
+        config = config_from_dict(
+            {
+                "name": "t",
+                "search": {"output": str(tmp_path), "backbones": ["test_resnet", "test_vit"]},
+                "selection": selection,
+            }
+        )
+        deadline = budget_module.Deadline(time.time() + seconds_left, "--deadline")
+        return config, Objective(
+            config, registry, get_plugin_manager()[0], splits, "cpu", deadline=deadline
+        )
+
+    study = optuna.create_study(direction="maximize")
+    _timed_trial(study, "test_vit", seconds=10.0, rate=1e6)  # longest trial: 10 s on 322 images
+    retrain = 10.0 * 430 / 322
+    config, plain = objective({"race": False}, 60)
+    assert race_size(config, splits) == (0, 0) and plain.reserve(study) == pytest.approx(retrain)
+    config, raced = objective({"finalists": 3, "repeats": 2}, 60)
+    assert race_size(config, splits) == (6, 322)
+    assert raced.reserve(study) == pytest.approx(retrain + 6 * 10.0)
+    choice = Choice(backbone="test_vit", unfreeze_depth=1.0, epochs=1)
+    assert plain.late(study.ask(), choice) is None  # ~0 s + 13 s of retrain fit in 60 s
+    why = raced.late(study.ask(), choice)  # + 60 s of race do not
+    assert why is not None and why.endswith("are kept for the race and the retrain")
+    monkeypatch.setenv(budget_module.RACERS_ENV, "4")  # --workers 4: 2 rounds of 4 runs
+    assert raced.reserve(study) == pytest.approx(retrain + 2 * 10.0)
+    assert raced.late(study.ask(), choice) is None
+    config, folded = objective({"folds": 3, "finalists": 2}, 60)
+    assert race_size(config, splits) == (6, 430 - 430 // 3)  # 2 of 3 folds of train+val
 
 
 def test_budget_stops_when_the_time_left_is_the_retrains(tmp_path):
