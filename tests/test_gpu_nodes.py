@@ -295,6 +295,80 @@ def test_eval_batch_grows_at_low_resolution_on_a_gpu_only():
     assert eval_batch_size(16, 64, cuda, shrunk=True) == 64  # after out-of-memory: small
 
 
+def _kornia_host_reads(module, x) -> list[str]:
+    """The reads back to the host (``.item()`` / ``bool()``, ``nonzero``, a boolean-mask
+    index) made inside Kornia's code during one call of ``module``: on a GPU, where Kornia
+    draws its parameters on the device, each is a sync. Host draws of automl_tl's own
+    (which images, which order) are not counted: they never touch the device."""
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+
+    def in_kornia(name: str) -> None:
+        frames = [
+            f
+            for f in traceback.extract_stack()
+            if "/kornia/" in f.filename or "/automl_tl/" in f.filename
+        ]
+        if frames and "/kornia/" in frames[-1].filename:
+            where = frames[-1].filename.split("/kornia/")[-1]
+            reads.append(f"{name} at kornia/{where}:{frames[-1].lineno}")
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            masked = name in ("aten.index", "aten.index_put_", "aten.index_put") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ())
+            )
+            if masked or name in ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select"):
+                in_kornia(name)
+            return func(*args, **(kwargs or {}))
+
+    class ToPython(TorchFunctionMode):  # tolist() and friends do not reach the dispatcher
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "tolist":
+                in_kornia("tolist")
+            return func(*args, **(kwargs or {}))
+
+    module(x)  # warm-up: lazy set-up is not the step
+    with Reads(), ToPython():
+        module(x)
+    return reads
+
+
+@pytest.mark.parametrize("policy", ["flip_crop", "crop", "color"])
+def test_kornia_ops_read_nothing_back_to_the_host(registry, policy):
+    """Kornia 0.9 applies an op with p < 1 (the flip at p = 0.5 s, the grayscale at 0.2 s) to
+    every row and blends with torch.where (``_blend_by_prob``), no boolean-mask index; the
+    batched crop reads no box size; the colour jitter's order is drawn on the host."""
+    module = registry.get("augmentation_policies", policy).build(0.5, 32)
+    torch.manual_seed(0)
+    assert _kornia_host_reads(module, torch.rand(16, 3, 32, 32)) == []
+
+
+def test_color_jitter_in_host_order_is_kornias_jitter_of_the_drawn_order():
+    import kornia.augmentation as K
+
+    from automl_tl.default_plugins.kornia_policies import ColorJitterInHostOrder
+
+    jitter = ColorJitterInHostOrder(0.2, 0.2, 0.2, 0.05)
+    x = torch.rand(8, 3, 16, 16)
+    torch.manual_seed(3)
+    first = jitter(x)
+    torch.manual_seed(3)
+    order = jitter.orders[int(torch.randint(24, ()))]  # the draw forward() makes first
+    expected = K.ColorJitter(0.2, 0.2, 0.2, 0.05, p=1.0, order=order)(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(first, expected)  # seeded: the same order and factors
+    torch.testing.assert_close(jitter(x), first)
+    drawn = {jitter.orders[int(torch.randint(24, ()))] for _ in range(500)}
+    assert len(drawn) == 24  # every order of the four steps is used
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA host syncs: needs a GPU")
 @pytest.mark.parametrize("augmentation", ["none", "flip_crop", "color"])
 def test_no_host_sync_per_training_step_on_a_gpu(registry, augmentation):
