@@ -322,20 +322,23 @@ def _search_with_workers(
     config.search.storage = storage_for_workers(config, workers)
     child_url, child_env = url_to_env(config.search.storage)  # a password: off the workers' argv
 
+    def same_study(slot) -> list[str]:  # what every child of this search is given
+        argv = ["--storage", child_url] if child_url else []
+        argv += ["--device", "cuda" if slot.gpu else "cpu"]
+        argv += ["--seed", str(args.seed)] if args.seed is not None else []
+        argv += ["--preset", args.preset] if args.preset else []
+        for plugin in args.plugin:
+            argv += ["--plugin", plugin]
+        return argv + ({-1: ["-q"], 0: []}.get(args.verbosity, ["-v"]))
+
     def child_args(slot) -> list[str]:
         argv = ["search", str(config.path), "--workers", "1", "--no-retrain"]
         # the race's runs are spread over the workers (their GPUs); the parent retrains
         argv += [] if args.no_retrain else ["--race"]
-        argv += ["--storage", child_url] if child_url else []
-        argv += ["--device", "cuda" if slot.gpu else "cpu"]
         for flag, value in (("--n-trials", args.n_trials), ("--timeout", args.timeout)):
             argv += [flag, str(value)] if value is not None else []
-        argv += ["--seed", str(args.seed)] if args.seed is not None else []
-        argv += ["--preset", args.preset] if args.preset else []
         argv += ["--deadline", deadline.iso()] if deadline is not None else []
-        for plugin in args.plugin:
-            argv += ["--plugin", plugin]
-        return argv + ({-1: ["-q"], 0: []}.get(args.verbosity, ["-v"]))
+        return argv + same_study(slot)
 
     from .progress import show_progress
 
@@ -367,14 +370,8 @@ def _search_with_workers(
         splits = load_splits(config, registry)  # from the cache the workers shared
 
         def retrain_args(slot, jobs) -> list[str]:  # a retrain worker: its share of the retrains
-            argv = ["retrain", str(config.path), "--jobs", json.dumps([j.to_json() for j in jobs])]
-            argv += ["--storage", child_url] if child_url else []
-            argv += ["--device", "cuda" if slot.gpu else "cpu"]
-            argv += ["--seed", str(args.seed)] if args.seed is not None else []
-            argv += ["--preset", args.preset] if args.preset else []
-            for plugin in args.plugin:
-                argv += ["--plugin", plugin]
-            return argv + ({-1: ["-q"], 0: []}.get(args.verbosity, ["-v"]))
+            jobs_json = json.dumps([j.to_json() for j in jobs])
+            return ["retrain", str(config.path), "--jobs", jobs_json, *same_study(slot)]
 
         # the race's choice, the winner's retrain, the ensemble and the soup
         # (automl_tl.selection), each weight source's best: side by side over the GPUs

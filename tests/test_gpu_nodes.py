@@ -699,3 +699,31 @@ def test_retrains_fan_out_over_slots_and_export_what_the_serial_path_does(regist
     assert why.startswith("retrain worker 1 (CPU, 1 thread, pid ") and "has no trial 7" in why
     assert json.loads((config.paths.model(1) / "metrics.json").read_text())["trial"] == 1
     assert len(study.get_trials()) == 2
+
+
+@pytest.mark.slow
+def test_search_with_workers_fans_its_retrains_out_and_prints_them(registry, tmp_path, monkeypatch):
+    """`search --workers 2` on a node planned as two GPUs (two CPU slots stand in: the
+    planner is faked, nothing else): the winner and the other weight source's best are
+    retrained by two retrain workers, and the summary is the serial path's."""
+    from safetensors.torch import save_file
+
+    from automl_tl import workers
+
+    torch.manual_seed(1)
+    source = registry.get("backbones", "test_resnet").create(5, image_size=16)
+    save_file(
+        {k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors")
+    )
+    study = write_study(tmp_path, WEIGHTS_STUDY)
+    monkeypatch.setattr(
+        workers, "retrain_slots", lambda device: workers.plan_slots(2, "cpu", gpus=[], cpus=2)
+    )
+    result = run_main("search", str(study), "--workers", "2", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "[retrain 0] " in result.stderr and "[retrain 1] " in result.stderr
+    assert "retraining 2 models side by side" in result.stderr
+    assert "retrained on train+val: test accuracy" in result.stdout
+    rows = result.stdout.split("best per weight source (retrained, same budget):\n")[1].splitlines()
+    assert len(rows) >= 2 and all("n/a" not in r for r in rows[:2]), result.stdout
+    assert len(list((tmp_path / "tiny" / "models").glob("trial-*/model.safetensors"))) == 1
