@@ -417,6 +417,21 @@ def finish_claim(study: optuna.Study, trial_number: int) -> None:
     claim.set_user_attr("done", True)
 
 
+def claim_best(config: StudyConfig, study: optuna.Study, number: int, hint: str = "") -> bool:
+    """:func:`claim_retrain` of trial ``number`` into ``best/``; when another worker holds
+    it, say who (and ``hint``) and return False."""
+    won, holder = claim_retrain(study, number, config.paths.best)
+    if not won:
+        log.info(
+            "trial %d is retrained by another worker (%s, %s)%s",
+            number,
+            describe_worker(holder),
+            holder.get("at", "?"),
+            hint,
+        )
+    return won
+
+
 def retrain_chosen(
     config: StudyConfig,
     registry: Registry,
@@ -459,14 +474,7 @@ def retrain_once(
     """
     if selected is not None:
         number = selected["winner"]
-        won, holder = claim_retrain(study, number, config.paths.best)
-        if not won:
-            log.info(
-                "trial %d is retrained by another worker (%s, %s)",
-                number,
-                describe_worker(holder),
-                holder.get("at", "?"),
-            )
+        if not claim_best(config, study, number):
             return None
         directory, metrics = retrain_chosen(
             config, registry, selected, device=device, study=study, splits=splits
@@ -474,14 +482,7 @@ def retrain_once(
         finish_claim(study, number)
         return directory, metrics
     best = trials.best_trial(study)
-    won, holder = claim_retrain(study, best.number, config.paths.best)
-    if not won:
-        log.info(
-            "trial %d is retrained by another worker (%s, %s); `automl-tl retrain` retrains it again",
-            best.number,
-            describe_worker(holder),
-            holder.get("at", "?"),
-        )
+    if not claim_best(config, study, best.number, "; `automl-tl retrain` retrains it again"):
         return None
     directory, metrics = retrain(config, registry, device=device, study=study, splits=splits)
     finish_claim(study, best.number)

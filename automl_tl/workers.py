@@ -28,12 +28,12 @@ from typing import Any
 import optuna
 
 from . import trials
-from .budget import RACERS_ENV, describe_worker, recover_stale_trials
+from .budget import RACERS_ENV, recover_stale_trials
 from .config import StudyConfig
 from .data import load_splits
 from .errors import UserError
 from .leaderboard import best_by_weights, retrained_model
-from .retrain import claim_retrain, finish_claim, retrain, retrain_chosen, retrain_per_weights
+from .retrain import claim_best, finish_claim, retrain, retrain_chosen, retrain_per_weights
 from .search import check_backbones_run, check_names, open_search_study
 from .selection import Selection, build_extras, retrain_selected, select, select_and_retrain
 from .storage import check_data, open_study, storage_kind
@@ -278,16 +278,24 @@ class WorkerOutcome:
     def failed(self) -> bool:
         return self.returncode != 0
 
+    @property
+    def killed_by(self) -> str | None:
+        """The signal that ended the process (``SIGKILL``), or None."""
+        if self.returncode is None or self.returncode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.returncode).name
+        except ValueError:
+            return f"signal {-self.returncode}"
+
     def describe(self) -> str:
         ran = f"{self.finished_trials} trial{'s' if self.finished_trials != 1 else ''} finished"
         if self.returncode == 0:
             return f"done, {ran}"
-        if self.returncode is not None and self.returncode < 0:
-            try:
-                name = signal.Signals(-self.returncode).name
-            except ValueError:
-                name = f"signal {-self.returncode}"
-            return f"killed by {name} after {ran}; its running trial is failed and retried"
+        if self.killed_by:
+            return (
+                f"killed by {self.killed_by} after {ran}; its running trial is failed and retried"
+            )
         errors = [line for line in self.last_lines if line.startswith("error:")]
         why = errors[-1] if errors else (self.last_lines[-1] if self.last_lines else "")
         return f"failed (exit {self.returncode}) after {ran}: {why}".rstrip(": ")
@@ -586,30 +594,26 @@ def retrain_after_search(
     claim, then collects the results exactly as the serial path leaves them (``best/``,
     ``models/trial-N/``, catalog rows). A retrain that fails is named in
     :attr:`RetrainsOutcome.failed`; the others' results and the study are kept."""
-    if len(slots) < 2:
-        retrained, extras = select_and_retrain(config, registry, study, splits, device=device)
+
+    def one_after_the_other(retrained, extras) -> RetrainsOutcome:  # the serial path
         rows = None
         if retrained is not None:
             rows = retrain_per_weights(config, registry, study, splits, device=device)
         return RetrainsOutcome(retrained, extras, rows)
+
+    if len(slots) < 2:
+        return one_after_the_other(
+            *select_and_retrain(config, registry, study, splits, device=device)
+        )
     chosen = select(config, registry, study, splits, device=device)
     if chosen is None:
         return RetrainsOutcome()
     jobs = plan_retrains(config, study, chosen)
     if len(jobs) < 2:  # the winner alone: nothing to spread
-        retrained, extras = retrain_selected(config, registry, study, splits, chosen, device=device)
-        rows = None
-        if retrained is not None:
-            rows = retrain_per_weights(config, registry, study, splits, device=device)
-        return RetrainsOutcome(retrained, extras, rows)
-    won, holder = claim_retrain(study, chosen.winner, config.paths.best)
-    if not won:
-        log.info(
-            "trial %d is retrained by another worker (%s, %s)",
-            chosen.winner,
-            describe_worker(holder),
-            holder.get("at", "?"),
+        return one_after_the_other(
+            *retrain_selected(config, registry, study, splits, chosen, device=device)
         )
+    if not claim_best(config, study, chosen.winner):
         return RetrainsOutcome()
     failed, outcomes = fan_out_retrains(config, jobs, slots, child_args, env=env)
     out = RetrainsOutcome(failed=failed, workers=outcomes)
@@ -675,12 +679,8 @@ def _exported_since(folder: Path, trial_number: int, since: float) -> bool:
 
 def _why_failed(outcome: WorkerOutcome, job: RetrainJob) -> str:
     where = f"retrain worker {outcome.slot.index} ({outcome.slot.label}, pid {outcome.pid})"
-    if outcome.returncode is not None and outcome.returncode < 0:
-        try:
-            name = signal.Signals(-outcome.returncode).name
-        except ValueError:
-            name = f"signal {-outcome.returncode}"
-        return f"{where} was killed by {name}"
+    if outcome.killed_by:
+        return f"{where} was killed by {outcome.killed_by}"
     errors = [line for line in outcome.last_lines if line.startswith("error:")]
     mine = [line for line in errors if f"trial {job.trial}" in line]
     why = (mine or errors or list(outcome.last_lines) or [f"exit {outcome.returncode}"])[-1]

@@ -545,6 +545,30 @@ def test_retrains_get_one_slot_per_gpu_and_stay_in_this_process_with_one():
     assert retrain_slots("cpu") == []  # the CPU: serial, as before
 
 
+def test_a_killed_or_failed_retrain_worker_is_named_with_why():
+    from automl_tl.workers import RetrainJob, Slot, WorkerOutcome, _why_failed
+
+    slot = Slot(1, "1", 8)
+    winner = RetrainJob(4, selection={"winner": 4})
+    killed = WorkerOutcome(slot, 4321, returncode=-9)
+    assert (
+        _why_failed(killed, winner)
+        == "retrain worker 1 (GPU 1, 8 threads, pid 4321) was killed by SIGKILL"
+    )
+    assert winner.describe() == "trial 4 (the race's winner, into best/)"
+    failed = WorkerOutcome(slot, 4321, returncode=1)
+    failed.last_lines.extend(
+        [
+            "error: retrain of trial 4 failed: out of memory: OutOfMemoryError",
+            "error: retrain of trial 9 failed: x",
+        ]
+    )
+    assert _why_failed(failed, winner).endswith(
+        ": retrain of trial 4 failed: out of memory: OutOfMemoryError"
+    )
+    assert killed.describe().startswith("killed by SIGKILL after 0 trials finished")
+
+
 WEIGHTS_STUDY = """
 [data]
 source = "digits:0-2"
