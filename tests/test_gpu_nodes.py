@@ -589,22 +589,28 @@ test_resnet = ["none", "w.safetensors"]
 """
 
 
+def _weights_file(registry, folder) -> None:
+    """``folder/w.safetensors``: test_resnet's weights (seeded), WEIGHTS_STUDY's second source."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = registry.get("backbones", "test_resnet").create(5, image_size=16)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in source.state_dict().items()}, str(folder / "w.safetensors")
+    )
+
+
 def _searched_by_hand(registry, folder, trials_from=None):
     """A study of WEIGHTS_STUDY in ``folder`` with two complete trials (one per weight
     source, the scratch one best), made by hand, or copied from ``trials_from``."""
-    from safetensors.torch import save_file
 
     from automl_tl import load_config
     from automl_tl.data import load_splits
     from automl_tl.search import open_search_study
     from automl_tl.space import suggest
 
-    torch.manual_seed(1)
-    source = registry.get("backbones", "test_resnet").create(5, image_size=16)
-    folder.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in source.state_dict().items()}, str(folder / "w.safetensors")
-    )
+    _weights_file(registry, folder)
     config = load_config(write_study(folder, WEIGHTS_STUDY))
     splits = load_splits(config, registry)
     study = open_search_study(config, splits, registry)
@@ -730,15 +736,9 @@ def test_search_with_workers_fans_its_retrains_out_and_prints_them(registry, tmp
     """`search --workers 2` on a node planned as two GPUs (two CPU slots stand in: the
     planner is faked, nothing else): the winner and the other weight source's best are
     retrained by two retrain workers, and the summary is the serial path's."""
-    from safetensors.torch import save_file
-
     from automl_tl import workers
 
-    torch.manual_seed(1)
-    source = registry.get("backbones", "test_resnet").create(5, image_size=16)
-    save_file(
-        {k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors")
-    )
+    _weights_file(registry, tmp_path)
     study = write_study(tmp_path, WEIGHTS_STUDY)
     monkeypatch.setattr(
         workers, "retrain_slots", lambda device: workers.plan_slots(2, "cpu", gpus=[], cpus=2)
