@@ -23,16 +23,27 @@ KEYS = (
 )
 
 
+def bench(script: str, *args: str, timeout: int = 900, **kwargs) -> subprocess.CompletedProcess:
+    """benchmarks/SCRIPT.py run as a user runs it: its own process, the output captured."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{script}.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def assert_refused(script: str, *args: str, message: str) -> None:
+    """An unknown name is one message on stderr and exit 2."""
+    proc = bench(script, *args, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_tiny_mode_produces_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--tiny", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-    )
+    proc = bench("run", "--tiny", "--json", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     for key in KEYS:
@@ -51,32 +62,20 @@ def test_tiny_mode_produces_every_figure(tmp_path):
 
 
 def test_unknown_benchmark_is_refused():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--tiny", "--only", "nope"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2 and "unknown ['nope']" in proc.stderr
+    assert_refused("run", "--tiny", "--only", "nope", message="unknown ['nope']")
 
 
 @pytest.mark.slow
 def test_search_space_benchmark_quick_mode(tmp_path):
     """benchmarks/search_space.py --quick: both tasks, both arms, one seed, every figure."""
     out = tmp_path / "space.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "search_space.py"),
-            "--quick",
-            "--json",
-            str(out),
-            "--out",
-            str(tmp_path / "studies"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    proc = bench(
+        "search_space",
+        "--quick",
+        "--json",
+        str(out),
+        "--out",
+        str(tmp_path / "studies"),
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -103,20 +102,14 @@ def test_search_space_benchmark_quick_mode(tmp_path):
 @pytest.mark.slow
 def test_selection_benchmark_quick_mode_reports_every_arm(tmp_path):
     out = tmp_path / "selection.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "selection.py"),
-            "--quick",
-            "--json",
-            str(out),
-            "--out",
-            str(tmp_path / "studies"),
-            "--markdown",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    proc = bench(
+        "selection",
+        "--quick",
+        "--json",
+        str(out),
+        "--out",
+        str(tmp_path / "studies"),
+        "--markdown",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -131,33 +124,22 @@ def test_selection_benchmark_quick_mode_reports_every_arm(tmp_path):
 
 
 def test_selection_benchmark_refuses_an_unknown_task():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "selection.py"), "--tasks", "nope"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2 and "unknown task(s) ['nope']" in proc.stderr
+    assert_refused("selection", "--tasks", "nope", message="unknown task(s) ['nope']")
 
 
 @pytest.mark.slow
 def test_multilabel_benchmark_quick_mode(tmp_path):
     """benchmarks/multilabel.py --quick: every arm on one task, the threshold comparison."""
     out = tmp_path / "multilabel.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "multilabel.py"),
-            "--quick",
-            "--tasks",
-            "pairs",
-            "--json",
-            str(out),
-            "--out",
-            str(tmp_path / "studies"),
-        ],
-        capture_output=True,
-        text=True,
+    proc = bench(
+        "multilabel",
+        "--quick",
+        "--tasks",
+        "pairs",
+        "--json",
+        str(out),
+        "--out",
+        str(tmp_path / "studies"),
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -171,13 +153,7 @@ def test_multilabel_benchmark_quick_mode(tmp_path):
 
 
 def test_multilabel_benchmark_refuses_an_unknown_task():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "multilabel.py"), "--tasks", "nope"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2 and "unknown task(s) ['nope']" in proc.stderr
+    assert_refused("multilabel", "--tasks", "nope", message="unknown task(s) ['nope']")
 
 
 def _benchmark(stem: str):
@@ -251,28 +227,28 @@ def test_gpu_check_script_runs_its_python_parts_on_the_cpu(tmp_path):
 def test_recipe_benchmark_builds_its_tasks_and_arms(tmp_path):
     """benchmarks/recipe.py without training: the imbalanced task's folder (one class 10x,
     a balanced test split), the two arms' spaces and the summary of a difference."""
-    bench = _benchmark("recipe")
-    counts = bench.write_imbalanced(tmp_path / "imb", seed=0, minority=5, test_per_class=7)
+    recipe = _benchmark("recipe")
+    counts = recipe.write_imbalanced(tmp_path / "imb", seed=0, minority=5, test_per_class=7)
     assert counts["test"] == {str(d): 7 for d in range(5, 10)}
     labelled = {d: counts["train"][d] + counts["val"][d] for d in counts["train"]}
     assert labelled == {"5": 50, "6": 5, "7": 5, "8": 5, "9": 5}
     assert len(list((tmp_path / "imb" / "train" / "5").glob("*.png"))) == counts["train"]["5"]
-    args = bench.main.__globals__["argparse"].Namespace(
+    args = recipe.main.__globals__["argparse"].Namespace(
         target="digits:5-9", per_class=20, n_trials=3, backbones=["test_resnet"], epochs=1,
         batch_size=8, image_size=16,
     )  # fmt: skip
-    today = bench.study_dict(args, "imbalanced", "today", 0, {}, tmp_path)
-    recipe = bench.study_dict(args, "imbalanced", "recipe", 0, {}, tmp_path)
+    today = recipe.study_dict(args, "imbalanced", "today", 0, {}, tmp_path)
+    recipe_space = recipe.study_dict(args, "imbalanced", "recipe", 0, {}, tmp_path)
     assert today["search"]["imbalance"] == ["none"] and "label_smoothing" not in today["search"]
-    assert "imbalance" not in recipe["search"]  # the rule: weighted on this task
-    assert recipe["search"]["metric"] == today["search"]["metric"] == "balanced_accuracy"
+    assert "imbalance" not in recipe_space["search"]  # the rule: weighted on this task
+    assert recipe_space["search"]["metric"] == today["search"]["metric"] == "balanced_accuracy"
     rows = [
         {"task": "imbalanced", "arm": arm, "seed": seed, "seconds": 1.0, "test_accuracy": 0.5,
          "test_balanced_accuracy": value}
         for arm, seed, value in (("today", 0, 0.5), ("recipe", 0, 0.6), ("today", 1, 0.4),
                                  ("recipe", 1, 0.42))
     ]  # fmt: skip
-    d = bench.summarize(rows)["imbalanced"]["difference"]
+    d = recipe.summarize(rows)["imbalanced"]["difference"]
     assert d["per_seed"] == pytest.approx([0.1, 0.02]) and d["worst"] == pytest.approx(0.02)
     assert d["target_met"] is True and d["recipe_better"] == 2
 
@@ -281,11 +257,16 @@ def test_recipe_benchmark_builds_its_tasks_and_arms(tmp_path):
 def test_recipe_benchmark_quick_mode(tmp_path):
     """benchmarks/recipe.py --quick: both tasks, both arms, one seed, every figure."""
     out = tmp_path / "recipe.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "recipe.py"), "--quick", "--json", str(out),
-         "--out", str(tmp_path / "studies"), "--markdown"],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,
-    )  # fmt: skip
+    proc = bench(
+        "recipe",
+        "--quick",
+        "--json",
+        str(out),
+        "--out",
+        str(tmp_path / "studies"),
+        "--markdown",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert {(r["task"], r["arm"]) for r in results["rows"]} == {
