@@ -405,9 +405,33 @@ def search_deadline(
     return deadline
 
 
-def retrain_reserve(study: optuna.Study, n_train: int, n_retrain: int) -> float:
-    """Seconds kept free for the retrain after the search: the longest completed trial,
-    scaled from its ``n_train`` training images to the retrain's ``n_retrain``."""
+#: the environment variable that tells a worker of ``--workers N`` how many workers share
+#: the race after the search (N): each runs its share of the race's runs
+RACERS_ENV = "AUTOML_TL_RACERS"
+
+
+def racing_workers(environ=None) -> int:
+    """How many workers share the race (:data:`RACERS_ENV`; 1: this process alone)."""
+    try:
+        return max(1, int((os.environ if environ is None else environ).get(RACERS_ENV, 1)))
+    except ValueError:
+        return 1
+
+
+def after_search_reserve(
+    study: optuna.Study,
+    n_train: int,
+    n_retrain: int,
+    *,
+    race_runs: int = 0,
+    n_race: int = 0,
+    racers: int = 1,
+) -> float:
+    """Seconds kept free after the search for the race and the winner's retrain: the
+    longest completed trial, scaled from its ``n_train`` training images to the retrain's
+    ``n_retrain``, plus the race's ``race_runs`` runs of ``n_race`` images each, in rounds
+    of ``racers`` runs side by side."""
+    rounds = -(-race_runs // max(1, racers))
     longest = max(
         (
             d
@@ -416,7 +440,7 @@ def retrain_reserve(study: optuna.Study, n_train: int, n_retrain: int) -> float:
         ),
         default=0.0,
     )
-    return longest * n_retrain / max(1, n_train)
+    return longest * (n_retrain + rounds * n_race) / max(1, n_train)
 
 
 def deadline_skips(study: optuna.Study) -> list[dict[str, Any]]:

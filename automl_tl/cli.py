@@ -321,30 +321,31 @@ def _search_with_workers(
     """``search --workers N``: N local worker processes on one study (see automl_tl.workers)."""
     from .budget import deadline_skips
     from .leaderboard import best_summary, count_finished
-    from .retrain import retrain_per_weights
     from .search import announce_export
-    from .selection import select_and_retrain
     from .storage import storage_for_workers, url_to_env
     from .trials import Direction
-    from .workers import run_workers
+    from .workers import retrain_after_search, retrain_slots, run_workers
 
     config.search.storage = storage_for_workers(config, workers)
     child_url, child_env = url_to_env(config.search.storage)  # a password: off the workers' argv
+
+    def same_study(slot) -> list[str]:  # what every child of this search is given
+        argv = ["--storage", child_url] if child_url else []
+        argv += ["--device", "cuda" if slot.gpu else "cpu"]
+        argv += ["--seed", str(args.seed)] if args.seed is not None else []
+        argv += ["--preset", args.preset] if args.preset else []
+        for plugin in args.plugin:
+            argv += ["--plugin", plugin]
+        return argv + ({-1: ["-q"], 0: []}.get(args.verbosity, ["-v"]))
 
     def child_args(slot) -> list[str]:
         argv = ["search", str(config.path), "--workers", "1", "--no-retrain"]
         # the race's runs are spread over the workers (their GPUs); the parent retrains
         argv += [] if args.no_retrain else ["--race"]
-        argv += ["--storage", child_url] if child_url else []
-        argv += ["--device", "cuda" if slot.gpu else "cpu"]
         for flag, value in (("--n-trials", args.n_trials), ("--timeout", args.timeout)):
             argv += [flag, str(value)] if value is not None else []
-        argv += ["--seed", str(args.seed)] if args.seed is not None else []
-        argv += ["--preset", args.preset] if args.preset else []
         argv += ["--deadline", deadline.iso()] if deadline is not None else []
-        for plugin in args.plugin:
-            argv += ["--plugin", plugin]
-        return argv + ({-1: ["-q"], 0: []}.get(args.verbosity, ["-v"]))
+        return argv + same_study(slot)
 
     from .progress import show_progress
 
@@ -374,18 +375,41 @@ def _search_with_workers(
         from .data import load_splits
 
         splits = load_splits(config, registry)  # from the cache the workers shared
-        # the race, the winner's retrain, the ensemble and the soup (automl_tl.selection)
-        retrained, chosen = select_and_retrain(
-            config, registry, result.study, splits, device=device
+
+        def retrain_args(slot, jobs) -> list[str]:  # a retrain worker: its share of the retrains
+            jobs_json = json.dumps([j.to_json() for j in jobs])
+            return ["retrain", str(config.path), "--jobs", jobs_json, *same_study(slot)]
+
+        # the race's choice, the winner's retrain, the ensemble and the soup
+        # (automl_tl.selection), each weight source's best: side by side over the GPUs
+        retrains = retrain_after_search(
+            config,
+            registry,
+            result.study,
+            splits,
+            device=device,
+            slots=retrain_slots(device),
+            child_args=retrain_args,
+            env=child_env,
         )
-        if retrained is not None:
-            directory, metrics = retrained
+        for job, why in retrains.failed:
+            print(f"error: the retrain of {job.describe()} failed: {why}", file=sys.stderr)
+        if retrains.failed:
+            print(
+                f"  the study and the other retrains are kept; `automl-tl retrain {config.path} "
+                "--trial N` retrains one again",
+                file=sys.stderr,
+            )
+        if retrains.retrained is not None:
+            directory, metrics = retrains.retrained
             announce_export(pm, config, directory, metrics)
             _print_retrained(config, metrics, directory)
-            _print_selection(chosen)
-            rows = retrain_per_weights(config, registry, result.study, splits, device=device)
+            _print_selection(retrains.selection)
+        if retrains.retrained is not None or retrains.failed:
             direction = Direction.of(result.study).name
-            _print_weights_comparison(rows, config.search.metric, direction)
+            _print_weights_comparison(retrains.comparison, config.search.metric, direction)
+        if retrains.failed:
+            return 1
     return 1 if result.failed else 0
 
 
@@ -398,6 +422,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     config, pm, registry = _load(args, **_overrides(args))
     check_named_weights(config, registry)  # a [weights] typo: one message, before training
     device = _device(args.device or config.search.device)
+    if args.jobs is not None:  # a retrain worker of `search --workers`: its share
+        return _retrain_jobs(config, registry, args.jobs, device)
     chosen = None if args.trial is not None else recorded_selection(config)
     if chosen is not None:  # the search raced its finalists: best/ is the race's winner
         directory, metrics = retrain_chosen(config, registry, chosen, device=device)
@@ -410,6 +436,21 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         f"trial {metrics['trial']} retrained on {metrics['retrained_on']}: test {name} {test[key]:.4f} -> {directory}"
     )
     return 0
+
+
+def _retrain_jobs(config, registry, jobs_json: str, device: str) -> int:
+    """``retrain --jobs JSON`` (a retrain worker that ``search --workers`` starts on a GPU
+    after the search): its share of the retrains; the parent collects their results."""
+    from ._util import failure_reason
+    from .workers import RetrainJob, apply_memory_fraction, die_with_parent, run_retrain_jobs
+
+    die_with_parent()  # never outlive the search that started it
+    apply_memory_fraction()
+    jobs = [RetrainJob.from_json(j) for j in json.loads(jobs_json)]
+    failed = run_retrain_jobs(config, registry, jobs, device=device)
+    for job, exc in failed:
+        print(f"error: retrain of trial {job.trial} failed: {failure_reason(exc)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -1056,7 +1097,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--deadline",
-        help="the search ends by then, leaving time for the retrain: a date and time "
+        help="the search ends by then, leaving time for the race and the retrain: a date and time "
         "(2026-12-01T06:00) or a duration (90m, 2h); default: the Slurm job's end if set",
     )
     p.set_defaults(func=cmd_search)
@@ -1071,6 +1112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--preset", help="the preset the search ran with (search --preset)")
     p.add_argument("--plugin", action="append", default=[])
+    p.add_argument("--jobs", help=argparse.SUPPRESS)  # search --workers' retrain workers
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser(

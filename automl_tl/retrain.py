@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -423,6 +424,21 @@ def finish_claim(study: optuna.Study, trial_number: int) -> None:
     claim.set_user_attr("done", True)
 
 
+def claim_best(config: StudyConfig, study: optuna.Study, number: int, hint: str = "") -> bool:
+    """:func:`claim_retrain` of trial ``number`` into ``best/``; when another worker holds
+    it, say who (and ``hint``) and return False."""
+    won, holder = claim_retrain(study, number, config.paths.best)
+    if not won:
+        log.info(
+            "trial %d is retrained by another worker (%s, %s)%s",
+            number,
+            describe_worker(holder),
+            holder.get("at", "?"),
+            hint,
+        )
+    return won
+
+
 def retrain_chosen(
     config: StudyConfig,
     registry: Registry,
@@ -465,14 +481,7 @@ def retrain_once(
     """
     if selected is not None:
         number = selected["winner"]
-        won, holder = claim_retrain(study, number, config.paths.best)
-        if not won:
-            log.info(
-                "trial %d is retrained by another worker (%s, %s)",
-                number,
-                describe_worker(holder),
-                holder.get("at", "?"),
-            )
+        if not claim_best(config, study, number):
             return None
         directory, metrics = retrain_chosen(
             config, registry, selected, device=device, study=study, splits=splits
@@ -480,14 +489,7 @@ def retrain_once(
         finish_claim(study, number)
         return directory, metrics
     best = trials.best_trial(study)
-    won, holder = claim_retrain(study, best.number, config.paths.best)
-    if not won:
-        log.info(
-            "trial %d is retrained by another worker (%s, %s); `automl-tl retrain` retrains it again",
-            best.number,
-            describe_worker(holder),
-            holder.get("at", "?"),
-        )
+    if not claim_best(config, study, best.number, "; `automl-tl retrain` retrains it again"):
         return None
     directory, metrics = retrain(config, registry, device=device, study=study, splits=splits)
     finish_claim(study, best.number)
@@ -501,13 +503,15 @@ def retrain_per_weights(
     splits: Splits,
     *,
     device: str = "auto",
+    skip: Collection[int] = (),
 ) -> list[dict[str, Any]] | None:
-    """Retrain the best trial of every weight source not yet retrained; return
+    """Retrain the best trial of every weight source not yet retrained (but those in
+    ``skip``: their retrain failed elsewhere); return
     :func:`automl_tl.leaderboard.comparison`."""
     if not config.searches_weights():
         return None
     for label, t in best_by_weights(config, study).items():
-        if retrained_model(config, t.number) is None:
+        if retrained_model(config, t.number) is None and t.number not in skip:
             log.info("retraining the best %r trial (#%d) for the comparison", label, t.number)
             retrain(
                 config, registry, trial_number=t.number, device=device, study=study, splits=splits

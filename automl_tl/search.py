@@ -48,8 +48,9 @@ from .budget import (
     Deadline,
     RetryStaleTrial,
     TrialSkipped,
+    after_search_reserve,
     deadline_skips,
-    retrain_reserve,
+    racing_workers,
     worker_identity,
 )
 from .catalog import Catalog, catalog_path
@@ -76,7 +77,7 @@ from .registry import Registry
 from .retrain import retrain_per_weights
 from .samplers import make_pruner, make_sampler, pruner_warning, startup_trials
 from .scores import pack
-from .selection import check_selection, select, select_and_retrain
+from .selection import check_selection, race_size, select, select_and_retrain
 from .space import check_space, suggest
 from .storage import (
     check_existing_direction,
@@ -393,10 +394,14 @@ class Objective:
         return float(val[self.metric])
 
     def reserve(self, study: optuna.Study) -> float:
-        """Seconds to keep for the retrain after the search (:func:`retrain_reserve`)."""
+        """Seconds to keep after the search for the race (its most runs, shared by the
+        workers racing) and the winner's retrain (:func:`after_search_reserve`)."""
         n_train = len(self.splits.train)
         n_retrain = n_train + (len(self.splits.val) if self.config.retrain.on == "train+val" else 0)
-        return retrain_reserve(study, n_train, n_retrain)
+        runs, n_race = race_size(self.config, self.splits)
+        return after_search_reserve(
+            study, n_train, n_retrain, race_runs=runs, n_race=n_race, racers=racing_workers()
+        )
 
     def expected(self, study: optuna.Study, choice) -> float:
         """Seconds ``choice`` should take here: at its backbone's measured speed on this kind
@@ -423,7 +428,8 @@ class Objective:
         return (
             f"not started: {choice.backbone} would take ~{expected:.0f} s, {left:.0f} s are left "
             f"before the deadline ({self.deadline.source}, {self.deadline.iso()}) and "
-            f"{reserve:.0f} s of them are kept for the retrain"
+            f"{reserve:.0f} s of them are kept for the "
+            + ("race and the retrain" if race_size(self.config, self.splits)[0] else "retrain")
         )
 
     def admit_before_deadline(self, trial: optuna.Trial, choice) -> None:

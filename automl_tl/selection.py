@@ -226,6 +226,19 @@ def plan_runs(config: StudyConfig, numbers: list[int], folds: int) -> Plan:
     return Plan(kept, runs, folds, sel.repeats, budget, notes)
 
 
+def race_size(config: StudyConfig, splits: Splits) -> tuple[int, int]:
+    """(runs, training images per run) of the largest race this study can run after its
+    search: ``[selection] finalists`` finalists planned as :func:`plan_runs` plans them
+    (within ``[selection] budget``); (0, 0) when it does not race."""
+    sel = config.selection
+    if not sel.race or config.search.multi_objective or sel.finalists < 2:
+        return 0, 0
+    folds = folds_for(config, splits)
+    runs = len(plan_runs(config, list(range(sel.finalists)), folds).runs)
+    pool = len(splits.train) + len(splits.val)
+    return runs, (pool - pool // folds if folds else len(splits.train))
+
+
 def fold_indices(splits: Splits, repeat: int, folds: int, seed: int) -> list[torch.Tensor]:
     """Stratified k folds of train+val (indices into ``splits.part("train+val")``), a
     different assignment for each repeat, the same on every worker."""
@@ -1085,6 +1098,20 @@ def select_and_retrain(
     chosen = select(config, registry, study, splits, device=device)
     if chosen is None:
         return None, None
+    return retrain_selected(config, registry, study, splits, chosen, device=device)
+
+
+def retrain_selected(
+    config: StudyConfig,
+    registry: Registry,
+    study: optuna.Study,
+    splits: Splits,
+    chosen: Selection,
+    *,
+    device: str = "auto",
+) -> tuple[tuple[Path, dict[str, Any]] | None, dict[str, Any] | None]:
+    """:func:`select_and_retrain` once the race has chosen: the winner's retrain into
+    ``best/`` (claimed: one worker), then the ensemble and the soup."""
     for note in chosen.notes:
         log.debug("selection: %s", note)
     retrained = retrain_once(

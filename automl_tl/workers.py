@@ -10,6 +10,7 @@ global budget and dead workers' trials). This module only starts and watches the
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -21,17 +22,22 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import optuna
 
 from . import trials
-from .budget import recover_stale_trials
+from .budget import RACERS_ENV, recover_stale_trials
 from .config import StudyConfig
 from .data import load_splits
 from .errors import UserError
+from .leaderboard import best_by_weights, retrained_model
+from .retrain import claim_best, finish_claim, retrain, retrain_chosen, retrain_per_weights
 from .search import check_backbones_run, check_names, open_search_study
-from .storage import storage_kind
-from .train import MEMORY_FRACTION_ENV
+from .selection import Selection, build_extras, retrain_selected, select, select_and_retrain
+from .storage import check_data, open_study, storage_kind
+from .train import MEMORY_FRACTION_ENV, resolve_device
 
 log = logging.getLogger("automl_tl")
 
@@ -263,22 +269,33 @@ class WorkerOutcome:
     pid: int
     returncode: int | None = None
     finished_trials: int = 0
+    #: when the process started and ended (``time.time()``)
+    started: float | None = None
+    ended: float | None = None
     last_lines: deque = field(default_factory=lambda: deque(maxlen=20))
 
     @property
     def failed(self) -> bool:
         return self.returncode != 0
 
+    @property
+    def killed_by(self) -> str | None:
+        """The signal that ended the process (``SIGKILL``), or None."""
+        if self.returncode is None or self.returncode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.returncode).name
+        except ValueError:
+            return f"signal {-self.returncode}"
+
     def describe(self) -> str:
         ran = f"{self.finished_trials} trial{'s' if self.finished_trials != 1 else ''} finished"
         if self.returncode == 0:
             return f"done, {ran}"
-        if self.returncode is not None and self.returncode < 0:
-            try:
-                name = signal.Signals(-self.returncode).name
-            except ValueError:
-                name = f"signal {-self.returncode}"
-            return f"killed by {name} after {ran}; its running trial is failed and retried"
+        if self.killed_by:
+            return (
+                f"killed by {self.killed_by} after {ran}; its running trial is failed and retried"
+            )
         errors = [line for line in self.last_lines if line.startswith("error:")]
         why = errors[-1] if errors else (self.last_lines[-1] if self.last_lines else "")
         return f"failed (exit {self.returncode}) after {ran}: {why}".rstrip(": ")
@@ -361,6 +378,39 @@ def run_workers(
         storage_kind(url),
         "; ".join(f"worker {s.index}: {s.label}" for s in slots),
     )
+
+    def died(outcome: WorkerOutcome) -> None:
+        log.warning("worker %d: exit %s; the others go on", outcome.slot.index, outcome.returncode)
+        recover_stale_trials(study, url)  # its running trial is failed and retried
+
+    racers = {RACERS_ENV: str(workers)}  # the deadline keeps time for their share of the race
+    outcomes = run_processes(
+        slots, child_args, env={**(env or {}), **racers}, prefix="worker", on_failure=died
+    )
+    by_pid = {o.pid: o for o in outcomes}
+    for t in study.get_trials(deepcopy=False, states=trials.FINISHED):
+        worker = t.user_attrs.get(trials.WORKER) or {}
+        if worker.get("host") == socket.gethostname() and worker.get("pid") in by_pid:
+            by_pid[worker["pid"]].finished_trials += 1
+    return WorkersOutcome(study, outcomes)
+
+
+def run_processes(
+    slots: Sequence[Slot],
+    child_args: Callable[[Slot], Sequence[str]],
+    *,
+    env: dict[str, str] | None = None,
+    prefix: str = "worker",
+    on_failure: Callable[[WorkerOutcome], None] | None = None,
+) -> list[WorkerOutcome]:
+    """Run one ``automl-tl`` child process per slot, side by side, and wait for them all:
+    the one place that starts local workers (the search's, the retrains').
+
+    Each child is pinned to its slot (:meth:`Slot.env`), in its own session so a terminal's
+    Ctrl-C reaches it once, through this process (SIGINT / SIGTERM / SIGHUP are forwarded,
+    then raised here as ``KeyboardInterrupt`` once every child has stopped). Its output is
+    echoed line by line behind ``[PREFIX N]``. A child that fails does not stop the others
+    (``on_failure`` is called as it ends)."""
     procs: list[subprocess.Popen] = []
     outcomes: list[WorkerOutcome] = []
     pumps: list[threading.Thread] = []
@@ -391,10 +441,10 @@ def run_workers(
                 start_new_session=True,
             )
             procs.append(proc)
-            outcome = WorkerOutcome(slot, proc.pid)
+            outcome = WorkerOutcome(slot, proc.pid, started=time.time())
             outcomes.append(outcome)
             pump = threading.Thread(
-                target=_pump, args=(proc, f"[worker {slot.index}] ", outcome), daemon=True
+                target=_pump, args=(proc, f"[{prefix} {slot.index}] ", outcome), daemon=True
             )
             pump.start()
             pumps.append(pump)
@@ -405,10 +455,9 @@ def run_workers(
                 if rc is None:
                     continue
                 del pending[i]
-                outcomes[i].returncode = rc
-                if rc != 0:
-                    log.warning("worker %d: exit %s; the others go on", i, rc)
-                    recover_stale_trials(study, url)
+                outcomes[i].returncode, outcomes[i].ended = rc, time.time()
+                if rc != 0 and on_failure is not None:
+                    on_failure(outcomes[i])
             time.sleep(0.2)
     finally:
         for sig, handler in previous.items():
@@ -427,12 +476,7 @@ def run_workers(
         raise KeyboardInterrupt(
             "SIGINT" if all(s == signal.SIGINT for s in signalled) else "SIGTERM"
         )
-    by_pid = {o.pid: o for o in outcomes}
-    for t in study.get_trials(deepcopy=False, states=trials.FINISHED):
-        worker = t.user_attrs.get(trials.WORKER) or {}
-        if worker.get("host") == socket.gethostname() and worker.get("pid") in by_pid:
-            by_pid[worker["pid"]].finished_trials += 1
-    return WorkersOutcome(study, outcomes)
+    return outcomes
 
 
 def die_with_parent() -> None:
@@ -454,3 +498,222 @@ def die_with_parent() -> None:
         return
     if os.getppid() != int(parent):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+# ---------------------------------------------------------------------------------------------
+# the retrains after the search, fanned out over the GPUs
+
+
+@dataclass(frozen=True)
+class RetrainJob:
+    """One retrain after the search: the race's winner into ``best/`` (``selection``: what
+    the race chose), or a weight source's best trial into ``models/trial-N/`` (the
+    transferred-vs-scratch comparison)."""
+
+    trial: int
+    selection: dict[str, Any] | None = None
+    weights: str | None = None
+
+    def describe(self) -> str:
+        if self.selection is not None:
+            return f"trial {self.trial} (the race's winner, into best/)"
+        return (
+            f"trial {self.trial} (the best {self.weights!r} trial, into models/trial-{self.trial}/)"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"trial": self.trial, "selection": self.selection, "weights": self.weights}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RetrainJob:
+        return cls(int(data["trial"]), data.get("selection"), data.get("weights"))
+
+
+@dataclass
+class RetrainsOutcome:
+    """What the retrains after the search gave, as the serial path returns it: the winner's
+    ``(best/, metrics)`` (None when another worker retrains it or its retrain failed),
+    ``selection.json``'s content, the per-weights comparison, and the retrains that failed
+    (with why) when they ran in worker processes."""
+
+    retrained: tuple[Path, dict[str, Any]] | None = None
+    selection: dict[str, Any] | None = None
+    comparison: list[dict[str, Any]] | None = None
+    failed: list[tuple[RetrainJob, str]] = field(default_factory=list)
+    workers: list[WorkerOutcome] = field(default_factory=list)
+
+
+def retrain_slots(
+    device: str, *, gpus: list[str] | None = None, cpus: int | None = None
+) -> list[Slot]:
+    """Where the retrains after the search run: one slot per visible GPU (a retrain trains on
+    train+val, so it gets a GPU of its own). Fewer than two (the CPU, one GPU): none, and the
+    retrains run one after the other in this process, as before."""
+    if gpus is None:
+        gpus = visible_gpus() if resolve_device(device).type == "cuda" else []
+    if len(gpus) < 2:
+        return []
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return plan_slots(len(gpus), "cuda", gpus=gpus, cpus=cpus or 1)
+
+
+def plan_retrains(config: StudyConfig, study: optuna.Study, chosen: Selection) -> list[RetrainJob]:
+    """The retrains to fan out: the winner's, then each weight source's best trial not yet
+    retrained. A finalist is left out when the race set the epochs: the ensemble or the soup
+    may retrain it with those epochs (after the winner, in this process, as before)."""
+    jobs = [RetrainJob(chosen.winner, selection=chosen.to_dict())]
+    if not config.searches_weights():
+        return jobs
+    finalists = {row["trial"] for row in chosen.finalists}
+    for label, t in best_by_weights(config, study).items():
+        if t.number == chosen.winner or retrained_model(config, t.number) is not None:
+            continue
+        if t.number in finalists and chosen.epochs is not None:
+            continue
+        jobs.append(RetrainJob(t.number, weights=label))
+    return jobs
+
+
+def retrain_after_search(
+    config: StudyConfig,
+    registry,
+    study: optuna.Study,
+    splits,
+    *,
+    device: str,
+    slots: Sequence[Slot],
+    child_args: Callable[[Slot, list[RetrainJob]], Sequence[str]],
+    env: dict[str, str] | None = None,
+) -> RetrainsOutcome:
+    """After a ``--workers`` search: the race's choice, the winner's retrain, the ensemble
+    and the soup, and each weight source's best retrained.
+
+    With two slots or more (:func:`retrain_slots`) the retrains run side by side, one
+    worker process per slot (:func:`fan_out_retrains`); this process holds the winner's
+    claim, then collects the results exactly as the serial path leaves them (``best/``,
+    ``models/trial-N/``, catalog rows). A retrain that fails is named in
+    :attr:`RetrainsOutcome.failed`; the others' results and the study are kept."""
+
+    def one_after_the_other(retrained, extras) -> RetrainsOutcome:  # the serial path
+        rows = None
+        if retrained is not None:
+            rows = retrain_per_weights(config, registry, study, splits, device=device)
+        return RetrainsOutcome(retrained, extras, rows)
+
+    if len(slots) < 2:
+        return one_after_the_other(
+            *select_and_retrain(config, registry, study, splits, device=device)
+        )
+    chosen = select(config, registry, study, splits, device=device)
+    if chosen is None:
+        return RetrainsOutcome()
+    jobs = plan_retrains(config, study, chosen)
+    if len(jobs) < 2:  # the winner alone: nothing to spread
+        return one_after_the_other(
+            *retrain_selected(config, registry, study, splits, chosen, device=device)
+        )
+    if not claim_best(config, study, chosen.winner):
+        return RetrainsOutcome()
+    failed, outcomes = fan_out_retrains(config, jobs, slots, child_args, env=env)
+    out = RetrainsOutcome(failed=failed, workers=outcomes)
+    if all(job.trial != chosen.winner for job, _ in failed):
+        finish_claim(study, chosen.winner)
+        best = config.paths.best
+        out.retrained = best, json.loads((best / "metrics.json").read_text())
+        out.selection = build_extras(config, registry, study, splits, chosen, device=device)
+    skip = {job.trial for job, _ in failed}
+    out.comparison = retrain_per_weights(config, registry, study, splits, device=device, skip=skip)
+    return out
+
+
+def fan_out_retrains(
+    config: StudyConfig,
+    jobs: list[RetrainJob],
+    slots: Sequence[Slot],
+    child_args: Callable[[Slot, list[RetrainJob]], Sequence[str]],
+    *,
+    env: dict[str, str] | None = None,
+) -> tuple[list[tuple[RetrainJob, str]], list[WorkerOutcome]]:
+    """Run ``jobs`` in worker processes (:func:`run_processes`), one per slot, dealt in turn
+    (job i to slot i mod n): each child is ``automl-tl retrain --jobs`` of its share. Returns
+    the jobs whose model is not there afterwards, each with why (its child's error line, or
+    how it died), and the children's outcomes."""
+    n = min(len(slots), len(jobs))
+    shares = {slot.index: jobs[i::n] for i, slot in enumerate(slots[:n])}
+    log.info(
+        "retraining %d models side by side: %s",
+        len(jobs),
+        "; ".join(
+            f"retrain {s.index} ({s.label}): "
+            + ", ".join(f"trial {j.trial}" for j in shares[s.index])
+            for s in slots[:n]
+        ),
+    )
+    started = time.time()
+    outcomes = run_processes(
+        slots[:n], lambda slot: child_args(slot, shares[slot.index]), env=env, prefix="retrain"
+    )
+    failed = []
+    for outcome in outcomes:
+        for job in shares[outcome.slot.index]:
+            folder = (
+                config.paths.best if job.selection is not None else config.paths.model(job.trial)
+            )
+            if not _exported_since(folder, job.trial, started):
+                failed.append((job, _why_failed(outcome, job)))
+    return failed, outcomes
+
+
+def _exported_since(folder: Path, trial_number: int, since: float) -> bool:
+    """``folder`` holds ``trial_number``'s model, written at ``since`` or later."""
+    try:
+        written = (folder / "metrics.json").stat().st_mtime
+        held = json.loads((folder / "metrics.json").read_text()).get("trial")
+    except (OSError, ValueError):
+        return False
+    return (
+        held == trial_number and written >= since - 1 and (folder / "model.safetensors").is_file()
+    )
+
+
+def _why_failed(outcome: WorkerOutcome, job: RetrainJob) -> str:
+    where = f"retrain worker {outcome.slot.index} ({outcome.slot.label}, pid {outcome.pid})"
+    if outcome.killed_by:
+        return f"{where} was killed by {outcome.killed_by}"
+    errors = [line for line in outcome.last_lines if line.startswith("error:")]
+    mine = [line for line in errors if f"trial {job.trial}" in line]
+    why = (mine or errors or list(outcome.last_lines) or [f"exit {outcome.returncode}"])[-1]
+    return f"{where}: {why.removeprefix('error: ')}"
+
+
+def run_retrain_jobs(
+    config: StudyConfig, registry, jobs: list[RetrainJob], *, device: str
+) -> list[tuple[RetrainJob, Exception]]:
+    """In a retrain worker (``automl-tl retrain --jobs``): run its share of the retrains one
+    after the other; one that fails does not stop the next. Returns the failures."""
+    study = open_study(config)
+    splits = load_splits(config, registry)
+    check_data(study, splits)
+    failed = []
+    for job in jobs:
+        try:
+            if job.selection is not None:
+                retrain_chosen(
+                    config, registry, job.selection, device=device, study=study, splits=splits
+                )
+            else:
+                retrain(
+                    config,
+                    registry,
+                    trial_number=job.trial,
+                    device=device,
+                    study=study,
+                    splits=splits,
+                )
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:
+            log.debug("retrain of trial %d failed", job.trial, exc_info=True)
+            failed.append((job, exc))
+    return failed

@@ -151,7 +151,11 @@ def test_a_trial_that_would_end_after_the_deadline_is_skipped_and_said_so(regist
 
     splits = prepare_data(registry, "digits:0-2", image_size=16, seed=0)
     config = config_from_dict(
-        {"name": "t", "search": {"output": str(tmp_path), "backbones": ["test_resnet", "test_vit"]}}
+        {
+            "name": "t",
+            "search": {"output": str(tmp_path), "backbones": ["test_resnet", "test_vit"]},
+            "selection": {"race": False},  # the race's share: the test below
+        }
     )
     study = optuna.create_study(direction="maximize")
     _timed_trial(study, "test_resnet", seconds=100.0, rate=10.0)  # a slow backbone here
@@ -161,6 +165,7 @@ def test_a_trial_that_would_end_after_the_deadline_is_skipped_and_said_so(regist
         config, registry, get_plugin_manager()[0], splits, "cpu", deadline=deadline
     )
     n_train, n_val = len(splits.train), len(splits.val)
+    assert (n_train, n_val) == (322, 108)
     assert objective.reserve(study) == pytest.approx(100.0 * (n_train + n_val) / n_train)
     fast = Choice(backbone="test_vit", unfreeze_depth=1.0, epochs=1)
     assert objective.late(study.ask(), fast) is None
@@ -170,9 +175,54 @@ def test_a_trial_that_would_end_after_the_deadline_is_skipped_and_said_so(regist
         objective.admit_before_deadline(trial, slow)
     study.tell(trial, state=optuna.trial.TrialState.FAIL)
     (skip,) = budget_module.deadline_skips(study)
-    assert skip["number"] == trial.number and "kept for the retrain" in skip["reason"]
+    assert skip["number"] == trial.number and skip["reason"].endswith("kept for the retrain")
     # after DEADLINE_SKIPS_TO_STOP in a row the search stops: nothing fits any more
     assert objective.late_in_a_row == 1
+
+
+def test_the_deadline_reserve_keeps_the_races_time_shared_by_its_workers(
+    registry, tmp_path, monkeypatch
+):
+    """A trial that would fit with the retrain's time alone is not started when the race's
+    runs (after the search, shared by the workers racing) would no longer fit."""
+    from automl_tl import Choice, config_from_dict
+    from automl_tl.data import prepare_data
+    from automl_tl.plugins import get_plugin_manager
+    from automl_tl.search import Objective
+    from automl_tl.selection import race_size
+
+    splits = prepare_data(registry, "digits:0-2", image_size=16, seed=0)
+
+    def objective(selection, seconds_left):
+        config = config_from_dict(
+            {
+                "name": "t",
+                "search": {"output": str(tmp_path), "backbones": ["test_resnet", "test_vit"]},
+                "selection": selection,
+            }
+        )
+        deadline = budget_module.Deadline(time.time() + seconds_left, "--deadline")
+        return config, Objective(
+            config, registry, get_plugin_manager()[0], splits, "cpu", deadline=deadline
+        )
+
+    study = optuna.create_study(direction="maximize")
+    _timed_trial(study, "test_vit", seconds=10.0, rate=1e6)  # longest trial: 10 s on 322 images
+    retrain = 10.0 * 430 / 322
+    config, plain = objective({"race": False}, 60)
+    assert race_size(config, splits) == (0, 0) and plain.reserve(study) == pytest.approx(retrain)
+    config, raced = objective({"finalists": 3, "repeats": 2}, 60)
+    assert race_size(config, splits) == (6, 322)
+    assert raced.reserve(study) == pytest.approx(retrain + 6 * 10.0)
+    choice = Choice(backbone="test_vit", unfreeze_depth=1.0, epochs=1)
+    assert plain.late(study.ask(), choice) is None  # ~0 s + 13 s of retrain fit in 60 s
+    why = raced.late(study.ask(), choice)  # + 60 s of race do not
+    assert why is not None and why.endswith("are kept for the race and the retrain")
+    monkeypatch.setenv(budget_module.RACERS_ENV, "4")  # --workers 4: 2 rounds of 4 runs
+    assert raced.reserve(study) == pytest.approx(retrain + 2 * 10.0)
+    assert raced.late(study.ask(), choice) is None
+    config, folded = objective({"folds": 3, "finalists": 2}, 60)
+    assert race_size(config, splits) == (6, 430 - 430 // 3)  # 2 of 3 folds of train+val
 
 
 def test_budget_stops_when_the_time_left_is_the_retrains(tmp_path):
@@ -243,6 +293,80 @@ def test_eval_batch_grows_at_low_resolution_on_a_gpu_only():
     assert eval_batch_size(64, 64, cuda) == EVAL_BATCH_MAX
     assert eval_batch_size(64, 160, cuda) == 496
     assert eval_batch_size(16, 64, cuda, shrunk=True) == 64  # after out-of-memory: small
+
+
+def _kornia_host_reads(module, x) -> list[str]:
+    """The reads back to the host (``.item()`` / ``bool()``, ``nonzero``, a boolean-mask
+    index) made inside Kornia's code during one call of ``module``: on a GPU, where Kornia
+    draws its parameters on the device, each is a sync. Host draws of automl_tl's own
+    (which images, which order) are not counted: they never touch the device."""
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    reads = []
+
+    def in_kornia(name: str) -> None:
+        frames = [
+            f
+            for f in traceback.extract_stack()
+            if "/kornia/" in f.filename or "/automl_tl/" in f.filename
+        ]
+        if frames and "/kornia/" in frames[-1].filename:
+            where = frames[-1].filename.split("/kornia/")[-1]
+            reads.append(f"{name} at kornia/{where}:{frames[-1].lineno}")
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            masked = name in ("aten.index", "aten.index_put_", "aten.index_put") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ())
+            )
+            if masked or name in ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select"):
+                in_kornia(name)
+            return func(*args, **(kwargs or {}))
+
+    class ToPython(TorchFunctionMode):  # tolist() and friends do not reach the dispatcher
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "tolist":
+                in_kornia("tolist")
+            return func(*args, **(kwargs or {}))
+
+    module(x)  # warm-up: lazy set-up is not the step
+    with Reads(), ToPython():
+        module(x)
+    return reads
+
+
+@pytest.mark.parametrize("policy", ["flip_crop", "crop", "color"])
+def test_kornia_ops_read_nothing_back_to_the_host(registry, policy):
+    """Kornia 0.9 applies an op with p < 1 (the flip at p = 0.5 s, the grayscale at 0.2 s) to
+    every row and blends with torch.where (``_blend_by_prob``), no boolean-mask index; the
+    batched crop reads no box size; the colour jitter's order is drawn on the host."""
+    module = registry.get("augmentation_policies", policy).build(0.5, 32)
+    torch.manual_seed(0)
+    assert _kornia_host_reads(module, torch.rand(16, 3, 32, 32)) == []
+
+
+def test_color_jitter_in_host_order_is_kornias_jitter_of_the_drawn_order():
+    import kornia.augmentation as K
+
+    from automl_tl.default_plugins.kornia_policies import ColorJitterInHostOrder
+
+    jitter = ColorJitterInHostOrder(0.2, 0.2, 0.2, 0.05)
+    x = torch.rand(8, 3, 16, 16)
+    torch.manual_seed(3)
+    first = jitter(x)
+    torch.manual_seed(3)
+    order = jitter.orders[int(torch.randint(24, ()))]  # the draw forward() makes first
+    expected = K.ColorJitter(0.2, 0.2, 0.2, 0.05, p=1.0, order=order)(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(first, expected)  # seeded: the same order and factors
+    torch.testing.assert_close(jitter(x), first)
+    drawn = {jitter.orders[int(torch.randint(24, ()))] for _ in range(500)}
+    assert len(drawn) == 24  # every order of the four steps is used
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="counts CUDA host syncs: needs a GPU")
@@ -405,3 +529,225 @@ def test_the_documented_gpu_node_command_runs_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "--trials-per-gpu is for CUDA devices; ignored on the CPU" in result.stderr
     assert "1 trials finished" in result.stdout and "deadline:" not in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the retrains after the search, fanned out over the GPUs
+
+
+def test_retrains_get_one_slot_per_gpu_and_stay_in_this_process_with_one():
+    from automl_tl.workers import retrain_slots
+
+    slots = retrain_slots("cuda", gpus=EIGHT, cpus=16)
+    assert [s.gpu for s in slots] == EIGHT  # a GPU each, its whole memory
+    assert {s.memory_fraction for s in slots} == {None} and {s.threads for s in slots} == {2}
+    assert retrain_slots("cuda", gpus=["0"], cpus=16) == []  # one GPU: serial, as before
+    assert retrain_slots("cpu") == []  # the CPU: serial, as before
+
+
+def test_a_killed_or_failed_retrain_worker_is_named_with_why():
+    from automl_tl.workers import RetrainJob, Slot, WorkerOutcome, _why_failed
+
+    slot = Slot(1, "1", 8)
+    winner = RetrainJob(4, selection={"winner": 4})
+    killed = WorkerOutcome(slot, 4321, returncode=-9)
+    assert (
+        _why_failed(killed, winner)
+        == "retrain worker 1 (GPU 1, 8 threads, pid 4321) was killed by SIGKILL"
+    )
+    assert winner.describe() == "trial 4 (the race's winner, into best/)"
+    failed = WorkerOutcome(slot, 4321, returncode=1)
+    failed.last_lines.extend(
+        [
+            "error: retrain of trial 4 failed: out of memory: OutOfMemoryError",
+            "error: retrain of trial 9 failed: x",
+        ]
+    )
+    assert _why_failed(failed, winner).endswith(
+        ": retrain of trial 4 failed: out of memory: OutOfMemoryError"
+    )
+    assert killed.describe().startswith("killed by SIGKILL after 0 trials finished")
+
+
+WEIGHTS_STUDY = """
+[data]
+source = "digits:0-2"
+image_size = 16
+seed = 0
+[search]
+n_trials = 2
+backbones = ["test_resnet"]
+augmentations = ["none"]
+unfreeze = ["top_k"]
+epochs = 1
+batch_size = 32
+pruner = "none"
+[selection]
+race = false
+[weights]
+test_resnet = ["none", "w.safetensors"]
+"""
+
+
+def _weights_file(registry, folder) -> None:
+    """``folder/w.safetensors``: test_resnet's weights (seeded), WEIGHTS_STUDY's second source."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = registry.get("backbones", "test_resnet").create(5, image_size=16)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in source.state_dict().items()}, str(folder / "w.safetensors")
+    )
+
+
+def _searched_by_hand(registry, folder, trials_from=None):
+    """A study of WEIGHTS_STUDY in ``folder`` with two complete trials (one per weight
+    source, the scratch one best), made by hand, or copied from ``trials_from``."""
+
+    from automl_tl import load_config
+    from automl_tl.data import load_splits
+    from automl_tl.search import open_search_study
+    from automl_tl.space import suggest
+
+    _weights_file(registry, folder)
+    config = load_config(write_study(folder, WEIGHTS_STUDY))
+    splits = load_splits(config, registry)
+    study = open_search_study(config, splits, registry)
+    if trials_from is not None:
+        for t in trials_from:
+            study.add_trial(t)
+        return config, study, splits
+    for weights, value in (("none", 0.9), ("w.safetensors", 0.8)):
+        study.enqueue_trial({"weights": weights})
+        trial = study.ask()
+        suggest(trial, config, registry)
+        study.tell(trial, value)
+    return config, study, splits
+
+
+def _files(config) -> dict[str, bytes]:
+    root = config.output_dir
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for folder in (root / "best", root / "models")
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.slow
+def test_retrains_fan_out_over_slots_and_export_what_the_serial_path_does(registry, tmp_path):
+    """Two slots (CPU ones standing in for GPUs: the planning is the same): the winner's and
+    the other weight source's retrains run in two worker processes at once, and best/,
+    models/trial-1/, the catalog rows and the comparison are the serial path's. A retrain
+    whose worker fails is named; the other one's model is kept."""
+    import json
+
+    from automl_tl.catalog import Catalog, catalog_path
+    from automl_tl.workers import RetrainJob, fan_out_retrains, plan_slots, retrain_after_search
+
+    serial_config, serial_study, serial_splits = _searched_by_hand(registry, tmp_path / "serial")
+    config, study, splits = _searched_by_hand(
+        registry, tmp_path / "fanned", serial_study.get_trials()
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker of a two-slot plan on two cores: same sums
+    try:
+        serial = retrain_after_search(
+            serial_config,
+            registry,
+            serial_study,
+            serial_splits,
+            device="cpu",
+            slots=[],
+            child_args=None,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+    def child_args(slot, jobs):
+        return [
+            "retrain",
+            str(config.path),
+            "--device",
+            "cpu",
+            "--jobs",
+            json.dumps([j.to_json() for j in jobs]),
+        ]
+
+    slots = plan_slots(2, "cpu", gpus=[], cpus=2)
+    fanned = retrain_after_search(
+        config, registry, study, splits, device="cpu", slots=slots, child_args=child_args
+    )
+    assert fanned.failed == [] and serial.failed == []
+    first, second = fanned.workers
+    assert first.slot.index != second.slot.index and first.pid != second.pid
+    assert max(first.started, second.started) < min(first.ended, second.ended)  # side by side
+    assert (
+        sorted(_files(config))
+        == sorted(_files(serial_config))
+        == [
+            "best/config.json",
+            "best/metrics.json",
+            "best/model.safetensors",
+            "models/trial-1/config.json",
+            "models/trial-1/metrics.json",
+            "models/trial-1/model.safetensors",
+        ]
+    )
+    for name in ("best/model.safetensors", "models/trial-1/model.safetensors"):
+        assert _files(config)[name] == _files(serial_config)[name], name
+    directory, metrics = fanned.retrained
+    assert directory == config.paths.best and metrics["trial"] == 0
+    assert metrics["test"] == serial.retrained[1]["test"]
+    assert metrics["selection"] == serial.retrained[1]["selection"]
+    assert [r["test"] for r in fanned.comparison] == [r["test"] for r in serial.comparison]
+    rows = {
+        k: sorted(
+            (r["trial"], r["test_accuracy"]) for r in Catalog(catalog_path(c)).db["models"].rows
+        )
+        for k, c in (("fanned", config), ("serial", serial_config))
+    }
+    assert (
+        rows["fanned"]
+        == rows["serial"]
+        == [(0, metrics["test"]["accuracy"]), (1, rows["serial"][1][1])]
+    )
+
+    # a retrain whose worker fails is named with why; the other worker's model is kept
+    failed, _ = fan_out_retrains(
+        config,
+        [RetrainJob(1, weights="w.safetensors"), RetrainJob(7, weights="none")],
+        slots,
+        child_args,
+    )
+    ((job, why),) = failed
+    assert (
+        job.trial == 7 and job.describe() == "trial 7 (the best 'none' trial, into models/trial-7/)"
+    )
+    assert why.startswith("retrain worker 1 (CPU, 1 thread, pid ") and "has no trial 7" in why
+    assert json.loads((config.paths.model(1) / "metrics.json").read_text())["trial"] == 1
+    assert len(study.get_trials()) == 2
+
+
+@pytest.mark.slow
+def test_search_with_workers_fans_its_retrains_out_and_prints_them(registry, tmp_path, monkeypatch):
+    """`search --workers 2` on a node planned as two GPUs (two CPU slots stand in: the
+    planner is faked, nothing else): the winner and the other weight source's best are
+    retrained by two retrain workers, and the summary is the serial path's."""
+    from automl_tl import workers
+
+    _weights_file(registry, tmp_path)
+    study = write_study(tmp_path, WEIGHTS_STUDY)
+    monkeypatch.setattr(
+        workers, "retrain_slots", lambda device: workers.plan_slots(2, "cpu", gpus=[], cpus=2)
+    )
+    result = run_main("search", str(study), "--workers", "2", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "[retrain 0] " in result.stderr and "[retrain 1] " in result.stderr
+    assert "retraining 2 models side by side" in result.stderr
+    assert "retrained on train+val: test accuracy" in result.stdout
+    rows = result.stdout.split("best per weight source (retrained, same budget):\n")[1].splitlines()
+    assert len(rows) >= 2 and all("n/a" not in r for r in rows[:2]), result.stdout
+    assert len(list((tmp_path / "tiny" / "models").glob("trial-*/model.safetensors"))) == 1

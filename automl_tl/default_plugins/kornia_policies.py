@@ -10,7 +10,7 @@ flip_crop       RandomResizedCrop scale = (1 - 0.6 s, 1), ratio = (1 - 0.25 s, 1
                 (batched: ``cropping_mode="resample"``); RandomHorizontalFlip p = 0.5 s
 crop            flip_crop without the flip (for ``[data] orientation = "fixed"``)
 color           ColorJitter brightness = contrast = saturation = 0.4 s, hue = 0.1 s
-                (p = 1), RandomGrayscale p = 0.2 s
+                (p = 1, the order of the four drawn on the host), RandomGrayscale p = 0.2 s
 randaugment     RandAugment n = 2, m = round(20 s) clipped to [1, 29] on Kornia's (0, 30)
                 magnitude scale (s = 0.5 gives m = 10, near the paper's ImageNet m = 9)
 trivialaugment  TrivialAugment (magnitude drawn per batch by the method itself) applied to
@@ -26,6 +26,8 @@ but ``flip_crop`` is searched, and ``crop`` takes its place in the default list.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import kornia.augmentation as K
 import torch
@@ -87,9 +89,29 @@ def _flip_crop(s: float, size: int) -> nn.Module:
     return nn.Sequential(_crop(s, size), K.RandomHorizontalFlip(p=0.5 * s))
 
 
+class ColorJitterInHostOrder(nn.Module):
+    """Kornia's ``ColorJitter`` (brightness, contrast, saturation, hue in a random order per
+    batch) without a host sync: the order is drawn on the host and the batch goes to a
+    jitter of that fixed order, whose steps are selected with ``torch.where``. Kornia's own
+    random order reads its order and each step's ``factor.any()`` back from the device, five
+    syncs per batch once the augmentation runs on a GPU."""
+
+    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float) -> None:
+        super().__init__()
+        self.orders = list(itertools.permutations(range(4)))
+        self.jitters = nn.ModuleList(
+            K.ColorJitter(brightness, contrast, saturation, hue, p=1.0, order=order)
+            for order in self.orders
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.jitters[int(torch.randint(len(self.orders), ()))](x)
+
+
 def _color(s: float, size: int) -> nn.Module:
+    # RandomGrayscale at p < 1 blends its applied rows in with torch.where (Kornia 0.9): no sync
     return nn.Sequential(
-        K.ColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s, p=1.0),
+        ColorJitterInHostOrder(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s),
         K.RandomGrayscale(p=0.2 * s),
     )
 
