@@ -100,6 +100,7 @@ def run_arm(arm: str, config, splits, registry) -> dict:
     found = study.best_trial.user_attrs["scores"]
     return {
         **found,
+        "best_params": study.best_params,
         "trials": config.search.n_trials,
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -149,6 +149,8 @@ def test_multilabel_benchmark_quick_mode(tmp_path):
         assert 0.0 <= row["test_map"] <= 1.0 and row["trials"] == (
             1 if row["arm"] == "textbook" else 2
         )
+        # what a searched arm chose (a difference between the arms can be read from it)
+        assert ("best_params" in row) == (row["arm"] != "textbook")
     assert set(results["summary"]["pairs"]) >= {"search - random", "micro F1 at 0.5"}
 
 
