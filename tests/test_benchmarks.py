@@ -34,6 +34,16 @@ def bench(script: str, *args: str, timeout: int = 900, **kwargs) -> subprocess.C
     )
 
 
+def quick(script: str, tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """benchmarks/SCRIPT.py --quick (studies under tmp_path): its output and its JSON."""
+    out = tmp_path / f"{script}.json"
+    proc = bench(
+        script, "--quick", *extra, "--json", out, "--out", tmp_path / "studies", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
 def assert_refused(script: str, *args: str, message: str) -> None:
     """An unknown name is one message on stderr and exit 2."""
     proc = bench(script, *args, timeout=300)
@@ -68,18 +78,7 @@ def test_unknown_benchmark_is_refused():
 @pytest.mark.slow
 def test_search_space_benchmark_quick_mode(tmp_path):
     """benchmarks/search_space.py --quick: both tasks, both arms, one seed, every figure."""
-    out = tmp_path / "space.json"
-    proc = bench(
-        "search_space",
-        "--quick",
-        "--json",
-        str(out),
-        "--out",
-        str(tmp_path / "studies"),
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    proc, results = quick("search_space", tmp_path)
     rows = results["seeds"]
     assert {(r["task"], r["arm"]) for r in rows} == {
         (t, a) for t in ("shapes", "digits") for a in ("before", "after")
@@ -101,19 +100,7 @@ def test_search_space_benchmark_quick_mode(tmp_path):
 
 @pytest.mark.slow
 def test_selection_benchmark_quick_mode_reports_every_arm(tmp_path):
-    out = tmp_path / "selection.json"
-    proc = bench(
-        "selection",
-        "--quick",
-        "--json",
-        str(out),
-        "--out",
-        str(tmp_path / "studies"),
-        "--markdown",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    proc, results = quick("selection", tmp_path, "--markdown")
     (row,) = results["rows"]
     for arm in ("argmax", "raced", "soup", "ensemble", "oracle"):
         assert 0 <= row[arm] <= 1, arm
@@ -130,20 +117,7 @@ def test_selection_benchmark_refuses_an_unknown_task():
 @pytest.mark.slow
 def test_multilabel_benchmark_quick_mode(tmp_path):
     """benchmarks/multilabel.py --quick: every arm on one task, the threshold comparison."""
-    out = tmp_path / "multilabel.json"
-    proc = bench(
-        "multilabel",
-        "--quick",
-        "--tasks",
-        "pairs",
-        "--json",
-        str(out),
-        "--out",
-        str(tmp_path / "studies"),
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    _, results = quick("multilabel", tmp_path, "--tasks", "pairs")
     assert [r["arm"] for r in results["runs"]] == ["textbook", "search", "random"]
     for row in results["runs"]:
         assert 0.0 <= row["test_map"] <= 1.0 and row["trials"] == (
@@ -258,19 +232,7 @@ def test_recipe_benchmark_builds_its_tasks_and_arms(tmp_path):
 @pytest.mark.slow
 def test_recipe_benchmark_quick_mode(tmp_path):
     """benchmarks/recipe.py --quick: both tasks, both arms, one seed, every figure."""
-    out = tmp_path / "recipe.json"
-    proc = bench(
-        "recipe",
-        "--quick",
-        "--json",
-        str(out),
-        "--out",
-        str(tmp_path / "studies"),
-        "--markdown",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    proc, results = quick("recipe", tmp_path, "--markdown")
     assert {(r["task"], r["arm"]) for r in results["rows"]} == {
         (t, a) for t in ("balanced", "imbalanced") for a in ("today", "recipe")
     }
