@@ -113,3 +113,37 @@ def test_the_shipped_table_is_complete_and_simulates(tmp_path):
     summary = bench.summarize(results)
     for method in bench.METHODS:
         assert math.isfinite(summary[method]["geomean"]) and summary[method]["geomean"] > 0
+
+
+def test_tpe_per_second_and_the_independent_reference():
+    """tpe/s is tpe when every configuration costs the same (nothing to prefer); with
+    ``reference="independent"`` the target is another seed's random search and random runs
+    as a method (seed = the run's)."""
+    import optuna
+
+    bench = _module()
+    data = _table(1)
+    methods = ("random", "tpe", "tpe/s")
+    for r in bench.simulate(data, seeds=2, n_trials=8, cap=3.0, methods=methods):
+        assert r["tpe/s"] == r["tpe"] and r["random"] == r["random_s"]
+    table = bench.Table(data["tasks"]["t0"]["rows"])
+    runs = bench.simulate(
+        data, seeds=2, n_trials=8, cap=3.0, methods=methods, reference="independent"
+    )
+    for r in runs:
+        ref = optuna.samplers.RandomSampler(seed=r["seed"] + bench.REFERENCE_SEED)
+        trace = bench.run(table, ref, None, math.inf, 8, None)
+        assert r["target"] == max(v for _, v in trace) and r["random_s"] == bench.reached(
+            trace, r["target"]
+        )
+        fresh = bench.run(
+            table,
+            optuna.samplers.RandomSampler(seed=r["seed"]),
+            None,
+            r["random_budget"],
+            80,
+            r["target"],
+        )
+        assert r["random"] == bench.reached(fresh, r["target"])
+    text = bench.format_summary(bench.summarize(runs, methods), 2, 8, 3.0, "independent")
+    assert "reference: an independent random search" in text and "| tpe/s |" in text
