@@ -147,3 +147,16 @@ def test_tpe_per_second_and_the_independent_reference():
         assert r["random"] == bench.reached(fresh, r["target"])
     text = bench.format_summary(bench.summarize(runs, methods), 2, 8, 3.0, "independent")
     assert "reference: an independent random search" in text and "| tpe/s |" in text
+
+
+def test_paired_compares_two_methods_run_by_run():
+    bench = _module()
+    runs = [
+        {"x": 1.0, "y": 2.0, "x_budget": 9.0, "y_budget": 9.0},  # x twice as fast
+        {"x": None, "y": 2.0, "x_budget": 4.0, "y_budget": 4.0},  # x missed: 4 s, half as fast
+        {"x": 3.0, "y": 3.0, "x_budget": 9.0, "y_budget": 9.0},
+    ]
+    p = bench.paired(runs, "x", "y")
+    assert (p["geomean"], p["faster"], p["equal"], p["slower"]) == (1.0, 1, 1, 1)
+    assert p["ci"][0] <= 1.0 <= p["ci"][1]
+    assert bench.paired(runs[:1], "x", "y")["ci"] == (2.0, 2.0)
