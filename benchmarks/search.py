@@ -403,6 +403,18 @@ def format_summary(
     return "\n".join(lines)
 
 
+def scale_seconds(table_data: dict, factors: list[str]) -> dict:
+    """``table_data`` with each ``BACKBONE=FACTOR``'s per-epoch seconds multiplied (a what-if
+    on a table whose backbones cost about the same)."""
+    for text in factors:
+        backbone, _, factor = text.partition("=")
+        for task in table_data["tasks"].values():
+            for row in task["rows"]:
+                if row["backbone"] == backbone:
+                    row["seconds"] = [s * float(factor) for s in row["seconds"]]
+    return table_data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", default=str(TABLE))
@@ -412,6 +424,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--json", help="write the per-run results and the summary here")
     parser.add_argument("--tasks", nargs="+", help="leave out only these tasks in turn")
+    parser.add_argument(
+        "--scale-seconds",
+        nargs="+",
+        default=[],
+        metavar="BACKBONE=FACTOR",
+        help="a what-if: that backbone's measured seconds times FACTOR (e.g. a heavy backbone)",
+    )
     parser.add_argument(
         "--proposals", type=int, default=COST_PROPOSALS, help="tpe/s: TPE proposals per trial"
     )
@@ -439,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         args.reference = loaded[0].get("reference", "shared")
         methods = [m for m in methods if all(m in r for r in results)]
     else:
-        table_data = json.loads(Path(args.table).read_text())
+        table_data = scale_seconds(json.loads(Path(args.table).read_text()), args.scale_seconds)
         results = simulate(
             table_data,
             args.seeds,

@@ -145,6 +145,9 @@ def test_tpe_per_second_and_the_independent_reference():
             r["target"],
         )
         assert r["random"] == bench.reached(fresh, r["target"])
+    scaled = bench.scale_seconds(_table(1), ["a=10"])["tasks"]["t0"]["rows"]
+    assert {tuple(r["seconds"]) for r in scaled} == {(10.0,) * 3, (1.0,) * 3}
+    assert all(r["seconds"][0] == (10.0 if r["backbone"] == "a" else 1.0) for r in scaled)
     text = bench.format_summary(bench.summarize(runs, methods), 2, 8, 3.0, "independent")
     assert "reference: an independent random search" in text and "| tpe/s |" in text
 
