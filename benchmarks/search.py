@@ -173,7 +173,11 @@ def run(table: Table, sampler, pruner, budget_s: float, max_trials: int, stop_at
     score >= ``stop_at``). Returns [(cumulative seconds, final score or None)] per trial. Each
     trial records the table's seconds and its epochs run as the search's trials do (the
     ``seconds`` and ``epochs_run`` attributes), which the cost-aware sampler reads."""
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
+    # a fixed name: Hyperband assigns a trial's bracket by a hash of the study's name and the
+    # trial's number, and an unnamed study gets a random name (runs would not repeat)
+    study = optuna.create_study(
+        study_name="tabular", direction="maximize", sampler=sampler, pruner=pruner
+    )
     trace: list[tuple[float, float | None]] = []
     spent = 0.0
     for _ in range(max_trials):

@@ -163,3 +163,11 @@ def test_paired_compares_two_methods_run_by_run():
     assert (p["geomean"], p["faster"], p["equal"], p["slower"]) == (1.0, 1, 1, 1)
     assert p["ci"][0] <= 1.0 <= p["ci"][1]
     assert bench.paired(runs[:1], "x", "y")["ci"] == (2.0, 2.0)
+
+
+def test_a_simulation_repeats_exactly_with_hyperband():
+    """Hyperband's brackets hash the study's name: the simulated studies have a fixed one."""
+    bench = _module()
+    methods = ("random", "tpe+hyperband", "portfolio")
+    first = bench.simulate(_table(1), seeds=3, n_trials=8, cap=3.0, methods=methods)
+    assert bench.simulate(_table(1), seeds=3, n_trials=8, cap=3.0, methods=methods) == first
