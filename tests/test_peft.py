@@ -550,3 +550,26 @@ def test_a_bad_lora_rank_is_one_message(tmp_path, value, shown):
         assert f"{shown} is not a positive integer" in lines[0]
         assert "write a list to search it (e.g. [4, 8, 16]) or one integer (e.g. 8)" in lines[0]
     assert not (tmp_path / "lorarank" / "optuna.db").exists()  # no trial created
+
+
+def test_portfolio_and_prior_carry_the_rank(tmp_path):
+    from automl_tl.portfolio import portfolio
+    from automl_tl.prior import fits_study, study_params
+
+    _, config = _lora_study(tmp_path, unfreeze='["lora"]')
+    assert portfolio(config, 1)[0]["lora_rank"] == 8  # LoRA's usual rank, when listed
+    config.search.lora_rank = [4, 16]
+    assert portfolio(config, 1)[0]["lora_rank"] == 16  # else the middle listed one
+    earlier = {
+        "backbone": "test_resnet",
+        "augmentation": "none",
+        "unfreeze": "lora",
+        "unfreeze_depth": 1.0,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+    }
+    assert fits_study(config, {**earlier, "lora_rank": 16})["lora_rank"] == 16
+    assert "lora_rank" not in fits_study(config, {**earlier, "lora_rank": 8})  # not searched
+    assert study_params(config, {**earlier, "lora_rank": 4}, 0)["lora_rank"] == 4
+    config.search.lora_rank = [8]  # fixed: no parameter
+    assert "lora_rank" not in portfolio(config, 1)[0]
