@@ -718,6 +718,12 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
             "trains and no depth is searched; remove unfreeze_depth, or give the backbones "
             'pretrained weights in [weights] (e.g. default = "timm" or "pretrain:SOURCE")'
         )
+    if config.sets("search.lora_rank") and "lora" not in config.search.unfreeze:
+        raise ConfigError(
+            f"[search] lora_rank = {config.search.lora_rank!r} has no effect: [search] unfreeze "
+            f'= {config.search.unfreeze!r} has no "lora" strategy; add "lora" to unfreeze, '
+            "or remove lora_rank"
+        )
     return config
 
 

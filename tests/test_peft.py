@@ -366,7 +366,9 @@ def test_a_search_with_the_peft_strategies_exports_a_plain_timm_best(tmp_path, p
 # the LoRA rank: [search] lora_rank, a parameter of lora trials only, rebuilt by retrain
 
 
-def _lora_study(tmp_path, ranks: str = "[4, 8, 16]", unfreeze: str = '["top_k", "lora"]'):
+def _lora_study(
+    tmp_path, ranks: str = "[4, 8, 16]", unfreeze: str = '["top_k", "lora"]', load: bool = True
+):
     from automl_tl import load_config
 
     from .conftest import write_study
@@ -394,7 +396,7 @@ def _lora_study(tmp_path, ranks: str = "[4, 8, 16]", unfreeze: str = '["top_k", 
         """,
         name="lorarank",
     )
-    return path, load_config(path)
+    return path, load_config(path) if load else None
 
 
 def test_the_rank_is_a_parameter_of_lora_trials_only(registry, tmp_path):
@@ -550,6 +552,18 @@ def test_a_bad_lora_rank_is_one_message(tmp_path, value, shown):
         assert f"{shown} is not a positive integer" in lines[0]
         assert "write a list to search it (e.g. [4, 8, 16]) or one integer (e.g. 8)" in lines[0]
     assert not (tmp_path / "lorarank" / "optuna.db").exists()  # no trial created
+
+
+def test_a_lora_rank_without_the_lora_strategy_is_refused(tmp_path):
+    """A rank with no lora strategy to use it would be silently ignored: one message."""
+    path, _ = _lora_study(tmp_path, unfreeze='["top_k"]', load=False)
+    result = run_main("search", str(path), "--no-retrain", "--device", "cpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "error: [search] lora_rank = [4, 8, 16] has no effect: [search] unfreeze = ['top_k'] "
+        'has no "lora" strategy; add "lora" to unfreeze, or remove lora_rank'
+    )
+    assert not (tmp_path / "lorarank" / "optuna.db").exists()
 
 
 def test_portfolio_and_prior_carry_the_rank(tmp_path):
