@@ -329,6 +329,19 @@ class UnfreezeStrategy(ABC):
         model unchanged."""
         return model
 
+    def configure(self, **options: Any) -> UnfreezeStrategy:
+        """This strategy with a trial's options (``lora``: ``rank``), as a new object: the
+        registered one is shared by every trial and stays as it is. The host calls it once
+        per training run, before :meth:`adapt`, with the options the search chose for the
+        trial (``Choice.strategy_options``; which strategies take which options, and the
+        ``[search]`` key each is searched from: :data:`automl_tl.space.STRATEGY_OPTIONS`).
+        Default: the strategy takes no options (``self`` for none, an error for any)."""
+        if options:
+            raise UserError(
+                f"unfreeze strategy {self.name!r} takes no options, got {sorted(options)}"
+            )
+        return self
+
     @abstractmethod
     def param_groups(
         self, groups: list[LayerGroup], head: list[str], depth: int

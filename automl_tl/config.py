@@ -192,6 +192,10 @@ class SearchSection:
     imbalance: list[str] | None = field(
         default=None, metadata={"items": IMBALANCE_CHOICES, "nonempty": True}
     )
+    #: the ranks of the ``lora`` strategy's low-rank adapters: a list is a searched choice (the
+    #: ``lora_rank`` parameter of trials that choose ``lora``), one integer fixes it; alpha is
+    #: 2 x rank (the adapters' scale alpha / rank stays 2 at every rank)
+    lora_rank: list[int] = field(default_factory=lambda: [4, 8, 16], metadata={"ranks": True})
     #: multi-label studies: "bce" (binary cross-entropy) or "asymmetric" (Ridnik et al., 2021)
     multilabel_loss: str = field(default="bce", metadata=_choices(*tasks.MULTILABEL_LOSSES))
     #: more than one: a multi-objective study (Optuna's TPE or NSGA-II): the first is the
@@ -511,6 +515,8 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, bool) or value == "auto":
             return value
         raise ConfigError(f'{key} must be "auto", true or false, got {_type_name(value)} {value!r}')
+    if meta.get("ranks"):
+        return _check_ranks(key, value)
     if meta.get("fixed_ok") and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = [value, value]  # one number fixes a searched range
     if hint.startswith("list["):
@@ -580,6 +586,21 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
     if "max" in meta and value > meta["max"]:
         raise ConfigError(f"{key} = {value!r} is too large; it must be at most {meta['max']}")
     return value
+
+
+def _check_ranks(key: str, value: Any) -> list[int]:
+    """A list of positive integers (or one, which fixes it): adapter ranks."""
+    values = value if isinstance(value, list) else [value]
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad or not values:
+        what = f"{bad[0]!r} is not a positive integer" if bad else "lists no rank"
+        raise ConfigError(
+            f"{key} = {value!r}: {what}; a rank is the adapters' inner dimension, a whole "
+            f"number >= 1: write a list to search it (e.g. [4, 8, 16]) or one integer (e.g. 8)"
+        )
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{key} lists a rank twice: {value!r}")
+    return list(values)
 
 
 #: range kind -> (the allowed values, whether (low, high) is in them), for the recipe's ranges
@@ -710,6 +731,12 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
             'backbone trains from random init ([weights] "none"), where the whole body always '
             "trains and no depth is searched; remove unfreeze_depth, or give the backbones "
             'pretrained weights in [weights] (e.g. default = "timm" or "pretrain:SOURCE")'
+        )
+    if config.sets("search.lora_rank") and "lora" not in config.search.unfreeze:
+        raise ConfigError(
+            f"[search] lora_rank = {config.search.lora_rank!r} has no effect: [search] unfreeze "
+            f'= {config.search.unfreeze!r} has no "lora" strategy; add "lora" to unfreeze, '
+            "or remove lora_rank"
         )
     return config
 

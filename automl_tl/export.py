@@ -245,7 +245,13 @@ class Scaled(nn.Module):
 class Averaged(nn.Module):
     """An ensemble as one module: the weighted mean of its members' probabilities, returned
     as log-probabilities (divided by the ensemble's temperature, then re-normalized). Input
-    is normalized with the first member's mean/std; each member re-normalizes with its own."""
+    is normalized with the first member's mean/std; each member re-normalizes with its own.
+
+    Members trained at different image sizes (a searched ``[data] image_size``) each get the
+    input resized to their own ``sizes[i]`` (bicubic, antialiased, as
+    :meth:`LoadedModel.preprocess` resizes); :meth:`forward_each` takes one input per member
+    instead, e.g. the same images decoded at each member's size (how the selection scores an
+    ensemble: :func:`automl_tl.selection.model_log_probs`)."""
 
     def __init__(
         self,
@@ -253,9 +259,12 @@ class Averaged(nn.Module):
         weights: list[float],
         norms: list[tuple[Sequence[float], Sequence[float]]],
         temperature: float = 1.0,
+        sizes: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        #: each member's input size (height = width); None: every member takes the input as is
+        self.sizes: list[int] | None = [int(s) for s in sizes] if sizes else None
         w = torch.tensor(weights, dtype=torch.float32)
         self.register_buffer("weights", w / w.sum())
         mean0, std0 = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in norms[0])
@@ -269,8 +278,19 @@ class Averaged(nn.Module):
         self.register_buffer("inv_temperature", torch.tensor(1.0 / float(temperature)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_each([self._resized(x, i) for i in range(len(self.members))])
+
+    def _resized(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        size = self.sizes[i] if self.sizes else None
+        if size is None or tuple(x.shape[-2:]) == (size, size):
+            return x
+        return nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
+
+    def forward_each(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The ensemble's log-probabilities from one batch per member (the same images, each
+        at its member's size, normalized with the first member's mean/std)."""
         total = None
-        for i, member in enumerate(self.members):
+        for i, (member, x) in enumerate(zip(self.members, inputs)):
             probs = member(x * self.scales[i] + self.shifts[i]).float().softmax(-1)
             total = probs * self.weights[i] if total is None else total + probs * self.weights[i]
         return (total.clamp_min(1e-12).log() * self.inv_temperature).log_softmax(-1)
@@ -326,6 +346,7 @@ class LoadedModel:
                 x = torch.nn.functional.interpolate(
                     x, size=(self.image_size,) * 2, mode="bicubic", antialias=True
                 ).clamp(0, 1)
+            return self.normalize(x)
         else:
             arrays = []
             for image in images:
@@ -335,6 +356,12 @@ class LoadedModel:
                     image = np.asarray(image.convert("RGB"))
                 arrays.append(torch.from_numpy(decode_image(image, self.image_size)))
             x = torch.stack(arrays).float().div(255.0)
+        return self.normalize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """A uint8 or [0, 1] float batch, at whatever size it has -> normalized with the
+        model's mean/std, on its device (:meth:`preprocess` without the resize)."""
+        x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
         mean = torch.tensor(self.data_config.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.data_config.std).view(1, -1, 1, 1)
         return ((x - mean) / std).to(self.device)
@@ -510,12 +537,17 @@ def load_ensemble(directory: Path, device: str = "cpu", registry=None) -> Loaded
         [float(m["weight"]) for m in spec["members"]],
         [(m.data_config.mean, m.data_config.std) for m in loaded],
         float(spec.get("temperature") or 1.0),
+        sizes=[m.image_size for m in loaded],
     )
     device_t = torch.device(device)
+    # input at the largest member's size (each member resizes to its own), normalized with
+    # the first member's mean/std (what Averaged expects)
+    first = loaded[0].data_config
+    largest = max(m.image_size for m in loaded)
     return LoadedModel(
         module.to(device_t).eval(),
         loaded[0].label_names,
-        loaded[0].data_config,
+        DataConfig((first.input_size[0], largest, largest), first.mean, first.std),
         device_t,
         float(spec.get("temperature") or 1.0),
         members=[(directory / m["path"], float(m["weight"])) for m in spec["members"]],

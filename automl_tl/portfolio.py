@@ -44,7 +44,7 @@ import math
 from typing import Any
 
 from .config import StudyConfig
-from .space import is_scratch, lr_dimension
+from .space import STRATEGY_OPTIONS, is_scratch, lr_dimension
 
 #: the recipe a backbone starts with from random init (see the module docstring)
 RECIPE: dict[str, Any] = {
@@ -73,6 +73,8 @@ RECIPE_DEFAULTS: dict[str, float] = {
     "clip_grad": 1.0,
     "warmup_epochs": 1.0,
 }
+#: the options a strategy's entry starts with, when the study searches them (LoRA's usual rank)
+STRATEGY_DEFAULTS: dict[str, Any] = {"lora_rank": 8}
 #: the augmentation of both recipes under ``[data] orientation = "fixed"``
 FIXED_ORIENTATION_AUGMENTATION = "crop"
 
@@ -118,6 +120,7 @@ def portfolio(config: StudyConfig, size: int) -> list[dict[str, Any]]:
                 s.unfreeze[0],
             )
             params["unfreeze_depth"] = recipe["unfreeze_depth"]
+            params.update(strategy_defaults(config, params["unfreeze"]))
         params[lr_name] = _log_at(list(lr_range), lr_at)
         params["weight_decay"] = _log_centre(s.weight_decay)
         if augmentation != "none":
@@ -125,6 +128,18 @@ def portfolio(config: StudyConfig, size: int) -> list[dict[str, Any]]:
         params.update(recipe_defaults(config))
         entries.append(params)
     return entries
+
+
+def strategy_defaults(config: StudyConfig, strategy: str) -> dict[str, Any]:
+    """:data:`STRATEGY_DEFAULTS` for the options of ``strategy`` the study searches (the
+    middle listed value when the study does not list the default)."""
+    out: dict[str, Any] = {}
+    for key in STRATEGY_OPTIONS.get(strategy, {}).values():
+        values = getattr(config.search, key)
+        if len(values) > 1:
+            wanted = STRATEGY_DEFAULTS.get(key)
+            out[key] = wanted if wanted in values else values[len(values) // 2]
+    return out
 
 
 def recipe_defaults(config: StudyConfig) -> dict[str, Any]:

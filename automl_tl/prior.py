@@ -48,7 +48,7 @@ from ._util import write_atomic
 from .config import StudyConfig
 from .data import Splits
 from .errors import UserError
-from .space import FINETUNE_LR, effective_params, is_scratch, lr_dimension
+from .space import FINETUNE_LR, STRATEGY_OPTIONS, effective_params, is_scratch, lr_dimension
 from .storage import scrub, with_driver
 
 log = logging.getLogger("automl_tl")
@@ -512,6 +512,9 @@ def fits_study(config: StudyConfig, params: dict[str, Any]) -> dict[str, Any] | 
         "lr": _clamp(params.get("lr", 1e-3), (lo, hi)),
         "weight_decay": _clamp(params.get("weight_decay", 1e-4), s.weight_decay),
     }
+    for key in STRATEGY_OPTIONS.get(params["unfreeze"], {}).values():  # lora_rank
+        if params.get(key) in getattr(s, key):
+            out[key] = params[key]
     return out
 
 
@@ -530,6 +533,9 @@ def study_params(config: StudyConfig, params: dict[str, Any], number: int) -> di
     else:
         out["unfreeze"] = params["unfreeze"]
         out["unfreeze_depth"] = params["unfreeze_depth"]
+        for key in STRATEGY_OPTIONS.get(params["unfreeze"], {}).values():
+            if key in params and len(getattr(config.search, key)) > 1:
+                out[key] = params[key]
     lr_name, bounds = lr_dimension(config, scratch)
     out[lr_name] = _clamp(params["lr"], bounds)
     out["weight_decay"] = params["weight_decay"]

@@ -32,6 +32,7 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,14 @@ from .catalog import Catalog, catalog_path
 from .config import StudyConfig, metric_direction, parse_pick
 from .data import Split, Splits, splits_at
 from .errors import UserError
-from .export import check_single_label, export_ensemble, export_model, load_model
+from .export import (
+    Averaged,
+    LoadedModel,
+    check_single_label,
+    export_ensemble,
+    export_model,
+    load_model,
+)
 from .leaderboard import weights_label
 from .registry import Registry
 from .retrain import retrain, retrain_once, score_predictions
@@ -812,27 +820,61 @@ def _member(
     return folder
 
 
+#: image size -> the study's splits decoded at that size (the same images in the same order)
+SizedSplits = Callable[[int], Splits]
+
+
+def sized_splits(config: StudyConfig, registry: Registry, splits: Splits) -> SizedSplits:
+    """The study's splits at any of its image sizes (:func:`automl_tl.data.splits_at`)."""
+    return lambda size: splits_at(config, registry, splits, size)
+
+
+@torch.inference_mode()
+def model_log_probs(
+    loaded: LoadedModel, split: str, at_size: SizedSplits, limit: int | None = None
+) -> torch.Tensor:
+    """Calibrated log-probabilities of an exported model or ensemble on ``split`` ("val",
+    "test"; its first ``limit`` images), each model on the split decoded at its own input
+    size: an ensemble's members each at theirs (:meth:`Averaged.forward_each`), so members
+    trained at different searched sizes see the images they were trained to see, and their
+    predictions align per image."""
+    module = loaded.calibrated_module()
+    if isinstance(loaded.model, Averaged) and loaded.model.sizes:
+        xs = [getattr(at_size(s), split).x[:limit] for s in loaded.model.sizes]
+        run = lambda part: loaded.model.forward_each([loaded.normalize(x[part]) for x in xs])  # noqa: E731
+    else:
+        x = getattr(at_size(loaded.image_size), split).x[:limit]
+        xs = [x]
+        run = lambda part: module(loaded.preprocess(x[part])).float().log_softmax(-1)  # noqa: E731
+    parts = [run(slice(s, s + 128)).float().cpu() for s in range(0, len(xs[0]), 128)]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
 @torch.inference_mode()
 def score_model(
-    model_dir: Path, splits: Splits, *, seed: int = 0, device: Any = "cpu", registry=None
+    model_dir: Path,
+    splits: Splits,
+    *,
+    seed: int = 0,
+    device: Any = "cpu",
+    registry=None,
+    at_size: SizedSplits | None = None,
 ) -> dict[str, Any]:
     """Test metrics with intervals and calibration, inference cost (ms per image on
-    ``device``, parameters) of an exported model or ensemble."""
+    ``device``, parameters) of an exported model or ensemble. ``at_size`` (the study's
+    :func:`sized_splits`): each model is scored on the test split at its own image size;
+    without it on ``splits`` as they are (resized to the model's size)."""
     device = resolve_device(device)
     # the study's registry: a plugin file's backbone is not in the default one
     loaded = load_model(model_dir, device=str(device), registry=registry)
-    module = loaded.calibrated_module()
+    at_size = at_size or (lambda size: splits)
     test = splits.test
-    lps = []
-    module(loaded.preprocess(test.x[:2]))  # warm-up: the first call is not the steady cost
+    model_log_probs(loaded, "test", at_size, limit=2)  # warm-up: not the steady cost
     t0 = time.perf_counter()
-    for start in range(0, len(test), 128):
-        batch = test.x[start : start + 128]
-        lps.append(module(loaded.preprocess(batch)).float().log_softmax(-1))
+    log_probs = model_log_probs(loaded, "test", at_size)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    log_probs = torch.cat(lps).cpu()
     num_classes = len(loaded.label_names)
     pred = log_probs.argmax(1)
     test_metrics = metrics_from_predictions(test.y, pred, num_classes)
@@ -853,12 +895,24 @@ def score_model(
     }
 
 
+def input_size(config: dict[str, Any]) -> list[int] | None:
+    """An export's input size (config.json's ``pretrained_cfg``), as ``[3, H, W]``."""
+    size = (config.get("pretrained_cfg") or {}).get("input_size")
+    return list(size) if size else None
+
+
 def check_soup(folders: list[Path]) -> None:
-    """A soup's ingredients share architecture and classes, or a clear error."""
+    """A soup's ingredients share architecture, classes and input size, or a clear error."""
     check_single_label(folders, "soups")
     first = json.loads((folders[0] / "config.json").read_text())
     for f in folders[1:]:
         other = json.loads((f / "config.json").read_text())
+        if input_size(first) != input_size(other):
+            raise UserError(
+                f"cannot average models trained at different image sizes: {folders[0]} takes "
+                f"{input_size(first)}, {f} takes {input_size(other)}; a soup needs models of "
+                "one size (ensemble them instead: each member sees its own size)"
+            )
         a = (first.get("architecture"), first.get("automl_tl", {}).get("backbone"))
         b = (other.get("architecture"), other.get("automl_tl", {}).get("backbone"))
         if a != b:
@@ -901,7 +955,7 @@ def metric_to_maximize(config: StudyConfig, registry: Registry, num_classes: int
     return lambda probs, y: sign * metrics_from_predictions(y, probs.argmax(1), num_classes)[metric]
 
 
-def _val_score(loaded, splits: Splits, metric: str, registry: Registry) -> float:
+def _val_score(loaded: LoadedModel, splits: Splits, metric: str, registry: Registry) -> float:
     metrics = evaluate(
         loaded.model,
         splits.val,
@@ -935,8 +989,9 @@ def build_extras(
         return out
     best_dir = paths.best
     scoring = resolve_device(device)
+    at_size = sized_splits(config, registry, splits)  # each model at its own image size
     out["single"] = score_model(
-        best_dir, splits, seed=config.data.seed, device=scoring, registry=registry
+        best_dir, splits, seed=config.data.seed, device=scoring, registry=registry, at_size=at_size
     )
     numbers = [r["trial"] for r in selection.finalists]
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -991,7 +1046,12 @@ def build_extras(
                 },
             )
             out["ensemble"] = score_model(
-                paths.ensemble, splits, seed=config.data.seed, device=scoring, registry=registry
+                paths.ensemble,
+                splits,
+                seed=config.data.seed,
+                device=scoring,
+                registry=registry,
+                at_size=at_size,
             )
             out["ensemble"]["member_trials"] = {str(n): c for n, c in members}
             log.info(
@@ -1002,25 +1062,55 @@ def build_extras(
             )
     if sel.soup and not config.search.multi_objective:
         winner = by_number[selection.winner]
-        same = [
-            n
+        skipped = {
+            str(n): why
             for n in numbers
             if n != selection.winner
-            and by_number[n].params.get("backbone") == winner.params.get("backbone")
-            and weights_label(config, by_number[n].params) == weights_label(config, winner.params)
-        ]
+            and (why := soup_mismatch(config, by_number[n].params, winner.params, splits))
+        }
+        same = [n for n in numbers if n != selection.winner and str(n) not in skipped]
+        if skipped:
+            out["soup_skipped"] = skipped
         if weights_label(config, winner.params) == "none":
             # from random init each trial starts from other weights (its own seed): averaging
             # them is no soup
             out["soup_note"] = "the winner trained from random init: no shared weights to soup"
         elif same:
+            size = trained_size(winner.params, splits)
             out["soup"] = _greedy_soup(
-                config, registry, study, splits, selection, [selection.winner, *same], device
+                config, registry, study, at_size(size), selection, [selection.winner, *same], device
             )
         else:
-            out["soup_note"] = "no other finalist shares the winner's backbone and weights"
+            out["soup_note"] = (
+                "no other finalist shares the winner's backbone, weights and image size"
+            )
     write_atomic(paths.selection, json.dumps(out, indent=2))
     return out
+
+
+def trained_size(params: dict[str, Any], splits: Splits) -> int:
+    """The image size a trial trained at: its searched ``image_size``, else the study's."""
+    return int(params.get("image_size") or splits.image_size)
+
+
+def soup_mismatch(
+    config: StudyConfig, params: dict[str, Any], winner: dict[str, Any], splits: Splits
+) -> str | None:
+    """Why a finalist (its parameters) cannot be an ingredient of the winner's soup, or None:
+    weights are averaged only across models of one backbone, fine-tuned from the same
+    weights at the same image size."""
+    if params.get("backbone") != winner.get("backbone"):
+        return f"another backbone ({params.get('backbone')}; the winner: {winner.get('backbone')})"
+    mine, theirs = weights_label(config, params), weights_label(config, winner)
+    if mine != theirs:
+        return f"other weights ({mine}; the winner: {theirs})"
+    size, winner_size = trained_size(params, splits), trained_size(winner, splits)
+    if size != winner_size:
+        return (
+            f"trained at {size} px, the winner at {winner_size} px: weights trained at "
+            "another image size are not averaged"
+        )
+    return None
 
 
 def _greedy_soup(
@@ -1033,8 +1123,9 @@ def _greedy_soup(
     device: str,
 ) -> dict[str, Any]:
     """Greedy soup (Wortsman et al., 2022): ingredients in race order, each kept when the
-    soup's validation score (the study's metric, in its direction) does not get worse. With ``[retrain] on = "train+val"`` the
-    validation images were trained on, so this only rejects ingredients that break the soup."""
+    soup's validation score (the study's metric, in its direction) does not get worse. With
+    ``[retrain] on = "train+val"`` the validation images were trained on, so this only
+    rejects ingredients that break the soup. ``splits``: at the ingredients' image size."""
     folders = [_member(config, registry, study, splits, n, selection, device) for n in order]
     check_soup(folders)
     kept = [0]

@@ -17,6 +17,8 @@ parameter           exists when                             values
 ``unfreeze``        pretrained weights                      ``[search] unfreeze``
 ``unfreeze_depth``  pretrained weights                      ``[search] unfreeze_depth``
                                                             (default [0, 1])
+``lora_rank``       the trial's strategy is ``lora`` and    those ranks (default [4, 8, 16];
+                    ``[search] lora_rank`` lists several    alpha = 2 x rank)
 ``unfreeze_scratch`` random init (``"none"``)               the ``from_scratch`` strategies of
                                                             ``[search] unfreeze``, at full depth
 ``lr``              random init, or any trial when the      ``[search] lr`` (default
@@ -102,6 +104,12 @@ SHOWN_PARAMS = (
     "lr",
     "weight_decay",
 )
+
+#: the options a strategy takes per trial (:meth:`UnfreezeStrategy.configure`): strategy ->
+#: option -> the ``[search]`` key that lists its values. The Optuna parameter has the key's
+#: name and exists only in trials that choose the strategy, when the key lists several values
+#: (one fixes it: no parameter, a retrain takes it from the study file)
+STRATEGY_OPTIONS: dict[str, dict[str, str]] = {"lora": {"rank": "lora_rank"}}
 
 #: the default lr range of trials from pretrained weights (when ``[search] lr`` is not set):
 #: fine-tuning wants a lower lr than training from random init (``[search] lr``'s default,
@@ -198,6 +206,7 @@ def suggest(trial: optuna.Trial, config: StudyConfig, registry: Registry) -> Cho
     else:
         unfreeze = trial.suggest_categorical("unfreeze", s.unfreeze)
         depth = trial.suggest_float("unfreeze_depth", *s.unfreeze_depth)
+    options = suggest_strategy_options(trial, config, unfreeze)
     lr_name, (lr_low, lr_high) = lr_dimension(config, scratch)
     lr = trial.suggest_float(lr_name, lr_low, lr_high, log=True)
     weight_decay = trial.suggest_float(
@@ -214,11 +223,40 @@ def suggest(trial: optuna.Trial, config: StudyConfig, registry: Registry) -> Cho
         aug_strength=strength,
         unfreeze=unfreeze,
         unfreeze_depth=depth,
+        strategy_options=options,
         lr=lr,
         weight_decay=weight_decay,
         epochs=s.epochs,
         batch_size=s.batch_size,
     )
+
+
+def suggest_strategy_options(
+    trial: optuna.Trial, config: StudyConfig, strategy: str
+) -> dict[str, Any]:
+    """The options of ``strategy`` the study searches (:data:`STRATEGY_OPTIONS`): a
+    categorical parameter per option whose key lists several values, else the one value."""
+    options = {}
+    for option, key in STRATEGY_OPTIONS.get(strategy, {}).items():
+        values = getattr(config.search, key)
+        options[option] = trial.suggest_categorical(key, values) if len(values) > 1 else values[0]
+    return options
+
+
+def strategy_options_from_params(
+    params: dict[str, Any], config: StudyConfig, strategy: str
+) -> dict[str, Any]:
+    """The options a finished trial of ``strategy`` trained with: its parameters, or the one
+    value the study fixes; an option neither has (a trial from before the key) is left to
+    the strategy's own default (``lora``: rank 8, as such trials trained)."""
+    options = {}
+    for option, key in STRATEGY_OPTIONS.get(strategy, {}).items():
+        values = getattr(config.search, key)
+        if key in params:
+            options[option] = params[key]
+        elif len(values) == 1:
+            options[option] = values[0]
+    return options
 
 
 def takes_drop_path(registry: Registry, backbone: str) -> bool:
@@ -310,6 +348,7 @@ def choice_from_params(params: dict[str, Any], config: StudyConfig) -> Choice:
     """Rebuild the Choice of a finished trial (for retrain) from its parameters (either form:
     this module's conditional names, or the flat ones of older studies)."""
     known = set(PARAM_NAMES) | set(RECIPE_KEYS) | {"image_size"}
+    known |= {key for keys in STRATEGY_OPTIONS.values() for key in keys.values()}
     p = effective_params(params)
     missing = [
         k for k in ("backbone", "augmentation", "unfreeze", "lr", "weight_decay") if k not in p
@@ -326,6 +365,7 @@ def choice_from_params(params: dict[str, Any], config: StudyConfig) -> Choice:
         aug_strength=float(p.get("aug_strength", 0.0)),
         unfreeze=p["unfreeze"],
         unfreeze_depth=float(p.get("unfreeze_depth", 1.0)),
+        strategy_options=strategy_options_from_params(params, config, p["unfreeze"]),
         lr=float(p["lr"]),
         weight_decay=float(p["weight_decay"]),
         epochs=config.search.epochs,

@@ -98,6 +98,9 @@ class Choice:
     #: the searched image size (``[data] image_size = [160, 224]``); None: the study's one.
     #: fit() trains at the size of the splits it gets: pass ``data.splits_at(..., image_size)``
     image_size: int | None = None
+    #: the unfreeze strategy's options for this trial (``lora``: ``{"rank": 16}``), handed to
+    #: :meth:`UnfreezeStrategy.configure`; empty: the registered strategy as it is
+    strategy_options: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -497,6 +500,12 @@ def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+def configured_strategy(registry: Registry, choice: Choice) -> UnfreezeStrategy:
+    """The trial's unfreeze strategy with its options (``Choice.strategy_options``)."""
+    strategy: UnfreezeStrategy = registry.get("unfreeze_strategies", choice.unfreeze)
+    return strategy.configure(**choice.strategy_options)
+
+
 def adapt_model(
     strategy: UnfreezeStrategy,
     model: nn.Module,
@@ -853,7 +862,7 @@ def _fit(
 
     backbone: Backbone = registry.get("backbones", choice.backbone)
     policy = registry.get("augmentation_policies", choice.augmentation)
-    strategy: UnfreezeStrategy = registry.get("unfreeze_strategies", choice.unfreeze)
+    strategy = configured_strategy(registry, choice)
 
     recipe = choice.recipe
     model = create_model(backbone, choice, num_classes, data.image_size)

@@ -132,6 +132,7 @@ def run_one(args, task, seed: int, sources: dict[str, str], out: Path) -> dict:
             "accuracy"
         ]
     raced = chosen["single"]["test"]["accuracy"]
+    variants = ensemble_variants(config, registry, outcome.study, splits, selection, finalists)
     result = {
         "task": task[0],
         "seed": seed,
@@ -145,6 +146,7 @@ def run_one(args, task, seed: int, sources: dict[str, str], out: Path) -> dict:
         "ensemble": chosen["ensemble"]["test"]["accuracy"] if "ensemble" in chosen else raced,
         "ensemble_members": chosen.get("ensemble", {}).get("members", 1),
         "oracle": max(finalists.values()),
+        "ensemble_rules": variants,
         "race_runs": sel["runs"],
         "race_seconds": sel["run_seconds"],
         "seconds": round(time.perf_counter() - started, 1),
@@ -153,6 +155,79 @@ def run_one(args, task, seed: int, sources: dict[str, str], out: Path) -> dict:
     result["regret_argmax"] = result["oracle"] - result["argmax"]
     result["regret_raced"] = result["oracle"] - result["raced"]
     return result
+
+
+#: ways to choose an ensemble's members from the finalists' held-out predictions, compared on
+#: the same retrained finalists: the shipped rule (Caruana's hill-climb on the study's metric),
+#: the hill-climb on likelihood, and every finalist with equal weight
+ENSEMBLE_RULES = ("metric", "nll", "uniform")
+
+
+def ensemble_variants(config, registry, study, splits, selection, finalists: dict) -> dict:
+    """Test accuracy of the ensemble each of :data:`ENSEMBLE_RULES` chooses: the members'
+    test probabilities come from the retrained finalists (what the ensemble exports)."""
+    import torch
+
+    from automl_tl.export import load_model
+    from automl_tl.scores import caruana_selection
+    from automl_tl.selection import (
+        _member,
+        _pool_labels,
+        done_runs,
+        held_out_predictions,
+        mean_probabilities,
+        metric_to_maximize,
+        model_log_probs,
+        open_race_study,
+        sized_splits,
+    )
+
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    done = done_runs(open_race_study(study))
+    labels, n_classes = _pool_labels(splits), len(splits.class_names)
+    pooled = {}
+    for n in finalists:
+        runs = [r for r in done.values() if r.user_attrs.get("finalist") == n]
+        preds = held_out_predictions(config, splits, by_number[n], runs)
+        if preds:
+            pooled[n] = mean_probabilities(preds, len(labels), n_classes)
+    if len(pooled) < 2:
+        return {}
+    common = torch.ones(len(labels), dtype=torch.bool)
+    for _, count in pooled.values():
+        common &= count > 0
+    numbers = list(pooled)
+    held = [pooled[n][0][common].clamp(min=1e-12).log().float() for n in numbers]
+    at_size = sized_splits(config, registry, splits)
+    test, raw = {}, {}
+    for n in numbers:
+        folder = _member(config, registry, study, splits, n, selection, "cpu")
+        loaded = load_model(folder, registry=registry)
+        calibrated = model_log_probs(loaded, "test", at_size)  # log_softmax(z / T)
+        test[n] = calibrated.exp()
+        raw[n] = (calibrated * loaded.temperature).softmax(-1)  # softmax(z): T undone
+    weights = {
+        "metric": caruana_selection(
+            held, labels[common], score=metric_to_maximize(config, registry, n_classes)
+        ),
+        "nll": caruana_selection(held, labels[common], score="nll"),
+        "uniform": [1] * len(numbers),
+    }
+
+    def accuracy(probs: dict, w: list[int]) -> float:
+        mix = sum(c * probs[n] for n, c in zip(numbers, w) if c) / sum(w)
+        return float((mix.argmax(1) == splits.test.y).double().mean())
+
+    return {
+        rule: {
+            # the members' probabilities as exported (Averaged: each member's own softmax)
+            "accuracy": accuracy(raw, weights[rule]),
+            # each member's temperature-scaled probabilities averaged instead
+            "accuracy_calibrated_members": accuracy(test, weights[rule]),
+            "members": {str(n): c for n, c in zip(numbers, weights[rule]) if c},
+        }
+        for rule in ENSEMBLE_RULES
+    }
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -168,6 +243,32 @@ def summarize(rows: list[dict]) -> dict:
             for key in (*ARMS, "oracle", "regret_argmax", "regret_raced", "race_runs", "seconds")
         }
         out[task]["finalists"] = statistics.fmean(len(r["finalists"]) for r in rs)
+        ruled = [r for r in rs if r.get("ensemble_rules")]
+        out[task]["ensemble_rules"] = {
+            rule: {
+                **dict(
+                    zip(
+                        ("mean", "sd"),
+                        mean_sd([r["ensemble_rules"][rule]["accuracy"] for r in ruled]),
+                    )
+                ),
+                "minus_raced": mean_sd(
+                    [r["ensemble_rules"][rule]["accuracy"] - r["raced"] for r in ruled]
+                ),
+                "calibrated_members": mean_sd(
+                    [r["ensemble_rules"][rule]["accuracy_calibrated_members"] for r in ruled]
+                ),
+                "calibrated_minus_raced": mean_sd(
+                    [
+                        r["ensemble_rules"][rule]["accuracy_calibrated_members"] - r["raced"]
+                        for r in ruled
+                    ]
+                ),
+                "seeds": len(ruled),
+            }
+            for rule in ENSEMBLE_RULES
+            if ruled
+        }
         out[task]["seeds"] = len(rs)
     return out
 
@@ -244,6 +345,15 @@ def main(argv=None) -> int:
             + ", ".join(f"{a} {s[a]['mean']:.4f} ± {s[a]['sd']:.4f}" for a in (*ARMS, "oracle"))
             + f"; regret argmax {s['regret_argmax']['mean']:.4f}, raced {s['regret_raced']['mean']:.4f}"
         )
+    for task, s in summary.items():
+        for rule, v in s["ensemble_rules"].items():
+            d, sd = v["minus_raced"]
+            (cm, csd), (cd, cdsd) = v["calibrated_members"], v["calibrated_minus_raced"]
+            print(
+                f"{task}: ensemble by {rule}: {v['mean']:.4f} ± {v['sd']:.4f}, "
+                f"{d:+.4f} ± {sd:.4f} vs raced; calibrated members {cm:.4f} ± {csd:.4f}, "
+                f"{cd:+.4f} ± {cdsd:.4f} vs raced ({v['seeds']} seeds)"
+            )
     if args.markdown:
         print(
             "\n| task | argmax | raced | soup | ensemble | oracle | regret argmax | regret raced |"

@@ -360,3 +360,230 @@ def test_a_search_with_the_peft_strategies_exports_a_plain_timm_best(tmp_path, p
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(plain.eval()(x), loaded.model.eval()(x), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the LoRA rank: [search] lora_rank, a parameter of lora trials only, rebuilt by retrain
+
+
+def _lora_study(
+    tmp_path, ranks: str = "[4, 8, 16]", unfreeze: str = '["top_k", "lora"]', load: bool = True
+):
+    from automl_tl import load_config
+
+    from .conftest import write_study
+
+    path = write_study(
+        tmp_path,
+        f"""
+        [data]
+        source = "digits:0-2"
+        image_size = 32
+        seed = 0
+
+        [search]
+        n_trials = 2
+        backbones = ["test_resnet"]
+        augmentations = ["none"]
+        unfreeze = {unfreeze}
+        lora_rank = {ranks}
+        epochs = 1
+        batch_size = 32
+        pruner = "none"
+
+        [weights]
+        default = "timm"
+        """,
+        name="lorarank",
+    )
+    return path, load_config(path) if load else None
+
+
+def test_the_rank_is_a_parameter_of_lora_trials_only(registry, tmp_path):
+    import optuna
+
+    from automl_tl.space import choice_from_params, suggest
+
+    _, config = _lora_study(tmp_path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {"top_k": 0, "lora": 0}
+    for _ in range(16):
+        trial = study.ask()
+        choice = suggest(trial, config, registry)
+        seen[choice.unfreeze] += 1
+        if choice.unfreeze == "lora":
+            assert trial.params["lora_rank"] in (4, 8, 16)
+            assert choice.strategy_options == {"rank": trial.params["lora_rank"]}
+        else:
+            assert "lora_rank" not in trial.params and choice.strategy_options == {}
+        assert choice_from_params(trial.params, config).strategy_options == choice.strategy_options
+        study.tell(trial, 0.5)
+    assert seen["top_k"] and seen["lora"]
+    # one rank fixes it: no parameter, the study file's value
+    _, fixed = _lora_study(tmp_path / "fixed", ranks="16", unfreeze='["lora"]')
+    trial = optuna.create_study().ask()
+    assert suggest(trial, fixed, registry).strategy_options == {"rank": 16}
+    assert "lora_rank" not in trial.params
+    assert choice_from_params(trial.params, fixed).strategy_options == {"rank": 16}
+    # a lora trial of before [search] lora_rank (no parameter) keeps the rank it trained with
+    old = choice_from_params(trial.params, config)
+    assert old.strategy_options == {} and registry.get("unfreeze_strategies", "lora").rank == 8
+
+
+# rank 4 on the top two groups, by hand from the layer shapes (A: r x fan-in, B: out x r):
+# test_resnet's convolutions (out, in, kh, kw): layer3.0 conv1 (48, 48, 1, 1), conv2
+# (48, 48, 3, 3), conv3 and downsample (192, 48, 1, 1); layer4.0 conv1 (96, 192, 3, 3), conv2
+# (96, 96, 3, 3), downsample (96, 192, 1, 1). test_vit's blocks 4 and 5: qkv 64->192, proj
+# 64->64, fc1 64->192, fc2 192->64 (the final norm has no matrix).
+RANK_4_ADAPTERS = {
+    "test_resnet": 4 * (48 + 48)
+    + 4 * (48 * 9 + 48)
+    + 2 * 4 * (48 + 192)
+    + 4 * (192 * 9 + 96)
+    + 4 * (96 * 9 + 96)
+    + 4 * (192 + 96),
+    "test_vit": 2 * 4 * ((64 + 192) + (64 + 64) + (64 + 192) + (192 + 64)),
+}
+
+
+@pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
+def test_a_rank_4_trial_has_exactly_the_rank_4_adapters(registry, backbone):
+    from automl_tl.train import configured_strategy
+
+    assert RANK_4_ADAPTERS == {"test_resnet": 16512, "test_vit": 7168}
+    component = registry.get("backbones", backbone)
+    counts = {}
+    for rank in (4, 16):
+        model = component.create(3, image_size=32)
+        groups, head = component.layer_groups(model), component.head_parameters(model)
+        choice = Choice(backbone=backbone, unfreeze="lora", strategy_options={"rank": rank})
+        strategy = configured_strategy(registry, choice)
+        assert strategy.rank == rank and strategy.alpha == 2 * rank
+        adapted = adapt_model(strategy, model, groups, head, 2)
+        layers = [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAConv2d))]
+        assert {m.lora_a.shape[0] for m in layers} == {rank} and {m.scale for m in layers} == {2.0}
+        counts[rank] = sum(
+            model.get_parameter(n).numel() for g in adapted for n in g if ".lora_" in n
+        )
+    assert counts[4] == RANK_4_ADAPTERS[backbone]
+    assert counts[16] == 4 * RANK_4_ADAPTERS[backbone]  # no layer is narrower than 16
+    assert registry.get("unfreeze_strategies", "lora").rank == 8  # the registered one untouched
+
+
+def test_retrain_rebuilds_the_trials_rank_and_merges_for_plain_timm(registry, few_digits, tmp_path):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from automl_tl.retrain import retrain
+    from automl_tl.space import choice_from_params
+
+    from .conftest import create_study
+
+    _, config = _lora_study(tmp_path, ranks="[4, 16]", unfreeze='["lora"]')
+    config.weights = {"default": "none"}  # nothing downloaded: adapters on a random body
+    params = {
+        "backbone": "test_resnet",
+        "augmentation": "none",
+        "unfreeze": "lora",
+        "unfreeze_depth": 1.0,
+        "lora_rank": 16,
+        "lr_finetune": 3e-3,
+        "weight_decay": 1e-4,
+    }
+    distributions = {
+        "backbone": CategoricalDistribution(["test_resnet"]),
+        "augmentation": CategoricalDistribution(["none"]),
+        "unfreeze": CategoricalDistribution(["lora"]),
+        "unfreeze_depth": FloatDistribution(0.0, 1.0),
+        "lora_rank": CategoricalDistribution([4, 16]),
+        "lr_finetune": FloatDistribution(3e-5, 3e-3, log=True),
+        "weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
+    }
+    study = create_study(config)
+    study.add_trial(
+        create_trial(
+            state=TrialState.COMPLETE, value=0.5, params=params, distributions=distributions
+        )
+    )
+    folder, _ = retrain(config, registry, trial_number=0, device="cpu", splits=few_digits)
+    exported = load_file(str(folder / "model.safetensors"))
+    plain = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    plain.load_state_dict(exported, strict=True)  # merged: the backbone's own tensors
+
+    choice = choice_from_params(study.trials[0].params, config)
+    assert choice.strategy_options == {"rank": 16}
+
+    def weights_at(rank):
+        again = dataclasses.replace(choice, strategy_options={"rank": rank})
+        result = fit(
+            again,
+            few_digits,
+            registry,
+            device="cpu",
+            seed=0,
+            train_on="train+val",
+            evaluate_on=None,
+        )
+        return result.model.state_dict()
+
+    rank_16 = weights_at(16)
+    assert all(torch.equal(exported[k], rank_16[k]) for k in exported)
+    rank_4 = weights_at(4)
+    assert not all(torch.equal(exported[k], rank_4[k]) for k in exported)
+
+
+@pytest.mark.parametrize(
+    "value, shown",
+    [("0", "0"), ("-4", "-4"), ("[4, 2.5]", "2.5"), ('"8"', "'8'"), ("[]", None), ("[8, 8]", None)],
+)
+def test_a_bad_lora_rank_is_one_message(tmp_path, value, shown):
+    path, _ = _lora_study(tmp_path)
+    path.write_text(path.read_text().replace("lora_rank = [4, 8, 16]", f"lora_rank = {value}"))
+    result = run_main("search", str(path), "--no-retrain", "--device", "cpu")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    if shown is None:
+        assert lines[0].startswith("error: [search] lora_rank ")
+    else:
+        assert lines[0].startswith(
+            f"error: [search] lora_rank = {value.strip()!s}".replace('"8"', "'8'")
+        ), lines[0]
+        assert f"{shown} is not a positive integer" in lines[0]
+        assert "write a list to search it (e.g. [4, 8, 16]) or one integer (e.g. 8)" in lines[0]
+    assert not (tmp_path / "lorarank" / "optuna.db").exists()  # no trial created
+
+
+def test_a_lora_rank_without_the_lora_strategy_is_refused(tmp_path):
+    """A rank with no lora strategy to use it would be silently ignored: one message."""
+    path, _ = _lora_study(tmp_path, unfreeze='["top_k"]', load=False)
+    result = run_main("search", str(path), "--no-retrain", "--device", "cpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "error: [search] lora_rank = [4, 8, 16] has no effect: [search] unfreeze = ['top_k'] "
+        'has no "lora" strategy; add "lora" to unfreeze, or remove lora_rank'
+    )
+    assert not (tmp_path / "lorarank" / "optuna.db").exists()
+
+
+def test_portfolio_and_prior_carry_the_rank(tmp_path):
+    from automl_tl.portfolio import portfolio
+    from automl_tl.prior import fits_study, study_params
+
+    _, config = _lora_study(tmp_path, unfreeze='["lora"]')
+    assert portfolio(config, 1)[0]["lora_rank"] == 8  # LoRA's usual rank, when listed
+    config.search.lora_rank = [4, 16]
+    assert portfolio(config, 1)[0]["lora_rank"] == 16  # else the middle listed one
+    earlier = {
+        "backbone": "test_resnet",
+        "augmentation": "none",
+        "unfreeze": "lora",
+        "unfreeze_depth": 1.0,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+    }
+    assert fits_study(config, {**earlier, "lora_rank": 16})["lora_rank"] == 16
+    assert "lora_rank" not in fits_study(config, {**earlier, "lora_rank": 8})  # not searched
+    assert study_params(config, {**earlier, "lora_rank": 4}, 0)["lora_rank"] == 4
+    config.search.lora_rank = [8]  # fixed: no parameter
+    assert "lora_rank" not in portfolio(config, 1)[0]

@@ -477,3 +477,148 @@ def test_caruana_selection_climbs_the_metric_it_is_given():
     calls = []
     caruana_selection(logs, y, score=lambda p, t: calls.append(1) or recall_of_1(p, t))
     assert calls  # the given score is what is climbed
+
+
+# ---------------------------------------------------------------------------------------------
+# finalists trained at different searched image sizes: each scored at its own size
+
+
+TWO_SIZES = """
+[data]
+source = "digits:0-2"
+image_size = [16, 24]
+seed = 0
+
+[search]
+n_trials = 2
+backbones = ["test_resnet"]
+augmentations = ["none"]
+unfreeze = ["top_k"]
+epochs = 1
+pruner = "none"
+
+[weights]
+default = "timm"
+"""
+
+
+def _sized(tmp_path, registry):
+    """A study searching sizes 16 and 24 px, its splits at 16 px, and a model exported at
+    each size (random init, another seed each: different predictions)."""
+    from automl_tl.components import DataConfig
+    from automl_tl.config import load_config
+    from automl_tl.data import load_splits
+    from automl_tl.export import export_model
+
+    config = load_config(write_study(tmp_path, TWO_SIZES))
+    splits = load_splits(config, registry)
+    backbone = registry.get("backbones", "test_resnet")
+    folders = {}
+    for seed, (size, folder) in enumerate([(16, config.paths.best), (24, config.paths.model(1))]):
+        torch.manual_seed(seed)
+        export_model(
+            backbone.create(3, image_size=size).eval(),
+            backbone,
+            folder,
+            splits.class_names,
+            DataConfig((3, size, size), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            {"trial": seed},
+        )
+        folders[size] = folder
+    return config, splits, folders
+
+
+def test_an_ensembles_members_are_each_scored_at_their_own_size(tmp_path, registry):
+    from automl_tl.data import splits_at
+    from automl_tl.export import export_ensemble, load_model
+
+    config, splits, folders = _sized(tmp_path, registry)
+    at_size = selection.sized_splits(config, registry, splits)
+    assert splits.image_size == 16 and at_size(24).image_size == 24
+    assert torch.equal(at_size(24).val.y, splits.val.y)  # the same images, in the same order
+    out = export_ensemble(
+        [folders[16], folders[24]], tmp_path / "ensemble", weights=[1, 2], temperature=1.5
+    )
+    ensemble = load_model(out)
+    assert ensemble.image_size == 24 and ensemble.model.sizes == [16, 24]
+    got = selection.model_log_probs(ensemble, "val", at_size)
+    # by hand: each member on the validation images decoded at its own size, then the
+    # weighted mean of the probabilities, divided by the temperature
+    probs = []
+    for size in (16, 24):
+        member = load_model(folders[size])
+        x = splits_at(config, registry, splits, size).val.x
+        assert x.shape[-1] == size
+        with torch.no_grad():
+            probs.append(member.model(member.preprocess(x)).float().softmax(-1))
+    mean = (1 * probs[0] + 2 * probs[1]) / 3
+    expected = (mean.clamp_min(1e-12).log() / 1.5).log_softmax(-1)
+    assert got.shape == (len(splits.val), 3)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+    # the member at 24 px fed the 16 px images (upsampled), as before: other predictions
+    big = load_model(folders[24])
+    with torch.no_grad():
+        upsampled = big.model(big.preprocess(splits.val.x)).float().softmax(-1)
+    assert not torch.allclose(upsampled, probs[1], atol=1e-3)
+    # the test score of the ensemble is that of these predictions on the test split
+    scored = selection.score_model(out, splits, registry=registry, at_size=at_size)
+    test = selection.model_log_probs(ensemble, "test", at_size)
+    accuracy = (test.argmax(1) == splits.test.y).double().mean().item()
+    assert scored["test"]["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_a_soup_skips_and_refuses_ingredients_of_another_size(tmp_path, registry, capsys):
+    from automl_tl.cli import main
+
+    config, splits, folders = _sized(tmp_path, registry)
+    at_16 = {"backbone": "test_resnet", "image_size": 16}
+    assert selection.soup_mismatch(config, {"backbone": "test_resnet"}, at_16, splits) is None
+    assert selection.soup_mismatch(config, {**at_16, "image_size": 24}, at_16, splits) == (
+        "trained at 24 px, the winner at 16 px: weights trained at another image size are "
+        "not averaged"
+    )
+    # the study's selection: finalist 1 (24 px) is skipped, with the reason in selection.json
+    config.selection.ensemble = False
+    study = optuna.create_study(direction="maximize")
+    for size in (16, 24):
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=0.5,
+                params={"backbone": "test_resnet", "image_size": size},
+                distributions={
+                    "backbone": optuna.distributions.CategoricalDistribution(["test_resnet"]),
+                    "image_size": optuna.distributions.CategoricalDistribution([16, 24]),
+                },
+            )
+        )
+    chosen = selection.Selection(
+        winner=0,
+        argmax=0,
+        rule="mean",
+        finalists=[{"trial": 0}, {"trial": 1}],
+        standard_error=0.0,
+        val_images=len(splits.val),
+        folds=0,
+        repeats=1,
+        budget=1,
+        runs=0,
+        run_seconds=0.0,
+        epochs=None,
+        temperature=None,
+    )
+    out = selection.build_extras(config, registry, study, splits, chosen, device="cpu")
+    assert "soup" not in out
+    assert out["soup_skipped"] == {
+        "1": "trained at 24 px, the winner at 16 px: weights trained at another image size are "
+        "not averaged"
+    }
+    assert out["soup_note"] == (
+        "no other finalist shares the winner's backbone, weights and image size"
+    )
+    assert json.loads(config.paths.selection.read_text())["soup_skipped"] == out["soup_skipped"]
+    # by hand: automl-tl ensemble A B --soup refuses two sizes
+    soup = tmp_path / "soup"
+    assert main(["ensemble", str(folders[16]), str(folders[24]), "-o", str(soup), "--soup"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot average models trained at different image sizes" in err
+    assert "Traceback" not in err and not soup.exists()

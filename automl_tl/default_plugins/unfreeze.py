@@ -16,7 +16,9 @@ Parameter-efficient strategies train part of the top ``depth`` groups (the head 
 - ``norm_fit``: only the normalization layers' affine parameters (BatchNorm, LayerNorm,
   GroupNorm, …; Frankle et al. 2021, "Training BatchNorm and Only BatchNorm").
 - ``lora``: every ``nn.Linear`` and ``nn.Conv2d`` (zero padding, no channel groups) of those
-  groups gets a rank-8 adapter (:mod:`automl_tl.adapters`, Hu et al. 2021) and its weight
+  groups gets a low-rank adapter (rank: the trial's ``lora_rank``, searched from ``[search]
+  lora_rank``, default 4, 8 or 16; alpha = 2 x rank, so the scale alpha / rank is 2 at every
+  rank) (:mod:`automl_tl.adapters`, Hu et al. 2021) and its weight
   stays frozen; the groups' other parameters (biases, norms, depthwise convolutions, tokens)
   train as with ``top_k``. The adapters are merged into the weights after training, so the
   exported model is the backbone's own architecture.
@@ -42,6 +44,7 @@ from torch import nn
 from automl_tl import hookimpl
 from automl_tl.adapters import add_lora, can_adapt, merge_lora
 from automl_tl.components import LayerGroup, ParamGroup, UnfreezeStrategy
+from automl_tl.errors import UserError
 
 
 def _top(groups: list[LayerGroup], depth: int) -> list[LayerGroup]:
@@ -149,8 +152,26 @@ class LoRA(TopK):
         "low-rank adapters on the Linear/Conv2d layers of the top k groups (merged on export)"
     )
     from_scratch = False
-    RANK = 8
-    ALPHA = 16.0
+
+    def __init__(self, rank: int = 8) -> None:
+        #: the adapters' rank; 8 (the registered strategy's) for a trial with none, as
+        #: trials of studies from before ``[search] lora_rank`` trained
+        self.rank = rank
+
+    @property
+    def alpha(self) -> float:
+        """2 x rank: the update's scale alpha / rank is 2 at every rank (the usual choice, so
+        a searched rank changes the update's capacity, not its step size)."""
+        return 2.0 * self.rank
+
+    def configure(self, **options):
+        unknown = {k: v for k, v in options.items() if k != "rank"}
+        if unknown:
+            return super().configure(**unknown)  # refused, naming them
+        rank = options.get("rank", self.rank)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise UserError(f"the lora strategy's rank must be an integer >= 1, got {rank!r}")
+        return LoRA(rank)
 
     def adapt(self, model, groups, head, depth):
         top = {n for g in _top(groups, depth) for n in g}
@@ -160,7 +181,7 @@ class LoRA(TopK):
             prefix, _, last = name.rpartition(".")
             if last == "weight" and prefix and can_adapt(owners[name]):
                 targets[prefix] = name
-        added = add_lora(model, sorted(targets), self.RANK, self.ALPHA)
+        added = add_lora(model, sorted(targets), self.rank, self.alpha)
         frozen = set(targets.values())
         out = []
         for group in groups:
