@@ -144,7 +144,7 @@ class SearchSection:
     #: in place of the first random start-up trials; false: random start-up only
     portfolio: bool = True
     #: TPE keeps the cheapest of several proposals, by a cost model of the study's trials
-    #: (automl_tl/samplers.py CostAwareSampler): "auto" = under a [search] timeout, true, false
+    #: (automl_tl/samplers.py CostAwareSampler): "auto" = under a timeout or a --deadline
     cost_aware: str | bool = field(default="auto", metadata={"auto_or_bool": True})
     #: a team prior: catalogs of earlier studies (file patterns, e.g. "studies/*/catalog.db",
     #: relative to the study file) or a shared catalog URL ("postgresql://…"); the best

@@ -279,13 +279,16 @@ class CostAwareSampler(WrappingSampler):
         return candidates[min(range(len(candidates)), key=lambda i: (costs[i], i))]
 
 
-def cost_aware(config: StudyConfig) -> bool:
+def cost_aware(config: StudyConfig, deadline: bool = False) -> bool:
     """Whether the study's TPE prefers cheaper proposals: ``[search] cost_aware`` true, or
-    "auto" (the default) with a ``[search] timeout``; only single-objective TPE studies."""
+    "auto" (the default) with a ``[search] timeout`` or a ``deadline`` (``--deadline``, a
+    Slurm job's end); only single-objective TPE studies."""
     s = config.search
     if s.sampler != "tpe" or s.multi_objective:
         return False
-    return s.timeout is not None if s.cost_aware == "auto" else bool(s.cost_aware)
+    if s.cost_aware == "auto":
+        return s.timeout is not None or deadline
+    return bool(s.cost_aware)
 
 
 def alternate_weights(
@@ -324,26 +327,30 @@ def startup_trials(config: StudyConfig) -> int:
     return max(4, min(10, config.search.n_trials // 3))
 
 
-def make_sampler(config: StudyConfig, prior: Prior | None = None) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    config: StudyConfig, prior: Prior | None = None, deadline: bool = False
+) -> optuna.samplers.BaseSampler:
     """The study's sampler: TPE (multivariate, grouped, constant liar), GP, NSGA-II or
     random (TPE and NSGA-II also for a multi-objective study); with TPE/GP/NSGA-II the default
     portfolio first (``[search] portfolio``); with a team ``prior`` (any sampler) its
     portfolio instead, in every start-up slot, so the model-based sampler models from the
     prior's trials rather than random ones; ``[search] constraints`` as Optuna's
-    ``constraints_func``; TPE cost-aware under a timeout (``[search] cost_aware``); a
-    searched ``[weights]`` source takes turns."""
+    ``constraints_func``; TPE cost-aware under a timeout or a ``deadline``
+    (``[search] cost_aware``); a searched ``[weights]`` source takes turns."""
     if prior is not None and prior.entries:
         entries, labels = prior_entries(config, prior, startup_trials(config))
-        base = _base_sampler(config, len(entries))
+        base = _base_sampler(config, len(entries), deadline)
         return alternate_weights(config, PriorSampler(base, entries, labels))
-    sampler = _base_sampler(config, startup_trials(config))
+    sampler = _base_sampler(config, startup_trials(config), deadline)
     if config.search.sampler != "random" and config.search.portfolio:
         # the first start-up trials: one textbook configuration per backbone, then random
         sampler = PortfolioSampler(sampler, portfolio(config, startup_trials(config)))
     return alternate_weights(config, sampler)
 
 
-def _base_sampler(config: StudyConfig, n_startup: int) -> optuna.samplers.BaseSampler:
+def _base_sampler(
+    config: StudyConfig, n_startup: int, deadline: bool = False
+) -> optuna.samplers.BaseSampler:
     """Random, NSGA-II (a population of ``n_startup``), GP or TPE with ``n_startup`` start-up
     trials, with ``[search] constraints`` on Optuna < 5; TPE cost-aware (:func:`cost_aware`)."""
     seed, name = config.data.seed, config.search.sampler
@@ -367,7 +374,7 @@ def _base_sampler(config: StudyConfig, n_startup: int) -> optuna.samplers.BaseSa
         n_startup_trials=n_startup,
         **constraints,
     )
-    return CostAwareSampler(tpe) if cost_aware(config) else tpe
+    return CostAwareSampler(tpe) if cost_aware(config, deadline) else tpe
 
 
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:

@@ -152,6 +152,9 @@ def test_on_under_a_timeout_when_auto_and_as_the_key_says():
     ]
     assert "CostAwareSampler" not in _chain(make_sampler(_config(timeout=600, cost_aware=False)))
     assert "CostAwareSampler" in _chain(make_sampler(_config(cost_aware=True)))
+    # a --deadline (or a Slurm job's end) counts as a time budget too
+    assert "CostAwareSampler" in _chain(make_sampler(_config(), deadline=True))
+    assert "CostAwareSampler" not in _chain(make_sampler(_config(cost_aware=False), deadline=True))
     # auto never applies to another sampler
     assert _chain(make_sampler(_config(timeout=600, sampler="random"))) == ["RandomSampler"]
 
