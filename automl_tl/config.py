@@ -143,6 +143,9 @@ class SearchSection:
     #: tpe / gp: start with one textbook configuration per backbone (automl_tl/portfolio.py)
     #: in place of the first random start-up trials; false: random start-up only
     portfolio: bool = True
+    #: TPE keeps the cheapest of several proposals, by a cost model of the study's trials
+    #: (automl_tl/samplers.py CostAwareSampler): "auto" = under a timeout or a --deadline
+    cost_aware: str | bool = field(default="auto", metadata={"auto_or_bool": True})
     #: a team prior: catalogs of earlier studies (file patterns, e.g. "studies/*/catalog.db",
     #: relative to the study file) or a shared catalog URL ("postgresql://…"); the best
     #: configurations of the most similar earlier datasets run first (automl_tl/prior.py)
@@ -508,6 +511,10 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
     meta = f.metadata
     if value is None and "None" in hint:
         return None
+    if meta.get("auto_or_bool"):
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ConfigError(f'{key} must be "auto", true or false, got {_type_name(value)} {value!r}')
     if meta.get("ranks"):
         return _check_ranks(key, value)
     if meta.get("fixed_ok") and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -694,6 +701,13 @@ def config_from_dict(raw: dict[str, Any], path: Path | None = None) -> StudyConf
     )
     _resolve_task(config)
     check_objectives(config, raw)
+    s = config.search
+    if s.cost_aware is True and (s.sampler != "tpe" or s.multi_objective):
+        why = "a multi-objective study" if s.multi_objective else f'sampler = "{s.sampler}"'
+        raise ConfigError(
+            f"[search] cost_aware = true applies to TPE in a single-objective study, not to "
+            f'{why}; set sampler = "tpe" or drop cost_aware'
+        )
     asked = (raw.get("selection") or {}).get("finalists")
     if asked is not None and asked > config.search.n_trials:
         raise ConfigError(

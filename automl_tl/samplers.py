@@ -1,5 +1,6 @@
 """Samplers and pruners of a search: the study's sampler (TPE, GP or random) wrapped by what
-automl-tl adds — the default portfolio first, weight sources taking turns — and the pruner.
+automl-tl adds — the default portfolio first, weight sources taking turns, the cheapest of
+several TPE proposals under a timeout (:class:`CostAwareSampler`) — and the pruner.
 
 Each wrapper is a :class:`WrappingSampler` that forwards every call to the sampler it wraps
 and overrides only what it changes.
@@ -8,15 +9,28 @@ and overrides only what it changes.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import optuna
 
 from .config import METRICS, StudyConfig
 from .portfolio import portfolio
 from .prior import Prior, study_params
 from .storage import set_trial_attr
-from .trials import DEAD_AT_CHANCE, PRIOR, Direction, trial_constraints
+from .trials import (
+    DEAD_AT_CHANCE,
+    EPOCHS_RUN,
+    FINISHED,
+    PRIOR,
+    SECONDS,
+    SKIPPED,
+    TOO_SLOW,
+    Direction,
+    duration,
+    trial_constraints,
+)
 
 
 class WrappingSampler(optuna.samplers.BaseSampler):
@@ -146,6 +160,137 @@ class AlternatingSampler(WrappingSampler):
         return self.base.sample_independent(study, trial, param_name, param_distribution)
 
 
+# ---------------------------------------------------------------------------------------------
+# cost awareness (issue 12): the cheapest of several TPE proposals under a timeout
+
+#: TPE proposals a cost-aware trial chooses from (benchmarks/search.py, method "tpe/s")
+COST_PROPOSALS = 4
+
+
+class CostModel:
+    """Predicted seconds per epoch of a configuration, fitted on the study's finished trials.
+
+    A log-linear least-squares fit: log(seconds per epoch) = intercept + a term per backbone,
+    per unfreeze strategy (``unfreeze`` or ``unfreeze_scratch``) + b x ``unfreeze_depth`` (the
+    trained fraction; 1.0 when the trial has none) + c x 2 log(``image_size``) (when the
+    size is searched). Batch size and epochs are the study's own, the same for every trial.
+    The minimum-norm solution (``numpy.linalg.lstsq``) keeps it defined with fewer trials
+    than terms; a backbone or strategy it has not seen gets no term of its own. Predictions
+    stay within 4x of the fastest and slowest seconds per epoch seen.
+    """
+
+    def __init__(self, columns: list[str], coef: np.ndarray, means: np.ndarray, bounds) -> None:
+        self.columns, self.coef, self.means, self.bounds = columns, coef, means, bounds
+
+    @staticmethod
+    def _features(params: dict[str, Any]) -> dict[str, float]:
+        out = {"1": 1.0}
+        if "backbone" in params:
+            out[f"backbone={params['backbone']}"] = 1.0
+        for name in ("unfreeze", "unfreeze_scratch"):
+            if name in params:
+                out[f"unfreeze={params[name]}"] = 1.0
+        scratch = "unfreeze_scratch" in params
+        depth = 1.0 if scratch else params.get("unfreeze_depth")
+        if isinstance(depth, (int, float)):
+            out["depth"] = float(depth)
+        size = params.get("image_size")
+        if isinstance(size, (int, float)) and size > 0:
+            out["log_pixels"] = 2.0 * math.log(size)
+        return out
+
+    @classmethod
+    def fit(cls, observations: Iterable[tuple[dict[str, Any], float]]) -> CostModel | None:
+        """From (params, seconds per epoch) pairs; None with fewer than two, or when every
+        one took the same time (nothing to prefer)."""
+        rows = [(cls._features(p), s) for p, s in observations if s > 0 and math.isfinite(s)]
+        if len(rows) < 2:
+            return None
+        y = np.log([s for _, s in rows])
+        if np.ptp(y) == 0.0:
+            return None
+        columns = sorted({c for f, _ in rows for c in f})
+        numeric = [c for c in columns if "=" not in c and c != "1"]
+        means = {c: float(np.mean([f[c] for f, _ in rows if c in f])) for c in numeric}
+        x = np.array([[f.get(c, means.get(c, 0.0)) for c in columns] for f, _ in rows])
+        coef = np.linalg.lstsq(x, y, rcond=None)[0]
+        bounds = (float(y.min()) - math.log(4.0), float(y.max()) + math.log(4.0))
+        return cls(columns, coef, np.array([means.get(c, 0.0) for c in columns]), bounds)
+
+    def predict(self, params: dict[str, Any], epochs: float = 1.0) -> float:
+        """Seconds of ``epochs`` epochs of ``params`` (a numeric term it lacks: the mean)."""
+        f = self._features(params)
+        x = np.array(
+            [f.get(c, self.means[i] if "=" not in c else 0.0) for i, c in enumerate(self.columns)]
+        )
+        log_s = min(max(float(x @ self.coef), self.bounds[0]), self.bounds[1])
+        return math.exp(log_s) * epochs
+
+
+def observed_costs(
+    trials: Iterable[optuna.trial.FrozenTrial],
+) -> list[tuple[dict[str, Any], float]]:
+    """(params, seconds per epoch) of each finished trial that trained: a complete trial's
+    ``seconds`` attribute (else its duration) over its epochs run; a pruned one's duration
+    over the epochs it ran (its set-up counts in, so it reads a little slow). Trials skipped
+    or pruned before training (``too_slow``) are left out."""
+    out = []
+    for t in trials:
+        attrs = t.user_attrs
+        epochs = attrs.get(EPOCHS_RUN)
+        if t.state not in FINISHED or attrs.get(SKIPPED) or attrs.get(TOO_SLOW) or not epochs:
+            continue
+        seconds = attrs.get(SECONDS) if t.state == optuna.trial.TrialState.COMPLETE else None
+        seconds = seconds if seconds is not None else duration(t)
+        if seconds is not None and seconds > 0:
+            out.append((dict(t.params), float(seconds) / float(epochs)))
+    return out
+
+
+class CostAwareSampler(WrappingSampler):
+    """``base`` (TPE), except that once it models (after its start-up), each trial draws
+    ``proposals`` configurations from it (TPE's ``sample_relative`` called again: each is
+    TPE's best of its own candidates under its acquisition, with its seeded generator) and
+    keeps the one the :class:`CostModel` of the study's finished trials predicts cheapest
+    (ties: the earlier proposal). TPE's acquisition values are not public, so this is "the
+    cheapest of several proposals TPE rates best", not expected improvement divided by
+    seconds. Every proposal is TPE's own, so the space can produce it; multivariate, grouped
+    and constant-liar sampling stay TPE's. Until the model can be fitted (fewer than two
+    trials with seconds, or all equally fast) it is plain TPE: one proposal, the same random
+    draws. With several workers, another worker's constant liar may see this trial at the last
+    proposal rather than the chosen one until the trial suggests its parameters (Optuna then
+    reads the trial's own)."""
+
+    def __init__(self, base: optuna.samplers.BaseSampler, proposals: int = COST_PROPOSALS) -> None:
+        super().__init__(base)
+        self.proposals = proposals
+
+    def sample_relative(self, study, trial, search_space):
+        first = self.base.sample_relative(study, trial, search_space)
+        if not first or self.proposals < 2:
+            return first  # TPE's start-up (random, sampled independently) or nothing to choose
+        model = CostModel.fit(observed_costs(study.get_trials(deepcopy=False, states=FINISHED)))
+        if model is None:
+            return first
+        candidates = [first]
+        for _ in range(self.proposals - 1):
+            candidates.append(self.base.sample_relative(study, trial, search_space))
+        costs = [model.predict(c) for c in candidates]
+        return candidates[min(range(len(candidates)), key=lambda i: (costs[i], i))]
+
+
+def cost_aware(config: StudyConfig, deadline: bool = False) -> bool:
+    """Whether the study's TPE prefers cheaper proposals: ``[search] cost_aware`` true, or
+    "auto" (the default) with a ``[search] timeout`` or a ``deadline`` (``--deadline``, a
+    Slurm job's end); only single-objective TPE studies."""
+    s = config.search
+    if s.sampler != "tpe" or s.multi_objective:
+        return False
+    if s.cost_aware == "auto":
+        return s.timeout is not None or deadline
+    return bool(s.cost_aware)
+
+
 def alternate_weights(
     config: StudyConfig, sampler: optuna.samplers.BaseSampler
 ) -> optuna.samplers.BaseSampler:
@@ -182,27 +327,32 @@ def startup_trials(config: StudyConfig) -> int:
     return max(4, min(10, config.search.n_trials // 3))
 
 
-def make_sampler(config: StudyConfig, prior: Prior | None = None) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    config: StudyConfig, prior: Prior | None = None, deadline: bool = False
+) -> optuna.samplers.BaseSampler:
     """The study's sampler: TPE (multivariate, grouped, constant liar), GP, NSGA-II or
     random (TPE and NSGA-II also for a multi-objective study); with TPE/GP/NSGA-II the default
     portfolio first (``[search] portfolio``); with a team ``prior`` (any sampler) its
     portfolio instead, in every start-up slot, so the model-based sampler models from the
     prior's trials rather than random ones; ``[search] constraints`` as Optuna's
-    ``constraints_func``; a searched ``[weights]`` source takes turns."""
+    ``constraints_func``; TPE cost-aware under a timeout or a ``deadline``
+    (``[search] cost_aware``); a searched ``[weights]`` source takes turns."""
     if prior is not None and prior.entries:
         entries, labels = prior_entries(config, prior, startup_trials(config))
-        base = _base_sampler(config, len(entries))
+        base = _base_sampler(config, len(entries), deadline)
         return alternate_weights(config, PriorSampler(base, entries, labels))
-    sampler = _base_sampler(config, startup_trials(config))
+    sampler = _base_sampler(config, startup_trials(config), deadline)
     if config.search.sampler != "random" and config.search.portfolio:
         # the first start-up trials: one textbook configuration per backbone, then random
         sampler = PortfolioSampler(sampler, portfolio(config, startup_trials(config)))
     return alternate_weights(config, sampler)
 
 
-def _base_sampler(config: StudyConfig, n_startup: int) -> optuna.samplers.BaseSampler:
+def _base_sampler(
+    config: StudyConfig, n_startup: int, deadline: bool = False
+) -> optuna.samplers.BaseSampler:
     """Random, NSGA-II (a population of ``n_startup``), GP or TPE with ``n_startup`` start-up
-    trials, with ``[search] constraints`` on Optuna < 5."""
+    trials, with ``[search] constraints`` on Optuna < 5; TPE cost-aware (:func:`cost_aware`)."""
     seed, name = config.data.seed, config.search.sampler
     # [search] constraints: Optuna >= 5 reads what the objective set (Trial.set_constraint);
     # before, a constraints_func reads them back from the trial (trials.CONSTRAINTS)
@@ -216,7 +366,7 @@ def _base_sampler(config: StudyConfig, n_startup: int) -> optuna.samplers.BaseSa
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=n_startup, **constraints)
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup, **constraints)
-    return optuna.samplers.TPESampler(
+    tpe = optuna.samplers.TPESampler(
         multivariate=True,
         group=True,
         constant_liar=True,
@@ -224,6 +374,7 @@ def _base_sampler(config: StudyConfig, n_startup: int) -> optuna.samplers.BaseSa
         n_startup_trials=n_startup,
         **constraints,
     )
+    return CostAwareSampler(tpe) if cost_aware(config, deadline) else tpe
 
 
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:

@@ -207,9 +207,11 @@ def open_search_study(
     splits: Splits,
     registry: Registry | None = None,
     prior: Prior | None = None,
+    deadline: bool = False,
 ) -> optuna.Study:
     """Create or join the study for a search: its storage with heartbeats and retries on a
-    database server, the study's sampler (with the team ``prior``'s portfolio first) and
+    database server, the study's sampler (with the team ``prior``'s portfolio first; TPE
+    cost-aware under a timeout or a ``deadline``, :func:`automl_tl.samplers.cost_aware`) and
     pruner, the direction of ``[search] metric`` (a plugin's metric needs ``registry``);
     refuses data that differ from the study's, and a study made for the other direction
     (:func:`automl_tl.storage.join_study`)."""
@@ -225,7 +227,7 @@ def open_search_study(
         config,
         splits,
         storage=storage,
-        sampler=make_sampler(config, prior),
+        sampler=make_sampler(config, prior, deadline),
         pruner=make_pruner(config),
         direction=metric_direction(config.search.metric, registry),
     )
@@ -794,7 +796,7 @@ def _search(
     catalog = Catalog(catalog_path(config))
     prior = load_prior(config, splits, catalog)
     # refuses to join if this worker's data differ
-    study = open_search_study(config, splits, registry, prior)
+    study = open_search_study(config, splits, registry, prior, deadline=deadline is not None)
     interrupts = Interrupts()
     objective = Objective(
         config,

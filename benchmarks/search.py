@@ -17,6 +17,10 @@ Methods (each as the search builds it, on Optuna's samplers; seed = the run's se
 - ``random``: Optuna's RandomSampler, ``--trials`` trials (the reference);
 - ``tpe``: TPE (multivariate, grouped, constant liar), random start-up of
   :func:`automl_tl.samplers.startup_trials` trials, no portfolio;
+- ``tpe/s``: the same TPE, cost-aware as under ``[search] timeout``
+  (:class:`automl_tl.samplers.CostAwareSampler`: after the start-up, the cheapest of
+  ``COST_PROPOSALS`` TPE proposals by the cost model of the trials so far, which record the
+  table's seconds), no pruner;
 - ``tpe+hyperband``: the same with Hyperband on the per-epoch validation accuracy;
 - ``portfolio``: the default: the textbook portfolio (automl_tl/portfolio.py: one entry per
   backbone) first, then TPE, with Hyperband;
@@ -31,6 +35,12 @@ it first reached it (at most ``--cap`` x random's total seconds; a run that neve
 counts as the cap and is reported as a miss). The ratio random / method is the method's
 speed-up (>1: faster than random); printed as the median and quartiles over seeds (all tasks
 pooled) and the median per task.
+
+``--reference independent``: the target and random's seconds come from a random search with
+another seed (``seed + REFERENCE_SEED``) than the methods' (``seed``), and ``random`` is a
+method like the others (a fresh random search). With the default (``shared``), random and
+TPE share their seed, so TPE's random start-up trials are random's first trials: whenever
+random found its best there, TPE's ratio is exactly 1.00.
 """
 
 from __future__ import annotations
@@ -51,10 +61,15 @@ sys.path.insert(0, str(REPO))
 import optuna  # noqa: E402
 
 from automl_tl.prior import Evaluation, Task, build_prior  # noqa: E402
-from automl_tl.samplers import PortfolioSampler  # noqa: E402
+from automl_tl.samplers import COST_PROPOSALS, CostAwareSampler, PortfolioSampler  # noqa: E402
+from automl_tl.trials import EPOCHS_RUN, SECONDS  # noqa: E402
 
 TABLE = REPO / "benchmarks" / "data" / "tabular.json"
-METHODS = ("random", "tpe", "tpe+hyperband", "portfolio", "prior", "prior/s")
+METHODS = ("random", "tpe", "tpe/s", "tpe+hyperband", "portfolio", "prior", "prior/s")
+#: --reference independent: the reference random search's seed is the run's seed + this
+REFERENCE_SEED = 100_003
+#: tpe/s: TPE proposals per trial (--proposals)
+PROPOSALS = [COST_PROPOSALS]
 LR_RANGE = (1e-4, 3e-2)
 
 
@@ -155,8 +170,14 @@ def textbook(table: Table) -> list[dict]:
 
 def run(table: Table, sampler, pruner, budget_s: float, max_trials: int, stop_at: float | None):
     """One search on the table until ``budget_s`` seconds or ``max_trials`` trials (or a final
-    score >= ``stop_at``). Returns [(cumulative seconds, final score or None)] per trial."""
-    study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
+    score >= ``stop_at``). Returns [(cumulative seconds, final score or None)] per trial. Each
+    trial records the table's seconds and its epochs run as the search's trials do (the
+    ``seconds`` and ``epochs_run`` attributes), which the cost-aware sampler reads."""
+    # a fixed name: Hyperband assigns a trial's bracket by a hash of the study's name and the
+    # trial's number, and an unnamed study gets a random name (runs would not repeat)
+    study = optuna.create_study(
+        study_name="tabular", direction="maximize", sampler=sampler, pruner=pruner
+    )
     trace: list[tuple[float, float | None]] = []
     spent = 0.0
     for _ in range(max_trials):
@@ -172,6 +193,8 @@ def run(table: Table, sampler, pruner, budget_s: float, max_trials: int, stop_at
                 pruned = True
                 break
         spent += cost
+        trial.set_user_attr(SECONDS, cost)
+        trial.set_user_attr(EPOCHS_RUN, epoch + 1)
         if pruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             trace.append((spent, None))
@@ -222,6 +245,8 @@ def sampler_for(method: str, seed: int, n_trials: int, table: Table, entries: di
         return optuna.samplers.RandomSampler(seed=seed)
     if method in ("tpe", "tpe+hyperband"):
         return _tpe(seed, n)
+    if method == "tpe/s":
+        return CostAwareSampler(_tpe(seed, n), PROPOSALS[0])
     if method == "portfolio":
         return PortfolioSampler(_tpe(seed, n), textbook(table)[:n])
     chosen = entries[method]
@@ -237,10 +262,18 @@ def reached(trace, target: float) -> float | None:
 
 
 def simulate(
-    table_data: dict, seeds: int, n_trials: int, cap: float, methods=METHODS, only=None
+    table_data: dict,
+    seeds: int,
+    n_trials: int,
+    cap: float,
+    methods=METHODS,
+    only=None,
+    reference: str = "shared",
 ) -> list[dict]:
     """Every method on every left-out task (``only``: these) for ``seeds`` seeds; one dict
-    per (task, seed). The prior learns from every other task of the table either way."""
+    per (task, seed). The prior learns from every other task of the table either way.
+    ``reference``: "shared" (random's run is the reference) or "independent" (the reference
+    is a random search with seed ``seed + REFERENCE_SEED``; ``random`` runs as a method)."""
     epochs = table_data["epochs"]
     results = []
     for task, data in table_data["tasks"].items():
@@ -254,19 +287,20 @@ def simulate(
             if m.startswith("prior")
         }
         for seed in range(seeds):
+            ref_seed = seed + (REFERENCE_SEED if reference == "independent" else 0)
             base = run(
-                table, optuna.samplers.RandomSampler(seed=seed), None, math.inf, n_trials, None
+                table, optuna.samplers.RandomSampler(seed=ref_seed), None, math.inf, n_trials, None
             )
             target = max(v for _, v in base if v is not None)
             random_s = reached(base, target)
             budget = cap * base[-1][0]
             row = {"task": task, "seed": seed, "target": target, "random_s": random_s}
             for method in methods:
-                if method == "random":
+                if method == "random" and reference == "shared":
                     row[method] = random_s
                     continue
                 sampler = sampler_for(method, seed, n_trials, table, entries)
-                pruner = None if method == "tpe" else _hyperband(epochs)
+                pruner = None if method in ("random", "tpe", "tpe/s") else _hyperband(epochs)
                 trace = run(table, sampler, pruner, budget, 10 * n_trials, target)
                 row[method] = reached(trace, target)
                 row[f"{method}_budget"] = budget
@@ -305,12 +339,60 @@ def summarize(results: list[dict], methods=METHODS) -> dict:
     return out
 
 
-def format_summary(summary: dict, seeds: int, n_trials: int, cap: float) -> str:
+#: the cost-aware methods and what each is compared with, run by run (same seed, same target)
+PAIRS = (("tpe/s", "tpe"), ("prior/s", "prior"))
+
+
+def paired(results: list[dict], a: str, b: str, resamples: int = 2000) -> dict:
+    """Method ``a`` against ``b`` on the same runs: the geometric mean of b's seconds / a's
+    (> 1: ``a`` faster; a miss counts as the cap), its 95 % bootstrap interval over runs
+    (seeded), and the runs where ``a`` was faster / equal / slower."""
+    import random
+
+    def spent(r, m):
+        return r[m] if r[m] is not None else r[f"{m}_budget"]
+
+    logs = [math.log(spent(r, b) / spent(r, a)) for r in results]
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(logs, k=len(logs))) for _ in range(resamples))
+    return {
+        "geomean": round(math.exp(statistics.fmean(logs)), 3),
+        "ci": (
+            round(math.exp(means[int(0.025 * resamples)]), 3),
+            round(math.exp(means[int(0.975 * resamples) - 1]), 3),
+        ),
+        "faster": sum(x > 1e-12 for x in logs),
+        "equal": sum(abs(x) <= 1e-12 for x in logs),
+        "slower": sum(x < -1e-12 for x in logs),
+    }
+
+
+def format_pairs(results: list[dict], methods) -> str:
+    lines = []
+    for a, b in PAIRS:
+        if a in methods and b in methods:
+            p = paired(results, a, b)
+            lines.append(
+                f"{a} vs {b} (same runs): {b}'s seconds / {a}'s, geometric mean {p['geomean']:.2f}x "
+                f"(95 % bootstrap {p['ci'][0]:.2f}-{p['ci'][1]:.2f}); {a} faster in "
+                f"{p['faster']}, equal in {p['equal']}, slower in {p['slower']} of {len(results)}"
+            )
+    return "\n".join(lines)
+
+
+def format_summary(
+    summary: dict, seeds: int, n_trials: int, cap: float, reference: str = "shared"
+) -> str:
     tasks = list(next(iter(summary.values()))["per_task"])
+    ref = (
+        "an independent random search (seed + REFERENCE_SEED)"
+        if reference == "independent"
+        else "random (same seed as the methods)"
+    )
     lines = [
-        f"speed-up to random's final best ({n_trials} random trials; {seeds} seeds x "
-        f"{len(tasks)} left-out tasks; a miss = {cap:g}x random's seconds): random's seconds "
-        "/ the method's",
+        f"speed-up to the reference's final best (reference: {ref}, {n_trials} trials; "
+        f"{seeds} seeds x {len(tasks)} left-out tasks; a miss = {cap:g}x the reference's "
+        "seconds): the reference's seconds to its best / the method's",
         "",
         "| method | median | quartiles | geometric mean | misses | " + " | ".join(tasks) + " |",
         "|---|---|---|---|---|" + "---|" * len(tasks),
@@ -325,6 +407,18 @@ def format_summary(summary: dict, seeds: int, n_trials: int, cap: float) -> str:
     return "\n".join(lines)
 
 
+def scale_seconds(table_data: dict, factors: list[str]) -> dict:
+    """``table_data`` with each ``BACKBONE=FACTOR``'s per-epoch seconds multiplied (a what-if
+    on a table whose backbones cost about the same)."""
+    for text in factors:
+        backbone, _, factor = text.partition("=")
+        for task in table_data["tasks"].values():
+            for row in task["rows"]:
+                if row["backbone"] == backbone:
+                    row["seconds"] = [s * float(factor) for s in row["seconds"]]
+    return table_data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", default=str(TABLE))
@@ -335,6 +429,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the per-run results and the summary here")
     parser.add_argument("--tasks", nargs="+", help="leave out only these tasks in turn")
     parser.add_argument(
+        "--scale-seconds",
+        nargs="+",
+        default=[],
+        metavar="BACKBONE=FACTOR",
+        help="a what-if: that backbone's measured seconds times FACTOR (e.g. a heavy backbone)",
+    )
+    parser.add_argument(
+        "--proposals", type=int, default=COST_PROPOSALS, help="tpe/s: TPE proposals per trial"
+    )
+    parser.add_argument(
+        "--reference",
+        choices=("shared", "independent"),
+        default="shared",
+        help="the reference random search: random's own run (same seed as the methods) or "
+        "another seed's (then random is measured like any method)",
+    )
+    parser.add_argument(
         "--combine", nargs="+", metavar="JSON", help="summarize the runs of earlier --json files"
     )
     args = parser.parse_args(argv)
@@ -342,18 +453,34 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("optuna").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     methods = ["random", *[m for m in args.methods if m != "random"]]
+    PROPOSALS[0] = args.proposals
     started = time.perf_counter()
     if args.combine:  # e.g. two halves of the tasks run side by side
-        results = [r for f in args.combine for r in json.loads(Path(f).read_text())["runs"]]
+        loaded = [json.loads(Path(f).read_text()) for f in args.combine]
+        results = [r for data in loaded for r in data["runs"]]
         args.seeds = len({r["seed"] for r in results})
+        args.reference = loaded[0].get("reference", "shared")
+        methods = [m for m in methods if all(m in r for r in results)]
     else:
-        table_data = json.loads(Path(args.table).read_text())
-        results = simulate(table_data, args.seeds, args.trials, args.cap, methods, only=args.tasks)
+        table_data = scale_seconds(json.loads(Path(args.table).read_text()), args.scale_seconds)
+        results = simulate(
+            table_data,
+            args.seeds,
+            args.trials,
+            args.cap,
+            methods,
+            only=args.tasks,
+            reference=args.reference,
+        )
     summary = summarize(results, methods)
-    print(format_summary(summary, args.seeds, args.trials, args.cap))
+    print(format_summary(summary, args.seeds, args.trials, args.cap, args.reference))
+    pairs = format_pairs(results, methods)
+    if pairs:
+        print("\n" + pairs)
     print(f"\n({time.perf_counter() - started:.0f}s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+        out = {"reference": args.reference, "summary": summary, "runs": results}
+        Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -113,3 +113,61 @@ def test_the_shipped_table_is_complete_and_simulates(tmp_path):
     summary = bench.summarize(results)
     for method in bench.METHODS:
         assert math.isfinite(summary[method]["geomean"]) and summary[method]["geomean"] > 0
+
+
+def test_tpe_per_second_and_the_independent_reference():
+    """tpe/s is tpe when every configuration costs the same (nothing to prefer); with
+    ``reference="independent"`` the target is another seed's random search and random runs
+    as a method (seed = the run's)."""
+    import optuna
+
+    bench = _module()
+    data = _table(1)
+    methods = ("random", "tpe", "tpe/s")
+    for r in bench.simulate(data, seeds=2, n_trials=8, cap=3.0, methods=methods):
+        assert r["tpe/s"] == r["tpe"] and r["random"] == r["random_s"]
+    table = bench.Table(data["tasks"]["t0"]["rows"])
+    runs = bench.simulate(
+        data, seeds=2, n_trials=8, cap=3.0, methods=methods, reference="independent"
+    )
+    for r in runs:
+        ref = optuna.samplers.RandomSampler(seed=r["seed"] + bench.REFERENCE_SEED)
+        trace = bench.run(table, ref, None, math.inf, 8, None)
+        assert r["target"] == max(v for _, v in trace) and r["random_s"] == bench.reached(
+            trace, r["target"]
+        )
+        fresh = bench.run(
+            table,
+            optuna.samplers.RandomSampler(seed=r["seed"]),
+            None,
+            r["random_budget"],
+            80,
+            r["target"],
+        )
+        assert r["random"] == bench.reached(fresh, r["target"])
+    scaled = bench.scale_seconds(_table(1), ["a=10"])["tasks"]["t0"]["rows"]
+    assert {tuple(r["seconds"]) for r in scaled} == {(10.0,) * 3, (1.0,) * 3}
+    assert all(r["seconds"][0] == (10.0 if r["backbone"] == "a" else 1.0) for r in scaled)
+    text = bench.format_summary(bench.summarize(runs, methods), 2, 8, 3.0, "independent")
+    assert "reference: an independent random search" in text and "| tpe/s |" in text
+
+
+def test_paired_compares_two_methods_run_by_run():
+    bench = _module()
+    runs = [
+        {"x": 1.0, "y": 2.0, "x_budget": 9.0, "y_budget": 9.0},  # x twice as fast
+        {"x": None, "y": 2.0, "x_budget": 4.0, "y_budget": 4.0},  # x missed: 4 s, half as fast
+        {"x": 3.0, "y": 3.0, "x_budget": 9.0, "y_budget": 9.0},
+    ]
+    p = bench.paired(runs, "x", "y")
+    assert (p["geomean"], p["faster"], p["equal"], p["slower"]) == (1.0, 1, 1, 1)
+    assert p["ci"][0] <= 1.0 <= p["ci"][1]
+    assert bench.paired(runs[:1], "x", "y")["ci"] == (2.0, 2.0)
+
+
+def test_a_simulation_repeats_exactly_with_hyperband():
+    """Hyperband's brackets hash the study's name: the simulated studies have a fixed one."""
+    bench = _module()
+    methods = ("random", "tpe+hyperband", "portfolio")
+    first = bench.simulate(_table(1), seeds=3, n_trials=8, cap=3.0, methods=methods)
+    assert bench.simulate(_table(1), seeds=3, n_trials=8, cap=3.0, methods=methods) == first
