@@ -244,8 +244,13 @@ class SelectionSection:
         """The racing budget in force: ``budget``, or for 0 ``min(20, n_trials)``."""
         return self.budget or max(1, min(20, n_trials))
 
-    #: greedy ensemble selection (Caruana 2004) over the finalists -> <output>/ensemble/
+    #: an ensemble of the finalists -> <output>/ensemble/
     ensemble: bool = True
+    #: its members: "uniform" (every finalist with held-out predictions, equal weights) or
+    #: "greedy" (Caruana 2004: forward selection with replacement, hill-climbing the metric on
+    #: the held-out predictions; on a few dozen held-out images it overfits them,
+    #: benchmarks/RESULTS.md)
+    ensemble_rule: str = field(default="uniform", metadata=_choices("uniform", "greedy"))
     #: greedy weight soup (Wortsman 2022) of finalists sharing backbone and weights -> soup/
     soup: bool = True
     #: temperature scaling fitted on held-out validation predictions

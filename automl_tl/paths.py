@@ -10,7 +10,7 @@
       pretrained/           ``pretrain:SOURCE`` weights, ``<backbone>--<source>.safetensors``
       best/                 the retrained best model (timm local-dir format + metrics.json)
       models/trial-N/       any other retrained trial
-      ensemble/             the greedy ensemble of the finalists (ensemble.json + members/)
+      ensemble/             the ensemble of the finalists (ensemble.json + members/)
       soup/                 the greedy weight soup of the finalists (one model)
       selection.json        the race and single / ensemble / soup scored on test
       report/               figures and index.html

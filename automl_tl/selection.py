@@ -18,8 +18,9 @@ built and scored; scores are calibrated.
   the mean minus one standard error), the retrain's epoch count (the finalists' median best
   epoch with ``[search] patience``), and the temperature fitted on the winner's held-out
   predictions.
-- :func:`build_extras` — after the winner is retrained into ``best/``: the greedy ensemble
-  (Caruana et al., 2004) of finalists into ``ensemble/`` and the greedy soup
+- :func:`build_extras` — after the winner is retrained into ``best/``: the ensemble of
+  finalists (``[selection] ensemble_rule``: all at equal weight, or Caruana et al.'s 2004
+  greedy selection) into ``ensemble/`` and the greedy soup
   (Wortsman et al., 2022) of finalists sharing backbone and weights into ``soup/``, each
   scored on test beside the single best with its inference cost, in ``selection.json``.
 """
@@ -967,6 +968,18 @@ def _val_score(loaded: LoadedModel, splits: Splits, metric: str, registry: Regis
     return float(metrics[metric])
 
 
+def ensemble_counts(
+    rule: str, held_out: list[torch.Tensor], labels: torch.Tensor, score
+) -> list[int]:
+    """Each finalist's weight in the ensemble from its held-out probabilities (the images every
+    finalist has predictions for): ``"uniform"``, one each; ``"greedy"``, Caruana's forward
+    selection with replacement hill-climbing ``score`` (ties by likelihood)."""
+    if rule == "uniform":
+        return [1] * len(held_out)
+    log_probs = [p.clamp(min=1e-12).log().float() for p in held_out]
+    return caruana_selection(log_probs, labels, score=score)
+
+
 def build_extras(
     config: StudyConfig,
     registry: Registry,
@@ -1016,10 +1029,11 @@ def build_extras(
             common = torch.ones(len(labels), dtype=torch.bool)
             for _, count in pooled.values():
                 common &= count > 0
-            log_probs = [pooled[n][0][common].clamp(min=1e-12).log().float() for n in usable]
-            # hill-climb the study's metric (ties by likelihood), as Caruana did
-            counts = caruana_selection(
-                log_probs, labels[common], score=metric_to_maximize(config, registry, num_classes)
+            counts = ensemble_counts(
+                sel.ensemble_rule,
+                [pooled[n][0][common] for n in usable],
+                labels[common],
+                metric_to_maximize(config, registry, num_classes),
             )
             members = [(n, c) for n, c in zip(usable, counts) if c]
             total = sum(c for _, c in members)
@@ -1040,6 +1054,7 @@ def build_extras(
                 metrics={
                     "study": config.name,
                     "kind": "ensemble",
+                    "rule": sel.ensemble_rule,
                     "members": [{"trial": n, "weight": c} for n, c in members],
                     "selected_on": int(common.sum()),
                     "temperature": round(temperature, 4),

@@ -12,7 +12,8 @@ chosen model's test accuracy:
 - ``raced``: the race's winner (``[selection]``: repeats / k folds, rule);
 - ``soup``: the greedy soup of finalists sharing backbone and pretrained weights (the winner
   alone when none does, and always from random init: no shared starting point);
-- ``ensemble``: the greedy ensemble of finalists (the winner alone when it picks one);
+- ``ensemble``: the ensemble ``[selection] ensemble_rule`` builds (the default: every
+  finalist at equal weight), and each rule of :data:`ENSEMBLE_RULES` on the same finalists;
 
 and the regret: oracle (the best test accuracy among the retrained finalists) minus the
 chosen one's. Printed per seed and as mean ± standard deviation over seeds; ``--json`` keeps
@@ -158,9 +159,10 @@ def run_one(args, task, seed: int, sources: dict[str, str], out: Path) -> dict:
 
 
 #: ways to choose an ensemble's members from the finalists' held-out predictions, compared on
-#: the same retrained finalists: the shipped rule (Caruana's hill-climb on the study's metric),
-#: the hill-climb on likelihood, and every finalist with equal weight
-ENSEMBLE_RULES = ("metric", "nll", "uniform")
+#: the same retrained finalists: ``[selection] ensemble_rule``'s two ("greedy": Caruana's
+#: hill-climb on the study's metric; "uniform": every finalist with equal weight, the default)
+#: and the hill-climb on likelihood
+ENSEMBLE_RULES = ("greedy", "greedy-nll", "uniform")
 
 
 def ensemble_variants(config, registry, study, splits, selection, finalists: dict) -> dict:
@@ -207,10 +209,10 @@ def ensemble_variants(config, registry, study, splits, selection, finalists: dic
         test[n] = calibrated.exp()
         raw[n] = (calibrated * loaded.temperature).softmax(-1)  # softmax(z): T undone
     weights = {
-        "metric": caruana_selection(
+        "greedy": caruana_selection(
             held, labels[common], score=metric_to_maximize(config, registry, n_classes)
         ),
-        "nll": caruana_selection(held, labels[common], score="nll"),
+        "greedy-nll": caruana_selection(held, labels[common], score="nll"),
         "uniform": [1] * len(numbers),
     }
 

@@ -223,6 +223,22 @@ def test_caruana_selection_finds_the_complementary_pair():
     assert caruana_selection([sure.log(), c.log()], y) == [1, 0]
 
 
+def test_the_ensemble_rule_weighs_every_finalist_alike_or_climbs_greedily():
+    from automl_tl.selection import ensemble_counts
+
+    y = torch.tensor([0, 1] * 10)
+    right = torch.full((20, 2), 0.2)
+    right[torch.arange(20), y] = 0.8
+    unsure = torch.full((20, 2), 0.5)
+    wrong = 1 - right
+    held_out = [right, unsure, wrong]
+    assert ensemble_counts("uniform", held_out, y, "accuracy") == [1, 1, 1]
+    # greedy: Caruana's selection on the log-probabilities (the right model alone here)
+    greedy = ensemble_counts("greedy", held_out, y, "accuracy")
+    assert greedy == caruana_selection([p.log() for p in held_out], y, score="accuracy")
+    assert greedy == [1, 0, 0]
+
+
 def test_soup_averages_weights_and_keeps_integer_buffers():
     a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(5)}
     b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(9)}
@@ -383,6 +399,8 @@ def test_search_races_calibrates_and_exports_ensemble_and_soup(tmp_path, capsys)
         assert len(race.get_trials()) == sel["runs"]
     # single vs ensemble vs soup, on test, with their cost
     assert "single best" in out and chosen["single"]["ms_per_image"] > 0
+    if "ensemble" in chosen:  # the default rule: every finalist, with equal weights
+        assert chosen["ensemble"]["member_trials"] == {str(r["trial"]): 1 for r in sel["finalists"]}
     for kind in ("ensemble", "soup"):
         if kind in chosen:
             loaded = load_model(root / kind)
