@@ -154,7 +154,9 @@ class Before:
         self.module = search_mod
         self.saved = (search_mod.suggest, search_mod.make_sampler, search_mod.make_pruner)
 
-        def make_sampler(config, prior=None):  # the old TPE and portfolio (no team prior)
+        # the old TPE and portfolio: whatever search() passes beside the config (a team
+        # prior, a deadline for cost awareness) did not exist then, and is ignored
+        def make_sampler(config, *_, **__):
             tpe = optuna.samplers.TPESampler(
                 multivariate=True,
                 group=True,
