@@ -171,3 +171,19 @@ def test_a_simulation_repeats_exactly_with_hyperband():
     methods = ("random", "tpe+hyperband", "portfolio")
     first = bench.simulate(_table(1), seeds=3, n_trials=8, cap=3.0, methods=methods)
     assert bench.simulate(_table(1), seeds=3, n_trials=8, cap=3.0, methods=methods) == first
+
+
+def test_the_priors_trials_run_their_epochs_and_prior_prune_cuts_them():
+    """``prior``: Hyperband spares the trials the prior chose (the package's pruner reads the
+    attribute PriorSampler sets); ``prior+prune``: it may cut them, as before."""
+    bench = _module()
+    data = _table(3)
+    table = bench.Table(data["tasks"]["t0"]["rows"])
+    entries = {"prior": bench.prior_entries(data, "t0", 6, False)}
+    traces = {}
+    for method in ("prior", "prior+prune"):
+        sampler = bench.sampler_for(method, 0, 20, table, entries)
+        pruner = bench._hyperband(3, spare_prior=method == "prior")
+        traces[method] = [v for _, v in bench.run(table, sampler, pruner, 1e9, 6, None)]
+    assert traces["prior"] == pytest.approx([0.9, 0.6, 0.6, 0.55, 0.55, 0.15])  # all completed
+    assert traces["prior+prune"][0] == 0.9 and traces["prior+prune"].count(None) == 4
