@@ -3,23 +3,27 @@
 same ordering on 3 live searches"), on CPU, offline, in minutes.
 
     python benchmarks/search_live.py                       # 3 tasks x 3 methods, seed 0
-    python benchmarks/search_live.py --seeds 0 1 --json out.json
+    python benchmarks/search_live.py --seeds 0 1 2 --json out.json
 
 The tasks are benchmarks/build_tabular.py's (generated from scikit-learn's digits and
 synthetic drawings, 16 px), written as image folders with their train / val split; the two
 tiny timm backbones are pretrained here on digits 0-4 (automl_tl.pretrain, cached in the
 output folder), as the table's are. Per seed, each method is a full ``automl_tl.search``
-(no retrain) of ``--trials`` trials of ``--epochs`` epochs, one process, one thread:
+(no retrain) of ``--trials`` trials of ``--epochs`` epochs in the study's own space (every
+policy, strategy, weight decay: wider than the table's grid), one process, one thread;
+``[data] seed`` = the seed (the samplers' seed and the trials' training seeds):
 
-- ``random``: ``[search] sampler = "random"``, no pruner (the reference);
+- ``random``: ``[search] sampler = "random"``, no pruner;
 - ``default``: the study's defaults (the textbook portfolio, TPE, Hyperband);
-- ``prior``: ``[search] prior`` = the catalogs of the *other* tasks' random searches of the
-  same seed (a team that has searched those two tasks before), then the defaults.
+- ``prior``: ``[search] prior`` = the catalogs of the random searches (same seed) of the
+  benchmark's *other five* tasks (a team that searched those before), then the defaults.
 
-Measured per task and seed as on the table: random's best validation accuracy is the target;
-the seconds each method's trials took (their durations, in trial order) until one first
-reached it; random's seconds / the method's (> 1: faster; a method that never reached it
-counts its total seconds and is a miss).
+Measured per live task and seed as ``benchmarks/search.py --reference independent`` does:
+the target is the best validation accuracy of a reference random search (seed + 1000), and
+its seconds until it first reached it are the reference; each method's seconds (its trials'
+durations, in trial order) until one first reached the target; the reference's seconds / the
+method's (> 1: faster). A method that never reached it in its trials is a miss and counts
+``CAP`` x the reference search's total seconds, as a miss does on the table.
 """
 
 from __future__ import annotations
@@ -42,7 +46,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 METHODS = ("random", "default", "prior")
-TASKS = ("digits-many", "shapes", "textures")
+#: the tasks searched by every method (three that differ: few labels near the source task,
+#: colour shapes, textures where digit features transfer little)
+LIVE = ("digits-few", "shapes", "textures")
+#: every task of the benchmark: random searches on each feed the other tasks' priors
+TASKS = ("digits-few", "digits-many", "digits-mirror", "shapes", "shapes-few", "textures")
+#: the reference random search's seed: the run's seed + this
+REFERENCE_SEED = 1000
+#: a miss counts this many times the reference search's total seconds
+CAP = 3.0
 
 
 def write_task(name: str, root: Path, size: int) -> None:
@@ -75,12 +87,14 @@ def pretrained(out: Path, size: int, backbones: list[str]) -> dict[str, str]:
 
 
 def run_search(args, out: Path, task: str, method: str, seed: int, weights: dict) -> dict:
+    """One search; ``method`` "reference" is random search with seed + REFERENCE_SEED."""
     from automl_tl import config_from_dict, registry_for
     from automl_tl.plugins import get_plugin_manager
     from automl_tl.search import search
 
     name = f"{task}-s{seed}"  # one name for every method: Hyperband's brackets hash it
     folder = out / method / name
+    data_seed = seed + REFERENCE_SEED if method == "reference" else seed
     search_ = {
         "n_trials": args.trials,
         "backbones": list(weights),
@@ -89,7 +103,7 @@ def run_search(args, out: Path, task: str, method: str, seed: int, weights: dict
         "device": "cpu",
         "output": str(folder),
     }
-    if method == "random":
+    if method in ("random", "reference"):
         search_.update(sampler="random", pruner="none")
     if method == "prior":
         search_["prior"] = [
@@ -97,7 +111,11 @@ def run_search(args, out: Path, task: str, method: str, seed: int, weights: dict
         ]
     raw = {
         "name": name,
-        "data": {"source": f"folder:{out / 'data' / task}", "image_size": args.size, "seed": 0},
+        "data": {
+            "source": f"folder:{out / 'data' / task}",
+            "image_size": args.size,
+            "seed": data_seed,
+        },
         "search": search_,
         "weights": weights,
     }
@@ -129,10 +147,11 @@ def reached(trace, target: float) -> float | None:
 
 
 def summarize(runs: list[dict]) -> list[dict]:
+    """Per live task, seed and method: the target, the seconds, a miss, the speed-up."""
     rows = []
     by = {(r["task"], r["seed"], r["method"]): r for r in runs}
     for task, seed in sorted({(r["task"], r["seed"]) for r in runs}):
-        ref = by.get((task, seed, "random"))
+        ref = by.get((task, seed, "reference"))
         if ref is None:
             continue
         target = max(v for _, v in ref["trace"] if v is not None)
@@ -142,13 +161,14 @@ def summarize(runs: list[dict]) -> list[dict]:
             if r is None:
                 continue
             got = reached(r["trace"], target)
-            spent = got if got is not None else r["trace"][-1][0]
+            spent = got if got is not None else CAP * ref["trace"][-1][0]
             rows.append(
                 {
                     "task": task,
                     "seed": seed,
                     "method": method,
                     "target": target,
+                    "reference_s": random_s,
                     "seconds": spent,
                     "miss": got is None,
                     "speedup": round(random_s / spent, 3),
@@ -157,21 +177,66 @@ def summarize(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def format_rows(rows: list[dict]) -> str:
+    """A row per live task and seed, then each method's median, quartiles and misses."""
+    lines = [
+        "| task | seed | target | reference s | random s | default s | prior s | "
+        "random x | default x | prior x |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, seed in sorted({(r["task"], r["seed"]) for r in rows}):
+        r = {x["method"]: x for x in rows if x["task"] == task and x["seed"] == seed}
+
+        def cell(m, r=r):
+            return f"{r[m]['seconds']:.1f}{'*' if r[m]['miss'] else ''}" if m in r else "-"
+
+        lines.append(
+            f"| {task} | {seed} | {r['random']['target']:.3f} | {r['random']['reference_s']:.1f} "
+            f"| {cell('random')} | {cell('default')} | {cell('prior')} | "
+            + " | ".join(f"{r[m]['speedup']:.2f}" if m in r else "-" for m in METHODS)
+            + " |"
+        )
+    lines.append("")
+    for m in METHODS:
+        x = [r["speedup"] for r in rows if r["method"] == m]
+        if not x:
+            continue
+        q = statistics.quantiles(x, n=4) if len(x) > 1 else [x[0]] * 3
+        per_task = {
+            t: statistics.median(r["speedup"] for r in rows if r["method"] == m and r["task"] == t)
+            for t in dict.fromkeys(r["task"] for r in rows)
+        }
+        lines.append(
+            f"{m}: median {q[1]:.2f}x (quartiles {q[0]:.2f}-{q[2]:.2f}) over {len(x)} runs, "
+            f"misses {sum(r['miss'] for r in rows if r['method'] == m)}; per task "
+            + ", ".join(f"{t} {v:.2f}x" for t, v in per_task.items())
+        )
+    lines.append(f"(* never reached the reference's best: counted as {CAP:g}x its seconds)")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--tasks", nargs="+", default=list(LIVE), choices=TASKS)
+    parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--out", help="work folder (default: a temporary one)")
     parser.add_argument("--json", help="write every run's trace and the summary here")
+    parser.add_argument(
+        "--combine", nargs="+", metavar="JSON", help="summarize the runs of earlier --json files"
+    )
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     logging.getLogger("automl_tl").setLevel(logging.WARNING)
     logging.getLogger("optuna").setLevel(logging.WARNING)
+    if args.combine:
+        runs = [r for f in args.combine for r in json.loads(Path(f).read_text())["runs"]]
+        print(format_rows(summarize(runs)))
+        return 0
     out = Path(args.out or tempfile.mkdtemp(prefix="automl-tl-live-"))
     for task in TASKS:  # every task's folder: the prior reads the other tasks' studies
         if not (out / "data" / task).is_dir():
@@ -180,42 +245,21 @@ def main(argv=None) -> int:
     runs = []
     started = time.perf_counter()
     for seed in args.seeds:
-        for method in METHODS:  # random first: the prior learns from the other tasks' ones
-            for task in TASKS if method == "random" else args.tasks:
-                run = run_search(args, out, task, method, seed, weights)
-                runs.append(run)
-                print(
-                    f"{task} seed {seed} {method}: {len(run['trace'])} trials, "
-                    f"{run['trace'][-1][0]:.0f}s of trials, {run['wall_s']:.0f}s wall",
-                    flush=True,
-                )
-                if args.json:
-                    Path(args.json).write_text(json.dumps({"runs": runs}, indent=1))
-    rows = summarize(runs)
-    print("\n| task | seed | target | random s | default s | prior s | default x | prior x |")
-    print("|---|---|---|---|---|---|---|---|")
-    for task, seed in sorted({(r["task"], r["seed"]) for r in rows}):
-        r = {x["method"]: x for x in rows if x["task"] == task and x["seed"] == seed}
-
-        def cell(m, r=r):
-            return f"{r[m]['seconds']:.0f}{'*' if r[m]['miss'] else ''}" if m in r else "-"
-
-        print(
-            f"| {task} | {seed} | {r['random']['target']:.3f} | {cell('random')} | "
-            f"{cell('default')} | {cell('prior')} | "
-            + " | ".join(f"{r[m]['speedup']:.2f}" if m in r else "-" for m in METHODS[1:])
-            + " |"
-        )
-    for m in METHODS[1:]:
-        x = [r["speedup"] for r in rows if r["method"] == m]
-        if x:
+        plan = [(t, "random") for t in TASKS]  # first: the priors learn from these
+        plan += [(t, m) for t in args.tasks for m in ("reference", "default", "prior")]
+        for task, method in plan:
+            run = run_search(args, out, task, method, seed, weights)
+            runs.append(run)
             print(
-                f"{m}: median {statistics.median(x):.2f}x over {len(x)} runs, misses "
-                f"{sum(r['miss'] for r in rows if r['method'] == m)}"
+                f"{task} seed {seed} {method}: {len(run['trace'])} trials, "
+                f"{run['trace'][-1][0]:.0f}s of trials, {run['wall_s']:.0f}s wall",
+                flush=True,
             )
-    print(
-        f"(* never reached random's best: its total seconds; {time.perf_counter() - started:.0f}s)"
-    )
+            if args.json:
+                Path(args.json).write_text(json.dumps({"runs": runs}, indent=1))
+    rows = summarize(runs)
+    print(format_rows(rows))
+    print(f"({time.perf_counter() - started:.0f}s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "summary": rows}, indent=1))
     return 0
