@@ -319,6 +319,17 @@ def test_peft_benchmark_runs_every_arm_on_tiny_models(registry):
         if name != "top_k":
             assert row["optimizer_memory_ratio"] < 0.2, name
     assert "| test_resnet (32) | lora |" in bench.markdown(results, 2)
+    # the flat figures benchmarks/gpu_check.py reads: each arm's speed-up and its verdict
+    flat = bench.figures(results)
+    assert set(flat) == {
+        "verdicts",
+        "bitfit_speedup_test_resnet",
+        "norm_fit_speedup_test_resnet",
+        "lora_speedup_test_resnet",
+    }
+    assert flat["lora_speedup_test_resnet"] == arms["lora"]["speedup_mean"]
+    verdict = flat["verdicts"]["lora_speedup_test_resnet"]
+    assert verdict == (">= 1.2", "ok" if arms["lora"]["speedup_mean"] >= 1.2 else "MISS")
 
 
 @pytest.mark.slow  # a search of 2 trials and its retrain (~20-40 s on 2 cores)
