@@ -134,6 +134,23 @@ def test_lora_layers_add_their_update_and_merge_exactly():
         add_lora(model, ["1"])
 
 
+def test_a_lora_linear_on_tokens_is_the_hand_computed_update_and_trains_only_its_factors():
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 7)
+    layer.weight.requires_grad_(False)
+    adapted = LoRALinear.wrap(layer, rank=3, alpha=6.0)
+    with torch.no_grad():
+        adapted.lora_b.normal_()
+    x = torch.rand(2, 5, 12).transpose(0, 1)  # (tokens, batch, features), not contiguous
+    expected = x @ layer.weight.T + layer.bias + 2.0 * (x @ adapted.lora_a.T) @ adapted.lora_b.T
+    out = adapted(x)
+    assert out.shape == (5, 2, 7)
+    assert torch.allclose(out, expected, atol=1e-6)
+    out.square().sum().backward()
+    assert adapted.weight.grad is None
+    assert adapted.lora_a.grad is not None and adapted.lora_b.grad is not None
+
+
 @pytest.fixture(scope="module")
 def few_digits(registry):
     digits = prepare_data(registry, "digits:0-2", image_size=32, seed=0)
