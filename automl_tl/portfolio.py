@@ -27,7 +27,8 @@ The recipe's regularizers (automl_tl/recipe.py) the study opens start from timm'
 fine-tuning values, each clamped into the study's range (:data:`RECIPE_DEFAULTS`): mixup
 α 0.2, CutMix α 1.0, every batch mixed, CutMix for half of them, label smoothing 0.1, EMA
 decay 0.998, drop-path 0.1, gradients clipped at norm 1.0, one warm-up epoch; for a searched
-``imbalance``, ``weighted`` when listed (the rule's answer to imbalance), else the first
+``imbalance``, ``logit_adjust`` when listed (the rule's answer to imbalance), else ``weighted``
+when listed, else the first
 listed.
 
 When ``[weights]`` is searched (sources taking turns by trial number), entry *n* follows the
@@ -152,5 +153,6 @@ def recipe_defaults(config: StudyConfig) -> dict[str, Any]:
         if bounds is not None and bounds[0] < bounds[1]:
             out[key] = min(max(value, bounds[0]), bounds[1])
     if s.imbalance is not None and len(s.imbalance) > 1:
-        out["imbalance"] = "weighted" if "weighted" in s.imbalance else s.imbalance[0]
+        listed = [k for k in ("logit_adjust", "weighted") if k in s.imbalance]
+        out["imbalance"] = (listed or s.imbalance)[0]
     return out

@@ -58,7 +58,7 @@ from selection import how_it_ran, pretrain_sources  # noqa: E402  (as there)
 TASKS = ("balanced", "imbalanced")
 #: ablations (``--arms today light rule``): ``light`` searches only label smoothing and EMA,
 #: ``rule`` no regularizer but leaves class imbalance to the rule (``today`` on balanced data)
-ARMS = ("today", "recipe", "light", "rule")
+ARMS = ("today", "recipe", "light", "rule", "weighted", "adjust")
 #: the recipe arm's searched regularizers ([search] keys)
 RECIPE = {
     "label_smoothing": [0.0, 0.2],
@@ -119,7 +119,15 @@ def study_dict(args, task: str, arm: str, seed: int, sources: dict[str, str], ou
         "device": "cpu",
         "output": str(out / arm / name),
     }
-    search.update({"recipe": RECIPE, "light": LIGHT, "rule": {}}.get(arm, {"imbalance": ["none"]}))
+    search.update(
+        {
+            "recipe": RECIPE,
+            "light": LIGHT,
+            "rule": {},
+            "weighted": {"imbalance": ["weighted"]},
+            "adjust": {"imbalance": ["logit_adjust"]},
+        }.get(arm, {"imbalance": ["none"]})
+    )
     return {
         "name": name,
         "data": {**data, "image_size": args.image_size, "seed": seed, "orientation": "fixed"},

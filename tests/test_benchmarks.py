@@ -216,7 +216,7 @@ def test_recipe_benchmark_builds_its_tasks_and_arms(tmp_path):
     today = recipe.study_dict(args, "imbalanced", "today", 0, {}, tmp_path)
     recipe_space = recipe.study_dict(args, "imbalanced", "recipe", 0, {}, tmp_path)
     assert today["search"]["imbalance"] == ["none"] and "label_smoothing" not in today["search"]
-    assert "imbalance" not in recipe_space["search"]  # the rule: weighted on this task
+    assert "imbalance" not in recipe_space["search"]  # the rule: logit_adjust on this task
     assert recipe_space["search"]["metric"] == today["search"]["metric"] == "balanced_accuracy"
     rows = [
         {"task": "imbalanced", "arm": arm, "seed": seed, "seconds": 1.0, "test_accuracy": 0.5,
