@@ -58,7 +58,6 @@ from selection import how_it_ran, pretrain_sources  # noqa: E402  (as there)
 TASKS = ("balanced", "imbalanced")
 #: ablations (``--arms today light rule``): ``light`` searches only label smoothing and EMA,
 #: ``rule`` no regularizer but leaves class imbalance to the rule (``today`` on balanced data)
-ARMS = ("today", "recipe", "light", "rule", "weighted", "adjust")
 #: the recipe arm's searched regularizers ([search] keys)
 RECIPE = {
     "label_smoothing": [0.0, 0.2],
@@ -68,6 +67,24 @@ RECIPE = {
     "drop_path": [0.0, 0.2],
 }
 LIGHT = {k: RECIPE[k] for k in ("label_smoothing", "ema_decay")}
+#: each arm's [search] keys beside the common ones (``today``: imbalance "none", nothing else)
+SPACES: dict[str, dict] = {
+    "today": {"imbalance": ["none"]},
+    "recipe": RECIPE,
+    "light": LIGHT,
+    "rule": {},
+    "weighted": {"imbalance": ["weighted"]},
+    "adjust": {"imbalance": ["logit_adjust"]},
+    # one regularizer each, the imbalance rule (ablations of the recipe arm)
+    "smoothing": {"label_smoothing": RECIPE["label_smoothing"]},
+    "mixup": {k: RECIPE[k] for k in ("mixup_alpha", "mix_prob")},
+    "ema": {"ema_decay": RECIPE["ema_decay"]},
+    "droppath": {"drop_path": RECIPE["drop_path"]},
+    # a control: one more searched dimension that changes nothing (smoothing in [0, 1e-6]):
+    # how much of an arm's difference is the search's path, not the regularizer
+    "placebo": {"label_smoothing": [0.0, 1e-6]},
+}
+ARMS = tuple(SPACES)
 MAJORITY = "5"
 
 
@@ -119,15 +136,7 @@ def study_dict(args, task: str, arm: str, seed: int, sources: dict[str, str], ou
         "device": "cpu",
         "output": str(out / arm / name),
     }
-    search.update(
-        {
-            "recipe": RECIPE,
-            "light": LIGHT,
-            "rule": {},
-            "weighted": {"imbalance": ["weighted"]},
-            "adjust": {"imbalance": ["logit_adjust"]},
-        }.get(arm, {"imbalance": ["none"]})
-    )
+    search.update(SPACES[arm])
     return {
         "name": name,
         "data": {**data, "image_size": args.image_size, "seed": seed, "orientation": "fixed"},

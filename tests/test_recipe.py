@@ -24,6 +24,7 @@ from automl_tl.recipe import (
     resolve_imbalance,
     training_loss,
     warmup_steps,
+    weight_average,
 )
 from automl_tl.space import check_recipe, choice_from_params, suggest
 from automl_tl.train import create_model
@@ -283,6 +284,7 @@ def test_opened_recipe_is_searched_and_rebuilt_for_retrain(registry):
         clip_grad=[0.5, 5.0],
         warmup_epochs=[0, 2],
         imbalance=["none", "focal"],
+        epochs=10,  # not a short schedule: the portfolio's usual values
     )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     trial = study.ask()
@@ -304,6 +306,52 @@ def test_opened_recipe_is_searched_and_rebuilt_for_retrain(registry):
         (["sampler", "focal"], "sampler"),
     ):
         assert portfolio(_config(imbalance=listed), 1)[0]["imbalance"] == first
+
+
+def test_ema_decay_above_the_warm_up_cap_changes_nothing_on_a_short_trial():
+    """timm's warm-up caps the decay at step t at 1 - (1 + t)^(-2/3): over 20 steps (cap
+    0.87) decays of 0.9 and 0.999 average alike (the README's advice to fix it), while
+    decays under the cap differ."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    averages = {d: weight_average(model, Recipe(ema_decay=d)) for d in (0.5, 0.9, 0.999)}
+    for step in range(20):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        for ema in averages.values():
+            ema.update(model, step=step)
+    weight = {d: ema.module.weight for d, ema in averages.items()}
+    assert torch.equal(weight[0.9], weight[0.999])
+    assert not torch.allclose(weight[0.5], weight[0.9])
+    assert 1 - (1 + 19) ** (-2 / 3) < 0.9
+
+
+def test_a_short_schedule_starts_the_portfolio_without_mixing_or_drop_path():
+    """Below 10 epochs (portfolio.SHORT_SCHEDULE_EPOCHS) the entry starts mild: mixing and
+    drop-path at the low end of their ranges; smoothing and EMA as timm's usual values."""
+    space = {
+        "mixup_alpha": [0.1, 0.4],
+        "mix_prob": [0.0, 1.0],
+        "drop_path": [0.0, 0.3],
+        "label_smoothing": [0.0, 0.2],
+        "ema_decay": [0.9, 0.999],
+    }
+    short = portfolio(_config(epochs=9, **space), 1)[0]
+    assert {k: short[k] for k in space} == {
+        "mixup_alpha": 0.1,  # 0 is outside the range: its low end
+        "mix_prob": 0.0,
+        "drop_path": 0.0,
+        "label_smoothing": 0.1,
+        "ema_decay": 0.998,
+    }
+    long = portfolio(_config(epochs=10, **space), 1)[0]
+    assert {k: long[k] for k in space} == {
+        "mixup_alpha": 0.2,
+        "mix_prob": 1.0,
+        "drop_path": 0.1,
+        "label_smoothing": 0.1,
+        "ema_decay": 0.998,
+    }
 
 
 def test_drop_path_is_a_note_for_a_backbone_without_it(tmp_path):
