@@ -218,6 +218,10 @@ def test_recipe_benchmark_builds_its_tasks_and_arms(tmp_path):
     assert today["search"]["imbalance"] == ["none"] and "label_smoothing" not in today["search"]
     assert "imbalance" not in recipe_space["search"]  # the rule: logit_adjust on this task
     assert recipe_space["search"]["metric"] == today["search"]["metric"] == "balanced_accuracy"
+    adjust = recipe.study_dict(args, "imbalanced", "adjust", 0, {}, tmp_path)["search"]
+    assert adjust["imbalance"] == ["logit_adjust"] and "label_smoothing" not in adjust
+    short = recipe.study_dict(args, "balanced", "short", 0, {}, tmp_path)["search"]
+    assert short["ema_decay"] == 0.998 and short["mixup_alpha"] == [0.1, 0.4]
     rows = [
         {"task": "imbalanced", "arm": arm, "seed": seed, "seconds": 1.0, "test_accuracy": 0.5,
          "test_balanced_accuracy": value}
