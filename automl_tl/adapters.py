@@ -95,9 +95,16 @@ class LoRALinear(_LoRA, nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.scale * F.linear(
-            F.linear(x, self.lora_a), self.lora_b
+        # y = x W^T + b + (x A^T)(s B)^T: the scale on the small B, not the output, and the
+        # low-rank term added by the GEMM itself (addmm), so no pass over the output is extra
+        out = F.linear(x, self.weight, self.bias)
+        low = F.linear(x, self.lora_a)
+        flat = torch.addmm(
+            out.reshape(-1, self.out_features),
+            low.reshape(-1, low.shape[-1]),
+            (self.lora_b * self.scale).t(),
         )
+        return flat.view(out.shape)
 
 
 class LoRAConv2d(_LoRA, nn.Conv2d):
@@ -118,8 +125,8 @@ class LoRAConv2d(_LoRA, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low = F.conv2d(x, self.lora_a, None, self.stride, self.padding, self.dilation)
-        return self._conv_forward(x, self.weight, self.bias) + self.scale * F.conv2d(
-            low, self.lora_b
+        return self._conv_forward(x, self.weight, self.bias) + F.conv2d(
+            low, self.lora_b * self.scale
         )
 
 

@@ -57,13 +57,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ._util import write_atomic
-from .config import StudyConfig
+from .config import RECIPE_KEYS, StudyConfig
 from .registry import Registry
-from .space import SHOWN_PARAMS, effective_params
+from .space import SHOWN_PARAMS, STRATEGY_OPTIONS, effective_params
 from .trials import PRIOR, Direction, value_of
 
 #: Bump when the report's content changes, so existing reports are rebuilt.
-REPORT_VERSION = 5  # 5: multi-label figures
+REPORT_VERSION = 6  # 6: every searched parameter in the leaderboard (LoRA rank, recipe)
 MAX_MISCLASSIFIED = 32
 
 
@@ -854,12 +854,23 @@ def _fmt(value: Any, key: str = "") -> str:
     return str(value)
 
 
+#: the leaderboard's parameter columns, each shown when some trial has it: the shown
+#: parameters, then a strategy's own options (the LoRA rank), the searched image size and the
+#: recipe's searched regularizers
+LEADERBOARD_PARAMS = (
+    *SHOWN_PARAMS,
+    *(key for options in STRATEGY_OPTIONS.values() for key in options.values()),
+    "image_size",
+    *RECIPE_KEYS,
+)
+
+
 def _leaderboard_html(data: dict[str, Any]) -> str:
     metric = data["metric"]
     shown = {t["number"]: effective_params(t["params"]) for t in data["trials"]}
     used = [
         k
-        for k in SHOWN_PARAMS  # every trial's weight source, resolved, also when fixed
+        for k in LEADERBOARD_PARAMS  # every trial's weight source, resolved, also when fixed
         if k == "weights" or any(p.get(k) is not None for p in shown.values())
     ]
     columns = ["trial", "state", metric, *used, "epochs", "seconds", "fail_reason"]

@@ -48,13 +48,49 @@ ARMS = ("top_k", "bitfit", "norm_fit", "lora")
 #: backbone -> image size (small enough for CPU, the architectures as they are)
 FULL = {"resnet18": 128, "vit_tiny_patch16_224": 128}
 QUICK = {"test_resnet": 32, "test_vit": 32}
+#: on a GPU: the sizes the backbones are made for, a realistic batch (benchmarks/gpu_check.py)
+GPU = {"resnet50": 224, "vit_small_patch16_224": 224, "vit_base_patch16_224": 224}
+#: the issue's target: a parameter-efficient step at least this much faster than full
+#: fine-tuning's step of the same backbone
+TARGET_SPEEDUP = 1.2
+
+
+def figures(results: dict) -> dict:
+    """``{arm}_speedup_{backbone}``: each parameter-efficient arm's mean speed-up, and
+    ``verdicts`` against :data:`TARGET_SPEEDUP` (the flat form benchmarks/gpu_check.py reads)."""
+    flat: dict = {"verdicts": {}}
+    for backbone, res in results.items():
+        for arm, row in res["arms"].items():
+            if arm == "top_k":
+                continue
+            key = f"{arm}_speedup_{backbone}"
+            flat[key] = row["speedup_mean"]
+            ok = row["speedup_mean"] >= TARGET_SPEEDUP
+            flat["verdicts"][key] = (f">= {TARGET_SPEEDUP:g}", "ok" if ok else "MISS")
+    return flat
+
+
+def parse_backbone(text: str) -> tuple[str, int]:
+    name, sep, size = text.partition("=")
+    if not sep or not size.isdigit():
+        raise argparse.ArgumentTypeError(f"--backbone takes NAME=PIXELS, got {text!r}")
+    return name, int(size)
 
 
 class Arm:
     """One strategy on a fresh model, ready to step."""
 
-    def __init__(self, registry, backbone: str, strategy: str, image_size: int, batch: int):
+    def __init__(
+        self,
+        registry,
+        backbone: str,
+        strategy: str,
+        image_size: int,
+        batch: int,
+        device: str = "cpu",
+    ):
         component = registry.get("backbones", backbone)
+        self.device = torch.device(device)
         self.strategy = registry.get("unfreeze_strategies", strategy)
         torch.manual_seed(0)
         self.model = component.create(10, weights="none", image_size=image_size)
@@ -65,6 +101,7 @@ class Arm:
         groups = adapt_model(self.strategy, self.model, groups, head, depth)
         trainable = self.strategy.trainable(0, 1, groups, head, depth)
         set_trainable(self.model, trainable)
+        self.model.to(self.device)
         named = dict(self.model.named_parameters())
         self.optimizer = torch.optim.AdamW(
             [
@@ -75,17 +112,23 @@ class Arm:
         self.trained = sum(named[n].numel() for n in trainable)
         self.total = sum(p.numel() for p in self.model.parameters())
         generator = torch.Generator().manual_seed(0)
-        self.x = torch.rand(batch, 3, image_size, image_size, generator=generator)
-        self.y = torch.randint(0, 10, (batch,), generator=generator)
+        self.x = torch.rand(batch, 3, image_size, image_size, generator=generator).to(self.device)
+        self.y = torch.randint(0, 10, (batch,), generator=generator).to(self.device)
         self.times: list[float] = []
 
     def step(self) -> float:
+        self._sync()
         t0 = time.perf_counter()
         loss = F.cross_entropy(self.model(self.x), self.y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self._sync()  # a GPU's step is over when its kernels are
         return time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def optimizer_bytes(self) -> int:
         return sum(
@@ -96,17 +139,24 @@ class Arm:
         )
 
     def merged_loads_in_timm(self, backbone: str, image_size: int) -> bool:
-        model = merge_model(self.strategy, self.model, self.created)
+        model = merge_model(self.strategy, self.model.cpu(), self.created)
         size = {"img_size": image_size} if "vit" in backbone else {}
         plain = timm.create_model(backbone, pretrained=False, num_classes=10, **size)
         plain.load_state_dict(model.state_dict(), strict=True)
         model.eval(), plain.eval()
+        x = self.x[:2].cpu()
         with torch.no_grad():
-            return bool(torch.allclose(plain(self.x[:2]), model(self.x[:2]), atol=1e-4))
+            return bool(torch.allclose(plain(x), model(x), atol=1e-4))
 
 
 def run(
-    backbones: dict[str, int], rounds: int, steps: int, warmup: int, batch: int, registry=None
+    backbones: dict[str, int],
+    rounds: int,
+    steps: int,
+    warmup: int,
+    batch: int,
+    registry=None,
+    device: str = "cpu",
 ) -> dict:
     """Every arm on every backbone: per arm its step time, speed-up over full fine-tuning
     (mean, sd, min over rounds), trained parameters, optimizer bytes and whether the merged
@@ -114,7 +164,7 @@ def run(
     registry = registry or registry_for()
     results = {}
     for backbone, size in backbones.items():
-        arms = {a: Arm(registry, backbone, a, size, batch) for a in ARMS}
+        arms = {a: Arm(registry, backbone, a, size, batch, device) for a in ARMS}
         for arm in arms.values():
             for _ in range(warmup):
                 arm.step()
@@ -172,14 +222,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust to load)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (GPU: its own backbones)")
+    parser.add_argument(
+        "--backbone",
+        action="append",
+        type=parse_backbone,
+        metavar="NAME=PIXELS",
+        help="a timm backbone and its image size (repeatable; replaces the default set)",
+    )
+    parser.add_argument("--tiny", action="store_true", help="as --quick (benchmarks/gpu_check.py)")
     args = parser.parse_args(argv)
+    args.quick = args.quick or args.tiny
     torch.set_num_threads(args.threads)
-    backbones = QUICK if args.quick else FULL
+    gpu = args.device.startswith("cuda")
+    if args.backbone:
+        backbones = dict(args.backbone)
+    else:
+        backbones = QUICK if args.quick else GPU if gpu else FULL
     rounds = args.rounds or (2 if args.quick else 5)
     steps = args.steps or (2 if args.quick else 3)
-    batch = args.batch or (4 if args.quick else 8)
+    batch = args.batch or (4 if args.quick else 32 if gpu else 8)
     started = time.perf_counter()
-    results = run(backbones, rounds, steps, args.warmup, batch)
+    results = run(backbones, rounds, steps, args.warmup, batch, device=args.device)
     meta = {
         "command": " ".join(["benchmarks/peft.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -187,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": steps,
         "batch": batch,
         "threads": args.threads,
+        "device": args.device,
         "torch": torch.__version__,
         "timm": timm.__version__,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -195,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(results, batch))
     print(f"\n{meta['command']}: {meta['wall_seconds']} s, {rounds} rounds x {steps} steps")
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "meta": meta}, indent=2))
+        flat = figures(results)
+        args.json.write_text(json.dumps({**flat, "results": results, "meta": meta}, indent=2))
     return 0
 
 

@@ -171,7 +171,7 @@ def test_gpu_check_script_runs_its_python_parts_on_the_cpu(tmp_path):
         **os.environ,
         "GPU_CHECK_DEVICE": "cpu",
         "GPU_CHECK_TINY": "1",
-        "GPU_CHECK_PARTS": "fit,packing,sync-test,search",
+        "GPU_CHECK_PARTS": "fit,packing,peft,sync-test,search",
         "PYTHON": sys.executable,
         "GPU_CHECK_SECONDS": "560",
     }
@@ -188,10 +188,16 @@ def test_gpu_check_script_runs_its_python_parts_on_the_cpu(tmp_path):
     assert statuses == {
         "fit": "ok",
         "packing": "ok",
+        "peft": "ok",
         "sync-test": "skipped: needs a GPU",
         "search": "skipped: needs a GPU",
     }, report["parts"]
-    assert {r["figure"] for r in report["figures"]} == {"fit_train_share", "packing_speedup"}
+    peft = {
+        f"{arm}_speedup_{model}"
+        for arm in ("bitfit", "norm_fit", "lora")
+        for model in ("test_resnet", "test_vit")
+    }
+    assert {r["figure"] for r in report["figures"]} == {"fit_train_share", "packing_speedup"} | peft
     for row in report["figures"]:
         assert math.isfinite(row["value"]) and row["value"] > 0, row
     per_k = report["parts"]["packing"]["results"]["details"]["packing_speedup"]["models"]

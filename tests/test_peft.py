@@ -134,6 +134,23 @@ def test_lora_layers_add_their_update_and_merge_exactly():
         add_lora(model, ["1"])
 
 
+def test_a_lora_linear_on_tokens_is_the_hand_computed_update_and_trains_only_its_factors():
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 7)
+    layer.weight.requires_grad_(False)
+    adapted = LoRALinear.wrap(layer, rank=3, alpha=6.0)
+    with torch.no_grad():
+        adapted.lora_b.normal_()
+    x = torch.rand(2, 5, 12).transpose(0, 1)  # (tokens, batch, features), not contiguous
+    expected = x @ layer.weight.T + layer.bias + 2.0 * (x @ adapted.lora_a.T) @ adapted.lora_b.T
+    out = adapted(x)
+    assert out.shape == (5, 2, 7)
+    assert torch.allclose(out, expected, atol=1e-6)
+    out.square().sum().backward()
+    assert adapted.weight.grad is None
+    assert adapted.lora_a.grad is not None and adapted.lora_b.grad is not None
+
+
 @pytest.fixture(scope="module")
 def few_digits(registry):
     digits = prepare_data(registry, "digits:0-2", image_size=32, seed=0)
@@ -319,6 +336,17 @@ def test_peft_benchmark_runs_every_arm_on_tiny_models(registry):
         if name != "top_k":
             assert row["optimizer_memory_ratio"] < 0.2, name
     assert "| test_resnet (32) | lora |" in bench.markdown(results, 2)
+    # the flat figures benchmarks/gpu_check.py reads: each arm's speed-up and its verdict
+    flat = bench.figures(results)
+    assert set(flat) == {
+        "verdicts",
+        "bitfit_speedup_test_resnet",
+        "norm_fit_speedup_test_resnet",
+        "lora_speedup_test_resnet",
+    }
+    assert flat["lora_speedup_test_resnet"] == arms["lora"]["speedup_mean"]
+    verdict = flat["verdicts"]["lora_speedup_test_resnet"]
+    assert verdict == (">= 1.2", "ok" if arms["lora"]["speedup_mean"] >= 1.2 else "MISS")
 
 
 @pytest.mark.slow  # a search of 2 trials and its retrain (~20-40 s on 2 cores)

@@ -293,3 +293,44 @@ def test_a_validation_split_too_small_to_rank_by_is_pointed_out():
     assert selection_note(_scored([0.75, 0.74], 12)) is None  # two trials: nothing to rank
     assert selection_note(_scored([1.0, 1.0, 0.95], 20)) is not None  # perfect: one image
     assert selection_note(optuna.create_study()) is None  # no data recorded
+
+
+def test_the_leaderboard_shows_every_searched_parameter_some_trial_has():
+    # the LoRA rank, a searched image size and the recipe's regularizers are columns when a
+    # trial has them (a lora trial's rank; the other trial's cell is empty), else left out
+    from automl_tl.report import _leaderboard_html
+
+    base = {"backbone": "test_vit", "augmentation": "none", "unfreeze": "top_k", "lr": 1e-3}
+    data = {
+        "metric": "accuracy",
+        "direction": "maximize",
+        "best": {"number": 1},
+        "trials": [
+            {"number": 0, "state": "COMPLETE", "value": 0.5, "params": {**base}},
+            {
+                "number": 1,
+                "state": "COMPLETE",
+                "value": 0.75,
+                "params": {
+                    **base,
+                    "unfreeze": "lora",
+                    "lora_rank": 16,
+                    "image_size": 24,
+                    "label_smoothing": 0.1,
+                },
+            },
+        ],
+    }
+    page = _leaderboard_html(data)
+    head = re.findall(r"<th>(\w+)</th>", page)
+    assert head == [
+        "trial", "state", "accuracy", "backbone", "weights", "augmentation", "unfreeze", "lr",
+        "lora_rank", "image_size", "label_smoothing", "epochs", "seconds", "fail_reason",
+    ]  # fmt: skip
+    rows = re.findall(r"<tr[^>]*>((?:<td>[^<]*</td>)+)</tr>", page)
+    cells = [re.findall(r"<td>([^<]*)</td>", r) for r in rows]
+    at = head.index("lora_rank")
+    assert [(c[0], c[at], c[at + 1], c[at + 2]) for c in cells] == [
+        ("1", "16", "24", "0.1000"),
+        ("0", "", "", ""),
+    ]
