@@ -46,7 +46,7 @@ from automl_tl.train import (  # noqa: E402
 
 ARMS = ("top_k", "bitfit", "norm_fit", "lora")
 #: backbone -> image size (small enough for CPU, the architectures as they are)
-FULL = {"resnet18": 128, "vit_tiny_patch16_224": 128}
+FULL = {"resnet18": 128, "vit_tiny_patch16_224": 128, "vit_small_patch16_224": 128}
 QUICK = {"test_resnet": 32, "test_vit": 32}
 #: on a GPU: the sizes the backbones are made for, a realistic batch (benchmarks/gpu_check.py)
 GPU = {"resnet50": 224, "vit_small_patch16_224": 224, "vit_base_patch16_224": 224}
