@@ -270,7 +270,7 @@ def summarize(rows: list[dict]) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--tasks", nargs="+", default=["balanced", "imbalanced"])
     p.add_argument("--backbones", nargs="+", default=["test_resnet", "test_efficientnet"])
     p.add_argument("--source", default="digits:0-4")
     p.add_argument("--target", default="digits:5-9")
