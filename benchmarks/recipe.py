@@ -22,10 +22,10 @@ search's own pick, so the arms differ only in their space):
 Arms:
 
 - ``today``: the space before issue 14: no regularizer, plain cross entropy (``[search]
-  imbalance = "none"``: the rule that weights an imbalanced study's loss is issue 14's too);
+  imbalance = "none"``: the rule that changes an imbalanced study's loss is issue 14's too);
 - ``recipe``: label smoothing, mixup (its alpha and how often), EMA of the weights and
-  drop-path searched (``RECIPE`` below), and class imbalance left to the rule (a weighted
-  loss on the imbalanced task);
+  drop-path searched (``RECIPE`` below), and class imbalance left to the rule (the
+  logit-adjusted loss on the imbalanced tasks; a class-weighted loss before 2026-12-01);
 - ablations (``--arms today light rule``): ``light``, label smoothing and EMA only, the rule
   for imbalance; ``rule``, no regularizer, the rule for imbalance (on the balanced task the
   same as ``today``); ``weighted`` / ``adjust``, no regularizer and the class-weighted /
