@@ -30,8 +30,8 @@ imbalance           ``none``; ``weighted`` (cross entropy weighted by inverse cl
                     class equally likely); ``logit_adjust`` (the logit-adjusted loss of Menon
                     et al. 2021: cross entropy of ``logits + τ log π``, π the train split's
                     class frequencies, τ = 1; the model predicts with its plain logits, so
-                    nothing changes at inference or export: the Bayes-optimal rule for the
-                    balanced error). Closed: ``logit_adjust`` when the train split's largest
+                    nothing changes at inference or export; Menon et al. show it consistent
+                    for the balanced error). Closed: ``logit_adjust`` when the train split's largest
                     class has at least :data:`IMBALANCE_RATIO` × the images of its smallest,
                     else ``none``. Single-label only (a multi-label study refuses the key)
 =================== ============================================================================
