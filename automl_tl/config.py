@@ -30,7 +30,7 @@ METRICS = tasks.MULTICLASS_METRICS
 #: the largest val_fraction + test_fraction: at least a tenth of the data stays to train on
 MAX_HELD_OUT = 0.9
 #: the answers to class imbalance ``[search] imbalance`` chooses from (automl_tl/recipe.py)
-IMBALANCE_CHOICES = ("none", "weighted", "focal", "sampler")
+IMBALANCE_CHOICES = ("none", "weighted", "focal", "sampler", "logit_adjust")
 #: the [search] keys that open a regularizer of the recipe as a searched dimension
 RECIPE_KEYS = (
     "mixup_alpha",
@@ -188,7 +188,7 @@ class SearchSection:
         default=None, metadata={"range": "nonnegative", "fixed_ok": True}
     )
     #: the answer to class imbalance: several names are a searched choice, one fixes it; left
-    #: out: "weighted" for a train split whose largest class has >= 5x its smallest, else "none"
+    #: out: "logit_adjust" for a train split whose largest class has >= 5x its smallest, else "none"
     imbalance: list[str] | None = field(
         default=None, metadata={"items": IMBALANCE_CHOICES, "nonempty": True}
     )
@@ -474,7 +474,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "drop_path": [0.0, 0.2],
             "clip_grad": [0.5, 5.0],
             "warmup_epochs": [0.0, 3.0],
-            "imbalance": ["none", "weighted", "focal", "sampler"],
+            "imbalance": ["none", "weighted", "focal", "sampler", "logit_adjust"],
         },
         "selection": {"repeats": 2},
         "weights": {"default": "timm"},
@@ -791,7 +791,7 @@ def _resolve_task(config: StudyConfig) -> None:
     if task.multilabel and single_label:
         raise ConfigError(
             f"[search] {', '.join(single_label)}: the class-imbalance answers (class weights, "
-            "focal loss, a class-balanced sampler) assume one label per image, and this study "
+            "focal loss, a class-balanced sampler, logit adjustment) assume one label per image, and this study "
             f"is multilabel; remove {'it' if len(single_label) == 1 else 'them'} (for rare "
             'labels try [search] multilabel_loss = "asymmetric"; mixup, CutMix, label '
             "smoothing and the other regularizers work for both)"

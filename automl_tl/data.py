@@ -57,7 +57,7 @@ SUPPORTED_MODES = frozenset(
     | {"I;16", "I;16B", "I;16L", "I;16N"}
 )
 #: A class with this many times the images of the smallest class is severe imbalance: a
-#: warning, and trials answer it with class-weighted loss (automl_tl/recipe.py)
+#: warning, and trials answer it with the logit-adjusted loss (automl_tl/recipe.py)
 IMBALANCE_RATIO = 5
 #: Environment variable: the largest split (in MB of decoded images) copied into RAM.
 IN_MEMORY_ENV = "AUTOML_TL_IN_MEMORY_MB"
@@ -698,8 +698,8 @@ def check_classes(
     if len(present) >= 2 and max(present.values()) >= IMBALANCE_RATIO * min(present.values()):
         warns.append(
             f"severe class imbalance: {present} (images per class); trials train with a "
-            "class-weighted loss unless [search] imbalance says otherwise, and accuracy hides "
-            'the small classes: consider [search] metric = "balanced_accuracy" or "macro_f1"'
+            "logit-adjusted loss (Menon et al. 2021) unless [search] imbalance says otherwise, "
+            'and accuracy hides the small classes: consider [search] metric = "balanced_accuracy" or "macro_f1"'
         )
     return errors, warns
 

@@ -26,9 +26,16 @@ one configuration per backbone, the textbook recipe for its weights (not tuned t
 The recipe's regularizers (automl_tl/recipe.py) the study opens start from timm's usual
 fine-tuning values, each clamped into the study's range (:data:`RECIPE_DEFAULTS`): mixup
 α 0.2, CutMix α 1.0, every batch mixed, CutMix for half of them, label smoothing 0.1, EMA
-decay 0.998, drop-path 0.1, gradients clipped at norm 1.0, one warm-up epoch; for a searched
-``imbalance``, ``weighted`` when listed (the rule's answer to imbalance), else the first
-listed.
+decay 0.998, drop-path 0.1, gradients clipped at norm 1.0, one warm-up epoch. Under a short
+schedule (``[search] epochs`` below :data:`SHORT_SCHEDULE_EPOCHS` = 10) the entry starts mild:
+no mixing (mixup / CutMix α and ``mix_prob`` at the low end of their ranges) and no
+drop-path, label smoothing 0.1 and EMA as above. Why: both slow down fitting, and their gains
+come from long schedules: timm's ResNet procedures (Wightman et al. 2021, "ResNet strikes
+back") weaken the regularization as the schedule shortens (mixup α 0.2 at 600 epochs, 0.1 at
+300 and 100; stochastic depth at 600 and 300 epochs, none at 100); at 4 epochs on
+benchmarks/recipe.py the entry's every-batch mixup won on a 20-image validation split and
+lost on test. For a searched ``imbalance``, ``logit_adjust`` when listed (the rule's answer to
+imbalance), else ``weighted`` when listed, else the first listed.
 
 When ``[weights]`` is searched (sources taking turns by trial number), entry *n* follows the
 source trial *n* gets. A strategy or policy the study does not search is replaced by its first
@@ -72,6 +79,19 @@ RECIPE_DEFAULTS: dict[str, float] = {
     "drop_path": 0.1,
     "clip_grad": 1.0,
     "warmup_epochs": 1.0,
+}
+#: a study whose trials train fewer epochs than this has a short schedule: its entries start
+#: mild (:data:`SHORT_SCHEDULE_DEFAULTS`)
+SHORT_SCHEDULE_EPOCHS = 10
+#: what replaces :data:`RECIPE_DEFAULTS` under a short schedule (also clamped into the study's
+#: ranges, i.e. the low end where 0 is outside): no mixing and no drop-path, which slow down
+#: fitting that a few epochs cannot make up; label smoothing (a change of targets only) and
+#: EMA (timm's warm-up shortens it to the run) stay
+SHORT_SCHEDULE_DEFAULTS: dict[str, float] = {
+    "mixup_alpha": 0.0,
+    "cutmix_alpha": 0.0,
+    "mix_prob": 0.0,
+    "drop_path": 0.0,
 }
 #: the options a strategy's entry starts with, when the study searches them (LoRA's usual rank)
 STRATEGY_DEFAULTS: dict[str, Any] = {"lora_rank": 8}
@@ -144,13 +164,19 @@ def strategy_defaults(config: StudyConfig, strategy: str) -> dict[str, Any]:
 
 def recipe_defaults(config: StudyConfig) -> dict[str, Any]:
     """:data:`RECIPE_DEFAULTS` for the recipe keys the study searches, clamped into its
-    ranges (a dimension that is not a parameter gets none: Optuna ignores it anyway)."""
+    ranges (a dimension that is not a parameter gets none: Optuna ignores it anyway); under
+    a short schedule (``epochs`` < :data:`SHORT_SCHEDULE_EPOCHS`) with
+    :data:`SHORT_SCHEDULE_DEFAULTS` instead where it has one."""
     s = config.search
+    defaults = dict(RECIPE_DEFAULTS)
+    if s.epochs < SHORT_SCHEDULE_EPOCHS:
+        defaults.update(SHORT_SCHEDULE_DEFAULTS)
     out: dict[str, Any] = {}
-    for key, value in RECIPE_DEFAULTS.items():
+    for key, value in defaults.items():
         bounds = getattr(s, key)
         if bounds is not None and bounds[0] < bounds[1]:
             out[key] = min(max(value, bounds[0]), bounds[1])
     if s.imbalance is not None and len(s.imbalance) > 1:
-        out["imbalance"] = "weighted" if "weighted" in s.imbalance else s.imbalance[0]
+        listed = [k for k in ("logit_adjust", "weighted") if k in s.imbalance]
+        out["imbalance"] = (listed or s.imbalance)[0]
     return out

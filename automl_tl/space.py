@@ -42,12 +42,12 @@ parameter           exists when                             values
 ``warmup_epochs``   the study sets ``[search]               that range (>= 0)
                     warmup_epochs``
 ``imbalance``       the study lists several in ``[search]   those of none, weighted, focal,
-                    imbalance``                             sampler
+                    imbalance``                             sampler, logit_adjust
 ``image_size``      ``[data] image_size`` lists several     those sizes (one decoded cache each)
 =================== ======================================= ====================================
 
 A recipe key the study leaves out is not a parameter: its piece is off (``imbalance``: the
-rule of automl_tl/recipe.py, ``weighted`` on a train split whose largest class has at least
+rule of automl_tl/recipe.py, ``logit_adjust`` on a train split whose largest class has at least
 5x the images of its smallest); one number (or ``[x, x]``, or one name) fixes it without a
 parameter. What each piece does is automl_tl/recipe.py's table.
 

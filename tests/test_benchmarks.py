@@ -222,8 +222,19 @@ def test_recipe_benchmark_builds_its_tasks_and_arms(tmp_path):
     today = recipe.study_dict(args, "imbalanced", "today", 0, {}, tmp_path)
     recipe_space = recipe.study_dict(args, "imbalanced", "recipe", 0, {}, tmp_path)
     assert today["search"]["imbalance"] == ["none"] and "label_smoothing" not in today["search"]
-    assert "imbalance" not in recipe_space["search"]  # the rule: weighted on this task
+    assert "imbalance" not in recipe_space["search"]  # the rule: logit_adjust on this task
     assert recipe_space["search"]["metric"] == today["search"]["metric"] == "balanced_accuracy"
+    adjust = recipe.study_dict(args, "imbalanced", "adjust", 0, {}, tmp_path)["search"]
+    assert adjust["imbalance"] == ["logit_adjust"] and "label_smoothing" not in adjust
+    short = recipe.study_dict(args, "balanced", "short", 0, {}, tmp_path)["search"]
+    assert short["ema_decay"] == 0.998 and short["mixup_alpha"] == [0.1, 0.4]
+    counts = recipe.write_generated(tmp_path / "g", "shapes-imbalanced", 0, 4, 2, 3)
+    labelled = {c: counts["train"][c] + counts["val"][c] for c in counts["train"]}
+    assert labelled == {"class0": 20, **{f"class{c}": 2 for c in range(1, 6)}}
+    assert counts["test"] == {f"class{c}": 3 for c in range(6)}
+    shapes = recipe.study_dict(args, "textures", "today", 0, {}, tmp_path)
+    assert shapes["search"]["metric"] == "accuracy"
+    assert shapes["data"]["source"] == f"folder:{tmp_path / 'textures-0'}"
     rows = [
         {"task": "imbalanced", "arm": arm, "seed": seed, "seconds": 1.0, "test_accuracy": 0.5,
          "test_balanced_accuracy": value}

@@ -449,7 +449,8 @@ def test_imbalance_is_refused_for_a_multilabel_study(tmp_path):
         '[data]\nsource = "digit_pairs"\ntask = "multilabel"\n'
         '[search]\nimbalance = ["none", "focal"]\nmixup_alpha = 0.2\n',
         "error: [search] imbalance: the class-imbalance answers (class weights, focal loss, a "
-        "class-balanced sampler) assume one label per image, and this study is multilabel; "
+        "class-balanced sampler, logit adjustment) assume one label per image, and this study "
+        "is multilabel; "
         'remove it (for rare labels try [search] multilabel_loss = "asymmetric"; mixup, CutMix, '
         "label smoothing and the other regularizers work for both)",
     )

@@ -140,7 +140,7 @@ def test_a_presets_imbalance_is_dropped_for_a_multilabel_study():
     assert config.search.imbalance is None  # not a searched dimension nobody uses
     assert config.search.mixup_alpha == [0.1, 0.8] and config.search.cutmix_alpha == [0.5, 1.0]
     single = config_from_dict({"name": "x", "preset": "best"})
-    assert single.search.imbalance == ["none", "weighted", "focal", "sampler"]
+    assert single.search.imbalance == ["none", "weighted", "focal", "sampler", "logit_adjust"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,9 +20,11 @@ from automl_tl.recipe import (
     balanced_order,
     class_weights,
     imbalance_ratio,
+    logit_offsets,
     resolve_imbalance,
     training_loss,
     warmup_steps,
+    weight_average,
 )
 from automl_tl.space import check_recipe, choice_from_params, suggest
 from automl_tl.train import create_model
@@ -85,9 +87,67 @@ def test_label_smoothing_on_hard_and_mixed_targets():
     assert loss(logits, y) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_logit_adjusted_loss_is_cross_entropy_of_shifted_logits_by_hand():
+    logits = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, -1.0]])
+    y = torch.tensor([1, 2])
+    counts = [6, 3, 1]  # prior 0.6, 0.3, 0.1
+    offset = logit_offsets(counts)
+    assert offset.tolist() == pytest.approx([np.log(0.6), np.log(0.3), np.log(0.1)], rel=1e-6)
+    # by hand: -log softmax(z + log π)[y] = -log(π_y e^{z_y} / Σ_j π_j e^{z_j})
+    e = np.e
+    row0 = -np.log(0.3 * 1 / (0.6 * e + 0.3 + 0.1))
+    row1 = -np.log(0.1 * e**-1 / (0.6 + 0.3 * e**2 + 0.1 * e**-1))
+    loss = training_loss(Recipe(), "logit_adjust", counts)
+    assert float(loss(logits, y)) == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    # soft targets (a mixed batch) take the same shift; one-hot rows give the same loss
+    mixed = training_loss(Recipe(mixup_alpha=0.2), "logit_adjust", counts)
+    assert float(mixed(logits, F.one_hot(y, 3).float())) == pytest.approx((row0 + row1) / 2)
+    # a balanced split shifts every logit alike: the plain loss
+    even = training_loss(Recipe(), "logit_adjust", [4, 4, 4])
+    assert float(even(logits, y)) == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-6)
+    assert torch.isfinite(logit_offsets([5, 0, 1])).all()  # an empty class: still finite
+
+
+def test_logit_adjustment_moves_predictions_towards_the_small_classes():
+    """On a tiny imbalanced set of overlapping classes, a linear model trained with plain
+    cross entropy predicts the large class almost everywhere; the logit-adjusted loss (plain
+    logits at prediction) predicts the small classes more often and raises the balanced
+    accuracy on a balanced test set drawn from the same classes."""
+    gen = torch.Generator().manual_seed(0)
+    means = torch.tensor([[0.0, 0.0], [1.5, 0.0], [0.0, 1.5]])
+
+    def draw(n_per_class):
+        x = torch.cat(
+            [means[c] + torch.randn(n, 2, generator=gen) for c, n in enumerate(n_per_class)]
+        )
+        return x, torch.cat([torch.full((n,), c) for c, n in enumerate(n_per_class)])
+
+    x, y = draw([200, 10, 10])
+    test_x, test_y = draw([300, 300, 300])
+
+    def train(imbalance):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 3)
+        loss_fn = training_loss(Recipe(), imbalance, [200, 10, 10])
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(300):
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        with torch.no_grad():
+            pred = model(test_x).argmax(1)
+        recall = [float((pred[test_y == c] == c).float().mean()) for c in range(3)]
+        return float((pred != 0).float().mean()), sum(recall) / 3
+
+    small_plain, balanced_plain = train("none")
+    small_adjusted, balanced_adjusted = train("logit_adjust")
+    assert small_adjusted > small_plain + 0.2
+    assert balanced_adjusted > balanced_plain + 0.1
+
+
 def test_imbalance_rule_is_five_times():
     assert imbalance_ratio([10, 2]) == 5.0
-    assert resolve_imbalance("auto", [10, 2]) == "weighted"
+    assert resolve_imbalance("auto", [10, 2]) == "logit_adjust"
     assert resolve_imbalance("auto", [9, 2]) == "none"
     assert resolve_imbalance("focal", [9, 2]) == "focal"  # a chosen answer is kept
 
@@ -180,13 +240,13 @@ def test_drop_path_reaches_backbones_that_take_it(registry, tmp_path):
     assert create_model(plain, Choice(backbone="team_cnn", recipe=Recipe(drop_path=0.2)), 3, 16)
 
 
-def test_imbalanced_train_split_gets_the_weighted_loss(registry, few):
+def test_imbalanced_train_split_gets_the_logit_adjusted_loss(registry, few):
     keep = torch.cat(
         [torch.nonzero(few.train.y == c).flatten()[: 30 if c == 0 else 5] for c in (0, 1, 2)]
     )
     data = dataclasses.replace(few, train=Split(few.train.x[keep], few.train.y[keep], []))
     choice = Choice(backbone="test_resnet", lr=3e-3, epochs=1, batch_size=32)
-    assert fit(choice, data, registry, device="cpu", seed=0).imbalance == "weighted"
+    assert fit(choice, data, registry, device="cpu", seed=0).imbalance == "logit_adjust"
     assert fit(choice, few, registry, device="cpu", seed=0, evaluate_on=None).imbalance == "none"
 
 
@@ -224,6 +284,7 @@ def test_opened_recipe_is_searched_and_rebuilt_for_retrain(registry):
         clip_grad=[0.5, 5.0],
         warmup_epochs=[0, 2],
         imbalance=["none", "focal"],
+        epochs=10,  # not a short schedule: the portfolio's usual values
     )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     trial = study.ask()
@@ -239,6 +300,58 @@ def test_opened_recipe_is_searched_and_rebuilt_for_retrain(registry):
     assert entry["mixup_alpha"] == 0.2 and entry["label_smoothing"] == 0.1
     assert entry["ema_decay"] == 0.99 and entry["clip_grad"] == 1.0  # clamped into the range
     assert entry["warmup_epochs"] == 1.0 and entry["imbalance"] == "none"
+    for listed, first in (
+        (["none", "weighted", "logit_adjust"], "logit_adjust"),  # the rule's answer
+        (["none", "focal", "weighted"], "weighted"),
+        (["sampler", "focal"], "sampler"),
+    ):
+        assert portfolio(_config(imbalance=listed), 1)[0]["imbalance"] == first
+
+
+def test_ema_decay_above_the_warm_up_cap_changes_nothing_on_a_short_trial():
+    """timm's warm-up caps the decay at step t at 1 - (1 + t)^(-2/3): over 20 steps (cap
+    0.87) decays of 0.9 and 0.999 average alike (the README's advice to fix it), while
+    decays under the cap differ."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    averages = {d: weight_average(model, Recipe(ema_decay=d)) for d in (0.5, 0.9, 0.999)}
+    for step in range(20):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        for ema in averages.values():
+            ema.update(model, step=step)
+    weight = {d: ema.module.weight for d, ema in averages.items()}
+    assert torch.equal(weight[0.9], weight[0.999])
+    assert not torch.allclose(weight[0.5], weight[0.9])
+    assert 1 - (1 + 19) ** (-2 / 3) < 0.9
+
+
+def test_a_short_schedule_starts_the_portfolio_without_mixing_or_drop_path():
+    """Below 10 epochs (portfolio.SHORT_SCHEDULE_EPOCHS) the entry starts mild: mixing and
+    drop-path at the low end of their ranges; smoothing and EMA as timm's usual values."""
+    space = {
+        "mixup_alpha": [0.1, 0.4],
+        "mix_prob": [0.0, 1.0],
+        "drop_path": [0.0, 0.3],
+        "label_smoothing": [0.0, 0.2],
+        "ema_decay": [0.9, 0.999],
+    }
+    short = portfolio(_config(epochs=9, **space), 1)[0]
+    assert {k: short[k] for k in space} == {
+        "mixup_alpha": 0.1,  # 0 is outside the range: its low end
+        "mix_prob": 0.0,
+        "drop_path": 0.0,
+        "label_smoothing": 0.1,
+        "ema_decay": 0.998,
+    }
+    long = portfolio(_config(epochs=10, **space), 1)[0]
+    assert {k: long[k] for k in space} == {
+        "mixup_alpha": 0.2,
+        "mix_prob": 1.0,
+        "drop_path": 0.1,
+        "label_smoothing": 0.1,
+        "ema_decay": 0.998,
+    }
 
 
 def test_drop_path_is_a_note_for_a_backbone_without_it(tmp_path):
@@ -280,7 +393,7 @@ BAD_RECIPES = {
     "unknown imbalance answer": (
         'imbalance = ["wieghted"]',
         "error: [search] imbalance lists 'wieghted' (did you mean \"weighted\"?); choose from: "
-        "none, weighted, focal, sampler",
+        "none, weighted, focal, sampler, logit_adjust",
     ),
     "drop-path for a backbone without it": (
         'drop_path = [0.0, 0.2]\nbackbones = ["team_cnn"]',
@@ -324,7 +437,7 @@ def test_preset_fills_what_the_study_leaves_out():
     assert config.weights["default"] == "timm" and config.selection.finalists == 3
     assert not config.sets("search.backbones") and config.sets("search.epochs")
     best = config_from_dict({"name": "p", "preset": "best", "weights": {"default": "none"}})
-    assert best.search.imbalance == ["none", "weighted", "focal", "sampler"]
+    assert best.search.imbalance == ["none", "weighted", "focal", "sampler", "logit_adjust"]
     assert best.weights["default"] == "none"
 
 
