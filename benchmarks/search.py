@@ -25,9 +25,14 @@ Methods (each as the search builds it, on Optuna's samplers; seed = the run's se
 - ``portfolio``: the default: the textbook portfolio (automl_tl/portfolio.py: one entry per
   backbone) first, then TPE, with Hyperband;
 - ``prior``: the team prior learned on the *other* tasks (leave-one-task-out:
-  :func:`automl_tl.prior.build_prior` on their rows and meta-features) in every start-up slot,
-  then TPE, with Hyperband (what ``[search] prior`` does);
-- ``prior/s``: the same portfolio chosen per expected second (``[search] timeout``).
+  :func:`automl_tl.prior.build_prior` on their rows and meta-features) in every start-up slot
+  (:class:`automl_tl.samplers.PriorSampler`), then TPE, with Hyperband sparing the prior's
+  trials (:class:`automl_tl.samplers.PriorSparingHyperbandPruner`): what ``[search] prior``
+  does;
+- ``prior+prune``: the same, but Hyperband may prune the prior's trials (as before the
+  pruner spared them);
+- ``prior/s``: the same as ``prior``, the portfolio chosen per expected second
+  (``[search] timeout``).
 
 Measured, per left-out task and seed: random's best final accuracy after ``--trials`` trials,
 the seconds random spent until it first reached it, and the seconds each method spent until
@@ -61,11 +66,26 @@ sys.path.insert(0, str(REPO))
 import optuna  # noqa: E402
 
 from automl_tl.prior import Evaluation, Task, build_prior  # noqa: E402
-from automl_tl.samplers import COST_PROPOSALS, CostAwareSampler, PortfolioSampler  # noqa: E402
+from automl_tl.samplers import (  # noqa: E402
+    COST_PROPOSALS,
+    CostAwareSampler,
+    PortfolioSampler,
+    PriorSampler,
+    PriorSparingHyperbandPruner,
+)
 from automl_tl.trials import EPOCHS_RUN, SECONDS  # noqa: E402
 
 TABLE = REPO / "benchmarks" / "data" / "tabular.json"
-METHODS = ("random", "tpe", "tpe/s", "tpe+hyperband", "portfolio", "prior", "prior/s")
+METHODS = (
+    "random",
+    "tpe",
+    "tpe/s",
+    "tpe+hyperband",
+    "portfolio",
+    "prior",
+    "prior+prune",
+    "prior/s",
+)
 #: --reference independent: the reference random search's seed is the run's seed + this
 REFERENCE_SEED = 100_003
 #: tpe/s: TPE proposals per trial (--proposals)
@@ -213,8 +233,11 @@ def _tpe(seed: int, n_startup: int):
     )
 
 
-def _hyperband(epochs: int):
-    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+def _hyperband(epochs: int, spare_prior: bool = True):
+    """automl_tl.samplers.make_pruner's Hyperband (the dead-trial guard aside: the table's
+    trials never sit at chance while others learn, and it needs the study's classes)."""
+    pruner = PriorSparingHyperbandPruner if spare_prior else optuna.pruners.HyperbandPruner
+    return pruner(min_resource=1, max_resource=epochs, reduction_factor=3)
 
 
 def prior_entries(table_data: dict, task: str, size: int, per_second: bool) -> list[dict]:
@@ -249,8 +272,9 @@ def sampler_for(method: str, seed: int, n_trials: int, table: Table, entries: di
         return CostAwareSampler(_tpe(seed, n), PROPOSALS[0])
     if method == "portfolio":
         return PortfolioSampler(_tpe(seed, n), textbook(table)[:n])
-    chosen = entries[method]
-    return PortfolioSampler(_tpe(seed, len(chosen)), chosen)
+    chosen = entries["prior" if method == "prior+prune" else method]
+    labels = [f"#{n + 1}" for n in range(len(chosen))]  # trials carry the attribute "prior"
+    return PriorSampler(_tpe(seed, len(chosen)), chosen, labels)
 
 
 def reached(trace, target: float) -> float | None:
@@ -269,11 +293,14 @@ def simulate(
     methods=METHODS,
     only=None,
     reference: str = "shared",
+    first_seed: int = 0,
 ) -> list[dict]:
     """Every method on every left-out task (``only``: these) for ``seeds`` seeds; one dict
     per (task, seed). The prior learns from every other task of the table either way.
     ``reference``: "shared" (random's run is the reference) or "independent" (the reference
-    is a random search with seed ``seed + REFERENCE_SEED``; ``random`` runs as a method)."""
+    is a random search with seed ``seed + REFERENCE_SEED``; ``random`` runs as a method).
+    Seeds ``first_seed`` .. ``first_seed + seeds - 1`` (others than those a setting was
+    tuned on)."""
     epochs = table_data["epochs"]
     results = []
     for task, data in table_data["tasks"].items():
@@ -283,10 +310,10 @@ def simulate(
         table = Table(data["rows"])
         entries = {
             m: prior_entries(table_data, task, startup(n_trials), m == "prior/s")
-            for m in methods
-            if m.startswith("prior")
+            for m in ("prior", "prior/s")
+            if any(x.startswith(m) for x in methods)
         }
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             ref_seed = seed + (REFERENCE_SEED if reference == "independent" else 0)
             base = run(
                 table, optuna.samplers.RandomSampler(seed=ref_seed), None, math.inf, n_trials, None
@@ -300,7 +327,11 @@ def simulate(
                     row[method] = random_s
                     continue
                 sampler = sampler_for(method, seed, n_trials, table, entries)
-                pruner = None if method in ("random", "tpe", "tpe/s") else _hyperband(epochs)
+                pruner = (
+                    None
+                    if method in ("random", "tpe", "tpe/s")
+                    else _hyperband(epochs, spare_prior=method != "prior+prune")
+                )
                 trace = run(table, sampler, pruner, budget, 10 * n_trials, target)
                 row[method] = reached(trace, target)
                 row[f"{method}_budget"] = budget
@@ -339,8 +370,9 @@ def summarize(results: list[dict], methods=METHODS) -> dict:
     return out
 
 
-#: the cost-aware methods and what each is compared with, run by run (same seed, same target)
-PAIRS = (("tpe/s", "tpe"), ("prior/s", "prior"))
+#: pairs compared run by run (same seed, same target): the cost-aware methods with the plain
+#: ones, the prior whose trials Hyperband spares with the one it may prune
+PAIRS = (("tpe/s", "tpe"), ("prior/s", "prior"), ("prior", "prior+prune"))
 
 
 def paired(results: list[dict], a: str, b: str, resamples: int = 2000) -> dict:
@@ -423,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", default=str(TABLE))
     parser.add_argument("--seeds", type=int, default=100)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds FIRST .. FIRST + SEEDS - 1 (held out)"
+    )
     parser.add_argument("--trials", type=int, default=20, help="random search's trials")
     parser.add_argument("--cap", type=float, default=3.0, help="x random's seconds")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -471,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             methods,
             only=args.tasks,
             reference=args.reference,
+            first_seed=args.first_seed,
         )
     summary = summarize(results, methods)
     print(format_summary(summary, args.seeds, args.trials, args.cap, args.reference))

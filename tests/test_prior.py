@@ -27,8 +27,15 @@ from automl_tl.prior import (
     read_tasks,
     task_distance,
 )
-from automl_tl.samplers import PortfolioSampler, PriorSampler, make_sampler
+from automl_tl.samplers import (
+    PortfolioSampler,
+    PriorSampler,
+    PriorSparingHyperbandPruner,
+    make_pruner,
+    make_sampler,
+)
 from automl_tl.space import suggest
+from automl_tl.storage import set_trial_attr
 from automl_tl.trials import PRIOR
 
 from .conftest import SMALL_STUDY, TINY_STUDY, run_main, write_study
@@ -170,6 +177,39 @@ def test_the_sampler_runs_the_prior_first_and_marks_those_trials(tmp_path):
     assert trials[0].user_attrs[PRIOR].startswith("#1 from near (")
     assert PRIOR not in trials[1].user_attrs  # the rest of the start-up: the default portfolio
     assert chosen[1].backbone == "test_resnet"
+
+
+def _pruned_at(study, values, prior=None):
+    """A trial reporting ``values`` per epoch (the prior's label set first, as
+    PriorSampler.before_trial does it): the epoch it was pruned at, or None."""
+    trial = study.ask()
+    if prior:  # through the storage: the trial's cached copy does not see it
+        set_trial_attr(study, trial, PRIOR, prior)
+    for step, value in enumerate(values, start=1):
+        trial.report(value, step)
+        if step < len(values) and trial.should_prune():
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return step
+    study.tell(trial, values[-1])
+    return None
+
+
+@pytest.mark.parametrize("pruner", ["hyperband", "median", "plain"])
+def test_the_pruners_spare_the_priors_trials(tmp_path, pruner):
+    if pruner == "plain":  # a plugin's metric: no dead-trial guard, still sparing
+        made = PriorSparingHyperbandPruner(min_resource=1, max_resource=5, reduction_factor=3)
+    else:
+        made = make_pruner(_config(tmp_path, pruner=pruner, epochs=5))
+    study = optuna.create_study(study_name="s", direction="maximize", pruner=made)
+    study.set_user_attr("data", {"classes": [str(i) for i in range(10)]})
+    for _ in range(12):  # strong trials in every bracket
+        assert _pruned_at(study, [0.9] * 5) is None
+    weak = [0.3] * 5  # above 1.5 x chance: only the base pruner can cut it
+    assert _pruned_at(study, weak) is not None
+    assert _pruned_at(study, weak, prior="#1 from near (a)") is None
+    assert _pruned_at(study, weak) is not None  # the next trial without the prior: pruned
+    if pruner != "plain":  # the dead-trial guard still cuts a prior's trial at chance
+        assert _pruned_at(study, [0.1] * 5, prior="#2 from near (a)") == 2
 
 
 def test_without_a_prior_the_sampler_is_as_before(tmp_path):

@@ -171,3 +171,45 @@ def test_a_simulation_repeats_exactly_with_hyperband():
     methods = ("random", "tpe+hyperband", "portfolio")
     first = bench.simulate(_table(1), seeds=3, n_trials=8, cap=3.0, methods=methods)
     assert bench.simulate(_table(1), seeds=3, n_trials=8, cap=3.0, methods=methods) == first
+
+
+def test_the_priors_trials_run_their_epochs_and_prior_prune_cuts_them():
+    """``prior``: Hyperband spares the trials the prior chose (the package's pruner reads the
+    attribute PriorSampler sets); ``prior+prune``: it may cut them, as before."""
+    bench = _module()
+    data = _table(3)
+    table = bench.Table(data["tasks"]["t0"]["rows"])
+    entries = {"prior": bench.prior_entries(data, "t0", 6, False)}
+    traces = {}
+    for method in ("prior", "prior+prune"):
+        sampler = bench.sampler_for(method, 0, 20, table, entries)
+        pruner = bench._hyperband(3, spare_prior=method == "prior")
+        traces[method] = [v for _, v in bench.run(table, sampler, pruner, 1e9, 6, None)]
+    assert traces["prior"] == pytest.approx([0.9, 0.6, 0.6, 0.55, 0.55, 0.15])  # all completed
+    assert traces["prior+prune"][0] == 0.9 and traces["prior+prune"].count(None) == 4
+
+
+def test_live_searches_are_measured_against_an_independent_random_search():
+    """benchmarks/search_live.py's figures from designed traces: the reference's best is the
+    target; a method that never reaches it counts 3x the reference's total seconds."""
+    spec = importlib.util.spec_from_file_location(
+        "search_live", REPO / "benchmarks" / "search_live.py"
+    )
+    live = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(live)
+
+    def run(method, trace):
+        return {"task": "t", "seed": 0, "method": method, "trace": trace}
+
+    runs = [
+        run("reference", [(1.0, 0.2), (3.0, 0.5), (4.0, 0.4)]),  # target 0.5 at 3 s of 4
+        run("random", [(2.0, 0.3), (6.0, 0.5)]),
+        run("default", [(1.0, None), (1.5, 0.6)]),  # a pruned trial, then past the target
+        run("prior", [(1.0, 0.3), (2.0, 0.4)]),  # never: a miss at 3 x 4 s
+    ]
+    rows = {r["method"]: r for r in live.summarize(runs)}
+    assert {m: rows[m]["speedup"] for m in rows} == {"random": 0.5, "default": 2.0, "prior": 0.25}
+    assert rows["prior"]["miss"] and rows["prior"]["seconds"] == 12.0
+    assert not rows["default"]["miss"] and rows["default"]["target"] == 0.5
+    text = live.format_rows(list(rows.values()))
+    assert "| t | 0 | 0.500 | 3.0 | 6.0 | 1.5 | 12.0* | 0.50 | 2.00 | 0.25 |" in text
