@@ -213,3 +213,31 @@ def test_live_searches_are_measured_against_an_independent_random_search():
     assert not rows["default"]["miss"] and rows["default"]["target"] == 0.5
     text = live.format_rows(list(rows.values()))
     assert "| t | 0 | 0.500 | 3.0 | 6.0 | 1.5 | 12.0* | 0.50 | 2.00 | 0.25 |" in text
+
+
+@pytest.mark.slow  # pretrains two tiny backbones and runs 9 searches of 2 trials (~15 s)
+def test_live_search_benchmark_smoke(tmp_path):
+    """benchmarks/search_live.py end to end at a tiny size: the six tasks written, the random
+    searches that feed the priors, then reference, default and prior on the live task, each a
+    real search whose trace has its trials; the summary has a row per method."""
+    spec = importlib.util.spec_from_file_location(
+        "search_live", REPO / "benchmarks" / "search_live.py"
+    )
+    live = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(live)
+    out = tmp_path / "live.json"
+    argv = ["--tasks", "digits-few", "--trials", "2", "--epochs", "1", "--out", str(tmp_path)]
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert live.main([*argv, "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the script runs on one thread
+    result = json.loads(out.read_text())
+    methods = [(r["task"], r["method"]) for r in result["runs"]]
+    assert methods == [(t, "random") for t in live.TASKS] + [
+        ("digits-few", m) for m in ("reference", "default", "prior")
+    ]
+    assert all(len(r["trace"]) == 2 for r in result["runs"])
+    assert {r["method"] for r in result["summary"]} == {"random", "default", "prior"}
