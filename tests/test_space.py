@@ -296,6 +296,20 @@ def test_a_trial_at_chance_is_pruned_from_epoch_2_once_another_left_chance():
     assert late[0] is None and DEAD_AT_CHANCE not in late[1].user_attrs
 
 
+def test_the_guard_waits_until_another_trial_has_clearly_learned():
+    # 6 classes: the line is 0.25, "clearly learned" is above 0.5 (twice the line)
+    study = _guarded_study(GuardedMedianPruner(n_startup_trials=100, epochs=5), classes=6)
+    assert _report(study, [0.2, 0.3, 0.35, 0.4, 0.45])[0] is None  # past the line, slowly
+    # a hard task: nobody has clearly learned, so a trial at chance may be a slow start
+    slow = _report(study, [0.17, 0.22, 0.26, 0.3, 0.31])
+    assert slow[0] is None and DEAD_AT_CHANCE not in slow[1].user_attrs
+    assert _report(study, [0.3, 0.45, 0.55, 0.7, 0.8])[0] is None  # clearly learned
+    assert _report(study, [0.17, 0.22, 0.26, 0.3, 0.31])[0] == 2  # now it is behind
+    assert [GuardedMedianPruner.clear(1.5 / c) for c in (10, 6, 2)] == pytest.approx(
+        [0.3, 0.5, 0.875]
+    )
+
+
 def test_the_guard_waits_for_the_class_count():
     study = optuna.create_study(direction="maximize", pruner=GuardedMedianPruner(epochs=4))
     _report(study, [0.9, 0.9, 0.9, 0.9])
