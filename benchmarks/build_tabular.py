@@ -20,7 +20,21 @@ is downloaded), at ``--size`` px (default 16), 15 validation images per class:
 ``textures``        six colour textures (gratings of three frequencies at any angle, a
                     checkerboard, dots, blobs), 20 per class: little for digit features to
                     transfer
+``textures-many``   the same, 40 per class: many labels where transfer helps little
+``shapes-many``     the shapes, 40 per class
+``arrows``          arrows pointing left, right, up or down, colour, 15 per class:
+                    orientation-sensitive shapes (a horizontal flip swaps left and right)
+``counting``        one to four bright dots on a noisy grey field, 20 per class: a global
+                    property, nothing local to recognise
+``digits-inverse``  digits 5-9 dark on a light, tinted background, 15 per class: the source
+                    task's shapes at other low-level statistics
+``digits-rot``      the source task's own classes (digits 0-4) turned a quarter turn, 10 per
+                    class: the same labels, another orientation
 ==================  =====================================================================
+
+The first six tasks were built on 2026-11-30, the last six on 2026-12-01 (``--tasks`` with
+``--into`` the shipped table: the tasks already there are kept as they are; the pretrained
+weights are rebuilt identically, see :func:`weights_digest`).
 
 Backbones are timm's tiny ``test_resnet`` and ``test_efficientnet`` (``test_convnext`` needs
 32 px), each pretrained once on the source task (digits 0-4, 6 epochs,
@@ -152,6 +166,46 @@ def _textures(rng, n_per_class: int, size: int) -> tuple[np.ndarray, np.ndarray]
     return np.stack(out), np.array(labels)
 
 
+def _arrows(rng, n_per_class: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Arrows pointing left, right, up or down: a shaft and a triangular head, colour."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    out, labels = [], []
+    for label in range(4):
+        for _ in range(n_per_class):
+            half = rng.uniform(0.3, 0.45) * size  # half the arrow's length
+            cx, cy = rng.uniform(half, size - half, 2)
+            # along / across the arrow's direction (right, left, down, up in image rows)
+            along = [xx - cx, cx - xx, yy - cy, cy - yy][label] / half
+            across = [yy - cy, yy - cy, xx - cx, xx - cx][label] / half
+            shaft = (along >= -1) & (along <= 0.2) & (abs(across) <= 0.18)
+            head = (along > 0.2) & (along <= 1) & (abs(across) <= 0.6 * (1 - along) / 0.8)
+            fg, bg = rng.uniform(150, 255, 3), rng.uniform(0, 100, 3)
+            image = np.where((shaft | head)[..., None], fg, bg) + rng.normal(0, 18, (size, size, 3))
+            out.append(np.clip(image, 0, 255).astype(np.uint8).transpose(2, 0, 1))
+            labels.append(label)
+    return np.stack(out), np.array(labels)
+
+
+def _counting(rng, n_per_class: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One to four bright dots, apart from each other, on a noisy grey field."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    out, labels = [], []
+    for label in range(4):
+        for _ in range(n_per_class):
+            centres: list[np.ndarray] = []
+            while len(centres) < label + 1:
+                c = rng.uniform(2, size - 2, 2)
+                if all(np.hypot(*(c - d)) >= 4.5 for d in centres):
+                    centres.append(c)
+            value = np.full((size, size), rng.uniform(40, 110), np.float32)
+            for cx, cy in centres:
+                value[(xx - cx) ** 2 + (yy - cy) ** 2 <= rng.uniform(1.2, 2.0) ** 2] = 230
+            image = value + rng.normal(0, 15, (size, size))
+            out.append(np.clip(image, 0, 255).astype(np.uint8)[None].repeat(3, 0))
+            labels.append(label)
+    return np.stack(out), np.array(labels)
+
+
 def _split(x: np.ndarray, y: np.ndarray, n_train: int, n_val: int, rng) -> tuple[Split, Split]:
     """Per class: ``n_train`` training and ``n_val`` validation images."""
     train, val = [], []
@@ -170,11 +224,23 @@ def make_task(name: str, size: int, seed: int = 0) -> Splits:
     """One task of the benchmark as in-memory splits (see the module docstring)."""
     rng = np.random.default_rng(seed + sum(map(ord, name)))
     images, target = _digits()
-    if name.startswith("digits-") and name != "digits-mirror":
+    if name in ("digits-few", "digits-many"):
         keep = target >= 5
         x, y = _resize_gray(images[keep], size), target[keep] - 5
         n_train = 6 if name == "digits-few" else 40
         classes = [str(d) for d in range(5, 10)]
+    elif name == "digits-inverse":
+        keep = target >= 5
+        gray = _resize_gray(images[keep], size).astype(np.float32) / 255.0
+        tint = rng.uniform(170, 255, (len(gray), 3, 1, 1))  # a light, tinted background
+        x = ((1.0 - gray) * tint).round().astype(np.uint8)
+        y, n_train = target[keep] - 5, 15
+        classes = [str(d) for d in range(5, 10)]
+    elif name == "digits-rot":
+        keep = target < 5
+        x = _resize_gray(np.rot90(images[keep], k=-1, axes=(1, 2)).copy(), size)
+        y, n_train = target[keep], 10
+        classes = [f"{d}-turned" for d in range(5)]
     elif name == "digits-mirror":
         digits = (2, 3, 4, 5, 7)
         keep = np.isin(target, digits)
@@ -184,13 +250,21 @@ def make_task(name: str, size: int, seed: int = 0) -> Splits:
         n_train = 15
         classes = [str(d) for d in digits] + [f"{d}-mirrored" for d in digits]
     elif name.startswith("shapes"):
-        n_train = 5 if name == "shapes-few" else 20
+        n_train = {"shapes-few": 5, "shapes-many": 40}.get(name, 20)
         x, y = _shapes(rng, n_train + VAL, size)
         classes = ["circle", "square", "triangle", "cross", "ring", "diamond"]
-    elif name == "textures":
-        n_train = 20
+    elif name.startswith("textures"):
+        n_train = 40 if name == "textures-many" else 20
         x, y = _textures(rng, n_train + VAL, size)
         classes = ["grating-2", "grating-4", "grating-7", "checker", "dots", "blobs"]
+    elif name == "arrows":
+        n_train = 15
+        x, y = _arrows(rng, n_train + VAL, size)
+        classes = ["right", "left", "down", "up"]
+    elif name == "counting":
+        n_train = 20
+        x, y = _counting(rng, n_train + VAL, size)
+        classes = ["one", "two", "three", "four"]
     else:
         raise ValueError(name)
     train, val = _split(x, y, n_train, VAL, rng)
@@ -206,7 +280,20 @@ def make_task(name: str, size: int, seed: int = 0) -> Splits:
     )
 
 
-TASKS = ("digits-few", "digits-many", "digits-mirror", "shapes", "shapes-few", "textures")
+TASKS = (
+    "digits-few",
+    "digits-many",
+    "digits-mirror",
+    "shapes",
+    "shapes-few",
+    "textures",
+    "textures-many",
+    "shapes-many",
+    "arrows",
+    "counting",
+    "digits-inverse",
+    "digits-rot",
+)
 
 
 def run_config(config: tuple, splits: Splits, registry, weights: dict[str, str], epochs: int):
@@ -260,20 +347,74 @@ def _write(out: Path, table: dict) -> None:
     out.write_text(json.dumps(table, indent=None, separators=(",", ":")) + "\n")
 
 
+class Refused(Exception):
+    """Tables that cannot be combined: one message, exit 2."""
+
+
+def weights_digest(weights: dict[str, str]) -> str:
+    """A digest of the pretrained backbones' files: tasks built in separate runs share it only
+    when their weights were the same (pretraining is seeded and runs on one CPU thread)."""
+    digest = hashlib.sha256()
+    for backbone in sorted(weights):
+        digest.update(backbone.encode() + Path(weights[backbone]).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def combine(paths: list[str], out: Path) -> dict:
+    """Several builds' tables as one: the same size, epochs, source and weights, each task once
+    (the first file's wins)."""
+    tables = [json.loads(Path(p).read_text()) for p in paths]
+    first = tables[0]
+    for path, table in zip(paths[1:], tables[1:]):
+        for key in ("size", "epochs", "source", "weight_decay", "weights_digest"):
+            if key == "weights_digest" and not (table.get(key) and first.get(key)):
+                continue  # a table from before digests were kept (the first six tasks')
+            if table.get(key) != first.get(key):
+                raise Refused(
+                    f"{path}: {key} = {table.get(key)!r}, {paths[0]} has {first.get(key)!r}; "
+                    "only tables built the same way combine"
+                )
+        for task, data in table["tasks"].items():
+            first["tasks"].setdefault(task, data)
+        first["weights_digest"] = first.get("weights_digest") or table.get("weights_digest")
+    first["build_seconds"] = round(sum(t.get("build_seconds", 0) for t in tables), 1)
+    _write(out, first)
+    return first
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return build(argv)
+    except Refused as exc:
+        print(f"build_tabular: {exc}", file=sys.stderr)
+        return 2
+
+
+def build(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "data" / "tabular.json"))
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--pretrain-epochs", type=int, default=6)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, help="only these tasks")
+    parser.add_argument(
+        "--into", help="a table to extend: its tasks are kept, the others are built and added"
+    )
+    parser.add_argument(
+        "--combine", nargs="+", metavar="TABLE", help="write these tables' tasks as one to --out"
+    )
     parser.add_argument("--quick", action="store_true", help="2 tasks x 4 configurations")
     args = parser.parse_args(argv)
+    if args.combine:
+        table = combine(args.combine, Path(args.out))
+        print(f"wrote {args.out}: {', '.join(table['tasks'])}")
+        return 0
     torch.set_num_threads(1)
     registry = registry_for()
     started = time.perf_counter()
-    tasks, grid = TASKS, GRID
+    tasks, grid = tuple(args.tasks or TASKS), GRID
     if args.quick:
-        tasks, grid = TASKS[1:3], GRID[2::31][:8]
+        tasks, grid = tuple(args.tasks or TASKS[1:3]), GRID[2::31][:8]
     with tempfile.TemporaryDirectory() as folder:
         weights = {}
         for backbone in BACKBONES:
@@ -296,9 +437,28 @@ def main(argv: list[str] | None = None) -> int:
             "epochs": args.epochs,
             "source": SOURCE,
             "weight_decay": WEIGHT_DECAY,
+            "weights_digest": weights_digest(weights),
             "tasks": {},
         }
+        if args.into:
+            base = json.loads(Path(args.into).read_text())
+            for key in ("size", "epochs", "source", "weight_decay"):
+                if base.get(key) != table[key]:
+                    raise Refused(
+                        f"{args.into}: {key} = {base.get(key)!r}, not {table[key]!r}; build "
+                        "with the same --size and --epochs"
+                    )
+            known = base.get("weights_digest")
+            if known and known != table["weights_digest"]:
+                raise Refused(
+                    f"{args.into}: built from other pretrained weights ({known}); rebuild "
+                    "the whole table"
+                )
+            table["tasks"] = base["tasks"]
+            started -= base.get("build_seconds", 0.0)
         for task in tasks:
+            if task in table["tasks"]:
+                continue
             splits = make_task(task, args.size)
             features = meta_features(splits, weights=f"pretrain:{SOURCE}")
             rows = []
@@ -314,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             table["tasks"][task] = {"meta_features": features, "rows": rows}
             table["build_seconds"] = round(time.perf_counter() - started, 1)
             _write(Path(args.out), table)  # after each task: a stopped build keeps its tasks
-    print(f"wrote {args.out} ({table['build_seconds']:.0f}s)")
+    print(f"wrote {args.out} ({table.get('build_seconds', 0):.0f}s)")
     return 0
 
 

@@ -240,11 +240,14 @@ def _hyperband(epochs: int, spare_prior: bool = True):
     return pruner(min_resource=1, max_resource=epochs, reduction_factor=3)
 
 
-def prior_entries(table_data: dict, task: str, size: int, per_second: bool) -> list[dict]:
-    """The team prior's portfolio for ``task``, learned on every other task of the table."""
+def prior_entries(
+    table_data: dict, task: str, size: int, per_second: bool, history=None
+) -> list[dict]:
+    """The team prior's portfolio for ``task``, learned on every other task of the table
+    (``history``: only on these)."""
     others = []
     for name, t in table_data["tasks"].items():
-        if name == task:
+        if name == task or (history and name not in history):
             continue
         evaluations = [
             Evaluation(_params(r), r["val_accuracy"][-1], sum(r["seconds"])) for r in t["rows"]
@@ -294,13 +297,15 @@ def simulate(
     only=None,
     reference: str = "shared",
     first_seed: int = 0,
+    history=None,
 ) -> list[dict]:
     """Every method on every left-out task (``only``: these) for ``seeds`` seeds; one dict
     per (task, seed). The prior learns from every other task of the table either way.
     ``reference``: "shared" (random's run is the reference) or "independent" (the reference
     is a random search with seed ``seed + REFERENCE_SEED``; ``random`` runs as a method).
     Seeds ``first_seed`` .. ``first_seed + seeds - 1`` (others than those a setting was
-    tuned on)."""
+    tuned on). ``history``: the tasks the prior may learn from (default: all the others), to
+    see how the prior grows with a team's history."""
     epochs = table_data["epochs"]
     results = []
     for task, data in table_data["tasks"].items():
@@ -309,7 +314,7 @@ def simulate(
         print(f"{task} ...", file=sys.stderr, flush=True)
         table = Table(data["rows"])
         entries = {
-            m: prior_entries(table_data, task, startup(n_trials), m == "prior/s")
+            m: prior_entries(table_data, task, startup(n_trials), m == "prior/s", history)
             for m in ("prior", "prior/s")
             if any(x.startswith(m) for x in methods)
         }
@@ -464,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the per-run results and the summary here")
     parser.add_argument("--tasks", nargs="+", help="leave out only these tasks in turn")
     parser.add_argument(
+        "--history", nargs="+", help="the prior learns only from these tasks (minus the left-out)"
+    )
+    parser.add_argument(
         "--scale-seconds",
         nargs="+",
         default=[],
@@ -498,6 +506,14 @@ def main(argv: list[str] | None = None) -> int:
         methods = [m for m in methods if all(m in r for r in results)]
     else:
         table_data = scale_seconds(json.loads(Path(args.table).read_text()), args.scale_seconds)
+        unknown = sorted(
+            (set(args.tasks or []) | set(args.history or [])) - set(table_data["tasks"])
+        )
+        if unknown:
+            parser.error(
+                f"no task {', '.join(unknown)} in {args.table}; it has "
+                + ", ".join(table_data["tasks"])
+            )
         results = simulate(
             table_data,
             args.seeds,
@@ -507,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             only=args.tasks,
             reference=args.reference,
             first_seed=args.first_seed,
+            history=args.history,
         )
     summary = summarize(results, methods)
     print(format_summary(summary, args.seeds, args.trials, args.cap, args.reference))

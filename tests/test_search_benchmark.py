@@ -241,3 +241,25 @@ def test_live_search_benchmark_smoke(tmp_path):
     ]
     assert all(len(r["trace"]) == 2 for r in result["runs"])
     assert {r["method"] for r in result["summary"]} == {"random", "default", "prior"}
+
+
+def test_the_prior_learns_only_from_the_history_it_is_given(tmp_path, capsys):
+    """``--history``: the prior of a left-out task learns from those tasks only (how the prior
+    grows with a team's history); a task the table lacks is refused with one message."""
+    bench = _module()
+    data = _table(3)
+    rows = data["tasks"]["t2"]["rows"]
+    worse = dict(data["tasks"]["t2"], rows=[dict(r, val_accuracy=[0.1, 0.1, 0.1]) for r in rows])
+    worse["rows"][0]["val_accuracy"] = [0.5, 0.7, 0.95]  # t2's best is another configuration
+    data["tasks"]["t2"] = worse
+    first = bench._params(worse["rows"][0])
+    assert bench.prior_entries(data, "t0", 4, False, history=["t2"])[0] == first
+    assert bench.prior_entries(data, "t0", 4, False, history=["t1"])[0] == bench._params(
+        next(r for r in rows if bench.Table.key(r) == BEST)
+    )
+    assert bench.prior_entries(data, "t0", 4, False, history=["t0"]) == []  # no earlier task
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--table", str(table), "--history", "t1", "nope", "--seeds", "1"])
+    assert exc.value.code == 2 and "no task nope in" in capsys.readouterr().err
