@@ -797,6 +797,10 @@ def cmd_prior(args: argparse.Namespace) -> int:
     )
     print(f"\nnearest earlier tasks ({len(prior.tasks)}):")
     print(_table(prior.tasks[:10], ["name", "distance", "weight", "configurations", "origin"]))
+    if prior.neighbour_marks:  # how many nearest tasks the portfolio trusts, and why
+        trusted = "all" if prior.neighbours is None else f"the {prior.neighbours} nearest"
+        marks = ", ".join(f"{k}: {v:.3f}" for k, v in prior.neighbour_marks.items())
+        print(f"portfolio built from {trusted} (leave-one-out over the earlier tasks: {marks})")
     rows = [
         {
             "#": n + 1,

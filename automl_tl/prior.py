@@ -11,7 +11,12 @@ its ``benchmarks`` rows. From them the prior
    scores and seconds (:func:`read_tasks`; a ``benchmarks`` row is a configuration too: the
    bench recipe with that backbone, so a benchmarked backbone is ranked like any other);
 2. weighs each task by how close its meta-features are to the new dataset's
-   (:func:`task_weights`: ``exp(-distance / TEMPERATURE)``);
+   (:func:`task_weights`: ``exp(-distance / TEMPERATURE)``); with at least
+   :data:`CHOOSE_NEIGHBOURS_FROM` earlier tasks, only the *k* nearest count, *k* chosen by
+   leave-one-out over the earlier tasks themselves (:func:`choose_neighbours`: which *k*'s
+   portfolio would have served each of them best), as Feurer et al. (AAAI 2015) start a
+   search from the nearest datasets' best configurations: far tasks no longer dilute the
+   near ones as a team's history grows;
 3. scores each candidate (the best few configurations of every task, those the new study's
    space allows) on every task: the score, normalised to [0, 1] within the task, of that
    task's nearest evaluated configuration (:func:`config_distance`); a task that never
@@ -74,6 +79,12 @@ TEMPERATURE = 0.25
 MATCH_RADIUS = 1.0
 #: the best configurations of each earlier task that become candidates
 PER_TASK = 5
+#: with this many earlier tasks or more, the portfolio is built from the k nearest only, k
+#: chosen by leave-one-out among NEIGHBOUR_CHOICES (and all); with fewer, leave-one-out has
+#: too few folds to choose by, and every task counts (benchmarks/RESULTS.md: on the search
+#: table it helped at 6 and 11 earlier tasks and hurt at 5)
+CHOOSE_NEIGHBOURS_FROM = 8
+NEIGHBOUR_CHOICES = (1, 2, 3, 5, 8)
 #: the configuration ``plugins --bench`` trains every backbone with (automl_tl.bench.RECIPE)
 BENCH_PARAMS = {
     "augmentation": "none",
@@ -342,9 +353,58 @@ def read_tasks(entries: list[str], base_dir: Path) -> tuple[list[Task], list[str
 # the portfolio
 
 
-def task_weights(tasks: list[Task], features: dict[str, Any]) -> list[float]:
-    """Each task's weight: ``exp(-distance / TEMPERATURE)`` to the new dataset."""
-    return [math.exp(-task_distance(t.features, features) / TEMPERATURE) for t in tasks]
+def task_weights(
+    tasks: list[Task], features: dict[str, Any], neighbours: int | None = None
+) -> list[float]:
+    """Each task's weight: ``exp(-distance / TEMPERATURE)`` to the new dataset; with
+    ``neighbours``, 0 for all but that many nearest."""
+    distances = [task_distance(t.features, features) for t in tasks]
+    return _weights(distances, neighbours)
+
+
+def _weights(distances: list[float], neighbours: int | None) -> list[float]:
+    weights = [math.exp(-d / TEMPERATURE) for d in distances]
+    if neighbours is not None and neighbours < len(distances):
+        keep = set(sorted(range(len(distances)), key=lambda i: distances[i])[:neighbours])
+        weights = [w if i in keep else 0.0 for i, w in enumerate(weights)]
+    return weights
+
+
+def choose_neighbours(
+    tasks: list[Task],
+    scores: list[list[float]],
+    owners: list[set[str]],
+    size: int,
+) -> tuple[int | None, dict[str, float]]:
+    """How many of the nearest earlier tasks the portfolio should trust (None: all), by
+    leave-one-out over ``tasks``: each task in turn plays the new dataset, a portfolio of
+    ``size`` is built from the others' candidates (``owners[c]``: the tasks whose best few
+    candidate ``c`` is among) for every choice, and the choice's mark is that task's best
+    normalised score so far after each entry (``scores[c][t]``), averaged over entries and
+    tasks. Returns the best choice and every choice's mark (key ``"all"`` for None); below
+    :data:`CHOOSE_NEIGHBOURS_FROM` tasks, None and no marks."""
+    n = len(tasks)
+    if n < CHOOSE_NEIGHBOURS_FROM:
+        return None, {}
+    distance = [[task_distance(a.features, b.features) for b in tasks] for a in tasks]
+    choices: list[int | None] = [k for k in NEIGHBOUR_CHOICES if k < n - 1] + [None]
+    marks: dict[int | None, float] = {}
+    for k in choices:
+        total = 0.0
+        for h in range(n):
+            others = [i for i in range(n) if i != h]
+            pool = [c for c in range(len(scores)) if owners[c] - {tasks[h].name}]
+            weights = _weights([distance[h][i] for i in others], k)
+            picked = greedy_portfolio([[scores[c][i] for i in others] for c in pool], weights, size)
+            best, curve = 0.0, []
+            for c in picked:
+                best = max(best, scores[pool[c]][h])
+                curve.append(best)
+            total += sum(curve) / len(curve) if curve else 0.0
+        marks[k] = total / n
+    # the best mark; on a tie the fewest tasks
+    chosen = max(choices, key=lambda k: (round(marks[k], 6), -choices.index(k)))
+    return chosen, {("all" if k is None else str(k)): round(v, 4) for k, v in marks.items()}
 
 
 @dataclass
@@ -371,6 +431,10 @@ class Prior:
     backbones: list[dict[str, Any]]  # backbone, expected: the prior's ranking
     per_second: bool = False
     warnings: list[str] = field(default_factory=list)
+    # how many nearest tasks the portfolio trusts (None: all) and each choice's
+    # leave-one-out mark (choose_neighbours)
+    neighbours: int | None = None
+    neighbour_marks: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -427,8 +491,20 @@ def build_prior(
     ``tasks`` (see the module docstring). ``allowed(params) -> params | None`` maps a
     candidate into the new study's space (None: not searchable there)."""
     usable = [t for t in tasks if t.evaluations]
-    weights = task_weights(usable, features)
-    order = sorted(range(len(usable)), key=lambda i: -weights[i])
+    candidates: dict[str, tuple[dict[str, Any], Task]] = {}
+    owners: dict[str, set[str]] = {}
+    for task in usable:
+        for e in sorted(task.evaluations, key=lambda e: -e.score)[:PER_TASK]:
+            params = allowed(e.params) if allowed else dict(e.params)
+            if params is not None:
+                candidates.setdefault(_key(params), (params, task))
+                owners.setdefault(_key(params), set()).add(task.name)
+    cands = list(candidates.values())
+    predictions = [[t.predict(p) for t in usable] for p, _ in cands]
+    scores = [[s for s, _ in row] for row in predictions]
+    neighbours, marks = choose_neighbours(usable, scores, [owners[_key(p)] for p, _ in cands], size)
+    weights = task_weights(usable, features, neighbours)
+    order = sorted(range(len(usable)), key=lambda i: task_distance(usable[i].features, features))
     nearest = [
         {
             "name": usable[i].name,
@@ -439,15 +515,6 @@ def build_prior(
         }
         for i in order
     ]
-    candidates: dict[str, tuple[dict[str, Any], Task]] = {}
-    for task in usable:
-        for e in sorted(task.evaluations, key=lambda e: -e.score)[:PER_TASK]:
-            params = allowed(e.params) if allowed else dict(e.params)
-            if params is not None and _key(params) not in candidates:
-                candidates[_key(params)] = (params, task)
-    cands = list(candidates.values())
-    predictions = [[t.predict(p) for t in usable] for p, _ in cands]
-    scores = [[s for s, _ in row] for row in predictions]
     seconds = []
     for row in predictions:
         known = [(w, sec) for w, (_, sec) in zip(weights, row) if sec]
@@ -478,7 +545,16 @@ def build_prior(
         {"backbone": b, "expected": round(v, 4)}
         for b, v in sorted(ranking.items(), key=lambda kv: -kv[1])
     ]
-    return Prior(features, nearest, entries, backbones, per_second, list(warnings or []))
+    return Prior(
+        features,
+        nearest,
+        entries,
+        backbones,
+        per_second,
+        list(warnings or []),
+        neighbours,
+        marks,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

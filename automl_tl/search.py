@@ -702,10 +702,11 @@ def load_prior(config: StudyConfig, splits: Splits, catalog: Catalog) -> Prior |
         for warning in prior.warnings:
             log.warning("%s", warning)
         log.info(
-            "prior: %d configurations from %d earlier tasks first (nearest: %s)",
+            "prior: %d configurations from %d earlier tasks first (nearest: %s%s)",
             len(prior.entries),
             len(prior.tasks),
             ", ".join(t["name"] for t in prior.tasks[:3]) or "none",
+            "" if prior.neighbours is None else f"; trusting the {prior.neighbours} nearest",
         )
     return prior
 

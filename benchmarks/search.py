@@ -5,6 +5,7 @@ hundred seeds take seconds to minutes, as LCBench / YAHPO do it.
 
     python benchmarks/search.py                       # 100 seeds, every task left out in turn
     python benchmarks/search.py --seeds 5 --json out.json
+    python benchmarks/search.py --tasks shapes --history digits-few textures   # a small history
 
 The space is the study's (automl_tl/space.py's shape): backbone, augmentation policy,
 strength in [0, 1], unfreeze strategy, depth in [0, 1] (``top_k``), lr (log, [1e-4, 3e-2]);

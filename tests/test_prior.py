@@ -17,6 +17,7 @@ from automl_tl.catalog import Catalog
 from automl_tl.config import config_from_dict
 from automl_tl.data import Split, Splits
 from automl_tl.prior import (
+    Evaluation,
     PriorError,
     Task,
     build_prior,
@@ -349,3 +350,65 @@ def test_under_a_timeout_the_prior_prefers_score_per_second(tmp_path):
     timed = compute_prior(_config(tmp_path, prior=["a/catalog.db"], timeout=600), FEATURES, 2)
     assert [e.params["backbone"] for e in timed.entries] == ["test_resnet", "test_convnext"]
     assert timed.per_second and timed.entries[0].seconds == 1.0
+
+
+def _line_of_tasks(n: int) -> list[Task]:
+    """``n`` earlier tasks on a line (classes 10 · 10^(0.1 i)), in groups of three whose best
+    configuration is the group's own (lr 1e-4, 1e-3, 1e-2 …); a generalist (another backbone)
+    is good on every task and best on none."""
+    group_lrs = [10.0 ** (g - 4) for g in range(n // 3 + 1)]
+    generalist = {**GOOD, "backbone": "test_resnet"}
+    tasks = []
+    for i in range(n):
+        own = group_lrs[i // 3]
+        evaluations = [
+            Evaluation({**GOOD, "lr": lr}, 0.9 if lr == own else 0.1) for lr in group_lrs
+        ]
+        evaluations += [Evaluation(generalist, 0.7), Evaluation({**GOOD, "unfreeze": "lp_ft"}, 0.0)]
+        tasks.append(
+            Task(f"t{i}", "test", {**FEATURES, "classes": 10 * 10 ** (0.1 * i)}, evaluations)
+        )
+    return tasks
+
+
+def test_with_a_long_history_the_prior_trusts_the_nearest_tasks():
+    """With >= CHOOSE_NEIGHBOURS_FROM earlier tasks the prior chooses, by leave-one-out on them,
+    to build its portfolio from the few nearest: each task's own group's configuration first,
+    not the generalist that every task's many far neighbours outvote it for."""
+    tasks = _line_of_tasks(9)
+    new = {**FEATURES, "classes": 10 * 10 ** (0.1 * 4)}  # where t4 (group 1: lr 1e-3) lies
+    prior = build_prior(tasks, new, 3)
+    assert prior.neighbours is not None and prior.neighbours <= 3
+    marks = prior.neighbour_marks
+    assert set(marks) == {"1", "2", "3", "5", "all"}  # 8 needs more than 9 - 1 others
+    assert marks[str(prior.neighbours)] > marks["all"]
+    assert (
+        prior.entries[0].params["lr"] == 1e-3
+        and prior.entries[0].params["backbone"] == GOOD["backbone"]
+    )
+    weights = {t["name"]: t["weight"] for t in prior.tasks}
+    assert sum(w > 0 for w in weights.values()) == prior.neighbours and weights["t0"] == 0.0
+    # trusting every task, as below CHOOSE_NEIGHBOURS_FROM, starts with the generalist
+    everyone = build_prior(tasks[:7], new, 3)
+    assert everyone.neighbours is None and everyone.neighbour_marks == {}
+    assert everyone.entries[0].params["backbone"] == "test_resnet"
+    assert all(t["weight"] > 0 for t in everyone.tasks)
+
+
+def test_prior_build_says_how_many_nearest_tasks_it_trusts(tmp_path):
+    for task in _line_of_tasks(9):
+        trials = [(e.params, e.score, 5.0) for e in task.evaluations]
+        _catalog(tmp_path / task.name / "catalog.db", task.name, task.features, trials)
+    body = TINY_STUDY.replace("[search]", f'[search]\nprior = ["{tmp_path}/*/catalog.db"]')
+    study = write_study(tmp_path / "new", body, name="new")
+    built = run_main("prior", "build", str(study))
+    assert built.returncode == 0, built.stderr
+    assert "nearest earlier tasks (9):" in built.stdout
+    line = re.search(
+        r"portfolio built from (.*) \(leave-one-out over the earlier tasks: (.*)\)", built.stdout
+    )
+    assert line, built.stdout
+    prior = json.loads(run_main("prior", "show", str(study), "--format", "json").stdout)
+    trusted = "all" if prior["neighbours"] is None else f"the {prior['neighbours']} nearest"
+    assert line.group(1) == trusted and set(prior["neighbour_marks"]) == {"1", "2", "3", "5", "all"}
+    assert line.group(2).startswith(f"1: {prior['neighbour_marks']['1']:.3f}, ")
