@@ -373,13 +373,13 @@ def _weights(distances: list[float], neighbours: int | None) -> list[float]:
 def choose_neighbours(
     tasks: list[Task],
     scores: list[list[float]],
-    owners: list[set[str]],
+    owners: list[set[int]],
     size: int,
 ) -> tuple[int | None, dict[str, float]]:
     """How many of the nearest earlier tasks the portfolio should trust (None: all), by
     leave-one-out over ``tasks``: each task in turn plays the new dataset, a portfolio of
-    ``size`` is built from the others' candidates (``owners[c]``: the tasks whose best few
-    candidate ``c`` is among) for every choice, and the choice's mark is that task's best
+    ``size`` is built from the others' candidates (``owners[c]``: the indices of the tasks
+    whose best few candidate ``c`` is among) for every choice, and the choice's mark is that task's best
     normalised score so far after each entry (``scores[c][t]``), averaged over entries and
     tasks. Returns the best choice and every choice's mark (key ``"all"`` for None); below
     :data:`CHOOSE_NEIGHBOURS_FROM` tasks, None and no marks."""
@@ -393,7 +393,7 @@ def choose_neighbours(
         total = 0.0
         for h in range(n):
             others = [i for i in range(n) if i != h]
-            pool = [c for c in range(len(scores)) if owners[c] - {tasks[h].name}]
+            pool = [c for c in range(len(scores)) if owners[c] - {h}]
             weights = _weights([distance[h][i] for i in others], k)
             picked = greedy_portfolio([[scores[c][i] for i in others] for c in pool], weights, size)
             best, curve = 0.0, []
@@ -492,13 +492,13 @@ def build_prior(
     candidate into the new study's space (None: not searchable there)."""
     usable = [t for t in tasks if t.evaluations]
     candidates: dict[str, tuple[dict[str, Any], Task]] = {}
-    owners: dict[str, set[str]] = {}
-    for task in usable:
+    owners: dict[str, set[int]] = {}
+    for index, task in enumerate(usable):
         for e in sorted(task.evaluations, key=lambda e: -e.score)[:PER_TASK]:
             params = allowed(e.params) if allowed else dict(e.params)
             if params is not None:
                 candidates.setdefault(_key(params), (params, task))
-                owners.setdefault(_key(params), set()).add(task.name)
+                owners.setdefault(_key(params), set()).add(index)
     cands = list(candidates.values())
     predictions = [[t.predict(p) for t in usable] for p, _ in cands]
     scores = [[s for s, _ in row] for row in predictions]
