@@ -16,7 +16,11 @@ policy, strategy, weight decay: wider than the table's grid), one process, one t
 - ``random``: ``[search] sampler = "random"``, no pruner;
 - ``default``: the study's defaults (the textbook portfolio, TPE, Hyperband);
 - ``prior``: ``[search] prior`` = the catalogs of the random searches (same seed) of the
-  benchmark's *other five* tasks (a team that searched those before), then the defaults.
+  benchmark's *other five* tasks (a team that searched those before), then the defaults;
+  ``--history`` names other tasks for that history (e.g. all twelve of the table: then the
+  prior has 11 earlier tasks and chooses how many nearest to trust);
+- ``prior-six`` (with ``--history``): the same, from the first six tasks' searches only, so
+  one run compares a short and a long history on the same seeds.
 
 Measured per live task and seed as ``benchmarks/search.py --reference independent`` does:
 the target is the best validation accuracy of a reference random search (seed + 1000), and
@@ -45,12 +49,22 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-METHODS = ("random", "default", "prior")
+METHODS = ("random", "default", "prior", "prior-six")
 #: the tasks searched by every method (three that differ: few labels near the source task,
 #: colour shapes, textures where digit features transfer little)
 LIVE = ("digits-few", "shapes", "textures")
 #: every task of the benchmark: random searches on each feed the other tasks' priors
 TASKS = ("digits-few", "digits-many", "digits-mirror", "shapes", "shapes-few", "textures")
+#: every task of build_tabular (--history): the six above and six more
+ALL_TASKS = (
+    *TASKS,
+    "textures-many",
+    "shapes-many",
+    "arrows",
+    "counting",
+    "digits-inverse",
+    "digits-rot",
+)
 #: the reference random search's seed: the run's seed + this
 REFERENCE_SEED = 1000
 #: a miss counts this many times the reference search's total seconds
@@ -105,9 +119,10 @@ def run_search(args, out: Path, task: str, method: str, seed: int, weights: dict
     }
     if method in ("random", "reference"):
         search_.update(sampler="random", pruner="none")
-    if method == "prior":
+    if method in ("prior", "prior-six"):
+        history = TASKS if method == "prior-six" else args.history
         search_["prior"] = [
-            str(out / "random" / f"{t}-s{seed}" / "catalog.db") for t in TASKS if t != task
+            str(out / "random" / f"{t}-s{seed}" / "catalog.db") for t in history if t != task
         ]
     raw = {
         "name": name,
@@ -179,10 +194,14 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     """A row per live task and seed, then each method's median, quartiles and misses."""
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     lines = [
-        "| task | seed | target | reference s | random s | default s | prior s | "
-        "random x | default x | prior x |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| task | seed | target | reference s | "
+        + " | ".join(f"{m} s" for m in methods)
+        + " | "
+        + " | ".join(f"{m} x" for m in methods)
+        + " |",
+        "|---|---|---|---|" + "---|" * (2 * len(methods)),
     ]
     for task, seed in sorted({(r["task"], r["seed"]) for r in rows}):
         r = {x["method"]: x for x in rows if x["task"] == task and x["seed"] == seed}
@@ -190,10 +209,12 @@ def format_rows(rows: list[dict]) -> str:
         def cell(m, r=r):
             return f"{r[m]['seconds']:.1f}{'*' if r[m]['miss'] else ''}" if m in r else "-"
 
+        first = r[next(m for m in methods if m in r)]
         lines.append(
-            f"| {task} | {seed} | {r['random']['target']:.3f} | {r['random']['reference_s']:.1f} "
-            f"| {cell('random')} | {cell('default')} | {cell('prior')} | "
-            + " | ".join(f"{r[m]['speedup']:.2f}" if m in r else "-" for m in METHODS)
+            f"| {task} | {seed} | {first['target']:.3f} | {first['reference_s']:.1f} | "
+            + " | ".join(cell(m) for m in methods)
+            + " | "
+            + " | ".join(f"{r[m]['speedup']:.2f}" if m in r else "-" for m in methods)
             + " |"
         )
     lines.append("")
@@ -219,6 +240,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--tasks", nargs="+", default=list(LIVE), choices=TASKS)
+    parser.add_argument(
+        "--history",
+        nargs="+",
+        choices=ALL_TASKS,
+        help="the tasks whose random searches feed the priors (default: the first six); "
+        "with this, the method prior-six runs too (the first six only)",
+    )
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--size", type=int, default=16)
@@ -238,15 +266,19 @@ def main(argv=None) -> int:
         print(format_rows(summarize(runs)))
         return 0
     out = Path(args.out or tempfile.mkdtemp(prefix="automl-tl-live-"))
-    for task in TASKS:  # every task's folder: the prior reads the other tasks' studies
+    longer = args.history is not None
+    args.history = list(args.history or TASKS)
+    searched = list(dict.fromkeys([*args.history, *(TASKS if longer else ())]))
+    for task in searched:  # every task's folder: the prior reads the other tasks' studies
         if not (out / "data" / task).is_dir():
             write_task(task, out / "data" / task, args.size)
     weights = pretrained(out, args.size, ["test_resnet", "test_efficientnet"])
     runs = []
     started = time.perf_counter()
     for seed in args.seeds:
-        plan = [(t, "random") for t in TASKS]  # first: the priors learn from these
-        plan += [(t, m) for t in args.tasks for m in ("reference", "default", "prior")]
+        plan = [(t, "random") for t in searched]  # first: the priors learn from these
+        methods = ("reference", "default", "prior", *(("prior-six",) if longer else ()))
+        plan += [(t, m) for t in args.tasks for m in methods]
         for task, method in plan:
             run = run_search(args, out, task, method, seed, weights)
             runs.append(run)
