@@ -263,3 +263,30 @@ def test_the_prior_learns_only_from_the_history_it_is_given(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--table", str(table), "--history", "t1", "nope", "--seeds", "1"])
     assert exc.value.code == 2 and "no task nope in" in capsys.readouterr().err
+
+
+def test_live_searches_compare_a_short_and_a_long_history():
+    """With ``--history``, prior-six (the first six tasks' searches) runs beside prior: the
+    table gets a column pair for it; without it the columns are as before."""
+    spec = importlib.util.spec_from_file_location(
+        "search_live", REPO / "benchmarks" / "search_live.py"
+    )
+    live = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(live)
+    assert set(live.ALL_TASKS) >= set(live.TASKS) and len(live.ALL_TASKS) == 12
+
+    def run(method, trace):
+        return {"task": "t", "seed": 0, "method": method, "trace": trace}
+
+    runs = [
+        run("reference", [(1.0, 0.2), (3.0, 0.5)]),
+        run("prior", [(1.0, 0.5)]),
+        run("prior-six", [(1.0, 0.3), (6.0, 0.5)]),
+    ]
+    text = live.format_rows(live.summarize(runs))
+    assert (
+        "| task | seed | target | reference s | prior s | prior-six s | prior x | prior-six x |"
+        in text
+    )
+    assert "| t | 0 | 0.500 | 3.0 | 1.0 | 6.0 | 3.00 | 0.50 |" in text
+    assert "prior-six: median 0.50x" in text
