@@ -85,6 +85,9 @@ PER_TASK = 5
 #: table it helped at 6 and 11 earlier tasks and hurt at 5)
 CHOOSE_NEIGHBOURS_FROM = 8
 NEIGHBOUR_CHOICES = (1, 2, 3, 5, 8)
+#: leave-one-out holds out at most this many earlier tasks, those nearest the new dataset (a
+#: bound on its cost, which grows with the square of a team's history)
+MAX_FOLDS = 30
 #: the configuration ``plugins --bench`` trains every backbone with (automl_tl.bench.RECIPE)
 BENCH_PARAMS = {
     "augmentation": "none",
@@ -375,23 +378,30 @@ def choose_neighbours(
     scores: list[list[float]],
     owners: list[set[int]],
     size: int,
+    features: dict[str, Any] | None = None,
 ) -> tuple[int | None, dict[str, float]]:
     """How many of the nearest earlier tasks the portfolio should trust (None: all), by
     leave-one-out over ``tasks``: each task in turn plays the new dataset, a portfolio of
     ``size`` is built from the others' candidates (``owners[c]``: the indices of the tasks
-    whose best few candidate ``c`` is among) for every choice, and the choice's mark is that task's best
-    normalised score so far after each entry (``scores[c][t]``), averaged over entries and
-    tasks. Returns the best choice and every choice's mark (key ``"all"`` for None); below
+    whose best few candidate ``c`` is among) for every choice, and the choice's mark is that
+    task's best normalised score so far after each entry (``scores[c][t]``), averaged over
+    entries and tasks (at most :data:`MAX_FOLDS` tasks, those nearest ``features``). The
+    portfolios are by score, also where the study's own is per second. Returns the best
+    choice and every choice's mark (key ``"all"`` for None); below
     :data:`CHOOSE_NEIGHBOURS_FROM` tasks, None and no marks."""
     n = len(tasks)
     if n < CHOOSE_NEIGHBOURS_FROM:
         return None, {}
     distance = [[task_distance(a.features, b.features) for b in tasks] for a in tasks]
+    folds = list(range(n))
+    if features is not None and n > MAX_FOLDS:
+        folds = sorted(folds, key=lambda i: task_distance(tasks[i].features, features))
+        folds = folds[:MAX_FOLDS]
     choices: list[int | None] = [k for k in NEIGHBOUR_CHOICES if k < n - 1] + [None]
     marks: dict[int | None, float] = {}
     for k in choices:
         total = 0.0
-        for h in range(n):
+        for h in folds:
             others = [i for i in range(n) if i != h]
             pool = [c for c in range(len(scores)) if owners[c] - {h}]
             weights = _weights([distance[h][i] for i in others], k)
@@ -401,7 +411,7 @@ def choose_neighbours(
                 best = max(best, scores[pool[c]][h])
                 curve.append(best)
             total += sum(curve) / len(curve) if curve else 0.0
-        marks[k] = total / n
+        marks[k] = total / len(folds)
     # the best mark; on a tie the fewest tasks
     chosen = max(choices, key=lambda k: (round(marks[k], 6), -choices.index(k)))
     return chosen, {("all" if k is None else str(k)): round(v, 4) for k, v in marks.items()}
@@ -502,7 +512,9 @@ def build_prior(
     cands = list(candidates.values())
     predictions = [[t.predict(p) for t in usable] for p, _ in cands]
     scores = [[s for s, _ in row] for row in predictions]
-    neighbours, marks = choose_neighbours(usable, scores, [owners[_key(p)] for p, _ in cands], size)
+    neighbours, marks = choose_neighbours(
+        usable, scores, [owners[_key(p)] for p, _ in cands], size, features
+    )
     weights = task_weights(usable, features, neighbours)
     order = sorted(range(len(usable)), key=lambda i: task_distance(usable[i].features, features))
     nearest = [

@@ -412,3 +412,17 @@ def test_prior_build_says_how_many_nearest_tasks_it_trusts(tmp_path):
     trusted = "all" if prior["neighbours"] is None else f"the {prior['neighbours']} nearest"
     assert line.group(1) == trusted and set(prior["neighbour_marks"]) == {"1", "2", "3", "5", "all"}
     assert line.group(2).startswith(f"1: {prior['neighbour_marks']['1']:.3f}, ")
+
+
+def test_leave_one_out_holds_out_at_most_the_nearest_tasks(monkeypatch):
+    """A long history's leave-one-out is bounded: only the MAX_FOLDS earlier tasks nearest
+    the new dataset are held out in turn (here one: t4, where the new dataset lies, whose own
+    group's configuration its nearest neighbour's portfolio starts with)."""
+    import automl_tl.prior as prior_module
+
+    tasks = _line_of_tasks(9)
+    new = {**FEATURES, "classes": 10 * 10 ** (0.1 * 4)}
+    every = build_prior(tasks, new, 3).neighbour_marks
+    monkeypatch.setattr(prior_module, "MAX_FOLDS", 1)
+    one = build_prior(tasks, new, 3).neighbour_marks
+    assert one["1"] == 1.0 and one["all"] < 1.0 and one != every
